@@ -1,0 +1,64 @@
+"""Domain exceptions and the exit codes of the command line (DESIGN.md, "Command line").
+
+Every error carries a message a person can act on and never the secret itself: callers build
+messages from field names, positions and lengths, not from values.
+"""
+
+EX_OK = 0
+EX_USAGE = 2
+EX_DATAERR = 65
+EX_NOINPUT = 66
+EX_UNAVAILABLE = 69
+EX_CANTCREAT = 73
+EX_NOPERM = 77
+EX_CONFIG = 78
+
+
+class SetupError(Exception):
+    """Base class; ``exit_code`` is what the CLI exits with."""
+
+    exit_code = EX_CONFIG
+
+    def __init__(self, message: str):
+        super().__init__(message)
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message
+
+
+class ValidationError(SetupError):
+    """Invalid credentials: ``field`` names what is wrong (e.g. ``SharedAccessKey``)."""
+
+    exit_code = EX_DATAERR
+
+    def __init__(self, field: str, message: str):
+        super().__init__(message)
+        self.field = field
+
+    def __str__(self) -> str:
+        return f"{self.field}: {self.message}"
+
+
+class InputError(SetupError):
+    """An input file is missing or unreadable."""
+
+    exit_code = EX_NOINPUT
+
+
+class UnsafeTargetError(SetupError):
+    """A target is a symlink, not a regular file, or writable by others."""
+
+    exit_code = EX_NOPERM
+
+
+class WriteError(SetupError):
+    """A file could not be written."""
+
+    exit_code = EX_CANTCREAT
+
+
+class ServiceError(SetupError):
+    """The service did not become active and stable."""
+
+    exit_code = EX_UNAVAILABLE
