@@ -1,0 +1,37 @@
+# defender-setup: `make` alone prints the targets (from their `## ` comments).
+# Everything runs on Debian's interpreter, never the first python3 on PATH.
+PY      := /usr/bin/python3
+TOOLS   := .cache/tools
+SHELL   := /bin/bash
+
+.DEFAULT_GOAL := help
+.PHONY: help deps deb test test-unit test-integration lint bench demo clean
+
+help: ## show this help
+	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-17s %s\n", $$1, $$2}'
+
+deps: ## install the Debian packages the build, tests and demo need (root)
+	tools/install-deps
+
+deb: ## build deb_dist/defender-setup_<version>_all.deb with stdeb
+	tools/build-deb
+
+test: test-unit test-integration ## run all tests (unit, then the .deb in booted containers)
+
+test-unit: ## unit tests only (seconds, no root needed)
+	$(PY) -m pytest -q tests/unit
+
+test-integration: deb ## install the built .deb into mmdebstrap images booted with systemd-nspawn
+	tools/integration-test
+
+lint: ## ruff (tools-only venv), shellcheck on maintainer scripts, lintian on the .deb
+	tools/lint
+
+bench: ## benchmarks: validate cold start vs openssl, restart verdicts, agent memory
+	tools/bench
+
+demo: ## the main job end to end in a booted Debian 12 container
+	tools/demo
+
+clean: ## remove build output and caches
+	rm -rf build dist deb_dist .build *.egg-info .pytest_cache

@@ -1,0 +1,217 @@
+"""Command line: argparse subcommands and exit codes, nothing else (DESIGN.md, "Command line").
+
+``defender-setup <command> [options]``; ``main(argv) -> int``. Secrets are read from files or
+``-`` (standard input), never from arguments or the environment.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from . import UNIT, __version__
+from .errors import EX_OK, InputError, SetupError
+
+EPILOG = """\
+exit codes: 0 success (warnings may be printed), 2 usage error, 65 invalid credentials,
+66 input file missing or unreadable, 69 service not active and stable, 73 cannot write,
+77 unsafe target (symlink, writable by others), 78 configuration problem.
+
+Secrets are read from files or '-' (standard input), never from the command line:
+  defender-setup validate --method connection-string --connection-string-file - < cs.txt
+  defender-setup apply --method certificate --connection-string-file cs.txt \\
+      --certificate device.pem --private-key device.key
+See defender-setup(8)."""
+
+
+def _read_input(name: str | None, what: str, stdin_used: list) -> bytes | None:
+    if name is None:
+        return None
+    if name == "-":
+        if stdin_used:
+            raise InputError(f"{what}: only one input can come from standard input")
+        stdin_used.append(what)
+        return sys.stdin.buffer.read()
+    try:
+        with open(name, "rb") as handle:
+            return handle.read()
+    except FileNotFoundError:
+        raise InputError(f"{what}: {name} does not exist; check the path") from None
+    except IsADirectoryError:
+        raise InputError(f"{what}: {name} is a directory, not a file") from None
+    except OSError as exc:
+        raise InputError(f"{what}: cannot read {name}: {exc.strerror}") from None
+
+
+def _validated(args):
+    from . import connection_string as cs
+    from .credentials import validate
+
+    used: list = []
+    text = _read_input(args.connection_string_file, "connection string", used)
+    if text is None:
+        raise InputError("connection string: give --connection-string-file FILE (or - for "
+                         "standard input)")
+    cert = _read_input(args.certificate, "certificate", used)
+    key = _read_input(args.private_key, "private key", used)
+    method = args.method
+    if method is None:  # infer it: x509=true or a certificate means the certificate method
+        method = cs.METHOD_CERTIFICATE if cert or key or b"x509=true" in text \
+            else cs.METHOD_CONNECTION_STRING
+    return validate(method, text, cert, key)
+
+
+def _print_found(validated, out) -> None:
+    for line in validated.summary_lines():
+        print(f"  {line}", file=out)
+    for warning in validated.warnings:
+        print(f"warning: {warning}", file=out)
+
+
+def cmd_validate(args, out) -> int:
+    validated = _validated(args)
+    print("found:", file=out)
+    _print_found(validated, out)
+    print(f"valid: {validated.method} credentials for {validated.connection_string.device_id}/"
+          f"{validated.connection_string.module_id}", file=out)
+    return EX_OK
+
+
+def cmd_apply(args, out) -> int:
+    from .agentdir import AgentDir
+
+    validated = _validated(args)
+    print("found:", file=out)
+    _print_found(validated, out)
+    agent = AgentDir(args.root)
+    agent.write(validated.files)
+    print(f"written: {', '.join(sorted(validated.files))} in {agent.path} "
+          "(previous set kept for 'defender-setup rollback')", file=out)
+    if args.no_restart:
+        print("restart skipped (--no-restart)", file=out)
+        return EX_OK
+    return _restart(args, out)
+
+
+def _restart(args, out) -> int:
+    from .verify import restart_and_verify
+
+    return restart_and_verify(Path(args.root), timeout=args.timeout, strict=args.strict,
+                              out=out)
+
+
+def cmd_restart(args, out) -> int:
+    return _restart(args, out)
+
+
+def cmd_rollback(args, out) -> int:
+    from .agentdir import AgentDir
+
+    agent = AgentDir(args.root)
+    restored = agent.rollback()
+    print(f"rolled back: {', '.join(sorted(restored))} restored in {agent.path}", file=out)
+    if args.no_restart:
+        return EX_OK
+    return _restart(args, out)
+
+
+def cmd_status(args, out) -> int:
+    from .status import collect, render
+
+    report = collect(Path(args.root))
+    if args.json:
+        print(json.dumps(report, indent=2, sort_keys=True), file=out)
+    else:
+        for line in render(report):
+            print(line, file=out)
+    return EX_OK
+
+
+def cmd_check(args, out) -> int:
+    from .checks import render, run_checks
+
+    results = run_checks(Path(args.root))
+    if args.json:
+        print(json.dumps([r.as_dict() for r in results], indent=2), file=out)
+    else:
+        for line in render(results):
+            print(line, file=out)
+    return max((r.exit_code for r in results), default=EX_OK)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--root", default="/", metavar="DIR",
+                        help="operate on the tree under DIR instead of / (default: /)")
+    creds = argparse.ArgumentParser(add_help=False)
+    creds.add_argument("--method", choices=("connection-string", "certificate"),
+                       help="authentication method (default: inferred from the inputs)")
+    creds.add_argument("--connection-string-file", metavar="FILE",
+                       help="file holding the connection string, or - for standard input")
+    creds.add_argument("--certificate", metavar="FILE",
+                       help="PEM certificate (chain allowed, leaf first)")
+    creds.add_argument("--private-key", metavar="FILE", help="PEM private key (unencrypted)")
+    service = argparse.ArgumentParser(add_help=False)
+    service.add_argument("--timeout", type=float, default=30.0, metavar="S",
+                         help="seconds to wait for the service to become active (default 30)")
+    service.add_argument("--strict", action="store_true",
+                         help="exit 69 when verification fails, even after a successful "
+                         "roll-back (for image pipelines)")
+
+    parser = argparse.ArgumentParser(
+        prog="defender-setup", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description=f"Provision the Defender for IoT micro agent's authentication ({UNIT}).",
+        epilog=EPILOG)
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    def add(name, func, parents, help_text):
+        p = sub.add_parser(name, parents=parents, help=help_text, description=help_text,
+                           epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+        p.set_defaults(func=func)
+        return p
+
+    add("validate", cmd_validate, [common, creds], "validate credentials only; print what was "
+        "found (secrets redacted)")
+    p = add("apply", cmd_apply, [common, creds, service], "validate, write atomically (keeping "
+            "the previous set), then restart and verify the service")
+    p.add_argument("--no-restart", action="store_true", help="write the files only")
+    add("restart", cmd_restart, [common, service], "restart the service once and verify it "
+        "is active and stable; roll back on failure")
+    p = add("status", cmd_status, [common], "show method, identity, certificate, file modes "
+            "and service state (secrets redacted)")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p = add("check", cmd_check, [common], "full diagnosis with named checks")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p = add("rollback", cmd_rollback, [common, service], "restore the previous generation of "
+            "credentials, then restart and verify")
+    p.add_argument("--no-restart", action="store_true", help="restore the files only")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # argparse exits 2 on usage errors, 0 for --help
+        return int(exc.code or 0)
+    out = sys.stdout
+    try:
+        if args.command in ("apply", "restart", "rollback", "status"):
+            from .agentdir import AgentDir
+
+            if AgentDir(args.root).repair():
+                print("repaired: an interrupted credential update was completed", file=out)
+        return args.func(args, out)
+    except SetupError as exc:
+        print(f"defender-setup: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("defender-setup: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

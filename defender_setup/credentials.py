@@ -1,0 +1,93 @@
+"""Validate a complete credential set and turn it into the files the agent reads (pure).
+
+Interface::
+
+    validate(method, connection_string, certificate=None, private_key=None, now=None)
+        -> Validated        # raises ValidationError
+
+``Validated.files`` maps each file name of the agent directory to ``(content, mode)``; it is
+exactly the set :meth:`defender_setup.agentdir.AgentDir.write` replaces atomically.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+from . import connection_string as cs
+from .errors import ValidationError
+
+CONNECTION_STRING_FILE = "connection_string.txt"
+CERTIFICATE_FILE = "certificate_public.pem"
+PRIVATE_KEY_FILE = "certificate_private.pem"
+ALL_FILES = (CONNECTION_STRING_FILE, CERTIFICATE_FILE, PRIVATE_KEY_FILE)
+METHODS = (cs.METHOD_CONNECTION_STRING, cs.METHOD_CERTIFICATE)
+
+
+@dataclass(frozen=True)
+class Validated:
+    """A credential set that passed every check; ``files`` hold secrets (kept out of repr)."""
+
+    method: str
+    connection_string: cs.ConnectionString
+    certificate: Any = None  # certificates.CertificateInfo, imported lazily
+    files: dict = field(default_factory=dict, repr=False)
+
+    @property
+    def warnings(self) -> tuple[str, ...]:
+        cert = self.certificate.warnings if self.certificate else ()
+        return tuple(self.connection_string.warnings) + tuple(cert)
+
+    def summary_lines(self) -> list[str]:
+        """What was found, safe to print: identity and certificate facts, never a secret."""
+        c = self.connection_string
+        lines = [f"method:        {self.method}",
+                 f"hub:           {c.host_name}"]
+        if c.gateway_host_name:
+            lines.append(f"gateway:       {c.gateway_host_name}")
+        lines += [f"device:        {c.device_id}",
+                  f"module:        {c.module_id}",
+                  "authentication: " + ("X.509 certificate (x509=true)" if c.x509
+                                        else "SharedAccessKey (redacted)")]
+        if self.certificate is not None:
+            from .certificates import describe
+            lines += describe(self.certificate)
+        return lines
+
+
+def _pem_text(data: bytes) -> bytes:
+    """Canonical PEM bytes: no BOM, LF line ends, one trailing newline."""
+    if data.startswith(b"\xef\xbb\xbf"):
+        data = data[3:]
+    return data.replace(b"\r\n", b"\n").strip() + b"\n"
+
+
+def validate(method: str, connection_string: bytes | str, certificate: bytes | None = None,
+             private_key: bytes | None = None, now: datetime | None = None) -> Validated:
+    """Validate everything the chosen method needs.
+
+    :param method: ``connection-string`` or ``certificate``.
+    :param connection_string: as pasted; for the certificate method it carries ``x509=true``.
+    :param certificate: PEM bytes of the certificate (chain allowed, leaf first).
+    :param private_key: PEM bytes of the unencrypted private key.
+    :param now: the time to check validity against (tests); defaults to the clock.
+    """
+    if method not in METHODS:
+        raise ValidationError("method", f"must be one of {', '.join(METHODS)}")
+    parsed = cs.parse(connection_string, method=method)
+    files = {CONNECTION_STRING_FILE: ((parsed.canonical() + "\n").encode("ascii"), 0o600)}
+    info = None
+    if method == cs.METHOD_CERTIFICATE:
+        if not certificate:
+            raise ValidationError("certificate", "is required for the certificate method; "
+                                  "give the PEM certificate file")
+        if not private_key:
+            raise ValidationError("private key", "is required for the certificate method; "
+                                  "give the PEM private key file")
+        from . import certificates  # cryptography is only loaded when a certificate is involved
+        info = certificates.check(certificate, private_key, device_id=parsed.device_id,
+                                  module_id=parsed.module_id, now=now)
+        files[CERTIFICATE_FILE] = (_pem_text(certificate), 0o644)
+        files[PRIVATE_KEY_FILE] = (_pem_text(private_key), 0o600)
+    return Validated(method=method, connection_string=parsed, certificate=info, files=files)
