@@ -1,0 +1,41 @@
+"""Entry point: ``python3 -m defender_setup.agent [--root DIR]`` -> exit code.
+
+Exit codes: 0 after SIGTERM; 78 (EX_CONFIG) for missing or invalid credentials, which the unit
+does not restart (``RestartPreventExitStatus=78``); a connector's own code for a fatal,
+credential-related failure; 70 (EX_SOFTWARE) for a bug, logged as one line with its location
+(the message itself is left out: it could quote file content).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import traceback
+from pathlib import Path
+
+EX_SOFTWARE = 70
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python3 -m defender_setup.agent",
+        description="Defender for IoT micro agent runtime (defender-iot-micro-agent.service)",
+    )
+    parser.add_argument("--root", type=Path, default=Path("/"), help="root directory (tests)")
+    args = parser.parse_args(argv)
+
+    from defender_setup.agent.runtime import ERR, Runtime, journal_log
+
+    try:
+        return Runtime(args.root).run()
+    except Exception as err:  # one line, no traceback, no message (see the docstring)
+        where = traceback.extract_tb(err.__traceback__)[-1]
+        journal_log(
+            f"internal error: {type(err).__name__} at {Path(where.filename).name}:{where.lineno}",
+            ERR,
+        )
+        return EX_SOFTWARE
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,219 @@
+"""defender_setup.agent: the runtime's lifecycle, in process and as a real process.
+
+In process: the Runtime runs in the test's main thread (signals need it) with an injected
+loader, and a timer thread sends the signals. As a process: ``python3 -m defender_setup.agent``
+with a real NOTIFY_SOCKET datagram socket, real credential files written through AgentDir.
+"""
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from defender_setup.agent.runtime import ERR, Runtime, identity
+from defender_setup.errors import EX_CONFIG, ValidationError
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def fake_creds(device="dev-1", module="DefenderIotMicroAgent", method="connection-string"):
+    cs = SimpleNamespace(host_name="hub.example.net", device_id=device, module_id=module)
+    return SimpleNamespace(method=method, connection_string=cs)
+
+
+class Recorder:
+    def __init__(self):
+        self.notified, self.lines = [], []
+
+    def notify(self, state):
+        self.notified.append(state)
+
+    def log(self, line, level):
+        self.lines.append((level, line))
+
+
+def signals_later(*steps):
+    """Send (delay, signum) steps to this process from a thread."""
+
+    def run():
+        for delay, signum in steps:
+            time.sleep(delay)
+            os.kill(os.getpid(), signum)
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    return t
+
+
+class ListConnector:
+    def __init__(self, fail_on_start=None, fail_later=None):
+        self.events = []
+        self.fail_on_start, self.fail_later = fail_on_start, fail_later
+
+    def start(self, creds, notify):
+        self.events.append(("start", creds.connection_string.device_id))
+        notify.status("connected")
+        if self.fail_on_start:
+            notify.fail(*self.fail_on_start)
+        if self.fail_later:
+            threading.Timer(0.1, notify.fail, self.fail_later).start()
+
+    def stop(self):
+        self.events.append(("stop",))
+
+
+def test_ready_with_identity_then_clean_exit_on_sigterm(tmp_path):
+    rec = Recorder()
+    rt = Runtime(tmp_path, sd_notify=rec.notify, log=rec.log, loader=lambda root: fake_creds())
+    signals_later((0.2, signal.SIGTERM))
+    assert rt.run() == 0
+    assert rec.notified[0].startswith("READY=1\nSTATUS=hub.example.net/dev-1/DefenderIotMicroAgent")
+    assert "connection-string" in rec.notified[0]
+    assert rec.notified[-1] == "STOPPING=1"
+
+
+def test_invalid_credentials_exit_78_with_one_error_line(tmp_path):
+    def loader(root):
+        raise ValidationError("SharedAccessKey", "is not valid base64")
+
+    rec = Recorder()
+    rt = Runtime(tmp_path, sd_notify=rec.notify, log=rec.log, loader=loader)
+    assert rt.run() == EX_CONFIG
+    assert rec.notified == []  # never READY
+    errors = [line for level, line in rec.lines if level == ERR]
+    assert errors == ["not starting: invalid credentials: SharedAccessKey: is not valid base64"]
+
+
+def test_sighup_reloads_and_restarts_the_connector(tmp_path):
+    devices = iter(["dev-1", "dev-2"])
+    rec, conn = Recorder(), ListConnector()
+    rt = Runtime(
+        tmp_path,
+        connector=conn,
+        sd_notify=rec.notify,
+        log=rec.log,
+        loader=lambda root: fake_creds(device=next(devices)),
+    )
+    signals_later((0.2, signal.SIGHUP), (0.2, signal.SIGTERM))
+    assert rt.run() == 0
+    assert conn.events == [("start", "dev-1"), ("stop",), ("start", "dev-2"), ("stop",)]
+    assert "RELOADING=1" in rec.notified
+    assert rec.notified.count("READY=1\nSTATUS=connected") == 2
+
+
+def test_invalid_set_on_reload_keeps_running_identity(tmp_path):
+    calls = []
+
+    def loader(root):
+        calls.append(1)
+        if len(calls) > 1:
+            raise ValidationError("HostName", "is missing")
+        return fake_creds()
+
+    rec, conn = Recorder(), ListConnector()
+    rt = Runtime(tmp_path, connector=conn, sd_notify=rec.notify, log=rec.log, loader=loader)
+    signals_later((0.2, signal.SIGHUP), (0.2, signal.SIGTERM))
+    assert rt.run() == 0
+    assert conn.events == [("start", "dev-1"), ("stop",)]
+    assert any("reload: keeping hub.example.net/dev-1" in line for _, line in rec.lines)
+
+
+def test_connector_failure_before_ready_exits_with_its_code(tmp_path):
+    rec, conn = Recorder(), ListConnector(fail_on_start=(76, "hub rejected: not authorized"))
+    rt = Runtime(
+        tmp_path,
+        connector=conn,
+        sd_notify=rec.notify,
+        log=rec.log,
+        loader=lambda root: fake_creds(),
+    )
+    assert rt.run() == 76
+    assert not any(s.startswith("READY=1") for s in rec.notified)
+    assert (ERR, "hub rejected: not authorized") in rec.lines
+    assert conn.events[-1] == ("stop",)
+
+
+def test_connector_failure_after_ready_from_a_thread(tmp_path):
+    rec, conn = Recorder(), ListConnector(fail_later=(76, "hub closed: not authorized"))
+    rt = Runtime(
+        tmp_path,
+        connector=conn,
+        sd_notify=rec.notify,
+        log=rec.log,
+        loader=lambda root: fake_creds(),
+    )
+    assert rt.run() == 76
+    assert rec.notified[0] == "READY=1\nSTATUS=connected"
+    assert conn.events[-1] == ("stop",)
+
+
+def test_identity_defaults_module():
+    assert identity(fake_creds(module=None)) == (
+        "hub.example.net/dev-1/DefenderIotMicroAgent (connection-string)"
+    )
+
+
+# -- as a real process -----------------------------------------------------------------------
+
+KEY = "c2VjcmV0LWtleS1mb3ItdGVzdHMtb25seS0xMjM0NTY="  # test-only, base64 of a dummy
+
+
+def write_connection_string(root, text):
+    agentdir = pytest.importorskip("defender_setup.agentdir")
+    credentials = pytest.importorskip("defender_setup.credentials")
+    validated = credentials.validate("connection-string", text.encode(), None, None)
+    agentdir.AgentDir(root).write(validated.files)
+
+
+def start_agent(root, tmp_path):
+    sock_path = str(tmp_path / "notify.sock")
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(sock_path)
+    sock.settimeout(10)
+    env = {"PATH": "/usr/bin:/bin", "NOTIFY_SOCKET": sock_path, "PYTHONPATH": str(REPO)}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "defender_setup.agent", "--root", str(root)],
+        env=env,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    return proc, sock
+
+
+def test_process_ready_reload_and_stop(tmp_path):
+    write_connection_string(
+        tmp_path,
+        f"HostName=hub.example.net;DeviceId=dev-1;ModuleId=DefenderIotMicroAgent;"
+        f"SharedAccessKey={KEY}",
+    )
+    proc, sock = start_agent(tmp_path, tmp_path)
+    try:
+        msg = sock.recv(4096).decode()
+        assert "READY=1" in msg and "hub.example.net/dev-1/DefenderIotMicroAgent" in msg
+        proc.send_signal(signal.SIGHUP)
+        assert sock.recv(4096) == b"RELOADING=1"
+        assert "READY=1" in sock.recv(4096).decode()
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=10)
+    finally:
+        proc.kill()
+        sock.close()
+    assert proc.returncode == 0
+    assert KEY not in err and "Traceback" not in err
+
+
+def test_process_unconfigured_exits_78_in_one_line(tmp_path):
+    pytest.importorskip("defender_setup.agentdir")
+    pytest.importorskip("defender_setup.credentials")
+    proc, sock = start_agent(tmp_path, tmp_path)
+    _, err = proc.communicate(timeout=10)
+    sock.close()
+    assert proc.returncode == EX_CONFIG
+    assert len(err.splitlines()) == 1 and "not configured" in err, err
