@@ -1,0 +1,502 @@
+"""Check an X.509 identity (PEM certificate chain + PEM private key) before the agent uses it.
+
+Interface (pure: bytes in, a result or a :class:`~defender_setup.errors.ValidationError` out):
+
+- :func:`check` ``(cert_pem, key_pem, *, device_id=None, module_id=None, now=None)`` ->
+  :class:`CertificateInfo`; raises ``ValidationError(field="certificate"|"private key", ...)``.
+- :func:`inspect` ``(cert_pem, *, device_id=None, module_id=None, now=None)`` -> the same info
+  without key checks (for ``status``); validity problems become warnings instead of errors.
+- :func:`describe` ``(info)`` -> human-readable lines (subject, issuer, validity, thumbprints, key).
+- :func:`normalize_certificate` / :func:`normalize_private_key` ``(pem)`` -> clean PEM bytes
+  (no BOM, LF line ends, no text around the blocks), the form to write for the agent: OpenSSL's
+  PEM reader does not skip a BOM on the first line.
+
+Messages are one line, name the fix, and never contain key material or file contents: they are
+built from labels, counts, names and dates only. ``cryptography`` is imported lazily, inside
+the functions that need it, so that commands which do not look at certificates start fast.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import datetime as _dt
+import hashlib
+import re
+from dataclasses import dataclass, replace
+
+from .errors import ValidationError
+
+CERT = "certificate"
+KEY = "private key"
+EXPIRY_WARNING_DAYS = 30
+
+_DECRYPT_HINT = "Decrypt it with: openssl pkey -in key.pem -out key-plain.pem"
+_SPLIT_HINT = (
+    "split it: keep the CERTIFICATE blocks in the certificate file and put the PRIVATE KEY "
+    "block in its own key file"
+)
+_KEY_ADVICE = "IoT Hub needs RSA of at least 2048 bits or EC P-256/P-384"
+_CERT_LABELS = ("CERTIFICATE", "X509 CERTIFICATE")
+_KEY_LABELS = ("PRIVATE KEY", "RSA PRIVATE KEY", "EC PRIVATE KEY")
+_MARKER = re.compile(r"-----(BEGIN|END) ([A-Z0-9 ]+)-----")
+_GOOD_CURVES = {"secp256r1": "P-256", "secp384r1": "P-384"}
+
+
+@dataclass(frozen=True)
+class CertificateInfo:
+    """What was found in a certificate file (the leaf is the first certificate)."""
+
+    subject: str
+    common_name: str | None
+    issuer: str
+    not_before: _dt.datetime  # timezone-aware, UTC
+    not_after: _dt.datetime
+    sha1_thumbprint: str  # uppercase hex without colons, as the Azure portal asks for it
+    sha256_thumbprint: str
+    key_description: str  # e.g. "RSA 2048 bits", "EC P-256"
+    chain_length: int
+    warnings: tuple[str, ...] = ()
+    self_signed: bool = False
+
+
+@dataclass(frozen=True)
+class _Block:
+    label: str
+    headers: tuple[str, ...]
+    der: bytes
+
+    def pem(self) -> bytes:
+        body = base64.encodebytes(self.der).decode("ascii")  # 76-column lines; PEM allows them
+        return f"-----BEGIN {self.label}-----\n{body}-----END {self.label}-----\n".encode("ascii")
+
+
+# ---------------------------------------------------------------------------------------------
+# Public functions
+
+
+def check(cert_pem, key_pem, *, device_id=None, module_id=None, now=None) -> CertificateInfo:
+    """Validate a certificate chain and its private key; return what was found.
+
+    :param cert_pem: bytes (or str) of the certificate file, leaf first.
+    :param key_pem: bytes (or str) of the unencrypted private key file.
+    :param device_id: when given, a leaf CN that is neither it nor ``device_id/module_id`` warns.
+    :param now: the current time (aware or naive UTC); defaults to the system clock.
+    :raises ValidationError: field ``certificate`` or ``private key``.
+    """
+    cert_blocks = _classify(cert_pem, CERT)
+    key_blocks = _classify(key_pem, KEY)
+    _check_roles(cert_blocks, key_blocks)
+    certs = _load_certificates(cert_blocks)
+    key = _load_private_key(key_blocks)
+    problem = _key_problem(key.public_key())
+    if problem:
+        raise ValidationError(KEY, problem)
+    if _public_der(key.public_key()) != _public_der(certs[0].public_key()):
+        raise ValidationError(
+            KEY,
+            "the key does not belong to the certificate (its public key differs from the "
+            "leaf certificate's); use the key that was generated with this certificate",
+        )
+    info, errors = _analyse(cert_blocks, certs, device_id, module_id, _utcnow(now))
+    if errors:
+        raise ValidationError(CERT, errors[0])
+    return info
+
+
+def inspect(cert_pem, *, device_id=None, module_id=None, now=None) -> CertificateInfo:
+    """Describe a certificate file without a key (for ``status``).
+
+    Format errors still raise :class:`ValidationError`; validity problems and an unsupported
+    public key become warnings so that an installed but expired certificate can be shown.
+    """
+    blocks = _classify(cert_pem, CERT)
+    _check_roles(blocks, None)
+    certs = _load_certificates(blocks)
+    info, errors = _analyse(blocks, certs, device_id, module_id, _utcnow(now))
+    extra = list(errors)
+    problem = _key_problem(certs[0].public_key())
+    if problem:
+        extra.append("the certificate's key: " + problem)
+    return replace(info, warnings=tuple(extra) + info.warnings)
+
+
+def describe(info: CertificateInfo) -> list[str]:
+    """Human-readable lines for the command line (no warnings: callers print those)."""
+    issuer = info.issuer + (" (self-signed)" if info.self_signed else "")
+    lines = [
+        f"subject: {info.subject}",
+        f"issuer: {issuer}",
+        f"valid: {_fmt(info.not_before)} to {_fmt(info.not_after)}",
+        f"SHA-1 thumbprint: {info.sha1_thumbprint}",
+        f"SHA-256 thumbprint: {info.sha256_thumbprint}",
+        f"key: {info.key_description}",
+    ]
+    if info.chain_length > 1:
+        lines.append(f"chain: {info.chain_length} certificates, leaf first")
+    return lines
+
+
+def normalize_certificate(cert_pem) -> bytes:
+    """The certificate blocks of ``cert_pem`` as clean PEM (call after :func:`check`)."""
+    return b"".join(b.pem() for b in _classify(cert_pem, CERT) if b.label in _CERT_LABELS)
+
+
+def normalize_private_key(key_pem) -> bytes:
+    """The private key block of ``key_pem`` as clean PEM (call after :func:`check`)."""
+    return b"".join(b.pem() for b in _classify(key_pem, KEY) if b.label in _KEY_LABELS)
+
+
+# ---------------------------------------------------------------------------------------------
+# PEM framing (no cryptography needed)
+
+
+def _classify(data, field: str) -> list[_Block]:
+    """Split ``data`` into PEM blocks; raise for empty, DER, truncated or trailing garbage."""
+    if isinstance(data, str):
+        data = data.encode("utf-8")
+    if data.startswith(b"\xef\xbb\xbf"):
+        data = data[3:]
+    if not data.strip():
+        raise ValidationError(field, "the file is empty")
+    if b"-----BEGIN " not in data:
+        raise ValidationError(field, _not_pem(data, field))
+    # latin-1 maps every byte, so odd bytes end up as invalid base64 instead of a decode error.
+    # Putting each marker on its own line also accepts a PEM squashed onto one line.
+    text = _MARKER.sub(lambda m: "\n" + m.group(0) + "\n", data.decode("latin-1"))
+    blocks: list[_Block] = []
+    label = None
+    headers: list[str] = []
+    body: list[str] = []
+    garbage = False
+    for raw in text.splitlines():
+        line = raw.strip()
+        marker = _MARKER.fullmatch(line)
+        if label is None:
+            if marker and marker.group(1) == "BEGIN":
+                label, headers, body, garbage = marker.group(2), [], [], False
+            elif line and blocks:
+                garbage = True  # text between blocks is fine (openssl pkcs12 writes some)
+            continue
+        if marker is None:
+            if ":" in line and not body:
+                headers.append(line)  # RFC 1421 headers, e.g. Proc-Type: 4,ENCRYPTED
+            elif line:
+                body.append(line)
+            continue
+        n = len(blocks) + 1
+        if marker.group(1) == "BEGIN" or marker.group(2) != label:
+            raise ValidationError(field, f"PEM block {n} ({label}) has no matching END line; "
+                                  "the file is truncated or two files were pasted together")
+        blocks.append(_Block(label, tuple(headers), _b64(body, field, n, label)))
+        label = None
+    if label is not None:
+        raise ValidationError(field, f"PEM block {len(blocks) + 1} ({label}) has no END line; "
+                              "the file is truncated, copy it again")
+    if garbage:
+        raise ValidationError(field, "there is text after the last -----END ...----- line; "
+                              "remove everything after it")
+    return blocks
+
+
+def _b64(body: list[str], field: str, n: int, label: str) -> bytes:
+    joined = "".join("".join(line.split()) for line in body)
+    try:
+        der = base64.b64decode(joined, validate=True)
+    except (binascii.Error, ValueError):
+        der = b""
+    if not der:
+        raise ValidationError(field, f"PEM block {n} ({label}) is not valid base64; "
+                              "the file is truncated or corrupted, copy it again")
+    return der
+
+
+def _not_pem(data: bytes, field: str) -> str:
+    kind = _der_kind(data)
+    if kind == "pkcs12":
+        return ("the file is a PKCS#12 bundle (.pfx/.p12), not PEM; extract PEM files with: "
+                "openssl pkcs12 -in bundle.pfx -nokeys -out cert.pem, and "
+                "openssl pkcs12 -in bundle.pfx -nocerts -nodes -out key.pem")
+    if field == CERT and kind == "certificate":
+        return ("the certificate is DER (binary), not PEM; convert it with: "
+                "openssl x509 -inform der -in cert.der -out cert.pem")
+    if field == KEY and kind in ("private key", "encrypted private key"):
+        return ("the key is DER (binary), not PEM; convert it with: "
+                "openssl pkey -inform der -in key.der -out key.pem")
+    if kind is not None:
+        other = "certificate" if field == KEY else "private key"
+        return (f"the file holds a {kind} in DER (binary) form, not a {field}; are the "
+                f"{other} and {field} files swapped?")
+    if b"\0" in data or not _printable(data):
+        return "the file is binary, not PEM text (expected -----BEGIN ...----- lines)"
+    return "the file holds no PEM block (expected a -----BEGIN ...----- line)"
+
+
+def _printable(data: bytes) -> bool:
+    sample = data[:512]
+    return sum(32 <= b < 127 or b in b"\t\r\n" for b in sample) >= 0.9 * len(sample)
+
+
+def _der_kind(data: bytes) -> str | None:
+    """Guess what a DER blob is from its first ASN.1 tags, without parsing it."""
+
+    def element(pos: int):  # -> (tag, content start, content end) or None
+        if pos + 2 > len(data):
+            return None
+        tag, length, pos = data[pos], data[pos + 1], pos + 2
+        if length & 0x80:
+            count = length & 0x7F
+            if count == 0 or count > 4 or pos + count > len(data):
+                return None
+            length, pos = int.from_bytes(data[pos:pos + count], "big"), pos + count
+        return tag, pos, pos + length
+
+    outer = element(0)
+    if outer is None or outer[0] != 0x30 or outer[2] > len(data):
+        return None
+    first = element(outer[1])
+    if first is None:
+        return None
+    if first[0] == 0x02:  # INTEGER: PKCS#12 version 3, else a key's version 0/1
+        return "pkcs12" if data[first[1]:first[2]] == b"\x03" else "private key"
+    if first[0] == 0x30:
+        inner = element(first[1])
+        if inner and inner[0] in (0xA0, 0x02):  # tbsCertificate: [0] version or serial
+            return "certificate"
+        if inner and inner[0] == 0x06:  # AlgorithmIdentifier: encrypted PKCS#8
+            return "encrypted private key"
+    return None
+
+
+def _check_roles(cert_blocks: list[_Block], key_blocks: list[_Block] | None) -> None:
+    """Catch swapped files, a combined file, encrypted keys and unexpected blocks."""
+    certs = [b for b in cert_blocks if b.label in _CERT_LABELS]
+    cert_keys = [b for b in cert_blocks if _is_private_key(b)]
+    if cert_keys and certs:
+        raise ValidationError(CERT, "the file holds both the certificate and a private key; "
+                              + _SPLIT_HINT)
+    if cert_keys:
+        swapped = key_blocks is not None and any(b.label in _CERT_LABELS for b in key_blocks)
+        raise ValidationError(CERT, "the file holds a private key, not a certificate; "
+                              + ("the certificate and private key files are swapped"
+                                 if swapped else "give the certificate file here"))
+    for b in cert_blocks:
+        if b.label not in _CERT_LABELS:
+            raise ValidationError(CERT, _unexpected(b.label, CERT))
+    if key_blocks is None:
+        return
+    keys = [b for b in key_blocks if _is_private_key(b)]
+    if any(b.label in _CERT_LABELS for b in key_blocks):
+        raise ValidationError(KEY, ("the file holds both a certificate and the private key; "
+                                    + _SPLIT_HINT) if keys else
+                              "the file holds a certificate, not a private key; give the "
+                              "private key file here (are the two files swapped?)")
+    for b in key_blocks:
+        if b.label == "ENCRYPTED PRIVATE KEY" or any(
+            h.replace(" ", "").upper().startswith("PROC-TYPE:4,ENCRYPTED") for h in b.headers
+        ):
+            raise ValidationError(KEY, "the key is encrypted with a passphrase; the agent "
+                                  "cannot prompt for it. " + _DECRYPT_HINT)
+        if b.label not in _KEY_LABELS and b.label != "EC PARAMETERS":  # ecparam -genkey adds it
+            raise ValidationError(KEY, _unexpected(b.label, KEY))
+    if len(keys) != 1:
+        raise ValidationError(KEY, f"the file holds {len(keys)} private keys; keep only the "
+                              "one that belongs to the certificate" if keys else
+                              "the file holds no private key block")
+
+
+def _is_private_key(block: _Block) -> bool:
+    return block.label.endswith("PRIVATE KEY")
+
+
+def _unexpected(label: str, field: str) -> str:
+    hints = {
+        "CERTIFICATE REQUEST": "a certificate signing request is not a certificate; "
+        "have it signed and use the certificate you get back",
+        "NEW CERTIFICATE REQUEST": "a certificate signing request is not a certificate; "
+        "have it signed and use the certificate you get back",
+        "PUBLIC KEY": "a public key is not enough; give the private key",
+        "OPENSSH PRIVATE KEY": "OpenSSH keys are not supported; give a PEM key, "
+        "e.g. convert it with: ssh-keygen -p -m PEM -f KEYFILE",
+        "TRUSTED CERTIFICATE": "convert it to a plain certificate with: "
+        "openssl x509 -in cert.pem -out cert-plain.pem",
+    }
+    expected = "CERTIFICATE" if field == CERT else "PRIVATE KEY"
+    return f"unexpected PEM block {label} (expected {expected}); " + hints.get(
+        label, f"give a PEM {field} file")
+
+
+# ---------------------------------------------------------------------------------------------
+# Parsing and checks (cryptography)
+
+
+def _load_certificates(blocks: list[_Block]) -> list:
+    from cryptography import x509
+
+    certs = []
+    for n, block in enumerate(blocks, 1):
+        try:
+            certs.append(x509.load_pem_x509_certificate(block.pem()))
+        except ValueError:
+            raise ValidationError(CERT, f"certificate {n} is not a valid X.509 certificate; "
+                                  "the file is corrupted, copy it again") from None
+    return certs
+
+
+def _load_private_key(blocks: list[_Block]):
+    from cryptography.exceptions import UnsupportedAlgorithm
+    from cryptography.hazmat.primitives.serialization import load_pem_private_key
+
+    (block,) = [b for b in blocks if b.label in _KEY_LABELS]
+    try:
+        return load_pem_private_key(block.pem(), password=None)
+    except TypeError:  # encrypted in a way the headers did not show
+        raise ValidationError(KEY, "the key is encrypted with a passphrase; the agent cannot "
+                              "prompt for it. " + _DECRYPT_HINT) from None
+    except UnsupportedAlgorithm:
+        raise ValidationError(KEY, f"the key type is not supported; {_KEY_ADVICE}") from None
+    except ValueError:
+        raise ValidationError(KEY, "the private key cannot be parsed; the file is corrupted "
+                              "or incomplete, copy it again") from None
+
+
+def _key_problem(public_key) -> str | None:
+    """Why IoT Hub would refuse this key type, or None if it is fine."""
+    kind, size = _key_kind(public_key)
+    if kind == "RSA":
+        return None if size >= 2048 else (
+            f"an RSA key of {size} bits is too weak; {_KEY_ADVICE}")
+    if kind == "EC":
+        return None if size in _GOOD_CURVES else (
+            f"EC curve {size} is not supported; {_KEY_ADVICE}")
+    return f"{kind} keys are not supported; {_KEY_ADVICE}"
+
+
+def _key_kind(public_key):
+    from cryptography.hazmat.primitives.asymmetric import ec, rsa
+
+    if isinstance(public_key, rsa.RSAPublicKey):
+        return "RSA", public_key.key_size
+    if isinstance(public_key, ec.EllipticCurvePublicKey):
+        return "EC", public_key.curve.name
+    name = type(public_key).__name__.replace("PublicKey", "").lstrip("_")
+    return (name or "this"), None
+
+
+def _describe_key(public_key) -> str:
+    kind, size = _key_kind(public_key)
+    if kind == "RSA":
+        return f"RSA {size} bits"
+    if kind == "EC":
+        return f"EC {_GOOD_CURVES.get(size, size)}"
+    return kind
+
+
+def _public_der(public_key) -> bytes:
+    from cryptography.hazmat.primitives import serialization
+
+    return public_key.public_bytes(serialization.Encoding.DER,
+                                   serialization.PublicFormat.SubjectPublicKeyInfo)
+
+
+def _analyse(blocks, certs, device_id, module_id, now):
+    """Build the info; return it with the list of validity/order errors (first is fatal)."""
+    errors: list[str] = []
+    warnings: list[str] = []
+    leaf = certs[0]
+    for n, other in enumerate(certs[1:], 2):
+        if other.issuer == leaf.subject and other.subject != leaf.subject:
+            errors.append(f"the certificates are in the wrong order: certificate 1 "
+                          f"({_name(leaf.subject)}) issued certificate {n}; put the device "
+                          "(leaf) certificate first, then each issuer")
+    for n in range(1, len(certs)):
+        if certs[n - 1].issuer != certs[n].subject:
+            warnings.append(f"certificate {n + 1} ({_name(certs[n].subject)}) did not issue "
+                            f"certificate {n}; order the chain leaf first, then each issuer")
+    not_before, not_after = _validity(leaf)
+    if now < not_before:
+        errors.append(f"the certificate is not valid yet: it starts {_fmt(not_before)}, but "
+                      f"the device clock says {_fmt(now)}; check the clock (timedatectl) "
+                      "or the certificate's dates")
+    elif now > not_after:
+        errors.append(f"the certificate expired {_fmt(not_after)} (the device clock says "
+                      f"{_fmt(now)}); issue a new certificate")
+    elif not_after - now <= _dt.timedelta(days=EXPIRY_WARNING_DAYS):
+        days = (not_after - now).days
+        warnings.append(f"the certificate expires in {days} day{'s' * (days != 1)} "
+                        f"({_fmt(not_after)}); renew it soon")
+    for n, other in enumerate(certs[1:], 2):
+        if now > _validity(other)[1]:
+            warnings.append(f"certificate {n} of the chain ({_name(other.subject)}) expired "
+                            f"{_fmt(_validity(other)[1])}")
+    algorithm = _hash_name(leaf)
+    if algorithm in ("sha1", "md5"):
+        warnings.append(f"the certificate is signed with {algorithm.upper()}, which TLS "
+                        "libraries increasingly refuse; reissue it with SHA-256")
+    cn = _common_name(leaf)
+    if device_id:
+        expected = [device_id] + ([f"{device_id}/{module_id}"] if module_id else [])
+        if cn not in expected:
+            case = cn is not None and cn.lower() in [e.lower() for e in expected]
+            warnings.append(
+                f"the certificate's CN is {cn!r} but the identity is "
+                f"{' or '.join(repr(e) for e in expected)}"
+                + ("; IDs are case-sensitive" if case else "")
+                + "; CA-signed identities need a matching CN (self-signed ones are matched "
+                "by thumbprint)")
+    info = CertificateInfo(
+        subject=leaf.subject.rfc4514_string(),
+        common_name=cn,
+        issuer=leaf.issuer.rfc4514_string(),
+        not_before=not_before,
+        not_after=not_after,
+        sha1_thumbprint=hashlib.sha1(blocks[0].der, usedforsecurity=False).hexdigest().upper(),
+        sha256_thumbprint=hashlib.sha256(blocks[0].der).hexdigest().upper(),
+        key_description=_describe_key(leaf.public_key()),
+        chain_length=len(certs),
+        warnings=tuple(warnings),
+        self_signed=leaf.issuer == leaf.subject,
+    )
+    return info, errors
+
+
+def _validity(cert):
+    """(not_before, not_after) as aware UTC datetimes; ``*_utc`` exists from cryptography 42."""
+    before = getattr(cert, "not_valid_before_utc", None)
+    after = getattr(cert, "not_valid_after_utc", None)
+    if before is None or after is None:
+        before = cert.not_valid_before.replace(tzinfo=_dt.timezone.utc)
+        after = cert.not_valid_after.replace(tzinfo=_dt.timezone.utc)
+    return before, after
+
+
+def _hash_name(cert) -> str | None:
+    try:
+        algorithm = cert.signature_hash_algorithm
+    except Exception:  # UnsupportedAlgorithm on odd signatures; nothing to warn about then
+        return None
+    return algorithm.name if algorithm is not None else None
+
+
+def _common_name(cert) -> str | None:
+    from cryptography.x509.oid import NameOID
+
+    values = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+    return str(values[0].value) if values else None
+
+
+def _name(name) -> str:
+    from cryptography.x509.oid import NameOID
+
+    values = name.get_attributes_for_oid(NameOID.COMMON_NAME)
+    return f"CN={values[0].value}" if values else (name.rfc4514_string() or "empty name")
+
+
+def _utcnow(now) -> _dt.datetime:
+    if now is None:
+        return _dt.datetime.now(_dt.timezone.utc)
+    return now if now.tzinfo else now.replace(tzinfo=_dt.timezone.utc)
+
+
+def _fmt(moment: _dt.datetime) -> str:
+    return moment.astimezone(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
