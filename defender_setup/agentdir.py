@@ -175,7 +175,9 @@ class AgentDir:
         return result
 
     def has_previous(self) -> bool:
-        return (self.state / PREVIOUS).is_dir()
+        """True when a non-empty previous generation exists to roll back to."""
+        previous = self.state / PREVIOUS
+        return previous.is_dir() and any((previous / name).exists() for name in ALL_FILES)
 
     def pending(self) -> bool:
         """True while an interrupted write waits for :meth:`repair`."""

@@ -1,0 +1,118 @@
+"""``defender-setup check``: a diagnosis made of named checks (like ``aziotctl check``).
+
+Interface::
+
+    run_checks(root: Path, service_state: dict | None = None) -> list[CheckResult]
+    render(results) -> list[str]
+
+Each check has a stable id and a description, and collects its own problem; a failed check
+makes later checks that depend on it ``skipped`` instead of failing with a cascade.
+"""
+
+from __future__ import annotations
+
+import stat
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from .agentdir import AgentDir
+from .credentials import CERTIFICATE_FILE, CONNECTION_STRING_FILE, PRIVATE_KEY_FILE
+from .errors import EX_OK, EX_UNAVAILABLE, SetupError
+
+OK, WARNING, ERROR, SKIPPED = "ok", "warning", "error", "skipped"
+_SECRETS = (CONNECTION_STRING_FILE, PRIVATE_KEY_FILE)
+
+
+@dataclass(frozen=True)
+class CheckResult:
+    id: str
+    description: str
+    status: str
+    message: str = ""
+    exit_code: int = EX_OK
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def run_checks(root: Path, service_state: dict | None = None) -> list[CheckResult]:
+    results: list[CheckResult] = []
+
+    def add(check_id, description, status, message="", code=EX_OK):
+        results.append(CheckResult(check_id, description, status, message, code))
+        return status in (OK, WARNING)
+
+    agent = AgentDir(root)
+    files: dict = {}
+    try:
+        agent.check()
+        files = agent.current()
+        safe = add("agent-dir-safe", "agent directory and files are root's and not links", OK)
+    except SetupError as exc:
+        safe = add("agent-dir-safe", "agent directory and files are root's and not links",
+                   ERROR, str(exc), exc.exit_code)
+    if safe and agent.pending():
+        add("no-interrupted-update", "no credential update was left half done", WARNING,
+            "an interrupted update is pending; any defender-setup command but check repairs it")
+    present = CONNECTION_STRING_FILE in files
+    if not safe:
+        add("credentials-present", "connection_string.txt exists", SKIPPED)
+    elif not present:
+        add("credentials-present", "connection_string.txt exists", ERROR,
+            "not configured: run 'dpkg-reconfigure defender-setup'", 78)
+    else:
+        add("credentials-present", "connection_string.txt exists", OK)
+        _check_modes(agent, add)
+        _check_credentials(files, add)
+    if service_state is not None:
+        active = service_state.get("active")
+        add("service-active", "the service is active and not restarting",
+            OK if active else ERROR, service_state.get("summary", ""),
+            EX_OK if active else EX_UNAVAILABLE)
+    return results
+
+
+def _check_modes(agent: AgentDir, add) -> None:
+    loose = []
+    for name in _SECRETS:
+        path = agent.path / name
+        if path.exists() and stat.S_IMODE(path.lstat().st_mode) & 0o077:
+            loose.append(name)
+    if loose:
+        add("secret-file-modes", "secret files are readable by root only", ERROR,
+            f"{', '.join(loose)} readable by others: chmod 0600 them", 77)
+    else:
+        add("secret-file-modes", "secret files are readable by root only", OK)
+
+
+def _check_credentials(files: dict, add) -> None:
+    from .credentials import validate
+
+    cert_method = CERTIFICATE_FILE in files or PRIVATE_KEY_FILE in files
+    method = "certificate" if cert_method else "connection-string"
+    try:
+        validated = validate(method, files[CONNECTION_STRING_FILE], files.get(CERTIFICATE_FILE),
+                             files.get(PRIVATE_KEY_FILE))
+    except SetupError as exc:
+        add("credentials-valid", f"stored {method} credentials pass validation", ERROR,
+            str(exc), exc.exit_code)
+        return
+    add("credentials-valid", f"stored {method} credentials pass validation", OK,
+        f"{validated.connection_string.device_id}/{validated.connection_string.module_id} on "
+        f"{validated.connection_string.host_name}")
+    warnings = validated.warnings
+    add("credentials-warnings", "nothing worth a warning (module id, expiry, CN)",
+        WARNING if warnings else OK, "; ".join(warnings))
+
+
+def render(results: list[CheckResult]) -> list[str]:
+    marks = {OK: "[ ok ]", WARNING: "[warn]", ERROR: "[FAIL]", SKIPPED: "[skip]"}
+    lines = []
+    for r in results:
+        lines.append(f"{marks[r.status]} {r.id}: {r.description}")
+        if r.message:
+            lines.append(f"    {r.message}")
+    errors = sum(r.status == ERROR for r in results)
+    warnings = sum(r.status == WARNING for r in results)
+    lines.append(f"{len(results)} checks: {errors} errors, {warnings} warnings")
+    return lines

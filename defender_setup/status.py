@@ -1,0 +1,97 @@
+"""``defender-setup status``: what is configured, as data and as readable lines (no secrets).
+
+Interface::
+
+    collect(root: Path, service_state: dict | None = None) -> dict   # JSON-ready
+    render(report: dict) -> list[str]
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from . import UNIT
+from .agentdir import AgentDir
+from .credentials import CERTIFICATE_FILE, CONNECTION_STRING_FILE, PRIVATE_KEY_FILE, validate
+from .errors import SetupError
+
+
+def _certificate(info) -> dict:
+    return {
+        "subject": info.subject,
+        "issuer": info.issuer,
+        "not_before": info.not_before.isoformat(),
+        "not_after": info.not_after.isoformat(),
+        "sha1_thumbprint": info.sha1_thumbprint,
+        "sha256_thumbprint": info.sha256_thumbprint,
+        "key": info.key_description,
+        "chain_length": info.chain_length,
+    }
+
+
+def collect(root: Path, service_state: dict | None = None) -> dict:
+    """Read the agent directory and describe it; never raises for bad content."""
+    agent = AgentDir(root)
+    report: dict = {"agent_dir": str(agent.path), "method": None, "identity": None,
+                    "certificate": None, "problem": None, "warnings": [], "files": {},
+                    "previous_generation": False, "service": service_state}
+    try:
+        files = agent.current()
+        report["files"] = {path: f"{mode:04o}" for path, mode in agent.modes().items()}
+        report["previous_generation"] = agent.has_previous()
+    except SetupError as exc:
+        report["problem"] = str(exc)
+        return report
+    if CONNECTION_STRING_FILE not in files:
+        report["problem"] = ("not configured: run 'dpkg-reconfigure defender-setup' or "
+                             "'defender-setup apply'")
+        return report
+    method = "certificate" if CERTIFICATE_FILE in files or PRIVATE_KEY_FILE in files \
+        else "connection-string"
+    report["method"] = method
+    try:
+        # The stored files are checked with the same rules as new input.
+        validated = validate(method, files[CONNECTION_STRING_FILE], files.get(CERTIFICATE_FILE),
+                             files.get(PRIVATE_KEY_FILE))
+    except SetupError as exc:
+        report["problem"] = f"stored credentials are invalid: {exc}"
+        return report
+    c = validated.connection_string
+    report["identity"] = {"hub": c.host_name, "device": c.device_id, "module": c.module_id,
+                          "gateway": c.gateway_host_name}
+    if validated.certificate is not None:
+        report["certificate"] = _certificate(validated.certificate)
+    report["warnings"] = list(validated.warnings)
+    return report
+
+
+def render(report: dict) -> list[str]:
+    lines = [f"agent directory: {report['agent_dir']}"]
+    if report["method"]:
+        lines.append(f"method:          {report['method']}")
+    ident = report["identity"]
+    if ident:
+        lines += [f"hub:             {ident['hub']}",
+                  f"device:          {ident['device']}",
+                  f"module:          {ident['module']}"]
+        if ident["gateway"]:
+            lines.append(f"gateway:         {ident['gateway']}")
+    cert = report["certificate"]
+    if cert:
+        lines += [f"certificate:     {cert['subject']} (issuer {cert['issuer']})",
+                  f"valid:           {cert['not_before']} to {cert['not_after']}",
+                  f"SHA-1:           {cert['sha1_thumbprint']}",
+                  f"SHA-256:         {cert['sha256_thumbprint']}",
+                  f"key:             {cert['key']}"]
+    for path, mode in report["files"].items():
+        lines.append(f"file:            {mode} {path}")
+    lines.append("previous set:    " + ("kept (defender-setup rollback)"
+                                      if report["previous_generation"] else "none"))
+    service = report["service"]
+    if service is not None:
+        lines.append(f"service:         {UNIT}: {service.get('summary', 'unknown')}")
+    for warning in report["warnings"]:
+        lines.append(f"warning: {warning}")
+    if report["problem"]:
+        lines.append(f"problem: {report['problem']}")
+    return lines
