@@ -67,7 +67,8 @@ class _Block:
     der: bytes
 
     def pem(self) -> bytes:
-        body = base64.encodebytes(self.der).decode("ascii")  # 76-column lines; PEM allows them
+        text = base64.b64encode(self.der).decode("ascii")
+        body = "".join(text[i:i + 64] + "\n" for i in range(0, len(text), 64))  # as OpenSSL
         return f"-----BEGIN {self.label}-----\n{body}-----END {self.label}-----\n".encode("ascii")
 
 
@@ -88,6 +89,9 @@ def check(cert_pem, key_pem, *, device_id=None, module_id=None, now=None) -> Cer
     key_blocks = _classify(key_pem, KEY)
     _check_roles(cert_blocks, key_blocks)
     certs = _load_certificates(cert_blocks)
+    order = _order_error(certs)
+    if order:  # before the key check, which would only say "does not belong"
+        raise ValidationError(CERT, order)
     key = _load_private_key(key_blocks)
     problem = _key_problem(key.public_key())
     if problem:
@@ -107,12 +111,15 @@ def check(cert_pem, key_pem, *, device_id=None, module_id=None, now=None) -> Cer
 def inspect(cert_pem, *, device_id=None, module_id=None, now=None) -> CertificateInfo:
     """Describe a certificate file without a key (for ``status``).
 
-    Format errors still raise :class:`ValidationError`; validity problems and an unsupported
-    public key become warnings so that an installed but expired certificate can be shown.
+    Format and order errors still raise :class:`ValidationError`; validity problems and an
+    unsupported public key become warnings, so that an installed expired certificate shows.
     """
     blocks = _classify(cert_pem, CERT)
     _check_roles(blocks, None)
     certs = _load_certificates(blocks)
+    order = _order_error(certs)
+    if order:
+        raise ValidationError(CERT, order)
     info, errors = _analyse(blocks, certs, device_id, module_id, _utcnow(now))
     extra = list(errors)
     problem = _key_problem(certs[0].public_key())
@@ -124,17 +131,18 @@ def inspect(cert_pem, *, device_id=None, module_id=None, now=None) -> Certificat
 def describe(info: CertificateInfo) -> list[str]:
     """Human-readable lines for the command line (no warnings: callers print those)."""
     issuer = info.issuer + (" (self-signed)" if info.self_signed else "")
-    lines = [
-        f"subject: {info.subject}",
-        f"issuer: {issuer}",
-        f"valid: {_fmt(info.not_before)} to {_fmt(info.not_after)}",
-        f"SHA-1 thumbprint: {info.sha1_thumbprint}",
-        f"SHA-256 thumbprint: {info.sha256_thumbprint}",
-        f"key: {info.key_description}",
+    rows = [
+        ("subject", info.subject),
+        ("issuer", issuer),
+        ("valid", f"{_fmt(info.not_before)} to {_fmt(info.not_after)}"),
+        ("SHA-1 thumbprint", info.sha1_thumbprint),
+        ("SHA-256 thumbprint", info.sha256_thumbprint),
+        ("key", info.key_description),
     ]
     if info.chain_length > 1:
-        lines.append(f"chain: {info.chain_length} certificates, leaf first")
-    return lines
+        rows.append(("chain", f"{info.chain_length} certificates, leaf first"))
+    # Same column as credentials.Validated.summary_lines; long labels just take one space.
+    return [f"{label}:".ljust(14) + " " + value for label, value in rows]
 
 
 def normalize_certificate(cert_pem) -> bytes:
@@ -399,16 +407,23 @@ def _public_der(public_key) -> bytes:
                                    serialization.PublicFormat.SubjectPublicKeyInfo)
 
 
-def _analyse(blocks, certs, device_id, module_id, now):
-    """Build the info; return it with the list of validity/order errors (first is fatal)."""
-    errors: list[str] = []
-    warnings: list[str] = []
+def _order_error(certs) -> str | None:
+    """The leaf must come first: certificate 1 must not be the issuer of a later one."""
     leaf = certs[0]
     for n, other in enumerate(certs[1:], 2):
         if other.issuer == leaf.subject and other.subject != leaf.subject:
-            errors.append(f"the certificates are in the wrong order: certificate 1 "
-                          f"({_name(leaf.subject)}) issued certificate {n}; put the device "
-                          "(leaf) certificate first, then each issuer")
+            return (f"the certificates are in the wrong order: certificate 1 "
+                    f"({_name(leaf.subject)}) issued certificate {n}; put the device (leaf) "
+                    "certificate first, then each issuer")
+    return None
+
+
+def _analyse(blocks, certs, device_id, module_id, now):
+    """Build the info; return it with the list of validity/order errors (first is fatal)."""
+    order = _order_error(certs)
+    errors: list[str] = [order] if order else []
+    warnings: list[str] = []
+    leaf = certs[0]
     for n in range(1, len(certs)):
         if certs[n - 1].issuer != certs[n].subject:
             warnings.append(f"certificate {n + 1} ({_name(certs[n].subject)}) did not issue "

@@ -57,7 +57,7 @@ class Identity:
         return chain_pem(self, *self.issuers)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def private_key(kind: str = "rsa2048", n: int = 0):
     """A cached private key of ``kind``; ``n`` tells apart several keys of one kind."""
     if kind.startswith("rsa"):
