@@ -187,6 +187,7 @@ def start_agent(root, tmp_path):
     return proc, sock
 
 
+@pytest.mark.allow_subprocess
 def test_process_ready_reload_and_stop(tmp_path):
     write_connection_string(
         tmp_path,
@@ -209,6 +210,7 @@ def test_process_ready_reload_and_stop(tmp_path):
     assert KEY not in err and "Traceback" not in err
 
 
+@pytest.mark.allow_subprocess
 def test_process_unconfigured_exits_78_in_one_line(tmp_path):
     pytest.importorskip("defender_setup.agentdir")
     pytest.importorskip("defender_setup.credentials")
