@@ -1,0 +1,150 @@
+"""defender_setup.agentdir: private, atomic set writes, generations, refusal of unsafe targets."""
+
+import os
+import stat
+
+import pytest
+
+from defender_setup.agentdir import AgentDir
+from defender_setup.errors import InputError, UnsafeTargetError
+
+CS, CERT, KEY = "connection_string.txt", "certificate_public.pem", "certificate_private.pem"
+
+
+def mode(path):
+    return stat.S_IMODE(os.lstat(path).st_mode)
+
+
+def test_creates_a_private_directory_and_private_files(root, sas_inputs):
+    agent = AgentDir(root)
+    agent.write(sas_inputs.validated().files)
+    assert mode(agent.path) == 0o700
+    assert mode(agent.path / CS) == 0o600
+    assert agent.method() == "connection-string"
+    assert agent.current()[CS].endswith(b"\n")
+    assert sorted(os.listdir(agent.path)) == [".defender-setup", CS]
+
+
+def test_files_are_private_whatever_the_umask(root, sas_inputs):
+    old = os.umask(0)
+    try:
+        AgentDir(root).write(sas_inputs.validated().files)
+    finally:
+        os.umask(old)
+    assert mode(AgentDir(root).path / CS) == 0o600
+
+
+def test_switching_method_removes_the_other_methods_files(root, sas_inputs, cert_inputs):
+    agent = AgentDir(root)
+    agent.write(cert_inputs.validated().files)
+    assert set(agent.current()) == {CS, CERT, KEY}
+    assert mode(agent.path / KEY) == 0o600 and mode(agent.path / CERT) == 0o644
+    agent.write(sas_inputs.validated().files)
+    assert set(agent.current()) == {CS}
+    agent.write(cert_inputs.validated().files)
+    assert set(agent.current()) == {CS, CERT, KEY}
+
+
+def test_rollback_restores_the_previous_set_and_toggles(root, sas_inputs, cert_inputs):
+    agent = AgentDir(root)
+    first, second = sas_inputs.validated().files, cert_inputs.validated().files
+    agent.write(first)
+    agent.write(second)
+    agent.rollback()
+    assert agent.current() == {name: data for name, (data, _) in first.items()}
+    agent.rollback()
+    assert agent.current() == {name: data for name, (data, _) in second.items()}
+    assert mode(agent.path / KEY) == 0o600
+
+
+def test_rollback_without_a_previous_generation_is_an_input_error(root, sas_inputs):
+    agent = AgentDir(root)
+    with pytest.raises(InputError):
+        agent.rollback()
+    agent.write(sas_inputs.validated().files)
+    with pytest.raises(InputError, match="unconfigured before"):
+        agent.rollback()
+    assert not agent.has_previous()
+
+
+def test_refuses_a_symlinked_target_and_leaves_everything_alone(root, tmp_path, sas_inputs):
+    agent = AgentDir(root)
+    agent.write(sas_inputs.validated().files)
+    before = agent.current()
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.write_bytes(b"")
+    os.link(agent.path / CS, tmp_path / "keep")   # keep the content; replace with a link
+    (agent.path / CS).unlink()
+    (agent.path / CS).symlink_to(elsewhere)
+    with pytest.raises(UnsafeTargetError, match="symbolic link") as info:
+        agent.write(sas_inputs.validated().files)
+    assert info.value.exit_code == 77
+    assert elsewhere.read_bytes() == b""
+    assert (tmp_path / "keep").read_bytes() == before[CS]
+
+
+def test_refuses_a_symlinked_directory(root, tmp_path, sas_inputs):
+    target = tmp_path / "attacker"
+    target.mkdir(mode=0o700)
+    (root / "var").mkdir(parents=True)
+    (root / "var" / "defender_iot_micro_agent").symlink_to(target)
+    with pytest.raises(UnsafeTargetError, match="not a real directory"):
+        AgentDir(root).write(sas_inputs.validated().files)
+    assert os.listdir(target) == []
+
+
+def test_refuses_a_directory_writable_by_others(root, sas_inputs):
+    agent = AgentDir(root)
+    agent.path.mkdir(parents=True)
+    os.chmod(agent.path, 0o777)
+    with pytest.raises(UnsafeTargetError, match="writable by group or others"):
+        agent.write(sas_inputs.validated().files)
+
+
+def test_refuses_a_target_that_is_not_a_regular_file(root, sas_inputs):
+    agent = AgentDir(root)
+    (agent.path / CS).mkdir(parents=True)
+    os.chmod(agent.path, 0o700)
+    with pytest.raises(UnsafeTargetError, match="not a regular file"):
+        agent.write(sas_inputs.validated().files)
+
+
+def test_a_readable_directory_is_tightened_to_0700(root, sas_inputs):
+    agent = AgentDir(root)
+    agent.path.mkdir(parents=True, mode=0o755)
+    agent.write(sas_inputs.validated().files)
+    assert mode(agent.path) == 0o700
+
+
+def test_repair_discards_an_uncommitted_write(root, sas_inputs):
+    agent = AgentDir(root)
+    agent.write(sas_inputs.validated().files)
+    before = agent.current()
+    (agent.state / "staging").mkdir()
+    (agent.state / "staging" / CS).write_bytes(b"half")
+    assert agent.repair() is True
+    assert agent.current() == before and not (agent.state / "staging").exists()
+
+
+def test_repair_rolls_a_committed_write_forward(root, sas_inputs, cert_inputs):
+    agent = AgentDir(root)
+    agent.write(sas_inputs.validated().files)
+    new = cert_inputs.validated().files
+    staging = agent.state / "staging"
+    staging.mkdir()
+    for name, (data, file_mode) in new.items():
+        (staging / name).write_bytes(data)
+        os.chmod(staging / name, file_mode)
+    (agent.state / "txn").write_text('{"files": ["%s", "%s", "%s"]}' % (CS, CERT, KEY))
+    assert agent.pending()
+    assert agent.repair() is True
+    assert agent.current() == {name: data for name, (data, _) in new.items()}
+    assert not agent.pending()
+
+
+def test_modes_and_unconfigure(root, sas_inputs):
+    agent = AgentDir(root)
+    agent.write(sas_inputs.validated().files)
+    assert agent.modes()[str(agent.path / CS)] == 0o600
+    agent.unconfigure()
+    assert agent.current() == {} and agent.method() is None
