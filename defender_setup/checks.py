@@ -66,9 +66,9 @@ def run_checks(root: Path, service_state: dict | None = None) -> list[CheckResul
         _check_credentials(files, add)
     if service_state is not None:
         active = service_state.get("active")
-        add("service-active", "the service is active and not restarting",
-            OK if active else ERROR, service_state.get("summary", ""),
-            EX_OK if active else EX_UNAVAILABLE)
+        status = SKIPPED if active is None else OK if active else ERROR
+        add("service-active", "the service is active and not restarting", status,
+            service_state.get("summary", ""), EX_UNAVAILABLE if status == ERROR else EX_OK)
     return results
 
 

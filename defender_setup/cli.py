@@ -117,10 +117,20 @@ def cmd_rollback(args, out) -> int:
     return _restart(args, out)
 
 
+def _service_state(root: str) -> dict | None:
+    from .service import Service
+
+    service = Service(root)
+    state = service.state()
+    if state is None:  # chroot or image build: say why instead of guessing
+        state = {"active": None, "summary": f"not checked: {service.skip_reason()}"}
+    return state
+
+
 def cmd_status(args, out) -> int:
     from .status import collect, render
 
-    report = collect(Path(args.root))
+    report = collect(Path(args.root), _service_state(args.root))
     if args.json:
         print(json.dumps(report, indent=2, sort_keys=True), file=out)
     else:
@@ -132,7 +142,7 @@ def cmd_status(args, out) -> int:
 def cmd_check(args, out) -> int:
     from .checks import render, run_checks
 
-    results = run_checks(Path(args.root))
+    results = run_checks(Path(args.root), _service_state(args.root))
     if args.json:
         print(json.dumps([r.as_dict() for r in results], indent=2), file=out)
     else:

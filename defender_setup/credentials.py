@@ -56,13 +56,6 @@ class Validated:
         return lines
 
 
-def _pem_text(data: bytes) -> bytes:
-    """Canonical PEM bytes: no BOM, LF line ends, one trailing newline."""
-    if data.startswith(b"\xef\xbb\xbf"):
-        data = data[3:]
-    return data.replace(b"\r\n", b"\n").strip() + b"\n"
-
-
 def validate(method: str, connection_string: bytes | str, certificate: bytes | None = None,
              private_key: bytes | None = None, now: datetime | None = None) -> Validated:
     """Validate everything the chosen method needs.
@@ -88,6 +81,7 @@ def validate(method: str, connection_string: bytes | str, certificate: bytes | N
         from . import certificates  # cryptography is only loaded when a certificate is involved
         info = certificates.check(certificate, private_key, device_id=parsed.device_id,
                                   module_id=parsed.module_id, now=now)
-        files[CERTIFICATE_FILE] = (_pem_text(certificate), 0o644)
-        files[PRIVATE_KEY_FILE] = (_pem_text(private_key), 0o600)
+        # Written re-encoded from the parsed blocks: no BOM, CRLF or stray text reaches the agent.
+        files[CERTIFICATE_FILE] = (certificates.normalize_certificate(certificate), 0o644)
+        files[PRIVATE_KEY_FILE] = (certificates.normalize_private_key(private_key), 0o600)
     return Validated(method=method, connection_string=parsed, certificate=info, files=files)

@@ -1,0 +1,207 @@
+"""defender_setup.cli: commands, exit codes, readable output, nothing lost, nothing leaked."""
+
+import io
+import json
+import os
+import sys
+
+import pytest
+
+from defender_setup import cli
+from tests import certfactory
+
+from .conftest import DEVICE, HUB, MODULE
+
+
+def snapshot(root):
+    """Every path under root with its mode and content: 'nothing changed' made checkable."""
+    seen = {}
+    for base, dirs, files in os.walk(root):
+        for name in dirs + files:
+            path = os.path.join(base, name)
+            st = os.lstat(path)
+            data = open(path, "rb").read() if os.path.isfile(path) else None
+            seen[os.path.relpath(path, root)] = (st.st_mode, data)
+    return seen
+
+
+class Run:
+    def __init__(self, root, tmp_path, capsys, monkeypatch):
+        self.root, self.tmp, self.capsys, self.monkeypatch = root, tmp_path, capsys, monkeypatch
+
+    def file(self, name, data):
+        path = self.tmp / name
+        path.write_bytes(data)
+        return str(path)
+
+    def __call__(self, *argv, stdin=b""):
+        self.monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(stdin)))
+        code = cli.main([*argv, "--root", str(self.root)])
+        out, err = self.capsys.readouterr()
+        return code, out, err
+
+    def inputs(self, inputs, via_stdin=False):
+        args = ["--method", inputs.method, "--connection-string-file",
+                "-" if via_stdin else self.file("cs.txt", inputs.connection_string)]
+        if inputs.certificate:
+            args += ["--certificate", self.file("cert.pem", inputs.certificate),
+                     "--private-key", self.file("key.pem", inputs.private_key)]
+        return args
+
+
+@pytest.fixture
+def run(root, tmp_path, capsys, monkeypatch):
+    return Run(root, tmp_path, capsys, monkeypatch)
+
+
+def secret_of(inputs) -> list[str]:
+    text = inputs.connection_string.decode()
+    secrets = [text.split("SharedAccessKey=")[1]] if "SharedAccessKey=" in text else []
+    if inputs.private_key:
+        secrets += certfactory.body(inputs.private_key)
+    return secrets
+
+
+def assert_no_secret(inputs, *texts):
+    for secret in secret_of(inputs):
+        for text in texts:
+            assert secret not in text
+
+
+def test_validate_prints_what_it_found_without_the_key(run, sas_inputs):
+    code, out, err = run("validate", *run.inputs(sas_inputs, via_stdin=True),
+                         stdin=sas_inputs.connection_string)
+    assert code == 0
+    assert f"hub:           {HUB}" in out and f"device:        {DEVICE}" in out
+    assert "valid: connection-string credentials for dev1/DefenderIotMicroAgent" in out
+    assert_no_secret(sas_inputs, out, err)
+    assert not run.root.exists(), "validate must not write anything"
+
+
+def test_apply_then_status_shows_identity_thumbprints_and_modes(run, cert_inputs):
+    code, out, err = run("apply", "--no-restart", *run.inputs(cert_inputs))
+    assert code == 0, err
+    assert "SHA-1" in out or "sha1" in out.lower()
+    code, out, err = run("status")
+    assert code == 0
+    assert f"module:          {MODULE}" in out and "method:          certificate" in out
+    assert "0600" in out and "SHA-256:" in out
+    code, out, _ = run("status", "--json")
+    report = json.loads(out)
+    assert report["identity"]["device"] == DEVICE
+    assert len(report["certificate"]["sha1_thumbprint"]) == 40
+    assert_no_secret(cert_inputs, out)
+
+
+def test_apply_without_no_restart_skips_the_restart_without_systemd(run, sas_inputs):
+    code, out, _ = run("apply", *run.inputs(sas_inputs))
+    assert code == 0
+    assert "skipped" in out and "first boot" in out
+
+
+def test_method_is_inferred_from_the_inputs(run, cert_inputs):
+    args = [a for a in run.inputs(cert_inputs) if a not in ("--method", "certificate")]
+    code, out, err = run("validate", *args)
+    assert code == 0, err
+    assert "method:        certificate" in out
+
+
+@pytest.mark.parametrize("mangle, field", [
+    (lambda t: t.replace(b"HostName", b"Hostname"), "did you mean HostName"),
+    (lambda t: t[:-1], "SharedAccessKey: is not valid base64"),
+    (lambda t: t.replace(b"dev1", b"d\xe2\x80\x9cev1"), "not plain ASCII"),
+])
+def test_invalid_connection_string_exits_65_and_changes_nothing(run, sas_inputs, mangle, field):
+    assert run("apply", "--no-restart", *run.inputs(sas_inputs))[0] == 0
+    before = snapshot(run.root)
+    sas_inputs.connection_string = mangle(sas_inputs.connection_string)
+    code, out, err = run("apply", "--no-restart", *run.inputs(sas_inputs))
+    assert code == 65
+    assert field in err and err.count("\n") == 1
+    assert snapshot(run.root) == before
+    assert_no_secret(sas_inputs, out, err)
+
+
+def _other_key_identity():
+    good = certfactory.make_identity(cn=DEVICE, key="p256")
+    return good.cert_pem, certfactory.key_pem(certfactory.private_key("p256", n=1))
+
+
+@pytest.mark.parametrize("case, words", [
+    ("expired", "expired"),
+    ("mismatch", "does not belong to the certificate"),
+    ("encrypted", "openssl pkey"),
+    ("swapped", "private key"),
+])
+def test_invalid_certificate_exits_65_and_changes_nothing(run, sas_inputs, cert_inputs, case,
+                                                          words):
+    assert run("apply", "--no-restart", *run.inputs(sas_inputs))[0] == 0
+    before = snapshot(run.root)
+    key = certfactory.private_key("p256")
+    if case == "expired":
+        cert_inputs.certificate = certfactory.make_identity(cn=DEVICE, key="p256",
+                                                            days=-1).cert_pem
+    elif case == "mismatch":
+        cert_inputs.certificate, cert_inputs.private_key = _other_key_identity()
+    elif case == "encrypted":
+        cert_inputs.private_key = certfactory.encrypted_pem(key)
+    else:
+        cert_inputs.certificate, cert_inputs.private_key = \
+            cert_inputs.private_key, cert_inputs.certificate
+    code, out, err = run("apply", "--no-restart", *run.inputs(cert_inputs))
+    assert code == 65, err
+    assert words in err
+    assert snapshot(run.root) == before
+    assert_no_secret(cert_inputs, out, err)
+
+
+def test_missing_input_file_exits_66(run):
+    code, _, err = run("validate", "--connection-string-file", "/nonexistent/cs.txt")
+    assert code == 66 and "does not exist" in err
+
+
+def test_only_one_input_from_stdin(run, cert_inputs):
+    code, _, err = run("validate", "--connection-string-file", "-", "--certificate", "-",
+                       "--private-key", "/x")
+    assert code == 66 and "standard input" in err
+
+
+def test_symlinked_target_exits_77_and_writes_nothing(run, sas_inputs, tmp_path):
+    assert run("apply", "--no-restart", *run.inputs(sas_inputs))[0] == 0
+    target = run.root / "var/defender_iot_micro_agent/connection_string.txt"
+    target.unlink()
+    target.symlink_to(tmp_path / "planted")
+    before = snapshot(run.root)
+    code, _, err = run("apply", "--no-restart", *run.inputs(sas_inputs))
+    assert code == 77 and "symbolic link" in err
+    assert snapshot(run.root) == before and not (tmp_path / "planted").exists()
+
+
+def test_rollback_restores_the_previous_method(run, sas_inputs, cert_inputs):
+    run("apply", "--no-restart", *run.inputs(sas_inputs))
+    run("apply", "--no-restart", *run.inputs(cert_inputs))
+    code, out, _ = run("rollback", "--no-restart")
+    assert code == 0 and "connection_string.txt" in out
+    assert "method:          connection-string" in run("status")[1]
+
+
+def test_rollback_with_nothing_to_restore_exits_66(run):
+    code, _, err = run("rollback", "--no-restart")
+    assert code == 66 and "no previous set" in err
+
+
+def test_check_reports_named_checks_and_json(run, sas_inputs):
+    run("apply", "--no-restart", *run.inputs(sas_inputs))
+    code, out, _ = run("check")
+    assert code == 0 and "[ ok ] credentials-valid" in out
+    code, out, _ = run("check", "--json")
+    ids = {c["id"] for c in json.loads(out)}
+    assert {"agent-dir-safe", "credentials-present", "credentials-valid"} <= ids
+
+
+def test_usage_errors_exit_2_and_help_names_every_command(capsys):
+    assert cli.main(["frobnicate"]) == 2
+    assert cli.main(["--help"]) == 0
+    out = capsys.readouterr().out
+    for command in ("validate", "apply", "restart", "status", "check", "rollback", "65", "77"):
+        assert command in out
