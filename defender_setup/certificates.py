@@ -92,11 +92,21 @@ def check(cert_pem, key_pem, *, device_id=None, module_id=None, now=None) -> Cer
     order = _order_error(certs)
     if order:  # before the key check, which would only say "does not belong"
         raise ValidationError(CERT, order)
-    key = _load_private_key(key_blocks)
-    problem = _key_problem(key.public_key())
+    (key_block,) = [b for b in key_blocks if b.label in _KEY_LABELS]
+    rsa_numbers = _rsa_private_numbers(key_block)
+    if rsa_numbers is not None:  # RSA: pure Python, OpenSSL's key check costs ~70 ms
+        kind = ("RSA", rsa_numbers[0].bit_length())
+    else:
+        key = _load_private_key(key_block)
+        kind = _key_kind(key.public_key())
+    problem = _key_problem(*kind)
     if problem:
         raise ValidationError(KEY, problem)
-    if _public_der(key.public_key()) != _public_der(certs[0].public_key()):
+    if rsa_numbers is not None:
+        matches = rsa_numbers == _rsa_public_numbers(cert_blocks[0].der)
+    else:
+        matches = _public_der(key.public_key()) == _public_der(certs[0].public_key())
+    if not matches:
         raise ValidationError(
             KEY,
             "the key does not belong to the certificate (its public key differs from the "
@@ -122,7 +132,7 @@ def inspect(cert_pem, *, device_id=None, module_id=None, now=None) -> Certificat
         raise ValidationError(CERT, order)
     info, errors = _analyse(blocks, certs, device_id, module_id, _utcnow(now))
     extra = list(errors)
-    problem = _key_problem(certs[0].public_key())
+    problem = _key_problem(*_leaf_key_kind(blocks, certs))
     if problem:
         extra.append("the certificate's key: " + problem)
     return replace(info, warnings=tuple(extra) + info.warnings)
@@ -246,33 +256,18 @@ def _printable(data: bytes) -> bool:
 
 
 def _der_kind(data: bytes) -> str | None:
-    """Guess what a DER blob is from its first ASN.1 tags, without parsing it."""
-
-    def element(pos: int):  # -> (tag, content start, content end) or None
-        if pos + 2 > len(data):
-            return None
-        tag, length, pos = data[pos], data[pos + 1], pos + 2
-        if length & 0x80:
-            count = length & 0x7F
-            if count == 0 or count > 4 or pos + count > len(data):
-                return None
-            length, pos = int.from_bytes(data[pos:pos + count], "big"), pos + count
-        return tag, pos, pos + length
-
-    outer = element(0)
-    if outer is None or outer[0] != 0x30 or outer[2] > len(data):
+    """Guess what a DER blob is from its first ASN.1 tags, without parsing all of it."""
+    try:
+        first = _der_seq(data)[0]
+        if first[0] == 0x02:  # INTEGER: PKCS#12 has version 3, a key version 0 or 1
+            return "pkcs12" if data[first[1]:first[2]] == b"\x03" else "private key"
+        inner = _der_seq(data, first)[0]
+    except (ValueError, IndexError):
         return None
-    first = element(outer[1])
-    if first is None:
-        return None
-    if first[0] == 0x02:  # INTEGER: PKCS#12 version 3, else a key's version 0/1
-        return "pkcs12" if data[first[1]:first[2]] == b"\x03" else "private key"
-    if first[0] == 0x30:
-        inner = element(first[1])
-        if inner and inner[0] in (0xA0, 0x02):  # tbsCertificate: [0] version or serial
-            return "certificate"
-        if inner and inner[0] == 0x06:  # AlgorithmIdentifier: encrypted PKCS#8
-            return "encrypted private key"
+    if inner[0] in (0xA0, 0x02):  # tbsCertificate starts with [0] version or the serial
+        return "certificate"
+    if inner[0] == 0x06:  # EncryptedPrivateKeyInfo starts with an AlgorithmIdentifier
+        return "encrypted private key"
     return None
 
 
@@ -335,6 +330,94 @@ def _unexpected(label: str, field: str) -> str:
 
 
 # ---------------------------------------------------------------------------------------------
+# Minimal DER reading for RSA keys: loading one through cryptography runs OpenSSL's full key
+# check (~70 ms, primality tests), and starting its backend costs ~15 ms more; comparing the
+# modulus and checking the CRT parameters' arithmetic is enough to catch a wrong or damaged key.
+
+_RSA_OID = bytes.fromhex("2a864886f70d010101")  # 1.2.840.113549.1.1.1 rsaEncryption
+
+
+def _der_items(data: bytes, start: int = 0, end: int | None = None) -> list:
+    """The (tag, content start, content end) elements laid out in ``data[start:end]``."""
+    end = len(data) if end is None else end
+    items = []
+    pos = start
+    while pos < end:
+        if pos + 2 > end:
+            raise ValueError("truncated DER")
+        tag, length, pos = data[pos], data[pos + 1], pos + 2
+        if length & 0x80:
+            count = length & 0x7F
+            if not 0 < count <= 4 or pos + count > end:
+                raise ValueError("bad DER length")
+            length, pos = int.from_bytes(data[pos:pos + count], "big"), pos + count
+        if pos + length > end:
+            raise ValueError("truncated DER")
+        items.append((tag, pos, pos + length))
+        pos += length
+    return items
+
+
+def _der_seq(data: bytes, item=None) -> list:
+    tag, start, end = item or _der_items(data)[0]
+    if tag != 0x30:
+        raise ValueError("not a SEQUENCE")
+    return _der_items(data, start, end)
+
+
+def _der_ints(data: bytes, items) -> list[int]:
+    if any(tag != 0x02 for tag, _, _ in items):
+        raise ValueError("not an INTEGER")
+    return [int.from_bytes(data[s:e], "big", signed=True) for _, s, e in items]
+
+
+def _rsa_private_numbers(block: _Block):
+    """(n, e) of an RSA private key, after checking its arithmetic; None if it is not RSA."""
+    der = block.der
+    try:
+        if block.label == "PRIVATE KEY":  # PKCS#8: version, AlgorithmIdentifier, OCTET STRING
+            items = _der_seq(der)
+            algorithm = _der_seq(der, items[1])[0]
+            if algorithm[0] != 0x06 or der[algorithm[1]:algorithm[2]] != _RSA_OID:
+                return None
+            if items[2][0] != 0x04:
+                raise ValueError("no key OCTET STRING")
+            der = der[items[2][1]:items[2][2]]
+        elif block.label != "RSA PRIVATE KEY":
+            return None
+        fields = _der_seq(der)
+        if len(fields) != 9:  # two-prime PKCS#1; leave anything else to OpenSSL
+            return None
+        version, n, e, d, p, q, dp, dq, qinv = _der_ints(der, fields)
+    except (ValueError, IndexError):
+        raise ValidationError(KEY, "the private key cannot be parsed; the file is corrupted "
+                              "or incomplete, copy it again") from None
+    consistent = (version == 0 and p > 1 and q > 1 and p * q == n
+                  and (e * d - 1) % (p - 1) == 0 and (e * d - 1) % (q - 1) == 0
+                  and dp == d % (p - 1) and dq == d % (q - 1) and (qinv * q) % p == 1)
+    if not consistent:
+        raise ValidationError(KEY, "the RSA key is damaged (its numbers do not fit together); "
+                              "copy it again from the original")
+    return n, e
+
+
+def _rsa_public_numbers(cert_der: bytes):
+    """(n, e) of a certificate's RSA public key, or None if it is not RSA."""
+    try:
+        tbs = _der_seq(cert_der, _der_seq(cert_der)[0])
+        spki = tbs[6] if tbs[0][0] == 0xA0 else tbs[5]  # [0] version is optional
+        algorithm, bits = _der_seq(cert_der, spki)[:2]
+        oid = _der_seq(cert_der, algorithm)[0]
+        if oid[0] != 0x06 or cert_der[oid[1]:oid[2]] != _RSA_OID or bits[0] != 0x03:
+            return None
+        key = cert_der[bits[1] + 1:bits[2]]  # skip the BIT STRING's unused-bits byte
+        n, e = _der_ints(key, _der_seq(key))
+    except (ValueError, IndexError):
+        return None  # cryptography parsed it, so let it describe the key
+    return n, e
+
+
+# ---------------------------------------------------------------------------------------------
 # Parsing and checks (cryptography)
 
 
@@ -351,11 +434,10 @@ def _load_certificates(blocks: list[_Block]) -> list:
     return certs
 
 
-def _load_private_key(blocks: list[_Block]):
+def _load_private_key(block: _Block):
     from cryptography.exceptions import UnsupportedAlgorithm
     from cryptography.hazmat.primitives.serialization import load_pem_private_key
 
-    (block,) = [b for b in blocks if b.label in _KEY_LABELS]
     try:
         return load_pem_private_key(block.pem(), password=None)
     except TypeError:  # encrypted in a way the headers did not show
@@ -368,9 +450,8 @@ def _load_private_key(blocks: list[_Block]):
                               "or incomplete, copy it again") from None
 
 
-def _key_problem(public_key) -> str | None:
+def _key_problem(kind: str, size) -> str | None:
     """Why IoT Hub would refuse this key type, or None if it is fine."""
-    kind, size = _key_kind(public_key)
     if kind == "RSA":
         return None if size >= 2048 else (
             f"an RSA key of {size} bits is too weak; {_KEY_ADVICE}")
@@ -391,13 +472,20 @@ def _key_kind(public_key):
     return (name or "this"), None
 
 
-def _describe_key(public_key) -> str:
-    kind, size = _key_kind(public_key)
+def _describe_key(kind: str, size) -> str:
     if kind == "RSA":
         return f"RSA {size} bits"
     if kind == "EC":
         return f"EC {_GOOD_CURVES.get(size, size)}"
     return kind
+
+
+def _leaf_key_kind(blocks, certs):
+    """(kind, size) of the leaf's public key; RSA without starting OpenSSL's backend."""
+    numbers = _rsa_public_numbers(blocks[0].der)
+    if numbers is not None:
+        return "RSA", numbers[0].bit_length()
+    return _key_kind(certs[0].public_key())
 
 
 def _public_der(public_key) -> bytes:
@@ -467,7 +555,7 @@ def _analyse(blocks, certs, device_id, module_id, now):
         not_after=not_after,
         sha1_thumbprint=hashlib.sha1(blocks[0].der, usedforsecurity=False).hexdigest().upper(),
         sha256_thumbprint=hashlib.sha256(blocks[0].der).hexdigest().upper(),
-        key_description=_describe_key(leaf.public_key()),
+        key_description=_describe_key(*_leaf_key_kind(blocks, certs)),
         chain_length=len(certs),
         warnings=tuple(warnings),
         self_signed=leaf.issuer == leaf.subject,

@@ -13,6 +13,7 @@ Interface (all pure; keys are cached per process because RSA generation is slow)
 - ``encrypted_pem(key, passphrase=b"test-pass", traditional=False)`` -> encrypted PEM
   (``ENCRYPTED PRIVATE KEY``, or traditional with ``Proc-Type: 4,ENCRYPTED``).
 - ``der(cert_or_key)`` -> DER bytes (a key as PKCS#8).
+- ``pem_block(label, der_bytes)`` -> a PEM block around any bytes (for damaged files).
 - ``body(pem)`` -> the base64 text of a PEM's blocks, to assert it never shows up in messages.
 
 ``days`` counts from now: ``days=-1`` is expired yesterday, ``days=10`` expires in ten days;
@@ -21,6 +22,7 @@ Interface (all pure; keys are cached per process because RSA generation is slow)
 
 from __future__ import annotations
 
+import base64
 import datetime as _dt
 import functools
 from dataclasses import dataclass
@@ -140,6 +142,13 @@ def der(item) -> bytes:
     return _key(item).private_bytes(serialization.Encoding.DER,
                                     serialization.PrivateFormat.PKCS8,
                                     serialization.NoEncryption())
+
+
+def pem_block(label: str, der_bytes: bytes) -> bytes:
+    """Wrap DER bytes in a PEM block with ``label`` (to build odd or damaged files)."""
+    text = base64.b64encode(der_bytes).decode("ascii")
+    lines = "".join(text[i:i + 64] + "\n" for i in range(0, len(text), 64))
+    return f"-----BEGIN {label}-----\n{lines}-----END {label}-----\n".encode("ascii")
 
 
 def body(pem: bytes) -> list[str]:

@@ -128,6 +128,21 @@ def test_key_must_match_leaf(dev):
     assert "does not belong to the certificate" in message
 
 
+def _der(tag: int, content: bytes) -> bytes:
+    size = len(content)
+    head = bytes([size]) if size < 128 else bytes([0x80 | 2]) + size.to_bytes(2, "big")
+    return bytes([tag]) + head + content
+
+
+def test_damaged_rsa_key_is_refused(dev):
+    nums = dev.key.private_numbers()
+    values = [0, nums.public_numbers.n, nums.public_numbers.e, nums.d + 2, nums.p, nums.q,
+              nums.dmp1, nums.dmq1, nums.iqmp]
+    body = b"".join(_der(2, v.to_bytes(v.bit_length() // 8 + 1, "big")) for v in values)
+    pem = f.pem_block("RSA PRIVATE KEY", _der(0x30, body))
+    assert "damaged" in fails(KEY, dev.cert_pem, pem)
+
+
 def test_key_matching_an_issuer_not_the_leaf_is_refused(pki):
     root, inter, leaf = pki
     assert "does not belong" in fails(KEY, leaf.fullchain_pem, inter.key_pem)
