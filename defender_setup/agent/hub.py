@@ -1,0 +1,279 @@
+"""The IoT Hub connection of a module identity: MQTT 3.1.1 over TLS with paho-mqtt.
+
+Interface (the runtime's connector seam, see :mod:`defender_setup.agent.runtime`)::
+
+    HubConnector(root=Path("/"), settings=None, *, ready_timeout=10.0, backoff=(1.0, 60.0),
+                 heartbeat_interval=None, sas_lifetime=None, clock=time.time)
+    .start(creds, notify)   # returns once the first attempt has an outcome (<= ready_timeout)
+    .stop()
+    .send(payload: bytes)   # queue a telemetry message (QoS 1, kept until the hub acks it)
+    .state                  # "connecting" | "connected" | "retrying" | "rejected" | "stopped"
+
+IoT Hub's MQTT conventions for a module identity: client id ``{device}/{module}``, user name
+``{hub}/{device}/{module}/?api-version=2021-04-12``, telemetry on
+``devices/{device}/modules/{module}/messages/events/``, QoS <= 1. TLS on 8883, or MQTT over
+WebSocket on 443 at ``/$iothub/websocket``. With ``GatewayHostName`` TLS goes to the gateway
+while the identity (user name, token resource) stays on ``HostName``. Trust: the system CA store,
+or only the configured ``ca_file``.
+
+Status texts (the unit's ``STATUS=``; ``defender-setup restart`` reads them):
+
+- ``connected to HUB as DEVICE/MODULE``
+- ``retrying: hub unreachable (KIND: reason)`` with KIND one of DNS, TCP, TLS, proxy, WebSocket,
+  MQTT, timeout. Unreachable is never a credential error: the connector retries with capped
+  exponential back-off and jitter and the service stays up.
+
+A rejection (CONNACK refused: not authorized, bad user name or password, identifier rejected,
+protocol; or a TLS alert about the client certificate) is logged as one line naming the likely
+cause and ends the process with :data:`EX_REJECTED` (76) so that ``defender-setup restart`` rolls
+back. A settings error (conf.json, CA file, proxy without python3-socks) ends it with 78.
+
+SAS tokens live ``sas_lifetime`` seconds; at 80 % of it the connector disconnects cleanly and
+reconnects with a fresh token. Messages are removed from the queue only when the hub acks them,
+so a renewal or a lost connection re-sends, never drops (at-least-once). A heartbeat (agent
+version, uptime, OS release) is sent on connect and every ``heartbeat_interval`` seconds.
+paho is imported lazily; both its 1.x and 2.x APIs are supported. Nothing here logs a secret.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import random
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+from defender_setup import AGENT_DIR, DEFAULT_MODULE_ID, __version__
+from defender_setup.agent import hubnet, sas
+from defender_setup.agent import settings as settings_mod
+from defender_setup.errors import EX_CONFIG, SetupError
+
+EX_REJECTED = 76  # the hub refused this identity; the unit lists it in RestartPreventExitStatus
+API_VERSION = "2021-04-12"
+WS_PATH = "/$iothub/websocket"
+KEEPALIVE = 60
+INFLIGHT_MAX = 20
+QUEUE_MAX = 1000
+WARNING, INFO = 4, 6
+
+
+@dataclass(frozen=True)
+class Identity:
+    """Who connects where; ``key`` (SAS) is hidden from repr."""
+
+    host_name: str
+    device_id: str
+    module_id: str
+    gateway_host_name: Optional[str] = None
+    key: Optional[str] = field(default=None, repr=False)
+    cert_file: Optional[Path] = None
+    key_file: Optional[Path] = None
+    thumbprint: Optional[str] = None
+
+    @property
+    def client_id(self) -> str:
+        return f"{self.device_id}/{self.module_id}"
+
+    @property
+    def username(self) -> str:
+        return f"{self.host_name}/{self.device_id}/{self.module_id}/?api-version={API_VERSION}"
+
+    @property
+    def topic(self) -> str:
+        return f"devices/{self.device_id}/modules/{self.module_id}/messages/events/"
+
+    @property
+    def resource(self) -> str:
+        return sas.resource_uri(self.host_name, self.device_id, self.module_id)
+
+    @property
+    def connect_host(self) -> str:
+        return self.gateway_host_name or self.host_name
+
+    @property
+    def name(self) -> str:
+        return f"{self.host_name} as {self.device_id}/{self.module_id}"
+
+    @classmethod
+    def from_credentials(cls, creds, root: Path = Path("/")) -> Identity:
+        """From a ``credentials.Validated`` (an Identity passes through); certificate files
+        are used in place, where AgentDir keeps them (0600)."""
+        if isinstance(creds, cls):
+            return creds
+        cs = creds.connection_string
+        agent_dir = Path(root) / AGENT_DIR
+        info = getattr(creds, "certificate", None)
+        x509 = creds.method == "certificate"
+        return cls(
+            cs.host_name,
+            cs.device_id,
+            cs.module_id or DEFAULT_MODULE_ID,
+            cs.gateway_host_name or None,
+            None if x509 else cs.shared_access_key,
+            agent_dir / "certificate_public.pem" if x509 else None,
+            agent_dir / "certificate_private.pem" if x509 else None,
+            getattr(info, "sha1_thumbprint", None),
+        )
+
+
+class Backoff:
+    """Capped exponential back-off with jitter: 50-100 % of min(cap, base * 2**n)."""
+
+    def __init__(self, base: float = 1.0, cap: float = 60.0, rng=random.random):
+        self.base, self.cap, self._rng, self.attempt = base, cap, rng, 0
+
+    def next(self) -> float:
+        delay = min(self.cap, self.base * (2 ** min(self.attempt, 30)))
+        self.attempt += 1
+        return delay * (0.5 + self._rng() / 2)
+
+    def reset(self) -> None:
+        self.attempt = 0
+
+
+class HubConnector:
+    """See the module docstring."""
+
+    def __init__(self, root: Path = Path("/"), settings=None, *, ready_timeout: float = 10.0,
+                 backoff=(1.0, 60.0), heartbeat_interval=None, sas_lifetime=None,
+                 clock=time.time):
+        self.root = Path(root)
+        self._settings = settings
+        self.ready_timeout = ready_timeout
+        self._backoff = Backoff(*backoff)
+        self._heartbeat_override = heartbeat_interval
+        self._lifetime_override = sas_lifetime
+        self._clock = clock
+        self._queue: collections.deque = collections.deque(maxlen=QUEUE_MAX)
+        self._thread: Optional[threading.Thread] = None
+        self._stop = threading.Event()
+        self._outcome = threading.Event()
+        self._started = time.monotonic()
+        self.state = "stopped"
+        self.connections = 0  # accepted connections so far (tests, bench)
+
+    # -- seam ------------------------------------------------------------------------------
+    def start(self, creds, notify) -> None:
+        self._notify = notify
+        self._stop.clear()
+        self._outcome.clear()
+        try:
+            self.settings = self._settings or settings_mod.load(self.root)
+            self.identity = Identity.from_credentials(creds, self.root)
+            self._hubnet = hubnet.Link(self.identity, self.settings)
+        except SetupError as err:
+            self.state = "rejected"
+            notify.fail(EX_CONFIG, f"not starting: {err}")
+            return
+        self.heartbeat_interval = (self._heartbeat_override if self._heartbeat_override
+                                   is not None else self.settings.heartbeat_interval)
+        self.sas_lifetime = self._lifetime_override or self.settings.sas_lifetime
+        self.state = "connecting"
+        self._thread = threading.Thread(target=self._run, name="hub", daemon=True)
+        self._thread.start()
+        if not self._outcome.wait(self.ready_timeout):
+            where = f"{self.identity.connect_host}:{self.settings.hub_port}"
+            self._status(f"retrying: hub unreachable (timeout: no answer from {where} "
+                         f"within {self.ready_timeout:g} s)")
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+            self._thread = None
+        if self.state != "rejected":
+            self.state = "stopped"
+
+    def send(self, payload: bytes) -> None:
+        self._queue.append(bytes(payload))
+
+    # -- connector thread ------------------------------------------------------------------
+    def _status(self, text: str) -> None:
+        self._notify.status(text)
+
+    def _run(self) -> None:
+        last_reason = None
+        while not self._stop.is_set():
+            result = self._session()
+            self._outcome.set()
+            if result.kind == "rejected":
+                self.state = "rejected"
+                self._notify.fail(EX_REJECTED, result.text)
+                return
+            if result.kind == "renew":
+                continue  # straight back in with a fresh token
+            if result.kind == "stopped":
+                return
+            if result.kind == "lost":
+                self._backoff.reset()
+            self.state = "retrying"
+            self._status(f"retrying: hub unreachable ({result.text})")
+            if result.text != last_reason:
+                self._notify.log(f"hub unreachable ({result.text}); retrying", WARNING)
+                last_reason = result.text
+            self._stop.wait(self._backoff.next())
+
+    def _session(self) -> hubnet.Result:
+        token = None
+        if self.identity.key is not None:
+            token = sas.new_token(self.identity.resource, self.identity.key, self.sas_lifetime,
+                                  now=self._clock())
+        session = self._hubnet.open(token, self._clock, timeout=self.ready_timeout)
+        if session.result is not None:
+            return session.result
+        self.connections += 1
+        self._backoff.reset()
+        self.state = "connected"
+        self._status(f"connected to {self.identity.name}")
+        self._outcome.set()
+        if self.connections == 1:
+            self._notify.log(f"connected to {self.identity.name} via "
+                             f"{self.identity.connect_host}:{self.settings.hub_port} "
+                             f"({self.settings.transport})", INFO)
+        renew_at = None
+        if token is not None:
+            renew_at = time.monotonic() + sas.renewal_delay(self.sas_lifetime)
+        next_beat = time.monotonic()
+        try:
+            while True:
+                now = time.monotonic()
+                if self.heartbeat_interval and now >= next_beat:
+                    self.send(self._heartbeat())
+                    next_beat = now + self.heartbeat_interval
+                session.publish_from(self._queue, self.identity.topic)
+                if self._stop.is_set():
+                    session.close(drain=1.0)
+                    return hubnet.Result("stopped")
+                if renew_at is not None and now >= renew_at:
+                    session.close(drain=3.0)
+                    return hubnet.Result("renew")
+                lost = session.pump(0.5)
+                if lost is not None:
+                    return lost
+        finally:
+            session.close()
+            session.requeue(self._queue)
+
+    def _heartbeat(self) -> bytes:
+        return json.dumps({
+            "type": "heartbeat",
+            "agentVersion": __version__,
+            "uptimeSeconds": int(time.monotonic() - self._started),
+            "osRelease": os_release(self.root),
+        }, separators=(",", ":")).encode()
+
+
+def os_release(root: Path = Path("/")) -> str:
+    """PRETTY_NAME from /etc/os-release (or /usr/lib/os-release), else "unknown"."""
+    for name in ("etc/os-release", "usr/lib/os-release"):
+        try:
+            text = (Path(root) / name).read_text(encoding="utf-8", errors="replace")
+        except OSError:
+            continue
+        for line in text.splitlines():
+            if line.startswith("PRETTY_NAME="):
+                return line.split("=", 1)[1].strip().strip('"\'')[:100]
+    return "unknown"

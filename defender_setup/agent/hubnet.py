@@ -1,0 +1,395 @@
+"""One IoT Hub connection with paho-mqtt: TLS context, connect, CONNACK, publish, and the
+classification of every failure into a :class:`Result` with a one-line reason.
+
+Interface (used by :mod:`defender_setup.agent.hub`)::
+
+    link = Link(identity, settings)           # raises SetupError: CA file, client cert, proxy
+    session = link.open(token, clock, timeout)
+    session.result        # None when the hub accepted the identity, else a Result
+    session.publish_from(queue, topic); session.pump(seconds) -> Result | None
+    session.close(drain=seconds); session.requeue(queue)
+
+``Result.kind`` is ``unreachable`` (text ``KIND: reason``, KIND in DNS, TCP, TLS, proxy,
+WebSocket, MQTT), ``rejected`` (text: the journal line naming the likely cause), ``lost``,
+``renew`` or ``stopped``. paho is imported here, lazily, and driven with ``loop()`` from the
+caller's thread: paho starts no thread of its own. Both paho 1.x and 2.x (CallbackAPIVersion)
+are handled; callbacks take ``*args`` because the two APIs differ only after the third one.
+"""
+
+from __future__ import annotations
+
+import socket
+import ssl
+import time
+from dataclasses import dataclass
+from typing import Optional
+
+from defender_setup.errors import SetupError
+
+CONNACK_TEXT = {
+    1: "unacceptable protocol version",
+    2: "identifier rejected",
+    3: "server unavailable",
+    4: "bad user name or password",
+    5: "not authorized",
+}
+# paho 2.x reports MQTT 3.1.1 return codes converted to MQTT 5 reason codes.
+_V5_TO_V311 = {128: 3, 132: 1, 133: 2, 134: 4, 135: 5, 136: 3, 137: 3, 140: 5, 159: 3}
+# TLS alerts a server sends about the client's certificate: the hub refuses this identity.
+CERT_ALERTS = {
+    "SSLV3_ALERT_BAD_CERTIFICATE": "bad certificate",
+    "SSLV3_ALERT_UNSUPPORTED_CERTIFICATE": "unsupported certificate",
+    "SSLV3_ALERT_CERTIFICATE_REVOKED": "certificate revoked",
+    "SSLV3_ALERT_CERTIFICATE_EXPIRED": "certificate expired",
+    "SSLV3_ALERT_CERTIFICATE_UNKNOWN": "certificate unknown",
+    "TLSV1_ALERT_UNKNOWN_CA": "unknown CA",
+    "TLSV1_ALERT_ACCESS_DENIED": "access denied",
+    "TLSV13_ALERT_CERTIFICATE_REQUIRED": "certificate required",
+}
+WS_PATH = "/$iothub/websocket"
+KEEPALIVE = 60
+INFLIGHT_MAX = 20
+
+
+@dataclass(frozen=True)
+class Result:
+    kind: str
+    text: str = ""
+
+
+class _RecordingSocket(ssl.SSLSocket):
+    """Remembers the TLS error paho swallows (a TLS 1.3 server rejects a client certificate
+    only after the handshake, so its alert arrives on the first read) and bounds the
+    handshake, which paho would otherwise wait for as long as the keep-alive."""
+
+    def recv(self, buflen=1024, flags=0):
+        try:
+            return super().recv(buflen, flags)
+        except (ssl.SSLWantReadError, ssl.SSLWantWriteError):
+            raise
+        except (ssl.SSLError, OSError) as err:
+            self.context.last_error = err
+            raise
+
+    def do_handshake(self, block=False):
+        previous = self.gettimeout()
+        limit = self.context.handshake_timeout
+        if limit and (previous is None or previous > limit):
+            self.settimeout(limit)
+        try:
+            super().do_handshake(block)
+        except (ssl.SSLError, OSError) as err:
+            self.context.last_error = err
+            raise
+        finally:
+            self.settimeout(previous)
+
+
+class _Context(ssl.SSLContext):
+    sslsocket_class = _RecordingSocket
+    last_error: Optional[BaseException] = None
+    handshake_timeout: Optional[float] = None
+    tcp_connected = False
+
+    def wrap_socket(self, *args, **kwargs):
+        self.tcp_connected = True  # paho wraps right after the TCP (or proxy) connect
+        return super().wrap_socket(*args, **kwargs)
+
+
+def _no_password(*_):
+    # An encrypted key would otherwise make OpenSSL prompt on the (absent) terminal.
+    raise ValueError("the private key is encrypted; the agent needs an unencrypted key")
+
+
+def _load_paho():
+    try:
+        import paho.mqtt.client as mqtt
+    except ImportError:
+        raise SetupError("python3-paho-mqtt is not installed") from None
+    return mqtt
+
+
+_CLIENT_CLASS = None
+
+
+def _client_class(mqtt):
+    """paho's Client, remembering the raw CONNACK return code: with reconnect_on_failure off
+    paho turns code 1 into a bare protocol error without calling on_connect."""
+    global _CLIENT_CLASS
+    if _CLIENT_CLASS is None:
+        class Client(mqtt.Client):
+            raw_connack = None
+
+            def _handle_connack(self):
+                try:
+                    packet = self._in_packet["packet"]
+                    if len(packet) >= 2:
+                        self.raw_connack = packet[1]
+                except (AttributeError, KeyError, TypeError):  # another paho layout
+                    pass
+                return super()._handle_connack()
+
+        _CLIENT_CLASS = Client
+    return _CLIENT_CLASS
+
+
+def _reason(err: BaseException) -> str:
+    if isinstance(err, ssl.SSLCertVerificationError):
+        return f"certificate verify failed: {err.verify_message}"
+    if isinstance(err, ssl.SSLError):
+        return (err.reason or str(err)).replace("_", " ").lower()
+    return getattr(err, "strerror", None) or str(err) or type(err).__name__
+
+
+class Link:
+    """Connection parameters of one identity; :meth:`open` makes one attempt."""
+
+    def __init__(self, identity, settings):
+        self.identity, self.settings = identity, settings
+        self.mqtt = _load_paho()
+        self.host, self.port = identity.connect_host, settings.hub_port
+        self.proxy_args = None
+        if settings.proxy is not None:
+            try:
+                import socks
+            except ImportError:
+                raise SetupError(
+                    f"conf.json: proxy {settings.proxy.describe()} needs python3-socks "
+                    "(apt install python3-socks)") from None
+            kinds = {"http": socks.HTTP, "socks5": socks.SOCKS5, "socks4": socks.SOCKS4}
+            p = settings.proxy
+            self.proxy_args = dict(proxy_type=kinds[p.scheme], proxy_addr=p.host,
+                                   proxy_port=p.port, proxy_username=p.username,
+                                   proxy_password=p.password)
+        self.context(10.0)  # fail early, as a settings error, on a bad CA file or key
+
+    def context(self, timeout: float) -> _Context:
+        ctx = _Context(ssl.PROTOCOL_TLS_CLIENT)
+        ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+        ctx.handshake_timeout = timeout
+        ca_file = self.settings.ca_file
+        try:
+            if ca_file is not None:
+                ctx.load_verify_locations(cafile=str(ca_file))
+            else:
+                ctx.load_default_certs()
+        except (OSError, ssl.SSLError) as err:
+            raise SetupError(f"conf.json: ca_file {ca_file}: cannot load: {_reason(err)}") from None
+        if self.identity.cert_file is not None:
+            try:
+                ctx.load_cert_chain(str(self.identity.cert_file), str(self.identity.key_file),
+                                    password=_no_password)
+            except (OSError, ssl.SSLError, ValueError) as err:
+                raise SetupError(f"cannot load the client certificate and key: {_reason(err)}"
+                                 ) from None
+        return ctx
+
+    def _client(self):
+        mqtt = self.mqtt
+        transport = "websockets" if self.settings.transport == "websocket" else "tcp"
+        kwargs = dict(client_id=self.identity.client_id, clean_session=True,
+                      protocol=mqtt.MQTTv311, transport=transport)
+        cls = _client_class(mqtt)
+        version = getattr(mqtt, "CallbackAPIVersion", None)
+        if version is not None:  # paho 2.x
+            return cls(version.VERSION2, reconnect_on_failure=False, **kwargs)
+        try:
+            return cls(reconnect_on_failure=False, **kwargs)
+        except TypeError:  # paho 1.5: no reconnect_on_failure
+            return cls(**kwargs)
+
+    def open(self, token, clock, timeout: float) -> Session:
+        ctx = self.context(timeout)
+        client = self._client()
+        client.tls_set_context(ctx)
+        if self.settings.transport == "websocket":
+            client.ws_set_options(path=WS_PATH)
+        if self.proxy_args:
+            client.proxy_set(**self.proxy_args)
+        client.username_pw_set(self.identity.username, token.text if token else None)
+        session = Session(self, client, ctx, token, clock)
+        session.connect(timeout)
+        return session
+
+
+class Session:
+    """One paho client from CONNECT to close; see the module docstring."""
+
+    def __init__(self, link: Link, client, ctx: _Context, token, clock):
+        self.link, self.client, self.ctx, self.token, self.clock = link, client, ctx, token, clock
+        self.result: Optional[Result] = None
+        self.connack: Optional[int] = None
+        self.disconnected = False
+        self.inflight: dict = {}
+        client.on_connect = self._on_connect
+        client.on_publish = self._on_publish
+        client.on_disconnect = self._on_disconnect
+
+    # paho callbacks: (client, userdata, flags, rc[, properties]) / (client, userdata, mid, ...)
+    def _on_connect(self, *args):
+        rc = args[3]
+        code = int(getattr(rc, "value", rc))
+        self.connack = _V5_TO_V311.get(code, code)
+
+    def _on_publish(self, *args):
+        self.inflight.pop(args[2], None)
+
+    def _on_disconnect(self, *args):
+        self.disconnected = True
+
+    def connect(self, timeout: float) -> None:
+        where = f"{self.link.host}:{self.link.port}"
+        try:
+            self.client.connect(self.link.host, self.link.port, keepalive=KEEPALIVE)
+        except Exception as err:  # every failure becomes one classified line, never a traceback
+            self.result = self._connect_error(err, where, timeout)
+            self.close()
+            return
+        deadline = time.monotonic() + timeout
+        while self.connack is None:
+            rc = self.client.loop(0.2)
+            if self.connack is not None:
+                break
+            if rc != 0 or self.disconnected:
+                self.result = self._closed_before_connack(where)
+                break
+            if time.monotonic() > deadline:
+                self.result = Result("unreachable",
+                                     f"MQTT: no answer to CONNECT from {where} within {timeout:g} s")
+                break
+        if self.connack is None and getattr(self.client, "raw_connack", None):
+            self.result = None
+            self.connack = self.client.raw_connack
+        if self.result is None and self.connack != 0:
+            self.result = self._refused(self.connack)
+        if self.result is not None:
+            self.close()
+
+    def _connect_error(self, err, where, timeout) -> Result:
+        host = self.link.host
+        if type(err).__module__.startswith("socks"):
+            return Result("unreachable", f"proxy: {_reason(err)}")
+        if isinstance(err, socket.gaierror):
+            return Result("unreachable", f"DNS: cannot resolve {host}: {err.strerror}")
+        if isinstance(err, ssl.SSLCertVerificationError):
+            return Result("unreachable", f"TLS: {host} is not trusted: {err.verify_message}")
+        if isinstance(err, ssl.CertificateError):
+            return Result("unreachable", f"TLS: {host}: {err}")
+        if isinstance(err, ssl.SSLError):
+            return self._tls_failure(err, where)
+        if type(err).__name__ == "WebsocketConnectionError":
+            return Result("unreachable", f"WebSocket: {where}{WS_PATH}: {err}")
+        if isinstance(err, (socket.timeout, TimeoutError)):
+            if self.ctx.tcp_connected:
+                return Result("unreachable",
+                              f"TLS: no answer to the TLS handshake from {where} within {timeout:g} s")
+            return Result("unreachable", f"TCP: timed out connecting to {where}")
+        if isinstance(err, ConnectionRefusedError):
+            return Result("unreachable", f"TCP: connection refused by {where}")
+        if isinstance(err, OSError) and self.ctx.tcp_connected:
+            return Result("unreachable",
+                          f"TLS: {where} closed the connection during the TLS handshake "
+                          f"({_reason(err)})")
+        if isinstance(err, OSError):
+            return Result("unreachable", f"TCP: {where}: {_reason(err)}")
+        return Result("unreachable", f"TCP: {where}: {type(err).__name__}")
+
+    def _tls_failure(self, err: ssl.SSLError, where: str) -> Result:
+        alert = CERT_ALERTS.get(err.reason or "")
+        ident = self.link.identity
+        if alert and ident.cert_file is not None:
+            thumb = f" (SHA-1 thumbprint {ident.thumbprint})" if ident.thumbprint else ""
+            return Result("rejected",
+                          f"hub rejected the client certificate of {ident.name} during TLS "
+                          f"({alert}): the certificate{thumb} or its CA is not registered with "
+                          f"the hub, or it is not valid at the local time {_iso(self.clock())}")
+        if isinstance(err, ssl.SSLEOFError) or err.reason in (None, "UNEXPECTED_EOF_WHILE_READING"):
+            return Result("unreachable",
+                          f"TLS: {where} closed the connection during the TLS handshake")
+        return Result("unreachable", f"TLS: {where}: {_reason(err)}")
+
+    def _closed_before_connack(self, where: str) -> Result:
+        err = self.ctx.last_error
+        if isinstance(err, ssl.SSLError):
+            return self._tls_failure(err, where)
+        return Result("unreachable", f"MQTT: {where} closed the connection before answering CONNECT")
+
+    def _refused(self, code: int) -> Result:
+        ident = self.link.identity
+        text = CONNACK_TEXT.get(code, "unknown return code")
+        head = f"hub rejected {ident.name}: {text} (CONNACK {code})"
+        now = self.clock()
+        if code == 3:
+            return Result("unreachable", f"MQTT: hub unavailable ({text}, CONNACK 3)")
+        if code == 2:
+            return Result("rejected", f"{head}: check DeviceId '{ident.device_id}' and ModuleId "
+                                      f"'{ident.module_id}' (IDs are case-sensitive)")
+        if code == 1:
+            return Result("rejected", f"{head}: {self.link.host} does not speak MQTT 3.1.1 "
+                                      "as IoT Hub does; check HostName/GatewayHostName")
+        if code not in (4, 5):
+            return Result("rejected", head)
+        from defender_setup.agent import sas
+
+        clock_hint = sas.clock_looks_wrong(now)
+        if clock_hint:
+            return Result("rejected", f"{head}: most likely clock skew: {clock_hint}")
+        ids = f"DeviceId '{ident.device_id}', ModuleId '{ident.module_id}' (IDs are case-sensitive)"
+        if self.token is not None:
+            return Result("rejected",
+                          f"{head}: likely a wrong SharedAccessKey, no module identity {ids}, "
+                          f"or clock skew (token valid until {_iso(self.token.expiry)}, "
+                          f"local time {_iso(now)})")
+        thumb = f" {ident.thumbprint}" if ident.thumbprint else ""
+        return Result("rejected",
+                      f"{head}: likely the certificate thumbprint{thumb} is not registered for "
+                      f"{ids}, or the certificate is not valid at the local time {_iso(now)}")
+
+    # -- connected -------------------------------------------------------------------------
+    def publish_from(self, queue, topic: str) -> None:
+        while queue and len(self.inflight) < INFLIGHT_MAX:
+            payload = queue.popleft()
+            info = self.client.publish(topic, payload, qos=1)
+            if info.rc != 0:
+                queue.appendleft(payload)
+                return
+            self.inflight[info.mid] = payload
+
+    def pump(self, seconds: float) -> Optional[Result]:
+        rc = self.client.loop(seconds)
+        if rc == 0 and not self.disconnected:
+            return None
+        err = self.ctx.last_error
+        why = _reason(err) if err is not None else self.link.mqtt.error_string(rc).rstrip(".")
+        return Result("lost", f"MQTT: connection to {self.link.host}:{self.link.port} lost: "
+                              f"{why.lower()}")
+
+    def close(self, drain: float = 0.0) -> None:
+        client = self.client
+        if client is None:
+            return
+        deadline = time.monotonic() + drain
+        while self.inflight and not self.disconnected and time.monotonic() < deadline:
+            if client.loop(0.1) != 0:
+                break
+        if not self.disconnected and client.socket() is not None:
+            client.disconnect()
+            for _ in range(10):  # DISCONNECT is written by the loop, which then closes
+                if client.socket() is None or client.loop(0.05) != 0:
+                    break
+        sock = client.socket()
+        if sock is not None:
+            sock.close()
+        # Break the client <-> callback cycle so the sockets are freed at once.
+        client.on_connect = client.on_publish = client.on_disconnect = None
+        self.client = None
+
+    def requeue(self, queue) -> None:
+        """Put unacknowledged messages back at the front, in their order, to be re-sent."""
+        for mid in sorted(self.inflight, reverse=True):
+            queue.appendleft(self.inflight[mid])
+        self.inflight.clear()
+
+
+def _iso(stamp: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(stamp))

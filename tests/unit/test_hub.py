@@ -1,0 +1,300 @@
+"""defender_setup.agent.hub against real brokers on loopback (tests/hubsim): the SAS path.
+
+No mock of paho, of TLS or of the network: a Python MQTT broker that verifies the token's
+signature, resource and expiry against the device key, reached over real TLS sockets. The
+runtime side of the seam (``notify``) is a recorder, since the runtime is not under test here.
+"""
+
+import base64
+import json
+import threading
+import time
+from types import SimpleNamespace
+
+import pytest
+
+from defender_setup.agent import hub, settings
+from tests.hubsim.broker import Broker
+from tests.hubsim.pki import Pki
+from tests.hubsim.sasauth import SasAuth
+
+KEY = base64.b64encode(b"k" * 32).decode()
+WRONG_KEY = base64.b64encode(b"w" * 32).decode()
+DEVICE, MODULE = "dev-1", "DefenderIotMicroAgent"
+
+
+class Notify:
+    """Records what the connector reports through the runtime's Notifier interface."""
+
+    def __init__(self):
+        self.statuses, self.lines, self.failed = [], [], None
+        self.cond = threading.Condition()
+
+    def status(self, text):
+        with self.cond:
+            self.statuses.append(text)
+            self.cond.notify_all()
+
+    def log(self, line, level=6):
+        with self.cond:
+            self.lines.append((level, line))
+            self.cond.notify_all()
+
+    def fail(self, code, line):
+        with self.cond:
+            self.failed = (code, line)
+            self.cond.notify_all()
+
+    def wait(self, predicate, timeout=15.0):
+        deadline = time.monotonic() + timeout
+        with self.cond:
+            while not predicate():
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                self.cond.wait(left)
+        return True
+
+    def everything(self):
+        return "\n".join(self.statuses + [line for _, line in self.lines]
+                         + ([self.failed[1]] if self.failed else []))
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory):
+    return Pki(tmp_path_factory.mktemp("pki"))
+
+
+def identity(key=KEY, host="localhost", gateway=None, module=MODULE):
+    return hub.Identity(host, DEVICE, module, gateway, key)
+
+
+def conf(pki, **kw):
+    return settings.Settings(ca_file=pki.ca_file, **kw)
+
+
+def sas_hub(pki, hub_name="localhost", clock=time.time, **kw):
+    auth = SasAuth(hub_name, {(DEVICE, MODULE): KEY}, clock=clock)
+    broker = Broker(auth=auth, tls=(pki.server_cert, pki.server_key), **kw)
+    broker.start()
+    return broker, auth
+
+
+@pytest.fixture
+def run():
+    """Start connectors and always stop them (and their brokers) at the end."""
+    started = []
+
+    def start(ident, conf, broker=None, **kw):
+        kw.setdefault("ready_timeout", 5.0)
+        kw.setdefault("backoff", (0.1, 0.5))
+        connector = hub.HubConnector(settings=conf, **kw)
+        notify = Notify()
+        started.append((connector, broker))
+        connector.start(ident, notify)
+        return connector, notify
+
+    yield start
+    for connector, broker in started:
+        connector.stop()
+        if broker is not None:
+            broker.stop()
+
+
+def test_accepted_sas_connects_reports_and_sends_heartbeat(pki, run):
+    broker, auth = sas_hub(pki)
+    c, n = run(identity(), conf(pki, port=broker.port), broker)
+    # start() returned: the first attempt has an outcome
+    assert n.statuses[-1] == f"connected to localhost as {DEVICE}/{MODULE}"
+    assert c.state == "connected"
+    conn = broker.accepted()[0]
+    assert conn.client_id == f"{DEVICE}/{MODULE}"
+    assert conn.username == f"localhost/{DEVICE}/{MODULE}/?api-version=2021-04-12"
+    assert conn.sni == "localhost"
+    assert broker.wait_for(lambda: broker.messages)
+    client_id, topic, payload = broker.messages[0]
+    assert topic.startswith(f"devices/{DEVICE}/modules/{MODULE}/messages/events/")
+    beat = json.loads(payload)
+    assert beat["type"] == "heartbeat" and beat["agentVersion"] and "osRelease" in beat
+    assert KEY not in n.everything()
+
+
+def test_wrong_key_is_a_rejection_with_cause_and_exit_code(pki, run):
+    broker, auth = sas_hub(pki)
+    c, n = run(identity(key=WRONG_KEY), conf(pki, port=broker.port), broker)
+    assert n.failed is not None
+    code, line = n.failed
+    assert code == hub.EX_REJECTED == 76
+    assert "not authorized (CONNACK 5)" in line
+    assert "wrong SharedAccessKey" in line and "case-sensitive" in line
+    assert auth.last_reason == "signature mismatch"
+    assert WRONG_KEY not in n.everything() and "\n" not in line
+    assert c.state == "rejected"
+
+
+def test_wrong_module_case_is_rejected_naming_ids(pki, run):
+    broker, auth = sas_hub(pki)
+    c, n = run(identity(module=MODULE.lower()), conf(pki, port=broker.port), broker)
+    assert n.failed[0] == 76
+    assert f"ModuleId '{MODULE.lower()}'" in n.failed[1]
+
+
+def test_skewed_clock_token_expired_is_rejected_with_clock_in_line(pki, run):
+    broker, auth = sas_hub(pki)
+    two_hours_ago = lambda: time.time() - 7200  # noqa: E731
+    c, n = run(identity(), conf(pki, port=broker.port), broker, clock=two_hours_ago)
+    assert n.failed[0] == 76
+    assert "clock skew" in n.failed[1] and "local time" in n.failed[1]
+    assert auth.last_reason.startswith("token expired")
+
+
+def test_impossible_clock_is_named_as_most_likely_cause(pki, run):
+    broker, auth = sas_hub(pki)
+    c, n = run(identity(), conf(pki, port=broker.port), broker, clock=lambda: 86400.0)
+    assert n.failed[0] == 76
+    assert "most likely clock skew" in n.failed[1] and "1970-01-02" in n.failed[1]
+
+
+def test_token_renewed_during_long_connection_without_losing_messages(pki, run):
+    # The hub drops a connection when its token expires (expire=True), as IoT Hub does.
+    broker, auth = sas_hub(pki, expire=True)
+    c, n = run(identity(), conf(pki, port=broker.port), broker, sas_lifetime=5,
+               heartbeat_interval=0)
+    sent = []
+    stop_at = time.monotonic() + 12
+    i = 0
+    while time.monotonic() < stop_at:
+        payload = f"m{i}".encode()
+        c.send(payload)
+        sent.append(payload)
+        i += 1
+        time.sleep(0.05)
+    assert broker.wait_for(lambda: {p for _, _, p in broker.messages} >= set(sent), 10)
+    tokens = {conn.password for conn in broker.accepted()}
+    assert len(broker.accepted()) >= 3 and len(tokens) == len(broker.accepted())
+    assert not any(s.startswith("retrying") for s in n.statuses), n.statuses
+    assert n.failed is None
+
+
+def test_broker_down_then_up_retries_then_connects(pki, run):
+    from tests.hubsim.mosquitto import free_port
+
+    port = free_port()
+    c, n = run(identity(), conf(pki, port=port))
+    assert n.statuses[-1] == f"retrying: hub unreachable (TCP: connection refused by localhost:{port})"
+    assert c.state == "retrying" and n.failed is None
+    broker, auth = sas_hub(pki)
+    broker.stop()  # only to get a fresh object on the known port below
+    broker = Broker(auth=auth, tls=(pki.server_cert, pki.server_key))
+    broker.start(port)
+    try:
+        assert n.wait(lambda: n.statuses[-1].startswith("connected to"))
+    finally:
+        c.stop()
+        broker.stop()
+    warnings = [line for level, line in n.lines if level == 4]
+    assert len(warnings) == 1  # one line per distinct reason, not one per attempt
+
+
+def test_gateway_host_name_tls_to_gateway_identity_on_hub(pki, run):
+    hub_name = "testhub.azure-devices.net"
+    broker, auth = sas_hub(pki, hub_name=hub_name)
+    ident = identity(host=hub_name, gateway="localhost")
+    c, n = run(ident, conf(pki, port=broker.port), broker)
+    assert c.state == "connected", n.everything()
+    conn = broker.accepted()[0]
+    assert conn.sni == "localhost"  # TLS (SNI, certificate check) went to the gateway
+    assert conn.username.startswith(f"{hub_name}/{DEVICE}/{MODULE}/")
+    assert n.statuses[-1] == f"connected to {hub_name} as {DEVICE}/{MODULE}"
+
+
+def test_websocket_transport(pki, run):
+    broker, auth = sas_hub(pki, websocket=True)
+    c, n = run(identity(), conf(pki, transport="websocket", port=broker.port), broker)
+    assert c.state == "connected", n.everything()
+    assert broker.accepted()[0].transport == "websocket"
+    assert broker.wait_for(lambda: broker.messages)
+
+
+def test_websocket_settings_default_to_port_443():
+    assert settings.Settings(transport="websocket").hub_port == 443
+    assert settings.Settings().hub_port == 8883
+
+
+def test_untrusted_hub_certificate_is_unreachable_tls_not_rejection(pki, run, tmp_path):
+    broker, auth = sas_hub(pki)
+    other = Pki(tmp_path / "other", seed=1)  # a CA that did not sign the hub's certificate
+    c, n = run(identity(), settings.Settings(ca_file=other.ca_file, port=broker.port), broker)
+    assert n.failed is None
+    assert n.statuses[-1].startswith("retrying: hub unreachable (TLS: localhost is not trusted: ")
+
+
+def test_dns_failure_is_named(pki, run):
+    c, n = run(identity(host="no-such-host.invalid"), conf(pki, port=8883))
+    assert n.statuses[-1].startswith(
+        "retrying: hub unreachable (DNS: cannot resolve no-such-host.invalid")
+
+
+def test_hub_closing_the_tls_handshake(pki, run):
+    broker = Broker(mode="drop-tls")
+    broker.start()
+    c, n = run(identity(), conf(pki, port=broker.port), broker)
+    assert n.failed is None
+    assert n.statuses[-1] == ("retrying: hub unreachable (TLS: localhost:%d closed the "
+                              "connection during the TLS handshake)" % broker.port)
+
+
+def test_broker_that_never_answers_connect(pki, run):
+    broker, auth = sas_hub(pki, mode="silent")
+    c, n = run(identity(), conf(pki, port=broker.port), broker, ready_timeout=1.0)
+    assert n.wait(lambda: any("no answer to CONNECT" in s for s in n.statuses), 5)
+    assert n.failed is None and c.state in ("connecting", "retrying")
+
+
+@pytest.mark.parametrize("code,rejected,words", [
+    (1, True, "unacceptable protocol version (CONNACK 1)"),
+    (2, True, "identifier rejected (CONNACK 2)"),
+    (3, False, "hub unavailable (server unavailable, CONNACK 3)"),
+    (4, True, "bad user name or password (CONNACK 4)"),
+    (5, True, "not authorized (CONNACK 5)"),
+    (6, True, "unknown return code (CONNACK 6)"),
+])
+def test_every_connack_failure_code(pki, run, code, rejected, words):
+    broker, auth = sas_hub(pki, connack=code)
+    c, n = run(identity(), conf(pki, port=broker.port), broker)
+    if rejected:
+        assert n.failed is not None and n.failed[0] == 76 and words in n.failed[1]
+    else:
+        assert n.failed is None and words in n.statuses[-1]
+        assert n.statuses[-1].startswith("retrying: hub unreachable (MQTT: ")
+
+
+def test_backoff_is_capped_exponential_with_jitter():
+    b = hub.Backoff(1.0, 8.0, rng=lambda: 1.0)
+    assert [b.next() for _ in range(6)] == [1.0, 2.0, 4.0, 8.0, 8.0, 8.0]
+    low = hub.Backoff(1.0, 8.0, rng=lambda: 0.0)
+    assert [low.next() for _ in range(3)] == [0.5, 1.0, 2.0]
+    b.reset()
+    assert b.next() == 1.0
+
+
+def test_identity_from_validated_credentials(tmp_path):
+    cs = SimpleNamespace(host_name="h.example", device_id="d", module_id="M",
+                         gateway_host_name="gw", shared_access_key=KEY)
+    creds = SimpleNamespace(method="connection-string", connection_string=cs, certificate=None)
+    ident = hub.Identity.from_credentials(creds, tmp_path)
+    assert (ident.client_id, ident.connect_host, ident.key) == ("d/M", "gw", KEY)
+    assert KEY not in repr(ident)
+    assert ident.topic == "devices/d/modules/M/messages/events/"
+    x509 = SimpleNamespace(method="certificate", connection_string=cs,
+                           certificate=SimpleNamespace(sha1_thumbprint="AB"))
+    ident = hub.Identity.from_credentials(x509, tmp_path)
+    assert ident.key is None and ident.cert_file.name == "certificate_public.pem"
+    assert ident.thumbprint == "AB"
+
+
+def test_os_release(tmp_path):
+    (tmp_path / "etc").mkdir()
+    (tmp_path / "etc/os-release").write_text('ID=debian\nPRETTY_NAME="Debian GNU/Linux 12"\n')
+    assert hub.os_release(tmp_path) == "Debian GNU/Linux 12"
+    assert hub.os_release(tmp_path / "nothing") == "unknown"
