@@ -1,5 +1,6 @@
 """defender_setup.agentdir: private, atomic set writes, generations, refusal of unsafe targets."""
 
+import json
 import os
 import stat
 
@@ -135,7 +136,7 @@ def test_repair_rolls_a_committed_write_forward(root, sas_inputs, cert_inputs):
     for name, (data, file_mode) in new.items():
         (staging / name).write_bytes(data)
         os.chmod(staging / name, file_mode)
-    (agent.state / "txn").write_text('{"files": ["%s", "%s", "%s"]}' % (CS, CERT, KEY))
+    (agent.state / "txn").write_text(json.dumps({"files": [CS, CERT, KEY]}))
     assert agent.pending()
     assert agent.repair() is True
     assert agent.current() == {name: data for name, (data, _) in new.items()}

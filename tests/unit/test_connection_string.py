@@ -10,7 +10,7 @@ from defender_setup import connection_string as cs
 from defender_setup.errors import ValidationError
 
 KEY = base64.b64encode(bytes(range(100, 132))).decode()  # 32 bytes, 44 characters, padded
-BASE = f"HostName=hub1.azure-devices.net;DeviceId=dev1;ModuleId=DefenderIotMicroAgent"
+BASE = "HostName=hub1.azure-devices.net;DeviceId=dev1;ModuleId=DefenderIotMicroAgent"
 GOOD = f"{BASE};SharedAccessKey={KEY}"
 
 
