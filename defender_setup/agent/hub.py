@@ -52,6 +52,7 @@ from defender_setup.agent import settings as settings_mod
 from defender_setup.errors import EX_CONFIG, SetupError
 
 EX_REJECTED = 76  # the hub refused this identity; the unit lists it in RestartPreventExitStatus
+EX_SOFTWARE = 70  # a bug (as the runtime's __main__)
 API_VERSION = "2021-04-12"
 WS_PATH = "/$iothub/websocket"
 KEEPALIVE = 60
@@ -195,6 +196,19 @@ class HubConnector:
         self._notify.status(text)
 
     def _run(self) -> None:
+        try:
+            self._retry_loop()
+        except Exception as err:  # a bug: one line with its location, never a traceback
+            import traceback
+
+            where = traceback.extract_tb(err.__traceback__)[-1]
+            self.state = "rejected"
+            self._outcome.set()
+            self._notify.fail(EX_SOFTWARE, f"internal error in the hub connection: "
+                                           f"{type(err).__name__} at "
+                                           f"{Path(where.filename).name}:{where.lineno}")
+
+    def _retry_loop(self) -> None:
         last_reason = None
         while not self._stop.is_set():
             result = self._session()

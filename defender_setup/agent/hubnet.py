@@ -225,6 +225,16 @@ class Session:
         client.on_publish = self._on_publish
         client.on_disconnect = self._on_disconnect
 
+    def _loop(self, seconds: float) -> int:
+        """paho's loop(); paho lets a TLS error (e.g. an alert) escape from it: keep it."""
+        try:
+            return self.client.loop(seconds)
+        except (OSError, ValueError) as err:  # ssl.SSLError is an OSError
+            if self.ctx.last_error is None:
+                self.ctx.last_error = err
+            self.disconnected = True
+            return self.link.mqtt.MQTT_ERR_CONN_LOST
+
     # paho callbacks: (client, userdata, flags, rc[, properties]) / (client, userdata, mid, ...)
     def _on_connect(self, *args):
         rc = args[3]
@@ -247,7 +257,7 @@ class Session:
             return
         deadline = time.monotonic() + timeout
         while self.connack is None:
-            rc = self.client.loop(0.2)
+            rc = self._loop(0.2)
             if self.connack is not None:
                 break
             if rc != 0 or self.disconnected:
@@ -349,14 +359,18 @@ class Session:
     def publish_from(self, queue, topic: str) -> None:
         while queue and len(self.inflight) < INFLIGHT_MAX:
             payload = queue.popleft()
-            info = self.client.publish(topic, payload, qos=1)
+            try:
+                info = self.client.publish(topic, payload, qos=1)
+            except OSError:  # the next pump() reports the lost connection
+                queue.appendleft(payload)
+                return
             if info.rc != 0:
                 queue.appendleft(payload)
                 return
             self.inflight[info.mid] = payload
 
     def pump(self, seconds: float) -> Optional[Result]:
-        rc = self.client.loop(seconds)
+        rc = self._loop(seconds)
         if rc == 0 and not self.disconnected:
             return None
         err = self.ctx.last_error
@@ -370,12 +384,15 @@ class Session:
             return
         deadline = time.monotonic() + drain
         while self.inflight and not self.disconnected and time.monotonic() < deadline:
-            if client.loop(0.1) != 0:
+            if self._loop(0.1) != 0:
                 break
         if not self.disconnected and client.socket() is not None:
-            client.disconnect()
+            try:
+                client.disconnect()
+            except OSError:
+                self.disconnected = True
             for _ in range(10):  # DISCONNECT is written by the loop, which then closes
-                if client.socket() is None or client.loop(0.05) != 0:
+                if client.socket() is None or self._loop(0.05) != 0:
                     break
         sock = client.socket()
         if sock is not None:

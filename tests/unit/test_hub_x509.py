@@ -1,0 +1,81 @@
+"""defender_setup.agent.hub, X.509 path, against Debian's mosquitto on loopback with TLS and a
+test CA that requires and verifies client certificates (tests/hubsim/mosquitto.py)."""
+
+import shutil
+
+import pytest
+
+from defender_setup.agent import hub, settings
+from tests.hubsim.mosquitto import MOSQUITTO, Mosquitto
+from tests.hubsim.pki import Pki
+from tests.unit.test_hub import DEVICE, MODULE, Notify
+
+pytestmark = [
+    pytest.mark.allow_subprocess,
+    pytest.mark.skipif(not shutil.which(MOSQUITTO), reason="mosquitto is not installed"),
+]
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory):
+    return Pki(tmp_path_factory.mktemp("pki-x509"))
+
+
+@pytest.fixture
+def broker(pki, tmp_path):
+    with Mosquitto(pki, tmp_path) as running:
+        yield running
+
+
+def connect(pki, broker, cert, key, **kw):
+    ident = hub.Identity("localhost", DEVICE, MODULE, None, None, cert, key, "0A1B2C")
+    connector = hub.HubConnector(settings=settings.Settings(ca_file=pki.ca_file,
+                                                            port=broker.port),
+                                 ready_timeout=5.0, backoff=(0.1, 0.5), **kw)
+    notify = Notify()
+    connector.start(ident, notify)
+    return connector, notify
+
+
+def test_accepted_certificate(pki, broker):
+    cert, key = pki.client(f"{DEVICE}/{MODULE}")
+    c, n = connect(pki, broker, cert, key)
+    try:
+        assert n.failed is None, n.failed
+        assert n.statuses[-1] == f"connected to localhost as {DEVICE}/{MODULE}"
+        assert broker.log_text().count(f"as {DEVICE}/{MODULE}") >= 1
+    finally:
+        c.stop()
+
+
+def test_unknown_certificate_is_a_rejection_naming_the_thumbprint(pki, broker):
+    cert, key = pki.stranger(f"{DEVICE}/{MODULE}")
+    c, n = connect(pki, broker, cert, key)
+    c.stop()
+    assert n.failed is not None, n.everything()
+    code, line = n.failed
+    assert code == hub.EX_REJECTED
+    assert line.startswith(f"hub rejected the client certificate of localhost as {DEVICE}/{MODULE}")
+    assert "0A1B2C" in line and "not registered" in line
+    assert "-----BEGIN" not in n.everything()
+
+
+def test_unreadable_client_key_is_a_config_failure(pki, broker, tmp_path):
+    cert, _ = pki.client(f"{DEVICE}/{MODULE}")
+    missing = tmp_path / "missing.key"
+    c, n = connect(pki, broker, cert, missing)
+    assert n.failed is not None
+    assert n.failed[0] == 78
+    assert n.failed[1].startswith("not starting: cannot load the client certificate and key")
+
+
+def test_encrypted_key_never_prompts(pki, broker, tmp_path):
+    from tests import certfactory
+
+    ident = certfactory.make_identity("x", key=certfactory.private_key("p256", 3),
+                                      issuer=pki.ca)
+    cert, key = tmp_path / "c.pem", tmp_path / "k.pem"
+    cert.write_bytes(ident.cert_pem)
+    key.write_bytes(certfactory.encrypted_pem(ident.key))
+    c, n = connect(pki, broker, cert, key)
+    assert n.failed[0] == 78 and "cannot load the client certificate" in n.failed[1]

@@ -1,0 +1,114 @@
+"""defender_setup.agent.settings: conf.json defaults, validation, one-line errors."""
+
+import json
+import os
+
+import pytest
+
+from defender_setup.agent import settings
+from defender_setup.agent.settings import SettingsError, load, parse
+from defender_setup.errors import EX_CONFIG
+
+PEM = b"-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n"
+
+
+def write_conf(root, obj):
+    path = root / settings.CONF_PATH
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(obj if isinstance(obj, str) else json.dumps(obj))
+    return path
+
+
+def test_no_file_means_defaults(tmp_path):
+    s = load(tmp_path)
+    assert s == settings.Settings()
+    assert (s.transport, s.hub_port, s.proxy, s.ca_file) == ("mqtt", 8883, None, None)
+    assert (s.heartbeat_interval, s.sas_lifetime) == (300, 3600)
+
+
+def test_empty_file_means_defaults(tmp_path):
+    write_conf(tmp_path, "  \n")
+    assert load(tmp_path) == settings.Settings()
+
+
+def test_full_file(tmp_path):
+    ca = tmp_path / "etc/ssl/hub-ca.pem"
+    ca.parent.mkdir(parents=True)
+    ca.write_bytes(PEM)
+    write_conf(tmp_path, {"transport": "websocket", "proxy": "http://user:p%40ss@proxy:8080",
+                          "ca_file": "/etc/ssl/hub-ca.pem", "heartbeat_interval": 0,
+                          "sas_lifetime": 600})
+    s = load(tmp_path)
+    assert s.transport == "websocket" and s.hub_port == 443
+    assert s.proxy.describe() == "http://proxy:8080"
+    assert (s.proxy.username, s.proxy.password) == ("user", "p@ss")
+    assert "p@ss" not in repr(s) and "user" not in repr(s.proxy)
+    assert s.ca_file == ca
+    assert (s.heartbeat_interval, s.sas_lifetime) == (0, 600)
+
+
+@pytest.mark.parametrize("text,expected", [
+    ("{", "invalid JSON at line 1 column 2"),
+    ("[]", "expected a JSON object {...}, got a list"),
+    ('{"transprot": "mqtt"}', "unknown setting 'transprot' (known: "),
+    ('{"transport": "tcp"}', 'transport: must be "mqtt" or "websocket", got "tcp"'),
+    ('{"transport": 1}', 'transport: must be "mqtt" or "websocket", got a number'),
+    ('{"heartbeat_interval": "60"}', "heartbeat_interval: must be a whole number of seconds"),
+    ('{"heartbeat_interval": 1}', "heartbeat_interval: must be between 5 and 86400 (or 0"),
+    ('{"sas_lifetime": true}', "sas_lifetime: must be a whole number of seconds, got true/false"),
+    ('{"sas_lifetime": 0}', "sas_lifetime: must be between 5 and 604800, got 0"),
+    ('{"port": 70000}', "port: must be between 1 and 65535"),
+    ('{"proxy": 3128}', 'proxy: must be a URL such as "http://proxy:3128", got a number'),
+    ('{"proxy": "ftp://u:secretpw@x:1"}', "proxy: must look like http://host:port"),
+    ('{"proxy": "http://u:secretpw@x:99999"}', "proxy: must look like http://host:port"),
+    ('{"ca_file": "relative.pem"}', 'ca_file: must be an absolute path, got "relative.pem"'),
+    ('{"ca_file": "/nonexistent/ca.pem"}', "ca_file: cannot read /nonexistent/ca.pem: "
+                                           "No such file or directory"),
+])
+def test_bad_input_one_clear_line(tmp_path, text, expected):
+    path = write_conf(tmp_path, text)
+    with pytest.raises(SettingsError) as err:
+        load(tmp_path)
+    message = str(err.value)
+    assert message.startswith(f"{path}: ")
+    assert expected in message
+    assert "\n" not in message and "secretpw" not in message
+    assert err.value.exit_code == EX_CONFIG
+
+
+def test_ca_file_without_certificate(tmp_path):
+    (tmp_path / "ca.pem").write_text("hello")
+    with pytest.raises(SettingsError, match="holds no PEM certificate"):
+        parse('{"ca_file": "/ca.pem"}', root=tmp_path)
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root reads any file")
+def test_unreadable_ca_file(tmp_path):
+    ca = tmp_path / "ca.pem"
+    ca.write_bytes(PEM)
+    ca.chmod(0)
+    with pytest.raises(SettingsError, match="cannot read /ca.pem: Permission denied"):
+        parse('{"ca_file": "/ca.pem"}', root=tmp_path)
+
+
+def test_ca_file_that_is_a_directory(tmp_path):
+    (tmp_path / "ca.pem").mkdir()
+    with pytest.raises(SettingsError, match="ca_file: cannot read /ca.pem: Is a directory"):
+        parse('{"ca_file": "/ca.pem"}', root=tmp_path)
+
+
+def test_unreadable_conf_is_a_settings_error(tmp_path):
+    path = tmp_path / settings.CONF_PATH
+    path.mkdir(parents=True)
+    with pytest.raises(SettingsError, match="cannot read: Is a directory"):
+        load(tmp_path)
+
+
+def test_not_utf8(tmp_path):
+    with pytest.raises(SettingsError, match="not UTF-8"):
+        parse(b"\xff\xfe{}")
+
+
+def test_socks_default_port():
+    s = parse('{"proxy": "socks5://proxy"}')
+    assert s.proxy.describe() == "socks5://proxy:1080"
