@@ -176,7 +176,7 @@ def _classify(data, field: str) -> list[_Block]:
     if data.startswith(b"\xef\xbb\xbf"):
         data = data[3:]
     if not data.strip():
-        raise ValidationError(field, "the file is empty")
+        raise ValidationError(field, f"the file is empty; give the file that holds the PEM {field}")
     if b"-----BEGIN " not in data:
         raise ValidationError(field, _not_pem(data, field))
     # latin-1 maps every byte, so odd bytes end up as invalid base64 instead of a decode error.
@@ -230,6 +230,9 @@ def _b64(body: list[str], field: str, n: int, label: str) -> bytes:
 
 
 def _not_pem(data: bytes, field: str) -> str:
+    if data[:2] in (b"\xff\xfe", b"\xfe\xff"):  # Windows editors' "Unicode"
+        return ("the file is UTF-16 text; save it as ASCII or UTF-8, e.g. with: "
+                "iconv -f UTF-16 -t UTF-8 FILE > FILE.pem")
     kind = _der_kind(data)
     if kind == "pkcs12":
         return ("the file is a PKCS#12 bundle (.pfx/.p12), not PEM; extract PEM files with: "

@@ -296,6 +296,10 @@ def test_pkcs12_bundle(dev):
     assert "openssl pkcs12" in fails(KEY, dev.cert_pem, blob)
 
 
+def test_utf16_file(dev):
+    assert "UTF-16" in fails(CERT, dev.cert_pem.decode().encode("utf-16"), dev.key_pem)
+
+
 def test_binary_garbage_and_plain_text():
     assert "binary" in fails(CERT, bytes(range(256)) * 4)
     assert "no PEM block" in fails(CERT, b"ssh-rsa AAAAB3NzaC1yc2E user@host\n")
