@@ -244,8 +244,8 @@ def apply(db, root: Path, out) -> int:
         inputs = resolve(answers, current)
         if inputs is None:
             state = _current_method(current)
-            print(f"defender-setup: credentials unchanged ({state or 'not configured'})",
-                  file=out)
+            if state:  # unconfigured: the postinst says how to configure
+                print(f"defender-setup: credentials unchanged ({state})", file=out)
             return EX_OK
         validated = _validate(inputs)
         for line in validated.summary_lines():

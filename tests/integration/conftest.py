@@ -1,0 +1,138 @@
+"""Fixtures for tests with real parts: the built .deb, mmdebstrap images, booted systemd.
+
+    deb        (session) Path of the .deb under test (tools/build-deb once, or
+               $DEFENDER_SETUP_DEB)
+    deb_dir    (session) a host directory holding only that .deb (bound at /srv/deb)
+    base       (session) the cached base rootfs (harness.base_image())
+    booted     a started Container of ``base`` (volatile overlay) with the .deb at /srv/deb,
+               not yet installed: ``booted.install_deb(preseed=[...])``
+    boot       a factory: ``boot(rootfs, volatile=True)`` -> started Container, stopped at
+               the end of the test (for images from harness.build_image)
+    identity   factory: ``identity(cn="dev1", days=365, key="rsa2048")`` -> (cert_pem, key_pem)
+    preseed    helpers building debconf-set-selections lines (see ``Preseed``)
+
+Integration tests need root, systemd-nspawn and mmdebstrap; without them they are skipped.
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import harness  # noqa: E402
+
+UNIT = "defender-iot-micro-agent.service"
+AGENT_DIR = "/var/defender_iot_micro_agent"
+
+
+def pytest_collection_modifyitems(config, items):
+    missing = [tool for tool in ("systemd-nspawn", "mmdebstrap", "nsenter")
+               if shutil.which(tool) is None]
+    reason = None
+    if os.geteuid() != 0:
+        reason = "integration tests need root"
+    elif missing:
+        reason = f"integration tests need {', '.join(missing)} (tools/install-deps)"
+    for item in items:
+        item.add_marker(pytest.mark.integration)
+        if reason:
+            item.add_marker(pytest.mark.skip(reason=reason))
+
+
+@pytest.fixture(scope="session")
+def deb() -> Path:
+    return harness.build_deb()
+
+
+@pytest.fixture(scope="session")
+def deb_dir(deb, tmp_path_factory) -> Path:
+    directory = tmp_path_factory.mktemp("deb")
+    shutil.copy2(deb, directory / deb.name)
+    return directory
+
+
+@pytest.fixture(scope="session")
+def base() -> Path:
+    return harness.base_image()
+
+
+@pytest.fixture
+def boot(deb_dir):
+    started = []
+
+    def start(rootfs: Path, volatile: bool = True, **kw) -> harness.Container:
+        binds = {str(deb_dir): harness.GUEST_DEB_DIR, **kw.pop("binds", {})}
+        container = harness.Container(rootfs, volatile=volatile, binds=binds, **kw)
+        started.append(container)
+        return container.start()
+
+    yield start
+    for container in started:
+        container.stop()
+
+
+@pytest.fixture
+def booted(boot, base) -> harness.Container:
+    return boot(base)
+
+
+@pytest.fixture
+def identity():
+    from certfactory import make_identity
+
+    def make(cn: str = "dev1", **kw) -> tuple[bytes, bytes]:
+        ident = make_identity(cn=cn, **kw)
+        return ident.cert_pem, ident.key_pem
+
+    return make
+
+
+class Preseed:
+    """debconf-set-selections lines for the package's questions (DESIGN.md names)."""
+
+    HUB = "test-hub.azure-devices.net"
+
+    @staticmethod
+    def sas_key(seed: int = 1) -> str:
+        return base64.b64encode(bytes((seed + i) % 256 for i in range(32))).decode()
+
+    @classmethod
+    def connection_string(cls, device="dev1", module="DefenderIotMicroAgent", key=None) -> str:
+        key = key or cls.sas_key()
+        return (f"HostName={cls.HUB};DeviceId={device};ModuleId={module};"
+                f"SharedAccessKey={key}")
+
+    @staticmethod
+    def line(question: str, kind: str, value: str) -> str:
+        return f"defender-setup defender-setup/{question} {kind} {value}"
+
+    @classmethod
+    def for_connection_string(cls, text: str | None = None, strict: bool = False) -> list[str]:
+        return [cls.line("auth-method", "select", "connection-string"),
+                cls.line("connection-string", "password", text or cls.connection_string()),
+                cls.line("strict-verify", "boolean", "true" if strict else "false")]
+
+    @classmethod
+    def for_certificate(cls, cert_path="/root/device.pem", key_path="/root/device.key",
+                        device="dev1", module="DefenderIotMicroAgent",
+                        strict: bool = False) -> list[str]:
+        return [cls.line("auth-method", "select", "certificate"),
+                cls.line("hub-hostname", "string", cls.HUB),
+                cls.line("device-id", "string", device),
+                cls.line("module-id", "string", module),
+                cls.line("certificate-file", "string", cert_path),
+                cls.line("private-key-file", "string", key_path),
+                cls.line("strict-verify", "boolean", "true" if strict else "false")]
+
+
+@pytest.fixture
+def preseed() -> type[Preseed]:
+    return Preseed

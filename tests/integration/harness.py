@@ -1,0 +1,295 @@
+"""Real systemd in a container: Debian images built with mmdebstrap, booted with systemd-nspawn.
+
+Interface (the fixtures in ``conftest.py`` wrap these; see RECIPES.md for the measurements)::
+
+    build_deb() -> Path                       # tools/build-deb, or $DEFENDER_SETUP_DEB
+    base_image(extra=()) -> Path              # cached rootfs dir: systemd + our dependencies
+    build_image(dest, deb, preseed=(), files={}, extra=()) -> CompletedProcess
+        # Recipe A: mmdebstrap installs the .deb in a chroot (no systemd, policy-rc.d 101)
+        # with debconf answers and files (e.g. a key) put in place before the install
+    Container(rootfs, name, volatile=True, binds={host: guest}).start() -> Container
+        .run(cmd, input=None, check=True, timeout=120) -> CompletedProcess (text, both pipes)
+        .sh(script, **kw)                     # run(["sh", "-ec", script])
+        .copy_in(data_or_path, dest, mode=0o600)   # through stdin: never on a command line
+        .preseed(lines)                       # debconf-set-selections inside
+        .install_deb(preseed=(), frontend="noninteractive", check=True)
+        .show(unit, *props) -> dict           # systemctl show -p ...
+        .stop()
+
+    A Container is a context manager; ``--volatile=overlay`` (the default) keeps the cached
+    rootfs untouched, so every test starts from the same image and leaks nothing.
+
+Everything runs as root on the host; machine names start with ``deb-`` (the package tests)
+unless the caller passes its own prefix. Secrets go in through ``input=``/``copy_in``, never
+through argv.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import os
+import shutil
+import signal
+import subprocess
+import tempfile
+import time
+import uuid
+from contextlib import contextmanager
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+CACHE = Path(os.environ.get("DEFENDER_SETUP_CACHE", "/var/tmp/defender-setup-cache"))
+SUITE = "bookworm"
+# What the .deb depends on plus an init: installing the .deb then needs no network.
+BASE_PACKAGES = ("systemd", "systemd-sysv", "dbus", "debconf", "python3",
+                 "python3-cryptography", "python3-systemd", "python3-debconf",
+                 "python3-paho-mqtt", "procps", "apt-utils")
+RECIPE_VERSION = "1"  # bump to invalidate cached images when the recipe changes
+GUEST_DEB_DIR = "/srv/deb"
+GUEST_PATH = "/usr/sbin:/usr/bin:/sbin:/bin"
+
+
+def _run(cmd, **kw) -> subprocess.CompletedProcess:
+    kw.setdefault("text", True)
+    kw.setdefault("capture_output", True)
+    return subprocess.run(cmd, **kw)
+
+
+def build_deb() -> Path:
+    """The package under test: ``$DEFENDER_SETUP_DEB`` if set, else built by tools/build-deb."""
+    given = os.environ.get("DEFENDER_SETUP_DEB")
+    if given:
+        return Path(given).resolve()
+    out = _run([str(REPO / "tools" / "build-deb")], cwd=REPO, check=True)
+    return Path(out.stdout.strip().splitlines()[-1])
+
+
+@contextmanager
+def _lock(name: str):
+    CACHE.mkdir(parents=True, exist_ok=True)
+    with open(CACHE / f"{name}.lock", "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)  # other sessions build the same image: wait
+        yield
+
+
+def base_image(extra: tuple[str, ...] = ()) -> Path:
+    """A cached rootfs directory with systemd and the package's dependencies.
+
+    Keyed by the package list, so a caller that needs more (``extra``) gets its own image.
+    Never modify it: boot it with ``volatile=True`` or copy it.
+    """
+    packages = tuple(sorted(set(BASE_PACKAGES) | set(extra)))
+    key = hashlib.sha256(f"{RECIPE_VERSION} {SUITE} {' '.join(packages)}".encode())
+    path = CACHE / f"base-{SUITE}-{key.hexdigest()[:12]}"
+    with _lock(path.name):
+        if (path / "etc" / "os-release").exists():
+            return path
+        tmp = Path(tempfile.mkdtemp(prefix=path.name + ".", dir=CACHE))
+        try:
+            _mmdebstrap(tmp, ["--include=" + ",".join(packages)])
+            tmp.rename(path)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+    return path
+
+
+def _mmdebstrap(dest: Path, options: list[str]) -> subprocess.CompletedProcess:
+    if dest.exists():
+        dest.rmdir()  # mmdebstrap wants an absent or empty directory; mkdtemp made it empty
+    result = _run(["mmdebstrap", "--variant=apt", "--quiet", *options, SUITE, str(dest)],
+                  timeout=1200)
+    if result.returncode != 0:
+        raise RuntimeError(f"mmdebstrap failed ({result.returncode}):\n{result.stderr[-4000:]}")
+    return result
+
+
+def build_image(dest: Path, deb: Path, preseed=(), files: dict | None = None,
+                extra: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
+    """Recipe A: an image with the .deb installed unattended in a chroot.
+
+    :param preseed: debconf-set-selections lines, applied before the package is installed.
+    :param files: ``{guest path: bytes}`` written (mode 0600) before the install, e.g. the
+        certificate and key the answers point at. They travel through files in a private
+        temporary directory and mmdebstrap's ``copy-in``, never through a command line.
+    :returns: mmdebstrap's result (its stderr holds the maintainer scripts' messages).
+    """
+    files = files or {}
+    packages = ",".join(sorted(set(BASE_PACKAGES) | set(extra)))
+    with tempfile.TemporaryDirectory(prefix="deb-image-") as tmp:
+        os.chmod(tmp, 0o700)
+        seeds = Path(tmp) / "preseed"
+        seeds.write_text("".join(line + "\n" for line in preseed))
+        hooks = [f'--essential-hook=chroot "$1" debconf-set-selections < {seeds}']
+        for number, (guest, data) in enumerate(files.items()):
+            local = Path(tmp) / f"file{number}"
+            local.write_bytes(data)
+            local.chmod(0o600)
+            parent = str(Path(guest).parent)
+            hooks.append(f'--essential-hook=mkdir -p "$1{parent}"')
+            hooks.append(f"--essential-hook=copy-in {local} {parent}")
+            hooks.append(f'--essential-hook=mv "$1{parent}/{local.name}" "$1{guest}"')
+        return _mmdebstrap(Path(dest), [f"--include={packages},{deb}",
+                                        "--hook-dir=/usr/share/mmdebstrap/hooks/"
+                                        "file-mirror-automount", *hooks])
+
+
+def _children(pid: int) -> list[int]:
+    try:
+        text = Path(f"/proc/{pid}/task/{pid}/children").read_text()
+    except OSError:
+        return []
+    return [int(p) for p in text.split()]
+
+
+def _comm(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/comm").read_text().strip()
+    except OSError:
+        return ""
+
+
+class Container:
+    """One booted systemd-nspawn container; see the module docstring."""
+
+    def __init__(self, rootfs: Path, name: str | None = None, volatile: bool = True,
+                 binds: dict | None = None, prefix: str = "deb"):
+        self.rootfs = Path(rootfs)
+        self.name = name or f"{prefix}-{uuid.uuid4().hex[:8]}"
+        self.volatile = volatile
+        self.binds = dict(binds or {})
+        self.pid1: int | None = None
+        self.proc: subprocess.Popen | None = None
+        self.log = CACHE / "logs" / f"{self.name}.log"
+
+    # -- life cycle -------------------------------------------------------------------------
+    def start(self, timeout: float = 90) -> Container:
+        self.log.parent.mkdir(parents=True, exist_ok=True)
+        cmd = ["systemd-nspawn", "--register=no", "--keep-unit", "-q", "-M", self.name,
+               "-D", str(self.rootfs), "-b", "--console=pipe"]
+        if self.volatile:
+            cmd.append("--volatile=overlay")
+        cmd += [f"--bind-ro={host}:{guest}" for host, guest in self.binds.items()]
+        with open(self.log, "wb") as log:
+            self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log,
+                                         stderr=subprocess.STDOUT, start_new_session=True)
+        deadline = time.monotonic() + timeout
+        while self.pid1 is None:
+            self.pid1 = self._find_pid1()
+            if self.pid1 is None:
+                self._check_alive()
+                if time.monotonic() > deadline:
+                    self.stop()
+                    raise RuntimeError(f"{self.name}: no systemd after {timeout}s; "
+                                       f"see {self.log}")
+                time.sleep(0.1)
+        while True:
+            state = self.run(["systemctl", "is-system-running", "--wait"], check=False,
+                             timeout=max(1, deadline - time.monotonic())).stdout.strip()
+            if state in ("running", "degraded"):
+                return self
+            if time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError(f"{self.name}: system state {state!r}; see {self.log}")
+            time.sleep(0.2)
+
+    def _check_alive(self) -> None:
+        if self.proc is not None and self.proc.poll() is not None:
+            raise RuntimeError(f"{self.name}: systemd-nspawn exited {self.proc.returncode}; "
+                               f"see {self.log}:\n{self.log.read_text(errors='replace')[-2000:]}")
+
+    def _find_pid1(self) -> int | None:
+        todo = [self.proc.pid]
+        while todo:
+            pid = todo.pop()
+            for child in _children(pid):
+                if _comm(child) == "systemd":
+                    return child
+                todo.append(child)
+        return None
+
+    def stop(self, timeout: float = 30) -> None:
+        """Power off (SIGRTMIN+4 to its systemd) and wait; kill the nspawn we started if stuck."""
+        if self.proc is None:
+            return
+        if self.proc.poll() is None and self.pid1:
+            try:
+                os.kill(self.pid1, signal.SIGRTMIN + 4)
+            except ProcessLookupError:
+                pass
+        try:
+            self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(timeout=10)
+        self.proc = None
+
+    def __enter__(self) -> Container:
+        return self if self.pid1 else self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    # -- inside -----------------------------------------------------------------------------
+    def run(self, cmd, input: str | bytes | None = None, check: bool = True,
+            timeout: float = 120, env: dict | None = None) -> subprocess.CompletedProcess:
+        """Run ``cmd`` (a list, or a string for ``sh -c``) inside, with a clean environment."""
+        if isinstance(cmd, str):
+            cmd = ["sh", "-c", cmd]
+        variables = {"PATH": GUEST_PATH, "LANG": "C.UTF-8", "HOME": "/root", **(env or {})}
+        full = ["nsenter", "-t", str(self.pid1), "-a", "env", "-i",
+                *(f"{k}={v}" for k, v in variables.items()), *cmd]
+        result = subprocess.run(full, input=input, capture_output=True,
+                                text=not isinstance(input, bytes), timeout=timeout)
+        if check and result.returncode != 0:
+            raise AssertionError(f"{self.name}: {cmd!r} exited {result.returncode}\n"
+                                 f"stdout: {_text(result.stdout)}\nstderr: {_text(result.stderr)}")
+        return result
+
+    def sh(self, script: str, **kw) -> subprocess.CompletedProcess:
+        return self.run(["sh", "-ec", script], **kw)
+
+    def copy_in(self, data: bytes | str | Path, dest: str, mode: int = 0o600) -> None:
+        """Write ``data`` (bytes, or a host file's content) to ``dest`` inside, via stdin."""
+        if isinstance(data, Path):
+            data = data.read_bytes()
+        if isinstance(data, str):
+            data = data.encode()
+        self.run(["sh", "-ec", 'mkdir -p "$(dirname "$1")"; umask 077; cat > "$1"; '
+                  'chmod "$2" "$1"', "copy-in", dest, f"{mode:o}"], input=data)
+
+    def read(self, path: str) -> str:
+        return self.run(["cat", path]).stdout
+
+    def exists(self, path: str) -> bool:
+        return self.run(["test", "-e", path], check=False).returncode == 0
+
+    def preseed(self, lines) -> None:
+        self.run(["debconf-set-selections"], input="".join(f"{line}\n" for line in lines))
+
+    def install_deb(self, preseed=(), frontend: str = "noninteractive", check: bool = True,
+                    deb: str | None = None, input: str | None = None,
+                    ) -> subprocess.CompletedProcess:
+        """``apt-get install`` the bound .deb (see :func:`booted`), after preseeding."""
+        if preseed:
+            self.preseed(preseed)
+        deb = deb or self.guest_deb()
+        return self.run(["apt-get", "install", "-y", "--no-install-recommends", deb],
+                        env={"DEBIAN_FRONTEND": frontend}, check=check, input=input,
+                        timeout=300)
+
+    def guest_deb(self) -> str:
+        found = self.run(["sh", "-c", f"ls {GUEST_DEB_DIR}/*.deb"]).stdout.split()
+        assert len(found) == 1, found
+        return found[0]
+
+    def show(self, unit: str, *props: str) -> dict:
+        out = self.run(["systemctl", "show", unit, *(f"-p{p}" for p in props)]).stdout
+        return dict(line.split("=", 1) for line in out.splitlines() if "=" in line)
+
+
+def _text(value) -> str:
+    if isinstance(value, bytes):
+        value = value.decode(errors="replace")
+    return (value or "")[-3000:]
