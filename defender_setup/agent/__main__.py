@@ -2,7 +2,8 @@
 
 Exit codes: 0 after SIGTERM; 78 (EX_CONFIG) for missing or invalid credentials, which the unit
 does not restart (``RestartPreventExitStatus=78``); a connector's own code for a fatal,
-credential-related failure; 70 (EX_SOFTWARE) for a bug, logged as one line with its location
+credential-related failure (76: the hub rejected the identity, see
+:mod:`defender_setup.agent.hub`); 70 (EX_SOFTWARE) for a bug, logged as one line with its location
 (the message itself is left out: it could quote file content).
 """
 
@@ -27,7 +28,9 @@ def main(argv=None) -> int:
     from defender_setup.agent.runtime import ERR, Runtime, journal_log
 
     try:
-        return Runtime(args.root).run()
+        from defender_setup.agent.hub import HubConnector  # the IoT Hub connection (issue 4)
+
+        return Runtime(args.root, connector=HubConnector(args.root)).run()
     except Exception as err:  # one line, no traceback, no message (see the docstring)
         where = traceback.extract_tb(err.__traceback__)[-1]
         journal_log(

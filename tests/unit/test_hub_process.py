@@ -1,0 +1,133 @@
+"""The agent as a real process (``python3 -m defender_setup.agent``) against the test hub:
+credentials written through AgentDir, conf.json with the test CA, a real NOTIFY_SOCKET."""
+
+import base64
+import json
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from defender_setup.agent import settings
+from tests.hubsim.broker import Broker
+from tests.hubsim.pki import Pki
+from tests.hubsim.sasauth import SasAuth
+
+REPO = Path(__file__).resolve().parents[2]
+HUB = "testhub.azure-devices.net"
+DEVICE, MODULE = "dev-1", "DefenderIotMicroAgent"
+KEY = base64.b64encode(b"process-test-key-0123456789abcdef").decode()
+
+pytestmark = pytest.mark.allow_subprocess
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory):
+    return Pki(tmp_path_factory.mktemp("pki-proc"))
+
+
+def configure(root: Path, pki, port: int, key: str = KEY, extra=None):
+    from defender_setup import credentials
+    from defender_setup.agentdir import AgentDir
+
+    text = (f"HostName={HUB};DeviceId={DEVICE};ModuleId={MODULE};SharedAccessKey={key};"
+            "GatewayHostName=localhost")
+    AgentDir(root).write(credentials.validate("connection-string", text.encode()).files)
+    conf = root / settings.CONF_PATH
+    conf.parent.mkdir(parents=True, exist_ok=True)
+    # ca_file is looked up under the root, like conf.json itself
+    (conf.parent / "hub-ca.pem").write_bytes(pki.ca_file.read_bytes())
+    conf.write_text(json.dumps({"ca_file": "/etc/defender_iot_micro_agent/hub-ca.pem",
+                                "port": port, **(extra or {})}))
+
+
+def start(root: Path, tmp_path: Path):
+    sock_path = str(tmp_path / "notify.sock")
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(sock_path)
+    sock.settimeout(15)
+    env = {"PATH": "/usr/bin:/bin", "NOTIFY_SOCKET": sock_path, "PYTHONPATH": str(REPO)}
+    proc = subprocess.Popen([sys.executable, "-m", "defender_setup.agent", "--root", str(root)],
+                            env=env, stderr=subprocess.PIPE, text=True)
+    return proc, sock
+
+
+@pytest.fixture
+def hub(pki):
+    broker = Broker(auth=SasAuth(HUB, {(DEVICE, MODULE): KEY}),
+                    tls=(pki.server_cert, pki.server_key))
+    broker.start()
+    yield broker
+    broker.stop()
+
+
+def test_process_connects_and_reports_ready(pki, hub, tmp_path):
+    root = tmp_path / "root"
+    configure(root, pki, hub.port)
+    proc, sock = start(root, tmp_path)
+    try:
+        msg = sock.recv(4096).decode()
+        assert msg == f"READY=1\nSTATUS=connected to {HUB} as {DEVICE}/{MODULE}"
+        assert hub.wait_for(lambda: hub.messages)
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=10)
+    finally:
+        proc.kill()
+        sock.close()
+    assert proc.returncode == 0
+    assert KEY not in err and "Traceback" not in err and "SharedAccessSignature" not in err
+    assert f"connected to {HUB} as {DEVICE}/{MODULE} via localhost:{hub.port} (mqtt)" in err
+
+
+def test_process_rejected_exits_76_with_one_error_line(pki, hub, tmp_path):
+    root = tmp_path / "root"
+    wrong = base64.b64encode(b"wrong-key-0123456789abcdef0123456").decode()
+    configure(root, pki, hub.port, key=wrong)
+    proc, sock = start(root, tmp_path)
+    try:
+        _, err = proc.communicate(timeout=20)
+    finally:
+        proc.kill()
+        sock.close()
+    assert proc.returncode == 76
+    errors = [line for line in err.splitlines() if line.startswith("hub rejected")]
+    assert len(errors) == 1, err
+    assert "not authorized (CONNACK 5)" in errors[0] and "wrong SharedAccessKey" in errors[0]
+    assert wrong not in err and "Traceback" not in err
+
+
+def test_process_broken_conf_json_exits_78(pki, hub, tmp_path):
+    root = tmp_path / "root"
+    configure(root, pki, hub.port)
+    (root / settings.CONF_PATH).write_text('{"transport": "carrier-pigeon"}')
+    proc, sock = start(root, tmp_path)
+    _, err = proc.communicate(timeout=20)
+    sock.close()
+    assert proc.returncode == 78
+    assert 'transport: must be "mqtt" or "websocket", got "carrier-pigeon"' in err
+    assert "Traceback" not in err
+
+
+def test_process_unreachable_stays_up_and_says_why(pki, tmp_path):
+    from tests.hubsim.mosquitto import free_port
+
+    root = tmp_path / "root"
+    port = free_port()
+    configure(root, pki, port)
+    proc, sock = start(root, tmp_path)
+    try:
+        msg = sock.recv(4096).decode()
+        assert msg == (f"READY=1\nSTATUS=retrying: hub unreachable (TCP: connection refused by "
+                       f"localhost:{port})")
+        time.sleep(1)
+        assert proc.poll() is None
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=10)
+    finally:
+        proc.kill()
+        sock.close()
+    assert proc.returncode == 0 and "Traceback" not in err
