@@ -105,7 +105,7 @@ def check(cert_pem, key_pem, *, device_id=None, module_id=None, now=None) -> Cer
     if rsa_numbers is not None:
         matches = rsa_numbers == _rsa_public_numbers(cert_blocks[0].der)
     else:
-        matches = _public_der(key.public_key()) == _public_der(certs[0].public_key())
+        matches = _public_der(key.public_key()) == _public_der(_cert_key(certs[0]))
     if not matches:
         raise ValidationError(
             KEY,
@@ -177,7 +177,7 @@ def _classify(data, field: str) -> list[_Block]:
         data = data[3:]
     if not data.strip():
         raise ValidationError(field, f"the file is empty; give the file that holds the PEM {field}")
-    if b"-----BEGIN " not in data:
+    if b"-----BEGIN " not in data and b"-----END " not in data:
         raise ValidationError(field, _not_pem(data, field))
     # latin-1 maps every byte, so odd bytes end up as invalid base64 instead of a decode error.
     # Putting each marker on its own line also accepts a PEM squashed onto one line.
@@ -193,6 +193,10 @@ def _classify(data, field: str) -> list[_Block]:
         if label is None:
             if marker and marker.group(1) == "BEGIN":
                 label, headers, body, garbage = marker.group(2), [], [], False
+            elif marker:
+                raise ValidationError(field, f"an -----END {marker.group(2)}----- line has no "
+                                      "BEGIN line; the start of the file is missing, copy it "
+                                      "again")
             elif line and blocks:
                 garbage = True  # text between blocks is fine (openssl pkcs12 writes some)
             continue
@@ -214,6 +218,9 @@ def _classify(data, field: str) -> list[_Block]:
     if garbage:
         raise ValidationError(field, "there is text after the last -----END ...----- line; "
                               "remove everything after it")
+    if not blocks:
+        raise ValidationError(field, "the file holds no complete PEM block (expected a "
+                              "-----BEGIN ...----- line); copy it again")
     return blocks
 
 
@@ -488,7 +495,18 @@ def _leaf_key_kind(blocks, certs):
     numbers = _rsa_public_numbers(blocks[0].der)
     if numbers is not None:
         return "RSA", numbers[0].bit_length()
-    return _key_kind(certs[0].public_key())
+    return _key_kind(_cert_key(certs[0]))
+
+
+def _cert_key(cert):
+    """The certificate's public key; the parser reads it only on demand, so it may fail here."""
+    from cryptography.exceptions import UnsupportedAlgorithm
+
+    try:
+        return cert.public_key()
+    except (ValueError, UnsupportedAlgorithm):
+        raise ValidationError(CERT, "the certificate's public key cannot be read; the file "
+                              "is corrupted or uses an unsupported key type") from None
 
 
 def _public_der(public_key) -> bytes:

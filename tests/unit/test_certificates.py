@@ -11,6 +11,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.serialization import pkcs12
 from cryptography.x509.oid import NameOID
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from defender_setup import certificates
 from defender_setup.certificates import CERT, KEY, check, describe, inspect
@@ -353,6 +355,13 @@ def test_lines_missing_in_the_middle(dev):
     assert "cannot be parsed" in message
 
 
+def test_broken_markers(dev):
+    assert "no BEGIN line" in fails(CERT, dev.cert_pem[12:], dev.key_pem)
+    broken = dev.cert_pem.replace(b"-----BEGIN CERTIFICATE-----", b"-----BEGIN CERTIFICATE")
+    assert "no BEGIN line" in fails(CERT, broken, dev.key_pem)
+    assert "no complete PEM block" in fails(CERT, b"-----BEGIN \n", dev.key_pem)
+
+
 def test_mismatched_end_label(dev):
     bad = dev.cert_pem.replace(b"END CERTIFICATE", b"END PRIVATE KEY")
     assert "no matching END" in fails(CERT, bad, dev.key_pem)
@@ -451,3 +460,32 @@ def test_cryptography_is_imported_lazily():
             "sys.exit('cryptography' in sys.modules)")
     assert subprocess.run([sys.executable, "-c", code], cwd=certificates.__file__.rsplit(
         "/defender_setup/", 1)[0]).returncode == 0
+
+
+# --- property: damaged files never crash and never echo the key ------------------------------
+
+_DEV = f.make_identity("dev1", key="p256", now=NOW)
+_RSA = f.make_identity("dev1", key="rsa2048", now=NOW)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(which=st.sampled_from([_DEV, _RSA]), data=st.data())
+def test_mangled_files_raise_validation_errors_without_key_material(which, data):
+    """Cut, flip or splice the files anywhere: only ValidationError, and no key text in it."""
+    def mangle(pem: bytes) -> bytes:
+        i = data.draw(st.integers(0, len(pem)))
+        j = data.draw(st.integers(i, len(pem)))
+        insert = data.draw(st.binary(max_size=8))
+        return pem[:i] + insert + pem[j:]
+
+    cert, key = which.cert_pem, which.key_pem
+    target = data.draw(st.sampled_from(["cert", "key", "both"]))
+    bad_cert = mangle(cert) if target in ("cert", "both") else cert
+    bad_key = mangle(key) if target in ("key", "both") else key
+    try:
+        check(bad_cert, bad_key, now=NOW)
+    except ValidationError as exc:
+        message = str(exc)
+        assert "\n" not in message and exc.field in (CERT, KEY)
+        for line in f.body(key):
+            assert line[:16] not in message
