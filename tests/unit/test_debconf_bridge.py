@@ -1,0 +1,299 @@
+"""defender_setup.debconf_bridge: the pure resolve step, then the real debconf protocol.
+
+The protocol tests run real debconf (a private database through DEBCONF_SYSTEMRC, the real
+templates, the shell confmodule, the noninteractive frontend): no mock of debconf.
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from defender_setup.agentdir import AgentDir
+from defender_setup.credentials import CERTIFICATE_FILE, CONNECTION_STRING_FILE, PRIVATE_KEY_FILE
+from defender_setup.debconf_bridge import Answers, Inputs, question_for, resolve
+from defender_setup.errors import InputError, ValidationError
+
+REPO = Path(__file__).resolve().parents[2]
+KEY = base64.b64encode(bytes(range(32))).decode()
+CS = f"HostName=hub.azure-devices.net;DeviceId=dev1;ModuleId=DefenderIotMicroAgent;" \
+     f"SharedAccessKey={KEY}"
+X509 = b"HostName=hub.azure-devices.net;DeviceId=dev1;ModuleId=DefenderIotMicroAgent;x509=true\n"
+
+
+def no_read(path, what):
+    raise AssertionError(f"unexpected read of {path}")
+
+
+# -- resolve (pure) ------------------------------------------------------------------------
+def test_later_keeps_everything():
+    assert resolve(Answers(method="later"), {CONNECTION_STRING_FILE: b"x"}, no_read) is None
+
+
+def test_connection_string_is_passed_through():
+    inputs = resolve(Answers(method="connection-string", connection_string=CS), {}, no_read)
+    assert inputs == Inputs("connection-string", CS.encode())
+    assert KEY not in repr(inputs) and KEY not in repr(Answers(connection_string=CS))
+
+
+def test_empty_secret_keeps_same_method():
+    current = {CONNECTION_STRING_FILE: CS.encode()}
+    assert resolve(Answers(method="connection-string"), current, no_read) is None
+
+
+def test_empty_secret_without_credentials_is_an_error():
+    with pytest.raises(ValidationError) as err:
+        resolve(Answers(method="connection-string"), {}, no_read)
+    assert question_for(err.value, Answers(method="connection-string")) == "connection-string"
+
+
+def test_empty_secret_when_switching_method_is_an_error():
+    current = {CONNECTION_STRING_FILE: X509, CERTIFICATE_FILE: b"c", PRIVATE_KEY_FILE: b"k"}
+    with pytest.raises(ValidationError):
+        resolve(Answers(method="connection-string"), current, no_read)
+
+
+def test_certificate_from_identity_answers_and_files():
+    files = {"/c.pem": b"CERT", "/k.pem": b"KEY"}
+    answers = Answers(method="certificate", hub_hostname="hub.azure-devices.net",
+                      device_id="dev1", certificate_file="/c.pem", private_key_file="/k.pem")
+    inputs = resolve(answers, {}, lambda path, what: files[path])
+    assert inputs.connection_string == X509.strip()
+    assert (inputs.certificate, inputs.private_key) == (b"CERT", b"KEY")
+
+
+def test_certificate_keeps_current_files_when_paths_are_empty():
+    current = {CONNECTION_STRING_FILE: X509, CERTIFICATE_FILE: b"C", PRIVATE_KEY_FILE: b"K"}
+    inputs = resolve(Answers(method="certificate"), current, no_read)
+    assert inputs == Inputs("certificate", X509, b"C", b"K")
+
+
+def test_certificate_without_files_names_the_question():
+    answers = Answers(method="certificate", hub_hostname="h.azure-devices.net", device_id="d")
+    with pytest.raises(ValidationError) as err:
+        resolve(answers, {}, no_read)
+    assert question_for(err.value, answers) == "certificate-file"
+
+
+@pytest.mark.parametrize("device", ["dev1;SharedAccessKey=x", "dev 1", "dév1", ""])
+def test_identity_answers_cannot_inject_keys(device):
+    answers = Answers(method="certificate", hub_hostname="h.azure-devices.net",
+                      device_id=device, certificate_file="/c", private_key_file="/k")
+    with pytest.raises(ValidationError) as err:
+        resolve(answers, {}, lambda path, what: b"x")
+    assert question_for(err.value, answers) == "device-id"
+
+
+def test_relative_path_is_refused(tmp_path):
+    from defender_setup.debconf_bridge import read_input
+
+    with pytest.raises(InputError, match="absolute"):
+        read_input("device.pem", "certificate")
+    with pytest.raises(InputError, match="does not exist"):
+        read_input(str(tmp_path / "missing.pem"), "certificate")
+
+
+# -- the real debconf protocol ---------------------------------------------------------------
+DEBCONF_CONF = """\
+Config: configdb
+Templates: templatedb
+
+Name: config
+Driver: File
+Mode: 644
+Reject-Type: password
+Filename: /debconf/config.dat
+
+Name: passwords
+Driver: File
+Mode: 600
+Backup: false
+Accept-Type: password
+Filename: /debconf/passwords.dat
+
+Name: configdb
+Driver: Stack
+Stack: config, passwords
+
+Name: templatedb
+Driver: File
+Mode: 644
+Filename: /debconf/templates.dat
+"""
+
+# Like the real config script, capture what the helper prints on standard output (the
+# confmodule points the script's own standard output at stderr), here into $RESULT.
+SCRIPT = """\
+#!/bin/sh
+set -e
+. /usr/share/debconf/confmodule
+rc=0
+out=$(/usr/bin/python3 -c 'import sys; from defender_setup.debconf_bridge import main; \
+sys.exit(main(sys.argv[1:]))' "$@") || rc=$?
+printf '%s' "$out" > "$RESULT"
+exit $rc
+"""
+
+
+@pytest.fixture
+def root(tmp_path) -> Path:
+    path = tmp_path / "root"
+    path.mkdir()
+    return path
+
+
+@pytest.fixture
+def debconf(root, tmp_path):
+    """A private debconf database under ``root`` (DPKG_ROOT) with the package's templates."""
+    if shutil.which("debconf-set-selections") is None:
+        pytest.skip("debconf is not installed")
+    db = root / "debconf"
+    db.mkdir()
+    (db / "debconf.conf").write_text(DEBCONF_CONF)
+    # Named like a maintainer script so the frontend derives the package name and loads
+    # the templates lying next to it, as it does for the real postinst; the translatable
+    # field names (_Description) become plain ones as po2debconf does at build time.
+    script = db / "defender-setup.postinst"
+    script.write_text(SCRIPT)
+    script.chmod(0o755)
+    templates = (REPO / "debian" / "defender-setup.templates").read_text()
+    (db / "defender-setup.templates").write_text(re.sub(r"(?m)^_+", "", templates))
+    # DPKG_ROOT: debconf finds its configuration and databases under it, the config script
+    # reads the agent directory under it, like in a DPKG_ROOT installation.
+    env = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LANG": "C.UTF-8",
+           "DPKG_ROOT": str(root), "DEBCONF_SYSTEMRC": "/debconf/debconf.conf",
+           "DEBIAN_FRONTEND": "noninteractive", "PYTHONPATH": str(REPO),
+           "HOME": str(tmp_path)}
+
+    out = tmp_path / "helper.out"
+    # What dpkg-preconfigure does before it runs the config script (debconf-loadtemplate,
+    # from debconf-utils, is this same perl).
+    subprocess.run(["perl", "-MDebconf::Db", "-MDebconf::Template", "-e",
+                    "Debconf::Db->load; Debconf::Template->load($ARGV[0], 'defender-setup'); "
+                    "Debconf::Db->save", str(db / "defender-setup.templates")],
+                   env=env, check=True)
+
+    class Runner:
+        dir = db
+
+        def preseed(self, lines):
+            subprocess.run(["debconf-set-selections"], input="".join(f"{x}\n" for x in lines),
+                           env=env, text=True, check=True)
+
+        def helper(self, *args):
+            result = subprocess.run([str(script), *args], env={**env, "RESULT": str(out)},
+                                    text=True, capture_output=True)
+            result.stdout = out.read_text()
+            return result
+
+        def script(self, path, *args, extra_env=None):
+            return subprocess.run([str(path), *args],
+                                  env={**env, "DEBCONF_PACKAGE": "defender-setup",
+                                       **(extra_env or {})},
+                                  text=True, capture_output=True)
+
+        def get(self, question):
+            out = subprocess.run(["debconf-show", "defender-setup"], env=env, text=True,
+                                 capture_output=True, check=True).stdout
+            for line in out.splitlines():
+                name, _, value = line.lstrip("* ").partition(":")
+                if name == f"defender-setup/{question}":
+                    return value.strip()
+            return None
+
+        def database(self) -> bytes:
+            return b"".join(p.read_bytes() for p in db.glob("*.dat*"))
+
+    return Runner()
+
+
+def _seed(question, kind, value):
+    return f"defender-setup defender-setup/{question} {kind} {value}"
+
+
+@pytest.mark.allow_subprocess
+def test_apply_writes_and_clears_the_secret(debconf, root):
+    debconf.preseed([_seed("auth-method", "select", "connection-string"),
+                     _seed("connection-string", "password", CS)])
+    assert KEY.encode() in debconf.database()  # preseeded: sits in passwords.dat for now
+    result = debconf.helper("apply", "--root", str(root))
+    assert result.returncode == 0, result.stderr
+    assert KEY not in result.stderr + result.stdout
+    written = AgentDir(root).current()
+    assert KEY.encode() in written[CONNECTION_STRING_FILE]
+    assert KEY.encode() not in debconf.database()
+    assert debconf.get("device-id") == "dev1"  # identity synced for dpkg-reconfigure
+
+
+@pytest.mark.allow_subprocess
+def test_check_reports_question_field_and_reason_without_the_secret(debconf, root):
+    bad = CS.replace(KEY, "“" + KEY[:-4] + "!!!”")
+    debconf.preseed([_seed("auth-method", "select", "connection-string"),
+                     _seed("connection-string", "password", bad)])
+    result = debconf.helper("check", "--root", str(root))
+    assert result.returncode == 65
+    question, field, reason = result.stdout.rstrip("\n").split("\t")
+    assert question == "connection-string"
+    assert reason and KEY[:-4] not in result.stdout + result.stderr
+    assert not (root / "var").exists()
+
+
+@pytest.mark.allow_subprocess
+def test_apply_failure_changes_nothing_and_still_clears_the_secret(debconf, root):
+    debconf.preseed([_seed("auth-method", "select", "connection-string"),
+                     _seed("connection-string", "password", CS.replace("DeviceId=", "Dev="))])
+    result = debconf.helper("apply", "--root", str(root))
+    assert result.returncode == 65
+    assert result.stderr.count("\n") == 1 and "invalid" in result.stderr
+    assert not (root / "var").exists()
+    assert KEY.encode() not in debconf.database()
+
+
+@pytest.mark.allow_subprocess
+def test_config_noninteractive_invalid_preseed_fails_with_one_line(debconf):
+    """The real config script before unpacking (no helper): light checks, one line, exit 1."""
+    config = debconf.dir / "defender-setup.config"
+    shutil.copy(REPO / "debian" / "defender-setup.config", config)
+    debconf.preseed([_seed("auth-method", "select", "connection-string"),
+                     _seed("connection-string", "password", "HostName=x;" + KEY)])
+    result = debconf.script(config, "configure", "")
+    assert result.returncode == 1
+    lines = [line for line in result.stderr.splitlines() if line.startswith("defender-setup")]
+    assert len(lines) == 1 and "defender-setup/connection-string" in lines[0]
+    assert KEY not in result.stderr
+    assert KEY.encode() not in debconf.database()
+
+
+@pytest.mark.allow_subprocess
+def test_config_without_answers_succeeds(debconf):
+    config = debconf.dir / "defender-setup.config"
+    shutil.copy(REPO / "debian" / "defender-setup.config", config)
+    result = debconf.script(config, "configure", "")
+    assert result.returncode == 0, result.stderr
+    assert debconf.get("auth-method") == "later"
+
+
+@pytest.mark.allow_subprocess
+def test_config_loads_current_identity(debconf, root):
+    agent = root / "var" / "defender_iot_micro_agent"
+    agent.mkdir(parents=True, mode=0o700)
+    (agent / CONNECTION_STRING_FILE).write_text(CS.replace("dev1", "dev7") + "\n")
+    config = debconf.dir / "defender-setup.config"
+    shutil.copy(REPO / "debian" / "defender-setup.config", config)
+    result = debconf.script(config, "configure", "0.1.0")
+    assert result.returncode == 0, result.stderr
+    assert debconf.get("auth-method") == "connection-string"
+    assert debconf.get("device-id") == "dev7"
+    assert KEY.encode() not in debconf.database()
+
+
+def test_helper_is_pinned_to_debians_python():
+    helper = REPO / "debian" / "helper" / "debconf-helper"
+    assert helper.read_text().startswith("#!/usr/bin/python3\n")
+    assert os.access(helper, os.X_OK)
