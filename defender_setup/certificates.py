@@ -13,7 +13,10 @@ Interface (pure: bytes in, a result or a :class:`~defender_setup.errors.Validati
 
 Messages are one line, name the fix, and never contain key material or file contents: they are
 built from labels, counts, names and dates only. ``cryptography`` is imported lazily, inside
-the functions that need it, so that commands which do not look at certificates start fast.
+the functions that need it, so that commands which do not look at certificates start fast;
+RSA private keys are matched in pure Python (see "Minimal DER reading") because OpenSSL's RSA
+key check alone would cost ~70 ms of a cold ``validate``. Works with cryptography 3.3
+(Debian 11) to 43 (Debian 13).
 """
 
 from __future__ import annotations
