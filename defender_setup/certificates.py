@@ -294,7 +294,7 @@ def _check_roles(cert_blocks: list[_Block], key_blocks: list[_Block] | None) -> 
     if cert_keys:
         swapped = key_blocks is not None and any(b.label in _CERT_LABELS for b in key_blocks)
         raise ValidationError(CERT, "the file holds a private key, not a certificate; "
-                              + ("the certificate and private key files are swapped"
+                              + ("the certificate and private key files are swapped; exchange them"
                                  if swapped else "give the certificate file here"))
     for b in cert_blocks:
         if b.label not in _CERT_LABELS:
