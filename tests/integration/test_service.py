@@ -159,6 +159,7 @@ def test_restart_is_exactly_one_restart(ct, preseed):
     # resets it first instead of failing with start-limit-hit
     for _ in range(6):
         ct.run(["systemctl", "restart", UNIT], check=False)
+    assert state(ct)["Result"] == "start-limit-hit"
     assert ct.run(["defender-setup", "restart"]).returncode == 0
 
 
