@@ -43,6 +43,7 @@ SHOW_PROPERTIES = (
     "Result",
     "ConditionResult",
     "UnitFileState",
+    "LoadState",
 )
 # Environment for systemctl: no pager, no colours, no interactive password agent.
 _QUIET_ENV = {"SYSTEMD_PAGER": "", "SYSTEMD_COLORS": "0", "LC_ALL": "C.UTF-8"}
@@ -62,6 +63,7 @@ class UnitState:
     result: str = ""
     condition_result: str = ""
     unit_file_state: str = ""
+    load_state: str = ""
 
     @classmethod
     def parse(cls, text: str) -> UnitState:
@@ -84,6 +86,7 @@ class UnitState:
             result=props.get("Result", ""),
             condition_result=props.get("ConditionResult", ""),
             unit_file_state=props.get("UnitFileState", ""),
+            load_state=props.get("LoadState", ""),
         )
 
     @property

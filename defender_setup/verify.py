@@ -8,7 +8,8 @@ Interface::
 1. No running systemd (``DPKG_ROOT``, no ``/run/systemd/system`` under root, policy-rc.d
    exit 101): print ``restart skipped: …`` and return 0; the unit is enabled for first boot.
 2. No credentials: "not configured", return 0 (the unit's ``ConditionPathExists=`` keeps it
-   stopped; nothing to verify).
+   stopped; nothing to verify). A masked unit is left alone (0); an unknown one is 69, with
+   no roll-back (the credentials are not what is wrong).
 3. ``reset-failed`` (a deliberate restart must not trip the start limit), snapshot, restart
    ONCE (for ``Type=notify`` systemctl returns after ``READY=1``), then poll ``systemctl
    show`` until the unit has been ``active (running)`` with the same ``InvocationID`` and
@@ -129,6 +130,15 @@ def restart_and_verify(root: Path, *, timeout: float, strict: bool, out, service
         print(f"{unit}: not configured (no credentials in {AgentDir(root).path}); "
               "configure it with 'dpkg-reconfigure defender-setup'", file=out)
         return EX_OK
+
+    loaded = svc.show().load_state
+    if loaded == "masked":
+        print(f"restart skipped: {unit} is masked (systemctl unmask {unit} to use it)", file=out)
+        return EX_OK
+    if loaded == "not-found":
+        print(f"{unit}: not installed (systemd does not know the unit); reinstall "
+              "defender-setup", file=out)
+        return EX_UNAVAILABLE
 
     started = clock()
     verdict = restart_once(svc, timeout, clock=clock, sleep=sleep)

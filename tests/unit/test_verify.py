@@ -206,3 +206,17 @@ def policy_rc_d(root, code):
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(f"#!/bin/sh\nexit {code}\n")
     path.chmod(0o755)
+
+
+@pytest.mark.parametrize("load,code,text", [
+    ("masked", 0, "restart skipped: defender-iot-micro-agent.service is masked"),
+    ("not-found", 69, "not installed"),
+])
+def test_masked_or_missing_unit_is_not_restarted(root, tmp_path, monkeypatch, load, code, text):
+    write_set(root, "good", KEY_A)
+    write_set(root, "other", KEY_B)
+    fake = FakeSystemd(tmp_path, [{**running("inv-0"), "LoadState": load}], [{}])
+    got, out = verify(root, fake, monkeypatch)
+    assert (got, text in out) == (code, True), out
+    assert fake.restarts() == []
+    assert "DeviceId=other" in device_on_disk(root)  # no roll-back
