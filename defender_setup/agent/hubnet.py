@@ -202,7 +202,14 @@ class Link:
             if ca_file is not None:
                 ctx.load_verify_locations(cafile=str(ca_file))
             else:
-                ctx.load_default_certs()
+                # The hashed directory (ca-certificates keeps it) is read lazily, one CA when
+                # a chain needs it; load_default_certs() would parse the whole bundle up
+                # front: ~1.7 MB resident for ~140 roots of which the hub needs one.
+                capath = ssl.get_default_verify_paths().capath
+                if capath:
+                    ctx.load_verify_locations(capath=capath)
+                else:
+                    ctx.load_default_certs()
         except (OSError, ssl.SSLError) as err:
             raise SetupError(f"conf.json: ca_file {ca_file}: cannot load: {_reason(err)}") from None
         if self.identity.cert_file is not None:

@@ -298,3 +298,21 @@ def test_os_release(tmp_path):
     (tmp_path / "etc/os-release").write_text('ID=debian\nPRETTY_NAME="Debian GNU/Linux 12"\n')
     assert hub.os_release(tmp_path) == "Debian GNU/Linux 12"
     assert hub.os_release(tmp_path / "nothing") == "unknown"
+
+
+@pytest.mark.allow_subprocess
+def test_default_trust_is_the_system_ca_directory(pki, run, tmp_path, monkeypatch):
+    # No ca_file: the hub's CA is found through the hashed CA directory, read lazily
+    # (SSL_CERT_DIR points OpenSSL's default directory at a test copy).
+    import shutil
+    import subprocess
+
+    certs = tmp_path / "certs"
+    certs.mkdir()
+    shutil.copy(pki.ca_file, certs / "hubsim.pem")
+    subprocess.run(["openssl", "rehash", str(certs)], check=True)
+    monkeypatch.setenv("SSL_CERT_DIR", str(certs))
+    monkeypatch.setenv("SSL_CERT_FILE", str(tmp_path / "none.pem"))
+    broker, auth = sas_hub(pki)
+    c, n = run(identity(), settings.Settings(port=broker.port), broker)
+    assert c.state == "connected", n.everything()
