@@ -1,0 +1,137 @@
+"""The booted system's agent against a real hub: the package's own runtime, no test connector.
+
+The hub (tests/hubsim: an MQTT broker that verifies SAS tokens against the device key) runs in
+this test process on the host's 127.0.0.1; the container shares the host network (nspawn
+without --private-network), so the agent reaches it at GatewayHostName=127.0.0.1 while its
+identity stays on HostName. conf.json points at the test CA and the hub's port.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+
+from tests.hubsim.broker import Broker
+from tests.hubsim.pki import Pki
+from tests.hubsim.sasauth import SasAuth
+
+UNIT = "defender-iot-micro-agent.service"
+AGENT_DIR = "/var/defender_iot_micro_agent"
+CONF_DIR = "/etc/defender_iot_micro_agent"
+MODULE = "DefenderIotMicroAgent"
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory):
+    return Pki(tmp_path_factory.mktemp("hub-pki"))
+
+
+@pytest.fixture
+def ct(boot, base):
+    return boot(base, prefix="hub")
+
+
+def connection_string(preseed, device: str, key: str) -> str:
+    return (f"HostName={preseed.HUB};DeviceId={device};ModuleId={MODULE};"
+            f"SharedAccessKey={key};GatewayHostName=127.0.0.1")
+
+
+@pytest.fixture
+def hub(pki, preseed):
+    """The hub knows good-dev (key 1) and bad-dev (key 2); anything else is refused."""
+    auth = SasAuth(preseed.HUB, {("good-dev", MODULE): preseed.sas_key(1),
+                                 ("bad-dev", MODULE): preseed.sas_key(2)})
+    broker = Broker(auth=auth, tls=(pki.server_cert, pki.server_key))
+    broker.start()
+    yield broker
+    broker.stop()
+
+
+def point_at_hub(ct, pki, hub):
+    ct.copy_in(pki.ca_file, f"{CONF_DIR}/hub-ca.pem", mode=0o644)
+    ct.copy_in(json.dumps({"ca_file": f"{CONF_DIR}/hub-ca.pem", "port": hub.port,
+                           "heartbeat_interval": 5}), f"{CONF_DIR}/conf.json", mode=0o644)
+
+
+def status(ct) -> dict:
+    return ct.show(UNIT, "ActiveState", "SubState", "StatusText", "ExecMainStatus", "MainPID")
+
+
+def test_agent_connects_to_the_hub_and_sends_heartbeats(ct, pki, hub, preseed):
+    point_at_hub(ct, pki, hub)
+    text = connection_string(preseed, "good-dev", preseed.sas_key(1))
+    r = ct.install_deb(preseed=preseed.for_connection_string(text))
+    out = r.stdout + r.stderr
+    assert re.search(rf"{UNIT}: active \(running\), stable for .*status: connected to "
+                     rf"{re.escape(preseed.HUB)} as good-dev/{MODULE}", out), out
+    s = status(ct)
+    assert s["StatusText"] == f"connected to {preseed.HUB} as good-dev/{MODULE}", s
+    conn = hub.accepted()[-1]
+    assert conn.client_id == f"good-dev/{MODULE}"
+    assert conn.username.startswith(f"{preseed.HUB}/good-dev/{MODULE}/?api-version=")
+    assert hub.wait_for(lambda: len(hub.messages) >= 2, 15)  # on connect, then every 5 s
+    beat = json.loads(hub.messages[-1][2])
+    assert beat["type"] == "heartbeat" and beat["osRelease"].startswith("Debian GNU/Linux")
+    log = ct.run(["journalctl", "-u", UNIT, "-o", "cat"]).stdout
+    assert f"connected to {preseed.HUB} as good-dev/{MODULE} via 127.0.0.1:{hub.port}" in log
+    key = preseed.sas_key(1)
+    assert key not in out and key not in log and "Traceback" not in log
+    # the status command shows the hub state too
+    assert "connected to" in ct.run(["defender-setup", "status"]).stdout
+
+
+def test_rejected_key_rolls_back_to_the_connected_set(ct, pki, hub, preseed):
+    point_at_hub(ct, pki, hub)
+    good = connection_string(preseed, "good-dev", preseed.sas_key(1))
+    ct.install_deb(preseed=preseed.for_connection_string(good))
+    assert status(ct)["StatusText"].startswith("connected to"), status(ct)
+    accepted_before = len(hub.accepted())
+
+    wrong = connection_string(preseed, "good-dev", preseed.sas_key(7))  # a key the hub refuses
+    ct.preseed(preseed.for_connection_string(wrong))
+    r = ct.run(["dpkg-reconfigure", "-fnoninteractive", "defender-setup"], check=False,
+               env={"DEBIAN_FRONTEND": "noninteractive"})
+    out = r.stdout + r.stderr
+    assert r.returncode == 0, out  # dpkg-reconfigure stays usable
+    assert "VERIFICATION FAILED" in out
+    assert "not authorized (CONNACK 5)" in out and "wrong SharedAccessKey" in out, out
+    assert "status=76" in out
+    assert "rolled back to the previous credentials" in out
+    # the previous, accepted key is back on disk and connected again
+    on_disk = ct.read(f"{AGENT_DIR}/connection_string.txt")
+    assert f"SharedAccessKey={preseed.sas_key(1)}" in on_disk
+    assert hub.wait_for(lambda: len(hub.accepted()) > accepted_before, 15)
+    s = status(ct)
+    assert s["SubState"] == "running" and s["StatusText"].startswith("connected to"), s
+    assert preseed.sas_key(7) not in out
+
+
+def test_unreachable_hub_is_active_and_says_why(ct, pki, preseed):
+    from tests.hubsim.mosquitto import free_port
+
+    port = free_port()  # nothing listens there
+    ct.copy_in(pki.ca_file, f"{CONF_DIR}/hub-ca.pem", mode=0o644)
+    ct.copy_in(json.dumps({"ca_file": f"{CONF_DIR}/hub-ca.pem", "port": port}),
+               f"{CONF_DIR}/conf.json", mode=0o644)
+    text = connection_string(preseed, "good-dev", preseed.sas_key(1))
+    r = ct.install_deb(preseed=preseed.for_connection_string(text))
+    out = r.stdout + r.stderr
+    assert "VERIFICATION FAILED" not in out, out
+    s = status(ct)
+    assert s["SubState"] == "running"
+    assert s["StatusText"] == ("retrying: hub unreachable (TCP: connection refused by "
+                               f"127.0.0.1:{port})"), s
+
+
+def test_broken_conf_json_is_one_line_and_no_crash_loop(ct, pki, preseed):
+    ct.copy_in('{"transport": "tcp"}', f"{CONF_DIR}/conf.json", mode=0o644)
+    text = connection_string(preseed, "good-dev", preseed.sas_key(1))
+    # the package's verification reports the failure (its exit status is its own business)
+    r = ct.install_deb(preseed=preseed.for_connection_string(text), check=False)
+    out = r.stdout + r.stderr
+    assert 'transport: must be "mqtt" or "websocket", got "tcp"' in out, out
+    assert "status=78" in out and "Traceback" not in out
+    s = ct.show(UNIT, "ExecMainStatus", "NRestarts")
+    assert s["ExecMainStatus"] == "78" and s["NRestarts"] == "0", s
