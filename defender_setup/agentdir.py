@@ -136,7 +136,13 @@ class AgentDir:
                 if not directory.exists():
                     directory.mkdir(mode=DIR_MODE)
                     _fsync_dir(directory.parent)
-                os.chmod(directory, DIR_MODE, follow_symlinks=False)  # checked not a link
+                # fchmod through an O_NOFOLLOW descriptor: chmod(follow_symlinks=False) is
+                # not implemented on Debian 11's Python.
+                fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+                try:
+                    os.fchmod(fd, DIR_MODE)
+                finally:
+                    os.close(fd)
         except OSError as exc:
             raise WriteError(f"cannot create {self.path}: {exc.strerror}") from None
 
