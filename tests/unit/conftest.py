@@ -1,5 +1,7 @@
 """Fixtures shared by the unit tests: credential inputs generated at test time."""
 
+from __future__ import annotations
+
 import base64
 import os
 from dataclasses import dataclass
