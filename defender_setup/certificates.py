@@ -14,24 +14,20 @@ Interface (pure: bytes in, a result or a :class:`~defender_setup.errors.Validati
 Messages are one line, name the fix, and never contain key material or file contents: they are
 built from labels, counts, names and dates only. ``cryptography`` is imported lazily, inside
 the functions that need it, so that commands which do not look at certificates start fast;
-RSA private keys are matched in pure Python (see "Minimal DER reading") because OpenSSL's RSA
+RSA private keys are matched in pure Python (see defender_setup.pem) because OpenSSL's RSA
 key check alone would cost ~70 ms of a cold ``validate``. Works with cryptography 3.3
 (Debian 11) to 43 (Debian 13).
 """
 
 from __future__ import annotations
 
-import base64
-import binascii
 import datetime as _dt
 import hashlib
-import re
 from dataclasses import dataclass, replace
 
 from .errors import ValidationError
+from .pem import CERT, KEY, Block, classify, rsa_private_numbers, rsa_public_numbers
 
-CERT = "certificate"
-KEY = "private key"
 EXPIRY_WARNING_DAYS = 30
 
 _DECRYPT_HINT = "Decrypt it with: openssl pkey -in key.pem -out key-plain.pem"
@@ -42,7 +38,6 @@ _SPLIT_HINT = (
 _KEY_ADVICE = "IoT Hub needs RSA of at least 2048 bits or EC P-256/P-384"
 _CERT_LABELS = ("CERTIFICATE", "X509 CERTIFICATE")
 _KEY_LABELS = ("PRIVATE KEY", "RSA PRIVATE KEY", "EC PRIVATE KEY")
-_MARKER = re.compile(r"-----(BEGIN|END) ([A-Z0-9 ]+)-----")
 _GOOD_CURVES = {"secp256r1": "P-256", "secp384r1": "P-384"}
 
 
@@ -63,18 +58,6 @@ class CertificateInfo:
     self_signed: bool = False
 
 
-@dataclass(frozen=True)
-class _Block:
-    label: str
-    headers: tuple[str, ...]
-    der: bytes
-
-    def pem(self) -> bytes:
-        text = base64.b64encode(self.der).decode("ascii")
-        body = "".join(text[i:i + 64] + "\n" for i in range(0, len(text), 64))  # as OpenSSL
-        return f"-----BEGIN {self.label}-----\n{body}-----END {self.label}-----\n".encode("ascii")
-
-
 # ---------------------------------------------------------------------------------------------
 # Public functions
 
@@ -88,15 +71,15 @@ def check(cert_pem, key_pem, *, device_id=None, module_id=None, now=None) -> Cer
     :param now: the current time (aware or naive UTC); defaults to the system clock.
     :raises ValidationError: field ``certificate`` or ``private key``.
     """
-    cert_blocks = _classify(cert_pem, CERT)
-    key_blocks = _classify(key_pem, KEY)
+    cert_blocks = classify(cert_pem, CERT)
+    key_blocks = classify(key_pem, KEY)
     _check_roles(cert_blocks, key_blocks)
     certs = _load_certificates(cert_blocks)
     order = _order_error(certs)
     if order:  # before the key check, which would only say "does not belong"
         raise ValidationError(CERT, order)
     (key_block,) = [b for b in key_blocks if b.label in _KEY_LABELS]
-    rsa_numbers = _rsa_private_numbers(key_block)
+    rsa_numbers = rsa_private_numbers(key_block)
     if rsa_numbers is not None:  # RSA: pure Python, OpenSSL's key check costs ~70 ms
         kind = ("RSA", rsa_numbers[0].bit_length())
     else:
@@ -106,7 +89,7 @@ def check(cert_pem, key_pem, *, device_id=None, module_id=None, now=None) -> Cer
     if problem:
         raise ValidationError(KEY, problem)
     if rsa_numbers is not None:
-        matches = rsa_numbers == _rsa_public_numbers(cert_blocks[0].der)
+        matches = rsa_numbers == rsa_public_numbers(cert_blocks[0].der)
     else:
         matches = _public_der(key.public_key()) == _public_der(_cert_key(certs[0]))
     if not matches:
@@ -127,7 +110,7 @@ def inspect(cert_pem, *, device_id=None, module_id=None, now=None) -> Certificat
     Format and order errors still raise :class:`ValidationError`; validity problems and an
     unsupported public key become warnings, so that an installed expired certificate shows.
     """
-    blocks = _classify(cert_pem, CERT)
+    blocks = classify(cert_pem, CERT)
     _check_roles(blocks, None)
     certs = _load_certificates(blocks)
     order = _order_error(certs)
@@ -160,131 +143,15 @@ def describe(info: CertificateInfo) -> list[str]:
 
 def normalize_certificate(cert_pem) -> bytes:
     """The certificate blocks of ``cert_pem`` as clean PEM (call after :func:`check`)."""
-    return b"".join(b.pem() for b in _classify(cert_pem, CERT) if b.label in _CERT_LABELS)
+    return b"".join(b.pem() for b in classify(cert_pem, CERT) if b.label in _CERT_LABELS)
 
 
 def normalize_private_key(key_pem) -> bytes:
     """The private key block of ``key_pem`` as clean PEM (call after :func:`check`)."""
-    return b"".join(b.pem() for b in _classify(key_pem, KEY) if b.label in _KEY_LABELS)
+    return b"".join(b.pem() for b in classify(key_pem, KEY) if b.label in _KEY_LABELS)
 
 
-# ---------------------------------------------------------------------------------------------
-# PEM framing (no cryptography needed)
-
-
-def _classify(data, field: str) -> list[_Block]:
-    """Split ``data`` into PEM blocks; raise for empty, DER, truncated or trailing garbage."""
-    if isinstance(data, str):
-        data = data.encode("utf-8")
-    if data.startswith(b"\xef\xbb\xbf"):
-        data = data[3:]
-    if not data.strip():
-        raise ValidationError(field, f"the file is empty; give the file that holds the PEM {field}")
-    if b"-----BEGIN " not in data and b"-----END " not in data:
-        raise ValidationError(field, _not_pem(data, field))
-    # latin-1 maps every byte, so odd bytes end up as invalid base64 instead of a decode error.
-    # Putting each marker on its own line also accepts a PEM squashed onto one line.
-    text = _MARKER.sub(lambda m: "\n" + m.group(0) + "\n", data.decode("latin-1"))
-    blocks: list[_Block] = []
-    label = None
-    headers: list[str] = []
-    body: list[str] = []
-    garbage = False
-    for raw in text.splitlines():
-        line = raw.strip()
-        marker = _MARKER.fullmatch(line)
-        if label is None:
-            if marker and marker.group(1) == "BEGIN":
-                label, headers, body, garbage = marker.group(2), [], [], False
-            elif marker:
-                raise ValidationError(field, f"an -----END {marker.group(2)}----- line has no "
-                                      "BEGIN line; the start of the file is missing, copy it "
-                                      "again")
-            elif line and blocks:
-                garbage = True  # text between blocks is fine (openssl pkcs12 writes some)
-            continue
-        if marker is None:
-            if ":" in line and not body:
-                headers.append(line)  # RFC 1421 headers, e.g. Proc-Type: 4,ENCRYPTED
-            elif line:
-                body.append(line)
-            continue
-        n = len(blocks) + 1
-        if marker.group(1) == "BEGIN" or marker.group(2) != label:
-            raise ValidationError(field, f"PEM block {n} ({label}) has no matching END line; "
-                                  "the file is truncated or two files were pasted together")
-        blocks.append(_Block(label, tuple(headers), _b64(body, field, n, label)))
-        label = None
-    if label is not None:
-        raise ValidationError(field, f"PEM block {len(blocks) + 1} ({label}) has no END line; "
-                              "the file is truncated, copy it again")
-    if garbage:
-        raise ValidationError(field, "there is text after the last -----END ...----- line; "
-                              "remove everything after it")
-    if not blocks:
-        raise ValidationError(field, "the file holds no complete PEM block (expected a "
-                              "-----BEGIN ...----- line); copy it again")
-    return blocks
-
-
-def _b64(body: list[str], field: str, n: int, label: str) -> bytes:
-    joined = "".join("".join(line.split()) for line in body)
-    try:
-        der = base64.b64decode(joined, validate=True)
-    except (binascii.Error, ValueError):
-        der = b""
-    if not der:
-        raise ValidationError(field, f"PEM block {n} ({label}) is not valid base64; "
-                              "the file is truncated or corrupted, copy it again")
-    return der
-
-
-def _not_pem(data: bytes, field: str) -> str:
-    if data[:2] in (b"\xff\xfe", b"\xfe\xff"):  # Windows editors' "Unicode"
-        return ("the file is UTF-16 text; save it as ASCII or UTF-8, e.g. with: "
-                "iconv -f UTF-16 -t UTF-8 FILE > FILE.pem")
-    kind = _der_kind(data)
-    if kind == "pkcs12":
-        return ("the file is a PKCS#12 bundle (.pfx/.p12), not PEM; extract PEM files with: "
-                "openssl pkcs12 -in bundle.pfx -nokeys -out cert.pem, and "
-                "openssl pkcs12 -in bundle.pfx -nocerts -nodes -out key.pem")
-    if field == CERT and kind == "certificate":
-        return ("the certificate is DER (binary), not PEM; convert it with: "
-                "openssl x509 -inform der -in cert.der -out cert.pem")
-    if field == KEY and kind in ("private key", "encrypted private key"):
-        return ("the key is DER (binary), not PEM; convert it with: "
-                "openssl pkey -inform der -in key.der -out key.pem")
-    if kind is not None:
-        other = "certificate" if field == KEY else "private key"
-        return (f"the file holds a {kind} in DER (binary) form, not a {field}; are the "
-                f"{other} and {field} files swapped?")
-    if b"\0" in data or not _printable(data):
-        return "the file is binary, not PEM text (expected -----BEGIN ...----- lines)"
-    return "the file holds no PEM block (expected a -----BEGIN ...----- line)"
-
-
-def _printable(data: bytes) -> bool:
-    sample = data[:512]
-    return sum(32 <= b < 127 or b in b"\t\r\n" for b in sample) >= 0.9 * len(sample)
-
-
-def _der_kind(data: bytes) -> str | None:
-    """Guess what a DER blob is from its first ASN.1 tags, without parsing all of it."""
-    try:
-        first = _der_seq(data)[0]
-        if first[0] == 0x02:  # INTEGER: PKCS#12 has version 3, a key version 0 or 1
-            return "pkcs12" if data[first[1]:first[2]] == b"\x03" else "private key"
-        inner = _der_seq(data, first)[0]
-    except (ValueError, IndexError):
-        return None
-    if inner[0] in (0xA0, 0x02):  # tbsCertificate starts with [0] version or the serial
-        return "certificate"
-    if inner[0] == 0x06:  # EncryptedPrivateKeyInfo starts with an AlgorithmIdentifier
-        return "encrypted private key"
-    return None
-
-
-def _check_roles(cert_blocks: list[_Block], key_blocks: list[_Block] | None) -> None:
+def _check_roles(cert_blocks: list[Block], key_blocks: list[Block] | None) -> None:
     """Catch swapped files, a combined file, encrypted keys and unexpected blocks."""
     certs = [b for b in cert_blocks if b.label in _CERT_LABELS]
     cert_keys = [b for b in cert_blocks if _is_private_key(b)]
@@ -321,7 +188,7 @@ def _check_roles(cert_blocks: list[_Block], key_blocks: list[_Block] | None) -> 
                               "the file holds no private key block")
 
 
-def _is_private_key(block: _Block) -> bool:
+def _is_private_key(block: Block) -> bool:
     return block.label.endswith("PRIVATE KEY")
 
 
@@ -343,98 +210,10 @@ def _unexpected(label: str, field: str) -> str:
 
 
 # ---------------------------------------------------------------------------------------------
-# Minimal DER reading for RSA keys: loading one through cryptography runs OpenSSL's full key
-# check (~70 ms, primality tests), and starting its backend costs ~15 ms more; comparing the
-# modulus and checking the CRT parameters' arithmetic is enough to catch a wrong or damaged key.
-
-_RSA_OID = bytes.fromhex("2a864886f70d010101")  # 1.2.840.113549.1.1.1 rsaEncryption
-
-
-def _der_items(data: bytes, start: int = 0, end: int | None = None) -> list:
-    """The (tag, content start, content end) elements laid out in ``data[start:end]``."""
-    end = len(data) if end is None else end
-    items = []
-    pos = start
-    while pos < end:
-        if pos + 2 > end:
-            raise ValueError("truncated DER")
-        tag, length, pos = data[pos], data[pos + 1], pos + 2
-        if length & 0x80:
-            count = length & 0x7F
-            if not 0 < count <= 4 or pos + count > end:
-                raise ValueError("bad DER length")
-            length, pos = int.from_bytes(data[pos:pos + count], "big"), pos + count
-        if pos + length > end:
-            raise ValueError("truncated DER")
-        items.append((tag, pos, pos + length))
-        pos += length
-    return items
-
-
-def _der_seq(data: bytes, item=None) -> list:
-    tag, start, end = item or _der_items(data)[0]
-    if tag != 0x30:
-        raise ValueError("not a SEQUENCE")
-    return _der_items(data, start, end)
-
-
-def _der_ints(data: bytes, items) -> list[int]:
-    if any(tag != 0x02 for tag, _, _ in items):
-        raise ValueError("not an INTEGER")
-    return [int.from_bytes(data[s:e], "big", signed=True) for _, s, e in items]
-
-
-def _rsa_private_numbers(block: _Block):
-    """(n, e) of an RSA private key, after checking its arithmetic; None if it is not RSA."""
-    der = block.der
-    try:
-        if block.label == "PRIVATE KEY":  # PKCS#8: version, AlgorithmIdentifier, OCTET STRING
-            items = _der_seq(der)
-            algorithm = _der_seq(der, items[1])[0]
-            if algorithm[0] != 0x06 or der[algorithm[1]:algorithm[2]] != _RSA_OID:
-                return None
-            if items[2][0] != 0x04:
-                raise ValueError("no key OCTET STRING")
-            der = der[items[2][1]:items[2][2]]
-        elif block.label != "RSA PRIVATE KEY":
-            return None
-        fields = _der_seq(der)
-        if len(fields) != 9:  # two-prime PKCS#1; leave anything else to OpenSSL
-            return None
-        version, n, e, d, p, q, dp, dq, qinv = _der_ints(der, fields)
-    except (ValueError, IndexError):
-        raise ValidationError(KEY, "the private key cannot be parsed; the file is corrupted "
-                              "or incomplete, copy it again") from None
-    consistent = (version == 0 and p > 1 and q > 1 and p * q == n
-                  and (e * d - 1) % (p - 1) == 0 and (e * d - 1) % (q - 1) == 0
-                  and dp == d % (p - 1) and dq == d % (q - 1) and (qinv * q) % p == 1)
-    if not consistent:
-        raise ValidationError(KEY, "the RSA key is damaged (its numbers do not fit together); "
-                              "copy it again from the original")
-    return n, e
-
-
-def _rsa_public_numbers(cert_der: bytes):
-    """(n, e) of a certificate's RSA public key, or None if it is not RSA."""
-    try:
-        tbs = _der_seq(cert_der, _der_seq(cert_der)[0])
-        spki = tbs[6] if tbs[0][0] == 0xA0 else tbs[5]  # [0] version is optional
-        algorithm, bits = _der_seq(cert_der, spki)[:2]
-        oid = _der_seq(cert_der, algorithm)[0]
-        if oid[0] != 0x06 or cert_der[oid[1]:oid[2]] != _RSA_OID or bits[0] != 0x03:
-            return None
-        key = cert_der[bits[1] + 1:bits[2]]  # skip the BIT STRING's unused-bits byte
-        n, e = _der_ints(key, _der_seq(key))
-    except (ValueError, IndexError):
-        return None  # cryptography parsed it, so let it describe the key
-    return n, e
-
-
-# ---------------------------------------------------------------------------------------------
 # Parsing and checks (cryptography)
 
 
-def _load_certificates(blocks: list[_Block]) -> list:
+def _load_certificates(blocks: list[Block]) -> list:
     from cryptography import x509
 
     certs = []
@@ -447,7 +226,7 @@ def _load_certificates(blocks: list[_Block]) -> list:
     return certs
 
 
-def _load_private_key(block: _Block):
+def _load_private_key(block: Block):
     from cryptography.exceptions import UnsupportedAlgorithm
     from cryptography.hazmat.primitives.serialization import load_pem_private_key
 
@@ -495,7 +274,7 @@ def _describe_key(kind: str, size) -> str:
 
 def _leaf_key_kind(blocks, certs):
     """(kind, size) of the leaf's public key; RSA without starting OpenSSL's backend."""
-    numbers = _rsa_public_numbers(blocks[0].der)
+    numbers = rsa_public_numbers(blocks[0].der)
     if numbers is not None:
         return "RSA", numbers[0].bit_length()
     return _key_kind(_cert_key(certs[0]))
