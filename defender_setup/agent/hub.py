@@ -44,7 +44,6 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
 
 from defender_setup import AGENT_DIR, DEFAULT_MODULE_ID, __version__
 from defender_setup.agent import hubnet, sas
@@ -68,11 +67,11 @@ class Identity:
     host_name: str
     device_id: str
     module_id: str
-    gateway_host_name: Optional[str] = None
-    key: Optional[str] = field(default=None, repr=False)
-    cert_file: Optional[Path] = None
-    key_file: Optional[Path] = None
-    thumbprint: Optional[str] = None
+    gateway_host_name: str | None = None
+    key: str | None = field(default=None, repr=False)
+    cert_file: Path | None = None
+    key_file: Path | None = None
+    thumbprint: str | None = None
 
     @property
     def client_id(self) -> str:
@@ -151,7 +150,7 @@ class HubConnector:
         self._lifetime_override = sas_lifetime
         self._clock = clock
         self._queue: collections.deque = collections.deque(maxlen=QUEUE_MAX)
-        self._thread: Optional[threading.Thread] = None
+        self._thread: threading.Thread | None = None
         self._stop = threading.Event()
         self._outcome = threading.Event()
         self._started = time.monotonic()

@@ -22,7 +22,6 @@ import socket
 import ssl
 import time
 from dataclasses import dataclass
-from typing import Optional
 
 from defender_setup.errors import SetupError
 
@@ -87,8 +86,8 @@ class _RecordingSocket(ssl.SSLSocket):
 
 class _Context(ssl.SSLContext):
     sslsocket_class = _RecordingSocket
-    last_error: Optional[BaseException] = None
-    handshake_timeout: Optional[float] = None
+    last_error: BaseException | None = None
+    handshake_timeout: float | None = None
     tcp_connected = False
 
     def wrap_socket(self, *args, **kwargs):
@@ -255,8 +254,8 @@ class Session:
 
     def __init__(self, link: Link, client, ctx: _Context, token, clock):
         self.link, self.client, self.ctx, self.token, self.clock = link, client, ctx, token, clock
-        self.result: Optional[Result] = None
-        self.connack: Optional[int] = None
+        self.result: Result | None = None
+        self.connack: int | None = None
         self.disconnected = False
         self.inflight: dict = {}
         client.on_connect = self._on_connect
@@ -302,8 +301,8 @@ class Session:
                 self.result = self._closed_before_connack(where)
                 break
             if time.monotonic() > deadline:
-                self.result = Result("unreachable",
-                                     f"MQTT: no answer to CONNECT from {where} within {timeout:g} s")
+                self.result = Result("unreachable", f"MQTT: no answer to CONNECT from {where} "
+                                                    f"within {timeout:g} s")
                 break
         if self.connack is None and getattr(self.client, "raw_connack", None):
             self.result = None
@@ -329,8 +328,8 @@ class Session:
             return Result("unreachable", f"WebSocket: {where}{WS_PATH}: {err}")
         if isinstance(err, (socket.timeout, TimeoutError)):
             if self.ctx.tcp_connected:
-                return Result("unreachable",
-                              f"TLS: no answer to the TLS handshake from {where} within {timeout:g} s")
+                return Result("unreachable", f"TLS: no answer to the TLS handshake from "
+                                             f"{where} within {timeout:g} s")
             return Result("unreachable", f"TCP: timed out connecting to {where}")
         if isinstance(err, ConnectionRefusedError):
             return Result("unreachable", f"TCP: connection refused by {where}")
@@ -360,7 +359,8 @@ class Session:
         err = self.ctx.last_error
         if isinstance(err, ssl.SSLError):
             return self._tls_failure(err, where)
-        return Result("unreachable", f"MQTT: {where} closed the connection before answering CONNECT")
+        return Result("unreachable",
+                      f"MQTT: {where} closed the connection before answering CONNECT")
 
     def _refused(self, code: int) -> Result:
         ident = self.link.identity
@@ -407,7 +407,7 @@ class Session:
                 return
             self.inflight[info.mid] = payload
 
-    def pump(self, seconds: float) -> Optional[Result]:
+    def pump(self, seconds: float) -> Result | None:
         rc = self._loop(seconds)
         if rc == 0 and not self.disconnected:
             return None

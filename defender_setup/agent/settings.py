@@ -28,7 +28,6 @@ import json
 import urllib.parse
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
 
 from defender_setup.errors import EX_CONFIG, SetupError
 
@@ -54,8 +53,8 @@ class Proxy:
     scheme: str
     host: str
     port: int
-    username: Optional[str] = field(default=None, repr=False)
-    password: Optional[str] = field(default=None, repr=False)
+    username: str | None = field(default=None, repr=False)
+    password: str | None = field(default=None, repr=False)
 
     def describe(self) -> str:
         """``scheme://host:port`` without credentials, for logs and status."""
@@ -65,11 +64,11 @@ class Proxy:
 @dataclass(frozen=True)
 class Settings:
     transport: str = "mqtt"
-    proxy: Optional[Proxy] = None
-    ca_file: Optional[Path] = None
+    proxy: Proxy | None = None
+    ca_file: Path | None = None
     heartbeat_interval: int = 300
     sas_lifetime: int = 3600
-    port: Optional[int] = None
+    port: int | None = None
 
     @property
     def hub_port(self) -> int:

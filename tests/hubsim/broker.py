@@ -82,7 +82,8 @@ class _Ws:
             elif length == 127:
                 (length,) = struct.unpack("!Q", await self.reader.readexactly(8))
             mask = await self.reader.readexactly(4) if b1 & 0x80 else b"\0\0\0\0"
-            data = bytes(c ^ mask[i % 4] for i, c in enumerate(await self.reader.readexactly(length)))
+            raw = await self.reader.readexactly(length)
+            data = bytes(c ^ mask[i % 4] for i, c in enumerate(raw))
             if opcode == 8:
                 raise asyncio.IncompleteReadError(b"", n)
             if opcode == 9:
@@ -273,8 +274,8 @@ class Broker:
                     (mid,) = struct.unpack_from("!H", body, pos)
                     pos += 2
                 payload = body[pos:]
-                self._record(lambda: self.messages.append((conn.client_id, topic.decode(),
-                                                           payload)))
+                message = (conn.client_id, topic.decode(), payload)
+                self._record(lambda m=message: self.messages.append(m))
                 if qos:
                     stream.write(bytes([0x40, 2]) + struct.pack("!H", mid))
             elif kind == 8:  # SUBSCRIBE

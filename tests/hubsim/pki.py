@@ -64,8 +64,8 @@ class Pki:
     def client(self, cn: str, issuer=None):
         """A client certificate signed by the test CA (or ``issuer``)."""
         self._n += 1
-        ident = certfactory.make_identity(cn, key=certfactory.private_key("p256", 1000 * self.seed + 10 + self._n),
-                                         issuer=issuer or self.ca)
+        key = certfactory.private_key("p256", 1000 * self.seed + 10 + self._n)
+        ident = certfactory.make_identity(cn, key=key, issuer=issuer or self.ca)
         return self._save(ident, f"client{self._n}")
 
     def stranger(self, cn: str):

@@ -181,7 +181,8 @@ def test_broker_down_then_up_retries_then_connects(pki, run):
 
     port = free_port()
     c, n = run(identity(), conf(pki, port=port))
-    assert n.statuses[-1] == f"retrying: hub unreachable (TCP: connection refused by localhost:{port})"
+    assert n.statuses[-1] == ("retrying: hub unreachable (TCP: connection refused by "
+                              f"localhost:{port})")
     assert c.state == "retrying" and n.failed is None
     broker, auth = sas_hub(pki)
     broker.stop()  # only to get a fresh object on the known port below
@@ -240,8 +241,8 @@ def test_hub_closing_the_tls_handshake(pki, run):
     broker.start()
     c, n = run(identity(), conf(pki, port=broker.port), broker)
     assert n.failed is None
-    assert n.statuses[-1] == ("retrying: hub unreachable (TLS: localhost:%d closed the "
-                              "connection during the TLS handshake)" % broker.port)
+    assert n.statuses[-1] == (f"retrying: hub unreachable (TLS: localhost:{broker.port} closed "
+                              "the connection during the TLS handshake)")
 
 
 def test_broker_that_never_answers_connect(pki, run):
