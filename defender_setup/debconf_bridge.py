@@ -183,14 +183,17 @@ def question_for(error: SetupError, answers: Answers) -> str:
     return "auth-method"
 
 
-def _field(error: SetupError) -> str:
-    return getattr(error, "field", None) or error.message.split(":", 1)[0]
-
-
-def _reason(error: SetupError) -> str:
-    reason = error.message if isinstance(error, ValidationError) else \
-        error.message.split(": ", 1)[-1]
-    return " ".join(reason.split())  # one line: the shell reads a single line
+def _split(error: SetupError) -> tuple[str, str]:
+    """``(field, reason)`` of an error, one line each, for the shell and the error template."""
+    if isinstance(error, ValidationError):
+        field_name, reason = error.field, error.message
+    else:  # e.g. "certificate file: /x does not exist"; unsafe targets start with a path
+        head, sep, tail = error.message.partition(": ")
+        if sep and len(head) <= 40 and not head.startswith("/"):
+            field_name, reason = head, tail
+        else:
+            field_name, reason = "credentials", error.message
+    return field_name, " ".join(reason.split())
 
 
 def open_channel():
@@ -224,7 +227,8 @@ def check(db, root: Path) -> tuple[int, str]:
         if inputs is not None:
             _validate(inputs)
     except SetupError as exc:
-        return exc.exit_code, f"{question_for(exc, answers)}\t{_field(exc)}\t{_reason(exc)}"
+        field_name, reason = _split(exc)
+        return exc.exit_code, f"{question_for(exc, answers)}\t{field_name}\t{reason}"
     return EX_OK, ""
 
 
@@ -238,6 +242,7 @@ def apply(db, root: Path, out) -> int:
     from .agentdir import AgentDir
 
     agent = AgentDir(root)
+    answers = None
     try:
         answers = Answers.read(db)
         current = agent.current()
@@ -266,7 +271,10 @@ def apply(db, root: Path, out) -> int:
         db.set(PREFIX + "module-id", ident.module_id)
         return EX_OK
     except SetupError as exc:
-        print(f"defender-setup: error: invalid {_field(exc)}: {_reason(exc)}", file=sys.stderr)
+        field_name, reason = _split(exc)
+        question = question_for(exc, answers) if answers else "auth-method"
+        print(f"defender-setup: invalid {field_name}: {reason} (debconf question "
+              f"{PREFIX}{question})", file=sys.stderr)
         return exc.exit_code
     finally:
         _clear_one_shot(db)

@@ -240,8 +240,9 @@ class Container:
         variables = {"PATH": GUEST_PATH, "LANG": "C.UTF-8", "HOME": "/root", **(env or {})}
         full = ["nsenter", "-t", str(self.pid1), "-a", "env", "-i",
                 *(f"{k}={v}" for k, v in variables.items()), *cmd]
-        result = subprocess.run(full, input=input, capture_output=True,
-                                text=not isinstance(input, bytes), timeout=timeout)
+        binary = isinstance(input, bytes)
+        result = subprocess.run(full, input=input, capture_output=True, timeout=timeout,
+                                text=not binary, errors=None if binary else "replace")
         if check and result.returncode != 0:
             raise AssertionError(f"{self.name}: {cmd!r} exited {result.returncode}\n"
                                  f"stdout: {_text(result.stdout)}\nstderr: {_text(result.stderr)}")
