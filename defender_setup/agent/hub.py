@@ -174,6 +174,9 @@ class HubConnector:
                                    is not None else self.settings.heartbeat_interval)
         self.sas_lifetime = self._lifetime_override or self.settings.sas_lifetime
         self.state = "connecting"
+        self._backoff.reset()
+        self._last_reason = None
+        self._next_beat = 0.0  # the first heartbeat right after connecting
         self._thread = threading.Thread(target=self._run, name="hub", daemon=True)
         self._thread.start()
         if not self._outcome.wait(self.ready_timeout):
@@ -210,7 +213,6 @@ class HubConnector:
                                            f"{Path(where.filename).name}:{where.lineno}")
 
     def _retry_loop(self) -> None:
-        last_reason = None
         while not self._stop.is_set():
             result = self._session()
             self._outcome.set()
@@ -226,9 +228,9 @@ class HubConnector:
                 self._backoff.reset()
             self.state = "retrying"
             self._status(f"retrying: hub unreachable ({result.text})")
-            if result.text != last_reason:
+            if result.text != self._last_reason:  # one line per distinct reason, not per try
                 self._notify.log(f"hub unreachable ({result.text}); retrying", WARNING)
-                last_reason = result.text
+                self._last_reason = result.text
             self._stop.wait(self._backoff.next())
 
     def _session(self) -> hubnet.Result:
@@ -241,29 +243,30 @@ class HubConnector:
             return session.result
         self.connections += 1
         self._backoff.reset()
-        self.state = "connected"
+        self._last_reason = None
+        previous, self.state = self.state, "connected"
         self._status(f"connected to {self.identity.name}")
         self._outcome.set()
-        if self.connections == 1:
+        if previous != "connected":  # not after a token renewal: that is routine
             self._notify.log(f"connected to {self.identity.name} via "
                              f"{self.identity.connect_host}:{self.settings.hub_port} "
                              f"({self.settings.transport})", INFO)
         renew_at = None
         if token is not None:
             renew_at = time.monotonic() + sas.renewal_delay(self.sas_lifetime)
-        next_beat = time.monotonic()
         try:
             while True:
                 now = time.monotonic()
-                if self.heartbeat_interval and now >= next_beat:
+                if self.heartbeat_interval and now >= self._next_beat:
                     self.send(self._heartbeat())
-                    next_beat = now + self.heartbeat_interval
+                    self._next_beat = now + self.heartbeat_interval
                 session.publish_from(self._queue, self.identity.topic)
                 if self._stop.is_set():
                     session.close(drain=1.0)
                     return hubnet.Result("stopped")
                 if renew_at is not None and now >= renew_at:
-                    session.close(drain=3.0)
+                    # wait for outstanding acks, but well before the old token expires
+                    session.close(drain=min(3.0, self.sas_lifetime * 0.05))
                     return hubnet.Result("renew")
                 lost = session.pump(0.5)
                 if lost is not None:
