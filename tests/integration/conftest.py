@@ -3,6 +3,7 @@
     deb        (session) Path of the .deb under test (tools/build-deb once, or
                $DEFENDER_SETUP_DEB)
     deb_dir    (session) a host directory holding only that .deb (bound at /srv/deb)
+    deb_next   (session) the same package built as Debian revision -2 (upgrade tests)
     base       (session) the cached base rootfs (harness.base_image())
     booted     a started Container of ``base`` (volatile overlay) with the .deb at /srv/deb,
                not yet installed: ``booted.install_deb(preseed=[...])``
@@ -57,6 +58,12 @@ def deb_dir(deb, tmp_path_factory) -> Path:
     directory = tmp_path_factory.mktemp("deb")
     shutil.copy2(deb, directory / deb.name)
     return directory
+
+
+@pytest.fixture(scope="session")
+def deb_next(deb, tmp_path_factory) -> Path:
+    """The same package as a newer Debian revision (-2), alone in its directory."""
+    return harness.build_deb(revision=2, dist_dir=tmp_path_factory.mktemp("next") / "dist")
 
 
 @pytest.fixture(scope="session")

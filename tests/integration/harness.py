@@ -2,7 +2,7 @@
 
 Interface (the fixtures in ``conftest.py`` wrap these; see RECIPES.md for the measurements)::
 
-    build_deb() -> Path                       # tools/build-deb, or $DEFENDER_SETUP_DEB
+    build_deb(revision=None, dist_dir=None) -> Path   # tools/build-deb, or $DEFENDER_SETUP_DEB
     base_image(extra=()) -> Path              # cached rootfs dir: systemd + our dependencies
     build_image(dest, deb, preseed=(), files={}, extra=()) -> CompletedProcess
         # Recipe A: mmdebstrap installs the .deb in a chroot (no systemd, policy-rc.d 101)
@@ -56,12 +56,21 @@ def _run(cmd, **kw) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, **kw)
 
 
-def build_deb() -> Path:
-    """The package under test: ``$DEFENDER_SETUP_DEB`` if set, else built by tools/build-deb."""
+def build_deb(revision: int | None = None, dist_dir: Path | None = None) -> Path:
+    """The package under test: ``$DEFENDER_SETUP_DEB`` if set, else built by tools/build-deb.
+
+    :param revision: build this Debian revision instead (e.g. 2, to test an upgrade), into
+        ``dist_dir``.
+    """
     given = os.environ.get("DEFENDER_SETUP_DEB")
-    if given:
+    if given and revision is None:
         return Path(given).resolve()
-    out = _run([str(REPO / "tools" / "build-deb")], cwd=REPO, check=True)
+    env = dict(os.environ)
+    if revision is not None:
+        env.update(DEB_REVISION=str(revision), DEB_DIST_DIR=str(dist_dir))
+    out = _run([str(REPO / "tools" / "build-deb")], cwd=REPO, env=env)
+    if out.returncode != 0:
+        raise RuntimeError(f"tools/build-deb failed:\n{out.stderr[-4000:]}")
     return Path(out.stdout.strip().splitlines()[-1])
 
 
@@ -87,7 +96,7 @@ def base_image(extra: tuple[str, ...] = ()) -> Path:
             return path
         tmp = Path(tempfile.mkdtemp(prefix=path.name + ".", dir=CACHE))
         try:
-            _mmdebstrap(tmp, ["--include=" + ",".join(packages)])
+            _mmdebstrap(tmp, ["--quiet", "--include=" + ",".join(packages)])
             tmp.rename(path)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -98,7 +107,7 @@ def base_image(extra: tuple[str, ...] = ()) -> Path:
 def _mmdebstrap(dest: Path, options: list[str]) -> subprocess.CompletedProcess:
     if dest.exists():
         dest.rmdir()  # mmdebstrap wants an absent or empty directory; mkdtemp made it empty
-    result = _run(["mmdebstrap", "--variant=apt", "--quiet", *options, SUITE, str(dest)],
+    result = _run(["mmdebstrap", "--variant=apt", *options, SUITE, str(dest)],
                   timeout=1200)
     if result.returncode != 0:
         raise RuntimeError(f"mmdebstrap failed ({result.returncode}):\n{result.stderr[-4000:]}")
@@ -130,7 +139,8 @@ def build_image(dest: Path, deb: Path, preseed=(), files: dict | None = None,
             hooks.append(f'--essential-hook=mkdir -p "$1{parent}"')
             hooks.append(f"--essential-hook=copy-in {local} {parent}")
             hooks.append(f'--essential-hook=mv "$1{parent}/{local.name}" "$1{guest}"')
-        return _mmdebstrap(Path(dest), [f"--include={packages},{deb}",
+        # --verbose: the maintainer scripts' messages are part of what the tests check.
+        return _mmdebstrap(Path(dest), ["--verbose", f"--include={packages},{deb}",
                                         "--hook-dir=/usr/share/mmdebstrap/hooks/"
                                         "file-mirror-automount", *hooks])
 

@@ -165,6 +165,20 @@ def test_reconfigure_without_new_answers_keeps_credentials(booted, preseed):
         {k: v for k, v in files.items() if k.startswith("connection")}
 
 
+def test_upgrade_restarts_exactly_once_and_keeps_credentials(boot, base, deb_next, preseed):
+    ct = boot(base, binds={str(deb_next.parent): "/srv/next"})
+    ct.install_deb(preseed.for_connection_string())
+    files, before = agent_files(ct), state(ct)
+    cursor = journal_cursor(ct)
+    result = ct.install_deb(deb=f"/srv/next/{deb_next.name}")
+    after = state(ct)
+    assert VERDICT in result.stdout + result.stderr
+    assert after["ActiveState"] == "active"
+    assert starts_since(ct, cursor) == [after["InvocationID"]] != [before["InvocationID"]]
+    current = {k: v for k, v in agent_files(ct).items() if not k.startswith(".")}
+    assert current == {k: v for k, v in files.items() if not k.startswith(".")}
+
+
 # -- invalid answers ----------------------------------------------------------------------------
 def _bad_connection_strings(preseed):
     good = preseed.connection_string()
