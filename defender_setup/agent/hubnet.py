@@ -33,7 +33,8 @@ CONNACK_TEXT = {
     5: "not authorized",
 }
 # paho 2.x reports MQTT 3.1.1 return codes converted to MQTT 5 reason codes.
-_V5_TO_V311 = {128: 3, 132: 1, 133: 2, 134: 4, 135: 5, 136: 3, 137: 3, 140: 5, 159: 3}
+# (paho 2 maps every code above 5 to 128 "Unspecified error": the raw code is kept first.)
+_V5_TO_V311 = {132: 1, 133: 2, 134: 4, 135: 5, 136: 3, 137: 3, 140: 5, 159: 3}
 # TLS alerts a server sends about the client's certificate: the hub refuses this identity.
 CERT_ALERTS = {
     "SSLV3_ALERT_BAD_CERTIFICATE": "bad certificate",
@@ -229,10 +230,11 @@ class Link:
         version = getattr(mqtt, "CallbackAPIVersion", None)
         if version is not None:  # paho 2.x
             return cls(version.VERSION2, reconnect_on_failure=False, **kwargs)
-        try:
-            return cls(reconnect_on_failure=False, **kwargs)
-        except TypeError:  # paho 1.5: no reconnect_on_failure
-            return cls(**kwargs)
+        # paho 1.5 (Debian 11) has no reconnect_on_failure; look before calling, since a failed
+        # constructor leaves an object whose __del__ prints a traceback to the journal.
+        if "reconnect_on_failure" in mqtt.Client.__init__.__code__.co_varnames:
+            kwargs["reconnect_on_failure"] = False
+        return cls(**kwargs)
 
     def open(self, token, clock, timeout: float) -> Session:
         ctx = self.ctx
@@ -274,6 +276,10 @@ class Session:
 
     # paho callbacks: (client, userdata, flags, rc[, properties]) / (client, userdata, mid, ...)
     def _on_connect(self, *args):
+        raw = getattr(args[0], "raw_connack", None)  # the 3.1.1 code as the hub sent it
+        if raw is not None:
+            self.connack = raw
+            return
         rc = args[3]
         code = int(getattr(rc, "value", rc))
         self.connack = _V5_TO_V311.get(code, code)
