@@ -163,11 +163,14 @@ def _client_class(mqtt):
 
 
 def _reason(err: BaseException) -> str:
+    """A short, single-line reason (statuses and journal lines are one line each)."""
     if isinstance(err, ssl.SSLCertVerificationError):
-        return f"certificate verify failed: {err.verify_message}"
-    if isinstance(err, ssl.SSLError):
-        return (err.reason or str(err)).replace("_", " ").lower()
-    return getattr(err, "strerror", None) or str(err) or type(err).__name__
+        text = f"certificate verify failed: {err.verify_message}"
+    elif isinstance(err, ssl.SSLError):
+        text = (err.reason or str(err)).replace("_", " ").lower()
+    else:
+        text = getattr(err, "strerror", None) or str(err) or type(err).__name__
+    return " ".join(str(text).split())[:200]
 
 
 class Link:
@@ -327,11 +330,11 @@ class Session:
         if isinstance(err, ssl.SSLCertVerificationError):
             return Result("unreachable", f"TLS: {host} is not trusted: {err.verify_message}")
         if isinstance(err, ssl.CertificateError):
-            return Result("unreachable", f"TLS: {host}: {err}")
+            return Result("unreachable", f"TLS: {host}: {_reason(err)}")
         if isinstance(err, ssl.SSLError):
             return self._tls_failure(err, where)
         if type(err).__name__ == "WebsocketConnectionError":
-            return Result("unreachable", f"WebSocket: {where}{WS_PATH}: {err}")
+            return Result("unreachable", f"WebSocket: {where}{WS_PATH}: {_reason(err)}")
         if isinstance(err, (socket.timeout, TimeoutError)):
             if self.ctx.tcp_connected:
                 return Result("unreachable", f"TLS: no answer to the TLS handshake from "

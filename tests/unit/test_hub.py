@@ -317,3 +317,46 @@ def test_default_trust_is_the_system_ca_directory(pki, run, tmp_path, monkeypatc
     broker, auth = sas_hub(pki)
     c, n = run(identity(), settings.Settings(port=broker.port), broker)
     assert c.state == "connected", n.everything()
+
+
+def _proxy(url):
+    return settings.parse(json.dumps({"proxy": url})).proxy
+
+
+@pytest.mark.skipif(not hasattr(__import__("importlib").util.find_spec("socks") or object(),
+                                "name"), reason="python3-socks is not installed")
+def test_through_an_http_proxy(pki, run):
+    from tests.hubsim.proxy import ConnectProxy
+
+    proxy = ConnectProxy(auth=("agent", "pr0xy-pass"))
+    proxy_port = proxy.start()
+    try:
+        broker, auth = sas_hub(pki)
+        url = f"http://agent:pr0xy-pass@127.0.0.1:{proxy_port}"
+        c, n = run(identity(), conf(pki, port=broker.port, proxy=_proxy(url)), broker)
+        assert c.state == "connected", n.everything()
+        assert proxy.targets == [f"localhost:{broker.port}"]  # the hub name, resolved there
+        assert "pr0xy-pass" not in n.everything()
+    finally:
+        proxy.stop()
+
+
+@pytest.mark.skipif(not hasattr(__import__("importlib").util.find_spec("socks") or object(),
+                                "name"), reason="python3-socks is not installed")
+def test_proxy_down_or_refusing_is_named(pki, run):
+    from tests.hubsim.mosquitto import free_port
+    from tests.hubsim.proxy import ConnectProxy
+
+    port = free_port()
+    c, n = run(identity(), conf(pki, port=8883, proxy=_proxy(f"http://127.0.0.1:{port}")))
+    assert n.statuses[-1].startswith("retrying: hub unreachable (proxy: "), n.statuses
+    assert n.failed is None
+    proxy = ConnectProxy(auth=("agent", "right"))
+    proxy_port = proxy.start()
+    try:
+        url = f"http://agent:wrong@127.0.0.1:{proxy_port}"
+        c, n = run(identity(), conf(pki, port=8883, proxy=_proxy(url)))
+        assert n.statuses[-1].startswith("retrying: hub unreachable (proxy: "), n.statuses
+        assert "407" in n.statuses[-1] and "wrong" not in n.everything()
+    finally:
+        proxy.stop()
