@@ -6,6 +6,7 @@ runtime side of the seam (``notify``) is a recorder, since the runtime is not un
 """
 
 import base64
+import importlib.util
 import json
 import threading
 import time
@@ -319,12 +320,14 @@ def test_default_trust_is_the_system_ca_directory(pki, run, tmp_path, monkeypatc
     assert c.state == "connected", n.everything()
 
 
+HAVE_SOCKS = importlib.util.find_spec("socks") is not None
+
+
 def _proxy(url):
     return settings.parse(json.dumps({"proxy": url})).proxy
 
 
-@pytest.mark.skipif(not hasattr(__import__("importlib").util.find_spec("socks") or object(),
-                                "name"), reason="python3-socks is not installed")
+@pytest.mark.skipif(not HAVE_SOCKS, reason="python3-socks is not installed")
 def test_through_an_http_proxy(pki, run):
     from tests.hubsim.proxy import ConnectProxy
 
@@ -341,8 +344,7 @@ def test_through_an_http_proxy(pki, run):
         proxy.stop()
 
 
-@pytest.mark.skipif(not hasattr(__import__("importlib").util.find_spec("socks") or object(),
-                                "name"), reason="python3-socks is not installed")
+@pytest.mark.skipif(not HAVE_SOCKS, reason="python3-socks is not installed")
 def test_proxy_down_or_refusing_is_named(pki, run):
     from tests.hubsim.mosquitto import free_port
     from tests.hubsim.proxy import ConnectProxy
