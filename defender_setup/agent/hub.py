@@ -160,7 +160,9 @@ class HubConnector:
     # -- seam ------------------------------------------------------------------------------
     def start(self, creds, notify) -> None:
         self._notify = notify
-        self._stop.clear()
+        # A fresh event per start: a thread stop() gave up waiting for (stuck in a handshake
+        # until its timeout) keeps seeing its own, set event and ends instead of reconnecting.
+        self._stop = threading.Event()
         self._outcome.clear()
         try:
             self.settings = self._settings or settings_mod.load(self.root)
@@ -177,7 +179,8 @@ class HubConnector:
         self._backoff.reset()
         self._last_reason = None
         self._next_beat = 0.0  # the first heartbeat right after connecting
-        self._thread = threading.Thread(target=self._run, name="hub", daemon=True)
+        self._thread = threading.Thread(target=self._run, args=(self._stop,), name="hub",
+                                        daemon=True)
         self._thread.start()
         if not self._outcome.wait(self.ready_timeout):
             where = f"{self.identity.connect_host}:{self.settings.hub_port}"
@@ -199,9 +202,9 @@ class HubConnector:
     def _status(self, text: str) -> None:
         self._notify.status(text)
 
-    def _run(self) -> None:
+    def _run(self, stop: threading.Event) -> None:
         try:
-            self._retry_loop()
+            self._retry_loop(stop)
         except Exception as err:  # a bug: one line with its location, never a traceback
             import traceback
 
@@ -212,9 +215,11 @@ class HubConnector:
                                            f"{type(err).__name__} at "
                                            f"{Path(where.filename).name}:{where.lineno}")
 
-    def _retry_loop(self) -> None:
-        while not self._stop.is_set():
-            result = self._session()
+    def _retry_loop(self, stop: threading.Event) -> None:
+        while not stop.is_set():
+            result = self._session(stop)
+            if stop.is_set():
+                return  # stopped during the attempt: its outcome is nobody's business now
             self._outcome.set()
             if result.kind == "rejected":
                 self.state = "rejected"
@@ -231,9 +236,9 @@ class HubConnector:
             if result.text != self._last_reason:  # one line per distinct reason, not per try
                 self._notify.log(f"hub unreachable ({result.text}); retrying", WARNING)
                 self._last_reason = result.text
-            self._stop.wait(self._backoff.next())
+            stop.wait(self._backoff.next())
 
-    def _session(self) -> hubnet.Result:
+    def _session(self, stop: threading.Event) -> hubnet.Result:
         token = None
         if self.identity.key is not None:
             token = sas.new_token(self.identity.resource, self.identity.key, self.sas_lifetime,
@@ -261,7 +266,7 @@ class HubConnector:
                     self.send(self._heartbeat())
                     self._next_beat = now + self.heartbeat_interval
                 session.publish_from(self._queue, self.identity.topic)
-                if self._stop.is_set():
+                if stop.is_set():
                     session.close(drain=1.0)
                     return hubnet.Result("stopped")
                 if renew_at is not None and now >= renew_at:

@@ -73,6 +73,11 @@ def test_process_connects_and_reports_ready(pki, hub, tmp_path):
         msg = sock.recv(4096).decode()
         assert msg == f"READY=1\nSTATUS=connected to {HUB} as {DEVICE}/{MODULE}"
         assert hub.wait_for(lambda: hub.messages)
+        # reload (systemctl reload): the credentials are re-read and the hub connection redone
+        proc.send_signal(signal.SIGHUP)
+        assert sock.recv(4096) == b"RELOADING=1"
+        assert sock.recv(4096).decode() == msg  # READY=1 with "connected to ..." again
+        assert hub.wait_for(lambda: len(hub.accepted()) == 2)
         proc.send_signal(signal.SIGTERM)
         _, err = proc.communicate(timeout=10)
     finally:
