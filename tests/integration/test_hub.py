@@ -187,3 +187,26 @@ def test_hub_tests_pass_on_other_releases(suite, tmp_path):
         capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-2000:]
     assert " passed" in r.stdout
+
+
+def test_certificate_identity_connects_to_mosquitto(ct, preseed, tmp_path):
+    # X.509 through the package's certificate questions; the hub is Debian's mosquitto
+    # requiring client certificates from the test CA. /etc/hosts in the container maps the
+    # hub's name to the host's loopback, so TLS checks the real HostName.
+    from tests.hubsim.mosquitto import Mosquitto
+
+    pki = Pki(tmp_path / "pki", names=("localhost", preseed.HUB))
+    cert, key = pki.client(f"dev1/{MODULE}")
+    with Mosquitto(pki, tmp_path) as mosq:
+        ct.sh(f"echo '127.0.0.1 {preseed.HUB}' >> /etc/hosts")
+        ct.copy_in(pki.ca_file, f"{CONF_DIR}/hub-ca.pem", mode=0o644)
+        ct.copy_in(json.dumps({"ca_file": f"{CONF_DIR}/hub-ca.pem", "port": mosq.port}),
+                   f"{CONF_DIR}/conf.json", mode=0o644)
+        ct.copy_in(cert, "/root/device.pem")
+        ct.copy_in(key, "/root/device.key")
+        r = ct.install_deb(preseed=preseed.for_certificate())
+        out = r.stdout + r.stderr
+        s = status(ct)
+        assert s["StatusText"] == f"connected to {preseed.HUB} as dev1/{MODULE}", out + str(s)
+        assert f"as dev1/{MODULE}" in mosq.log_text()
+        assert "BEGIN" not in ct.run(["journalctl", "-u", UNIT, "-o", "cat"]).stdout
