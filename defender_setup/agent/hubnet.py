@@ -342,10 +342,12 @@ class Session:
             return Result("unreachable", f"TCP: timed out connecting to {where}")
         if isinstance(err, ConnectionRefusedError):
             return Result("unreachable", f"TCP: connection refused by {where}")
-        if isinstance(err, OSError) and self.ctx.tcp_connected:
+        if isinstance(err, ConnectionError) and self.ctx.tcp_connected:
+            # a reset is how a peer closes with our ClientHello still unread: same as an EOF
             return Result("unreachable",
-                          f"TLS: {where} closed the connection during the TLS handshake "
-                          f"({_reason(err)})")
+                          f"TLS: {where} closed the connection during the TLS handshake")
+        if isinstance(err, OSError) and self.ctx.tcp_connected:
+            return Result("unreachable", f"TLS: {where}: {_reason(err)}")
         if isinstance(err, OSError):
             return Result("unreachable", f"TCP: {where}: {_reason(err)}")
         return Result("unreachable", f"TCP: {where}: {type(err).__name__}")
