@@ -258,7 +258,10 @@ class HubConnector:
                              f"({self.settings.transport})", INFO)
         renew_at = None
         if token is not None:
-            renew_at = time.monotonic() + sas.renewal_delay(self.sas_lifetime)
+            # from the token's own expiry (whole seconds, so up to 1 s shorter than asked)
+            left = token.expiry - self._clock()
+            renew_at = time.monotonic() + max(1.0, left - self.sas_lifetime + sas.renewal_delay(
+                self.sas_lifetime))
         try:
             while True:
                 now = time.monotonic()
