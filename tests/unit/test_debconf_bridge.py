@@ -300,5 +300,5 @@ def test_config_loads_current_identity(debconf, root):
 
 def test_helper_is_pinned_to_debians_python():
     helper = REPO / "debian" / "helper" / "debconf-helper"
-    assert helper.read_text().startswith("#!/usr/bin/python3\n")
+    assert helper.read_text().startswith("#!/usr/bin/python3 -I\n")
     assert os.access(helper, os.X_OK)
