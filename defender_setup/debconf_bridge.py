@@ -204,8 +204,10 @@ def open_channel():
         def setUp(self, title):
             # The stock setUp sends an empty CAPB, which would switch off the shell's
             # "backup escape" for the rest of the session; ask for exactly those again.
-            self.version(2)
-            self.capabilities = self.capb("backup", "escape").split()
+            # command() directly: the method for VERSION is "version" up to Debian 12 and
+            # "version_" from 13 on, where "version" holds the protocol version string.
+            self.version = self.command("version", 2)
+            self.capabilities = self.command("capb", "backup", "escape").split()
 
     return Channel(write=os.fdopen(3, "w"))
 

@@ -3,7 +3,7 @@
 Interface (the fixtures in ``conftest.py`` wrap these; see RECIPES.md for the measurements)::
 
     build_deb(revision=None, dist_dir=None) -> Path   # tools/build-deb, or $DEFENDER_SETUP_DEB
-    base_image(extra=()) -> Path              # cached rootfs dir: systemd + our dependencies
+    base_image(extra=(), suite="bookworm") -> Path    # cached rootfs: systemd + dependencies
     build_image(dest, deb, preseed=(), files={}, extra=()) -> CompletedProcess
         # Recipe A: mmdebstrap installs the .deb in a chroot (no systemd, policy-rc.d 101)
         # with debconf answers and files (e.g. a key) put in place before the install
@@ -82,21 +82,22 @@ def _lock(name: str):
         yield
 
 
-def base_image(extra: tuple[str, ...] = ()) -> Path:
+def base_image(extra: tuple[str, ...] = (), suite: str = SUITE) -> Path:
     """A cached rootfs directory with systemd and the package's dependencies.
 
-    Keyed by the package list, so a caller that needs more (``extra``) gets its own image.
+    Keyed by the suite and the package list, so a caller that needs more (``extra``) or
+    another release (``suite="bullseye"``, ``"trixie"``) gets its own image.
     Never modify it: boot it with ``volatile=True`` or copy it.
     """
     packages = tuple(sorted(set(BASE_PACKAGES) | set(extra)))
-    key = hashlib.sha256(f"{RECIPE_VERSION} {SUITE} {' '.join(packages)}".encode())
-    path = CACHE / f"base-{SUITE}-{key.hexdigest()[:12]}"
+    key = hashlib.sha256(f"{RECIPE_VERSION} {suite} {' '.join(packages)}".encode())
+    path = CACHE / f"base-{suite}-{key.hexdigest()[:12]}"
     with _lock(path.name):
         if (path / "etc" / "os-release").exists():
             return path
         tmp = Path(tempfile.mkdtemp(prefix=path.name + ".", dir=CACHE))
         try:
-            _mmdebstrap(tmp, ["--quiet", "--include=" + ",".join(packages)])
+            _mmdebstrap(tmp, ["--quiet", "--include=" + ",".join(packages)], suite)
             tmp.rename(path)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -104,10 +105,11 @@ def base_image(extra: tuple[str, ...] = ()) -> Path:
     return path
 
 
-def _mmdebstrap(dest: Path, options: list[str]) -> subprocess.CompletedProcess:
+def _mmdebstrap(dest: Path, options: list[str], suite: str = SUITE
+                ) -> subprocess.CompletedProcess:
     if dest.exists():
         dest.rmdir()  # mmdebstrap wants an absent or empty directory; mkdtemp made it empty
-    result = _run(["mmdebstrap", "--variant=apt", *options, SUITE, str(dest)],
+    result = _run(["mmdebstrap", "--variant=apt", *options, suite, str(dest)],
                   timeout=1200)
     if result.returncode != 0:
         raise RuntimeError(f"mmdebstrap failed ({result.returncode}):\n{result.stderr[-4000:]}")
