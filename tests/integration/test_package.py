@@ -103,11 +103,13 @@ def test_install_without_answers_is_unconfigured_and_quiet_then_configure(booted
 
 def test_apt_install_connection_string(booted, preseed):
     key = preseed.sas_key(7)
+    cursor = journal_cursor(booted)
     result = booted.install_deb(preseed.for_connection_string(preseed.connection_string(key=key)))
     out = result.stdout + result.stderr
     assert VERDICT in out and key not in out
     st = state(booted)
     assert (st["ActiveState"], st["SubState"]) == ("active", "running"), st
+    assert starts_since(booted, cursor) == [st["InvocationID"]], "not exactly one start"
     modes = booted.run(["stat", "-c", "%n %a %U", AGENT_DIR, f"{AGENT_DIR}/connection_string.txt"]
                        ).stdout.split("\n")
     assert modes[0].endswith(" 700 root") and modes[1].endswith(" 600 root"), modes
