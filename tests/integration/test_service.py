@@ -179,6 +179,23 @@ def test_failing_credentials_roll_back_to_the_last_good_set(ct, preseed):
     assert text.split("SharedAccessKey=")[1] not in out
 
 
+def test_first_configuration_rejected_keeps_dpkg_usable(ct, preseed):
+    """No last good set to roll back to: loud report, but the package stays configured so
+    that dpkg-reconfigure (the way to fix it) still runs."""
+    assert ct.install_deb().returncode == 0  # unconfigured: nothing to roll back to later
+    install_test_hub(ct, reject=["rejected-dev"])
+    r, out, text = reconfigure(ct, preseed, "rejected-dev")
+    assert r.returncode == 0, out
+    assert "VERIFICATION FAILED and no roll-back possible" in out
+    assert "fix the credentials with 'dpkg-reconfigure defender-setup'" in out
+    status = ct.run(["dpkg-query", "-W", "-f=${Status}", "defender-setup"]).stdout
+    assert status == "install ok installed"
+    assert text.split("SharedAccessKey=")[1] not in out
+    r, out, _ = reconfigure(ct, preseed, "good-dev")
+    assert r.returncode == 0 and "stable for" in out, out
+    assert state(ct)["SubState"] == "running"
+
+
 def test_strict_mode_returns_69_after_rolling_back(ct, preseed):
     install(ct, preseed, device="good-dev")
     install_test_hub(ct, reject=["rejected-dev"])
