@@ -13,6 +13,7 @@ from pathlib import Path
 
 from . import UNIT, __version__
 from .errors import EX_OK, InputError, SetupError
+from .inputs import read_file
 
 EPILOG = """\
 exit codes: 0 success (warnings may be printed), 2 usage error, 65 invalid credentials,
@@ -34,15 +35,7 @@ def _read_input(name: str | None, what: str, stdin_used: list) -> bytes | None:
             raise InputError(f"{what}: only one input can come from standard input")
         stdin_used.append(what)
         return sys.stdin.buffer.read()
-    try:
-        with open(name, "rb") as handle:
-            return handle.read()
-    except FileNotFoundError:
-        raise InputError(f"{what}: {name} does not exist; check the path") from None
-    except IsADirectoryError:
-        raise InputError(f"{what}: {name} is a directory, not a file") from None
-    except OSError as exc:
-        raise InputError(f"{what}: cannot read {name}: {exc.strerror}") from None
+    return read_file(name, what)
 
 
 def _validated(args):

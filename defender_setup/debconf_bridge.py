@@ -34,6 +34,7 @@ from typing import Callable
 from . import DEFAULT_MODULE_ID
 from .credentials import CERTIFICATE_FILE, CONNECTION_STRING_FILE, PRIVATE_KEY_FILE
 from .errors import EX_OK, InputError, SetupError, ValidationError
+from .inputs import read_file
 
 PREFIX = "defender-setup/"
 METHOD_LATER = "later"
@@ -83,15 +84,7 @@ def read_input(path: str, what: str) -> bytes:
     """Read a file named in an answer; errors name the path and the fix, never content."""
     if not os.path.isabs(path):
         raise InputError(f"{what} file: {path} is not an absolute path; give the full path")
-    try:
-        with open(path, "rb") as handle:
-            return handle.read()
-    except FileNotFoundError:
-        raise InputError(f"{what} file: {path} does not exist; check the path") from None
-    except IsADirectoryError:
-        raise InputError(f"{what} file: {path} is a directory, not a file") from None
-    except OSError as exc:
-        raise InputError(f"{what} file: cannot read {path}: {exc.strerror}") from None
+    return read_file(path, f"{what} file")
 
 
 def _identity_part(value: str, what: str) -> str:
