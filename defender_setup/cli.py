@@ -1,5 +1,8 @@
 """Command line: argparse subcommands and exit codes, nothing else (DESIGN.md, "Command line").
 
+Modules are imported inside the commands that need them: ``validate`` is run cold by
+maintainer scripts and people, and every import counts there (``make bench``).
+
 ``defender-setup <command> [options]``; ``main(argv) -> int``. Secrets are read from files or
 ``-`` (standard input), never from arguments or the environment.
 """
@@ -7,9 +10,7 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
-from pathlib import Path
 
 from . import UNIT, __version__
 from .errors import EX_OK, InputError, SetupError
@@ -89,6 +90,8 @@ def cmd_apply(args, out) -> int:
 
 
 def _restart(args, out) -> int:
+    from pathlib import Path
+
     from .verify import restart_and_verify
 
     return restart_and_verify(Path(args.root), timeout=args.timeout, strict=args.strict,
@@ -121,6 +124,9 @@ def _service_state(root: str) -> dict | None:
 
 
 def cmd_status(args, out) -> int:
+    import json
+    from pathlib import Path
+
     from .status import collect, render
 
     report = collect(Path(args.root), _service_state(args.root))
@@ -133,6 +139,9 @@ def cmd_status(args, out) -> int:
 
 
 def cmd_check(args, out) -> int:
+    import json
+    from pathlib import Path
+
     from .checks import render, run_checks
 
     results = run_checks(Path(args.root), _service_state(args.root))

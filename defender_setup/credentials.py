@@ -13,7 +13,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any
 
 from . import connection_string as cs
 from .errors import ValidationError
@@ -31,7 +30,7 @@ class Validated:
 
     method: str
     connection_string: cs.ConnectionString
-    certificate: Any = None  # certificates.CertificateInfo, imported lazily
+    certificate: object = None  # certificates.CertificateInfo (imported lazily)
     files: dict = field(default_factory=dict, repr=False)
 
     @property
