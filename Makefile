@@ -16,7 +16,7 @@ deps: ## install the Debian packages the build, tests and demo need (root)
 deb: ## build deb_dist/defender-setup_<version>_all.deb with stdeb
 	tools/build-deb
 
-test: test-unit test-integration ## run all tests (unit, then the .deb in booted containers)
+test: deps test-unit test-integration ## run all tests (unit, then the .deb in booted containers)
 
 test-unit: ## unit tests only (seconds, no root needed)
 	$(PY) -m pytest -q tests/unit
