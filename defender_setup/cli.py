@@ -177,7 +177,9 @@ def build_parser() -> argparse.ArgumentParser:
         description=f"Provision the Defender for IoT micro agent's authentication ({UNIT}).",
         epilog=EPILOG)
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    # An explicit prog spares argparse building a formatter (and importing shutil) at start.
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True,
+                                prog="defender-setup")
 
     def add(name, func, parents, help_text):
         p = sub.add_parser(name, parents=parents, help=help_text, description=help_text,
