@@ -13,7 +13,7 @@ help: ## show this help
 deps: ## install the Debian packages the build, tests and demo need (root)
 	tools/install-deps
 
-deb: ## build deb_dist/defender-setup_<version>_all.deb with stdeb
+deb: ## build deb_dist/defender-setup_<version>-1_all.deb with stdeb
 	tools/build-deb
 
 test: deps test-unit test-integration ## run all tests (unit, then the .deb in booted containers)
