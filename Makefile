@@ -1,5 +1,5 @@
 # defender-setup: `make` alone prints the targets (from their `## ` comments).
-# Everything runs on Debian's interpreter, never the first python3 on PATH.
+# Everything runs on Debian's interpreter (/usr/bin/python3), never whatever comes first on PATH.
 PY      := /usr/bin/python3
 TOOLS   := .cache/tools
 SHELL   := /bin/bash
