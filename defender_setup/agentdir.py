@@ -35,7 +35,7 @@ import stat
 from pathlib import Path
 
 from . import AGENT_DIR
-from .credentials import ALL_FILES
+from .credentials import ALL_FILES, method_of
 from .errors import InputError, SetupError, UnsafeTargetError, WriteError
 
 STATE = ".defender-setup"     # our private state inside the agent directory
@@ -166,10 +166,7 @@ class AgentDir:
         return self._files_in(self.path)
 
     def method(self) -> str | None:
-        present = {name for name in ALL_FILES if (self.path / name).exists()}
-        if not present:
-            return None
-        return "certificate" if len(present) > 1 else "connection-string"
+        return method_of(name for name in ALL_FILES if (self.path / name).exists())
 
     def modes(self) -> dict[str, int]:
         """Permission bits of the directory and each present file (for ``status``)."""

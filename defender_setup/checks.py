@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from .agentdir import AgentDir
-from .credentials import CERTIFICATE_FILE, CONNECTION_STRING_FILE, PRIVATE_KEY_FILE
+from .credentials import CERTIFICATE_FILE, CONNECTION_STRING_FILE, PRIVATE_KEY_FILE, method_of
 from .errors import EX_OK, EX_UNAVAILABLE, SetupError
 
 OK, WARNING, ERROR, SKIPPED = "ok", "warning", "error", "skipped"
@@ -88,8 +88,7 @@ def _check_modes(agent: AgentDir, add) -> None:
 def _check_credentials(files: dict, add) -> None:
     from .credentials import validate
 
-    cert_method = CERTIFICATE_FILE in files or PRIVATE_KEY_FILE in files
-    method = "certificate" if cert_method else "connection-string"
+    method = method_of(files)
     try:
         validated = validate(method, files[CONNECTION_STRING_FILE], files.get(CERTIFICATE_FILE),
                              files.get(PRIVATE_KEY_FILE))

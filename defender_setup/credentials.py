@@ -55,6 +55,21 @@ class Validated:
         return lines
 
 
+def method_of(names) -> str | None:
+    """The method a set of present credential files belongs to; None when unconfigured.
+
+    The one place that decides it (status, check, the debconf bridge and AgentDir use it):
+    no connection string means unconfigured; any certificate file means the certificate
+    method, whose connection string carries ``x509=true``.
+    """
+    names = set(names)
+    if CONNECTION_STRING_FILE not in names:
+        return None
+    if names & {CERTIFICATE_FILE, PRIVATE_KEY_FILE}:
+        return cs.METHOD_CERTIFICATE
+    return cs.METHOD_CONNECTION_STRING
+
+
 def validate(method: str, connection_string: bytes | str, certificate: bytes | None = None,
              private_key: bytes | None = None, now: datetime | None = None) -> Validated:
     """Validate everything the chosen method needs.

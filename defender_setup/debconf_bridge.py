@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Callable
 
 from . import DEFAULT_MODULE_ID
-from .credentials import CERTIFICATE_FILE, CONNECTION_STRING_FILE, PRIVATE_KEY_FILE
+from .credentials import CERTIFICATE_FILE, CONNECTION_STRING_FILE, PRIVATE_KEY_FILE, method_of
 from .errors import EX_OK, InputError, SetupError, ValidationError
 from .inputs import read_file
 
@@ -99,12 +99,6 @@ def _identity_part(value: str, what: str) -> str:
     return value
 
 
-def _current_method(current: dict[str, bytes]) -> str | None:
-    if CONNECTION_STRING_FILE not in current:
-        return None
-    return "certificate" if PRIVATE_KEY_FILE in current else "connection-string"
-
-
 def resolve(answers: Answers, current: dict[str, bytes],
             read: Callable[[str, str], bytes] = read_input) -> Inputs | None:
     """Turn the answers into inputs for validation; ``None`` means "keep what is there".
@@ -118,7 +112,7 @@ def resolve(answers: Answers, current: dict[str, bytes],
     :raises InputError: a named file is missing or unreadable.
     """
     method = answers.method
-    same = _current_method(current) == method
+    same = method_of(current) == method
     if method == METHOD_LATER:
         return None
     if method == "connection-string":
@@ -243,7 +237,7 @@ def apply(db, root: Path, out) -> int:
         current = agent.current()
         inputs = resolve(answers, current)
         if inputs is None:
-            state = _current_method(current)
+            state = method_of(current)
             if state:  # unconfigured: the postinst says how to configure
                 print(f"defender-setup: credentials unchanged ({state})", file=out)
             return EX_OK

@@ -12,7 +12,13 @@ from pathlib import Path
 
 from . import UNIT
 from .agentdir import AgentDir
-from .credentials import CERTIFICATE_FILE, CONNECTION_STRING_FILE, PRIVATE_KEY_FILE, validate
+from .credentials import (
+    CERTIFICATE_FILE,
+    CONNECTION_STRING_FILE,
+    PRIVATE_KEY_FILE,
+    method_of,
+    validate,
+)
 from .errors import SetupError
 
 
@@ -46,8 +52,7 @@ def collect(root: Path, service_state: dict | None = None) -> dict:
         report["problem"] = ("not configured: run 'dpkg-reconfigure defender-setup' or "
                              "'defender-setup apply'")
         return report
-    method = "certificate" if CERTIFICATE_FILE in files or PRIVATE_KEY_FILE in files \
-        else "connection-string"
+    method = method_of(files)
     report["method"] = method
     try:
         # The stored files are checked with the same rules as new input.
