@@ -125,15 +125,15 @@ def test_invalid_set_on_reload_keeps_running_identity(tmp_path):
     assert any("reload: keeping hub.example.net/dev-1" in line for _, line in rec.lines)
 
 
+def runtime(root, rec, conn) -> Runtime:
+    """A Runtime with valid credentials, recording what it notifies and logs."""
+    return Runtime(root, connector=conn, sd_notify=rec.notify, log=rec.log,
+                   loader=lambda _root: fake_creds())
+
+
 def test_connector_failure_before_ready_exits_with_its_code(tmp_path):
     rec, conn = Recorder(), ListConnector(fail_on_start=(76, "hub rejected: not authorized"))
-    rt = Runtime(
-        tmp_path,
-        connector=conn,
-        sd_notify=rec.notify,
-        log=rec.log,
-        loader=lambda root: fake_creds(),
-    )
+    rt = runtime(tmp_path, rec, conn)
     assert rt.run() == 76
     assert not any(s.startswith("READY=1") for s in rec.notified)
     assert (ERR, "hub rejected: not authorized") in rec.lines
@@ -142,13 +142,7 @@ def test_connector_failure_before_ready_exits_with_its_code(tmp_path):
 
 def test_connector_failure_after_ready_from_a_thread(tmp_path):
     rec, conn = Recorder(), ListConnector(fail_later=(76, "hub closed: not authorized"))
-    rt = Runtime(
-        tmp_path,
-        connector=conn,
-        sd_notify=rec.notify,
-        log=rec.log,
-        loader=lambda root: fake_creds(),
-    )
+    rt = runtime(tmp_path, rec, conn)
     assert rt.run() == 76
     assert rec.notified[0] == "READY=1\nSTATUS=connected"
     assert conn.events[-1] == ("stop",)
