@@ -13,7 +13,7 @@ import argparse
 import sys
 
 from . import UNIT, __version__
-from .errors import EX_OK, InputError, SetupError
+from .errors import EX_INTERRUPTED, EX_OK, InputError, SetupError
 from .inputs import read_file
 
 EPILOG = """\
@@ -224,7 +224,7 @@ def main(argv: list[str] | None = None) -> int:
         return exc.exit_code
     except KeyboardInterrupt:
         print("defender-setup: interrupted", file=sys.stderr)
-        return 130
+        return EX_INTERRUPTED
 
 
 if __name__ == "__main__":  # pragma: no cover

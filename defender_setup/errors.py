@@ -1,4 +1,4 @@
-"""Domain exceptions and the exit codes of the command line (DESIGN.md, "Command line").
+"""Domain exceptions and every exit code of the package (the CLI's and the agent's).
 
 Every error carries a message a person can act on and never the secret itself: callers build
 messages from field names, positions and lengths, not from values.
@@ -9,9 +9,12 @@ EX_USAGE = 2
 EX_DATAERR = 65
 EX_NOINPUT = 66
 EX_UNAVAILABLE = 69
+EX_SOFTWARE = 70  # a bug: one line with its location, no traceback
 EX_CANTCREAT = 73
+EX_REJECTED = 76  # agent: the hub refused the identity (the unit's RestartPreventExitStatus)
 EX_NOPERM = 77
 EX_CONFIG = 78
+EX_INTERRUPTED = 130  # SIGINT / Ctrl-C, as shells report it (128 + 2)
 
 
 class SetupError(Exception):
