@@ -10,10 +10,12 @@ Interface (used by :mod:`defender_setup.agent.hub`)::
     session.close(drain=seconds); session.requeue(queue)
 
 ``Result.kind`` is ``unreachable`` (text ``KIND: reason``, KIND in DNS, TCP, TLS, proxy,
-WebSocket, MQTT), ``rejected`` (text: the journal line naming the likely cause), ``lost``,
-``renew`` or ``stopped``. paho is imported here, lazily, and driven with ``loop()`` from the
-caller's thread: paho starts no thread of its own. Both paho 1.x and 2.x (CallbackAPIVersion)
-are handled; callbacks take ``*args`` because the two APIs differ only after the third one.
+WebSocket, MQTT), ``rejected`` (text: the journal line naming the likely cause; ``answer`` is
+the hub's answer alone, e.g. ``CONNACK 5, not authorized``, and ``cause`` the likely causes
+alone, for callers that phrase their own line), ``lost``, ``renew`` or ``stopped``.
+paho is imported here, lazily, and driven with ``loop()`` from the caller's thread: paho
+starts no thread of its own. Both paho 1.x and 2.x (CallbackAPIVersion) are handled;
+callbacks take ``*args`` because the two APIs differ only after the third one.
 """
 
 from __future__ import annotations
@@ -55,6 +57,8 @@ INFLIGHT_MAX = 20
 class Result:
     kind: str
     text: str = ""
+    answer: str = ""  # rejected: what the hub said ("CONNACK 5, not authorized")
+    cause: str = ""   # rejected: the likely causes, as in ``text`` after its head
 
 
 class _RecordingSocket(ssl.SSLSocket):
@@ -357,10 +361,11 @@ class Session:
         ident = self.link.identity
         if alert and ident.cert_file is not None:
             thumb = f" (SHA-1 thumbprint {ident.thumbprint})" if ident.thumbprint else ""
-            return Result("rejected",
-                          f"hub rejected the client certificate of {ident.name} during TLS "
-                          f"({alert}): the certificate{thumb} or its CA is not registered with "
-                          f"the hub, or it is not valid at the local time {_iso(self.clock())}")
+            cause = (f"the certificate{thumb} or its CA is not registered with the hub, or it "
+                     f"is not valid at the local time {_iso(self.clock())}")
+            return Result("rejected", f"hub rejected the client certificate of {ident.name} "
+                                      f"during TLS ({alert}): {cause}", f"TLS alert: {alert}",
+                          cause)
         if isinstance(err, ssl.SSLEOFError) or err.reason in (None, "UNEXPECTED_EOF_WHILE_READING"):
             return Result("unreachable",
                           f"TLS: {where} closed the connection during the TLS handshake")
@@ -380,29 +385,32 @@ class Session:
         now = self.clock()
         if code == 3:
             return Result("unreachable", f"MQTT: hub unavailable ({text}, CONNACK 3)")
+
+        def rejected(cause: str = "") -> Result:
+            return Result("rejected", f"{head}: {cause}" if cause else head,
+                          f"CONNACK {code}, {text}", cause)
+
         if code == 2:
-            return Result("rejected", f"{head}: check DeviceId '{ident.device_id}' and ModuleId "
-                                      f"'{ident.module_id}' (IDs are case-sensitive)")
+            return rejected(f"check DeviceId '{ident.device_id}' and ModuleId "
+                            f"'{ident.module_id}' (IDs are case-sensitive)")
         if code == 1:
-            return Result("rejected", f"{head}: {self.link.host} does not speak MQTT 3.1.1 "
-                                      "as IoT Hub does; check HostName/GatewayHostName")
+            return rejected(f"{self.link.host} does not speak MQTT 3.1.1 as IoT Hub does; "
+                            "check HostName/GatewayHostName")
         if code not in (4, 5):
-            return Result("rejected", head)
+            return rejected()
         from defender_setup.agent import sas
 
         clock_hint = sas.clock_looks_wrong(now)
         if clock_hint:
-            return Result("rejected", f"{head}: most likely clock skew: {clock_hint}")
+            return rejected(f"most likely clock skew: {clock_hint}")
         ids = f"DeviceId '{ident.device_id}', ModuleId '{ident.module_id}' (IDs are case-sensitive)"
         if self.token is not None:
-            return Result("rejected",
-                          f"{head}: likely a wrong SharedAccessKey, no module identity {ids}, "
-                          f"or clock skew (token valid until {_iso(self.token.expiry)}, "
-                          f"local time {_iso(now)})")
+            return rejected(f"likely a wrong SharedAccessKey, no module identity {ids}, or clock "
+                            f"skew (token valid until {_iso(self.token.expiry)}, local time "
+                            f"{_iso(now)})")
         thumb = f" {ident.thumbprint}" if ident.thumbprint else ""
-        return Result("rejected",
-                      f"{head}: likely the certificate thumbprint{thumb} is not registered for "
-                      f"{ids}, or the certificate is not valid at the local time {_iso(now)}")
+        return rejected(f"likely the certificate thumbprint{thumb} is not registered for {ids}, "
+                        f"or the certificate is not valid at the local time {_iso(now)}")
 
     # -- connected -------------------------------------------------------------------------
     def publish_from(self, queue, topic: str) -> None:

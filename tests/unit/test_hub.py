@@ -362,3 +362,25 @@ def test_proxy_down_or_refusing_is_named(pki, run):
         assert "407" in n.statuses[-1] and "wrong" not in n.everything()
     finally:
         proxy.stop()
+
+
+def test_one_attempt_gives_the_hubs_answer_and_the_cause_apart(pki):
+    # Callers that phrase their own line (the pre-flight probe, check's hub-auth) use one
+    # Link.open() and read the refusal's parts without parsing the journal line.
+    from defender_setup.agent import hubnet, sas
+
+    broker, auth = sas_hub(pki)
+    try:
+        link = hubnet.Link(identity(key=WRONG_KEY), conf(pki, port=broker.port))
+        token = sas.new_token(identity().resource, WRONG_KEY, 60)
+        session = link.open(token, time.time, timeout=5)
+        session.close()
+        result = session.result
+        assert result.kind == "rejected" and session.connack == 5
+        assert result.answer == "CONNACK 5, not authorized"
+        assert result.cause.startswith("likely a wrong SharedAccessKey")
+        assert result.text == f"hub rejected localhost as {DEVICE}/{MODULE}: not authorized " \
+                              f"(CONNACK 5): {result.cause}"
+        assert broker.wait_for(lambda: broker.connections[-1].closed is not None, 5)
+    finally:
+        broker.stop()
