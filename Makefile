@@ -5,7 +5,7 @@ TOOLS   := .cache/tools
 SHELL   := /bin/bash
 
 .DEFAULT_GOAL := help
-.PHONY: help deps deb test test-unit test-integration lint bench demo clean
+.PHONY: help deps deb repo test test-unit test-integration lint bench demo clean
 
 help: ## show this help
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-17s %s\n", $$1, $$2}'
@@ -15,6 +15,9 @@ deps: ## install the Debian packages the build, tests and demo need (root)
 
 deb: ## build deb_dist/defender-setup_<version>-1_all.deb with stdeb
 	tools/build-deb
+
+repo: deb ## signed apt repository in repo/ (reprepro; REPO_KEY=<fingerprint>, else a local key)
+	tools/make-repo --out repo $(if $(REPO_KEY),--key $(REPO_KEY)) deb_dist/defender-setup_*_all.deb
 
 test: deps test-unit test-integration ## run all tests (unit, then the .deb in booted containers)
 

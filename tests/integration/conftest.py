@@ -11,6 +11,8 @@
                the end of the test (for images from harness.build_image)
     identity   factory: ``identity(cn="dev1", days=365, key="rsa2048")`` -> (cert_pem, key_pem)
     preseed    helpers building debconf-set-selections lines (see ``Preseed``)
+    apt_repo   factory: ``apt_repo(key="main")`` -> an empty aptrepo.Repository served over
+               HTTP (``.publish(deb)``); repositories of one key name share one signing key
 
 Integration tests need root, systemd-nspawn and mmdebstrap; without them they are skipped.
 """
@@ -21,6 +23,7 @@ import base64
 import os
 import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -28,6 +31,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import aptrepo  # noqa: E402
 import harness  # noqa: E402
 
 UNIT = "defender-iot-micro-agent.service"
@@ -89,6 +93,26 @@ def boot(deb_dir):
 @pytest.fixture
 def booted(boot, base) -> harness.Container:
     return boot(base)
+
+
+@pytest.fixture(scope="session")
+def repo_server(tmp_path_factory):
+    root = tmp_path_factory.mktemp("repos")
+    server = aptrepo.Server(root).start()
+    yield server, root
+    server.stop()
+
+
+@pytest.fixture
+def apt_repo(repo_server, tmp_path_factory):
+    server, root = repo_server
+
+    def make(key: str = "main") -> aptrepo.Repository:
+        directory = Path(tempfile.mkdtemp(prefix=f"{key}-", dir=root))
+        return aptrepo.Repository(directory, tmp_path_factory.getbasetemp() / f"gnupg-{key}",
+                                  f"{server.url}/{directory.name}")
+
+    return make
 
 
 @pytest.fixture
