@@ -3,11 +3,15 @@
 Interface::
 
     d = AgentDir(root=Path("/"))
-    d.write({"connection_string.txt": (b"...", 0o600)})   # whole set, atomically
-    d.rollback()          # the previous set becomes current (and the current one previous)
+    with d.lock(timeout=30):   # writers: one exclusive lock around the whole command (exit 75)
+        d.write({"connection_string.txt": (b"...", 0o600)}, origin="apply")  # whole set
+        d.rollback()      # the previous set becomes current (and the current one previous)
+        d.repair()        # finish a write that was interrupted
+    d.snapshot(timeout=5) # readers: a consistent view under a shared lock; never writes
     d.current()           # {name: bytes} of the credential files present
     d.method()            # "connection-string" | "certificate" | None
-    d.repair()            # finish a write that was interrupted (every command calls it)
+    d.origin()            # {"source": "apply", "time": "...Z"} of the current set, or None
+    d.pending()           # an interrupted write is waiting for repair()
 
 Why it is built this way:
 
@@ -15,15 +19,22 @@ Why it is built this way:
   a private staging directory, ``fsync``-ed, then renamed into place (cloud-init's
   atomic_helper, plus directory fsyncs so a power cut cannot undo a rename).
 * The agent reads several files, so the *set* must change as a whole. A small journal makes
-  that so: the new set is staged, the old set is hard-linked into ``previous.new``, then the
-  journal ``txn`` is written atomically (the commit point), then files are renamed into place,
-  the other method's files removed and the journal deleted. A crash before the commit point
-  leaves the old set untouched (leftovers are discarded); a crash after it is rolled forward
-  by :meth:`repair`. Between the first rename and the end of a roll-forward the set may be
-  mixed; the journal's presence is what tells the next command to repair it.
-* The previous set is kept as hard links in ``previous/`` for :meth:`rollback`.
-* Symlinks, non-regular files and anything writable by others are refused (exit 77): the
-  directory is root's, and following a planted link would write a secret elsewhere.
+  that so: the new set (and its origin record) is staged, the old set is hard-linked into
+  ``previous.new``, then the journal ``txn`` is written atomically (the commit point), then
+  files are renamed into place, the other method's files removed and the journal deleted. A
+  crash before the commit point leaves the old set untouched (leftovers are discarded); a crash
+  after it is rolled forward by :meth:`repair`. Between the first rename and the end of a
+  roll-forward the set may be mixed; the journal's presence says so.
+* Writers are serialised by an ``flock`` on ``.defender-setup/lock`` (:mod:`.lock`), held by
+  the command line for the whole command, restart and verification included, so nobody
+  changes the set under a verification. Readers (``status``, ``check``) take it shared, only
+  if it exists, and never repair, create or delete anything.
+* The previous set is kept as hard links in ``previous/`` for :meth:`rollback`, which
+  validates it and restores the documented modes; a file there that is linked elsewhere, not
+  regular or not ours is refused (77).
+* Symlinks, non-regular files and anything writable by others are refused (exit 77), in the
+  private state too: the directory is root's, and following a planted link would write a
+  secret elsewhere. Under a ``root`` other than ``/`` a symlinked ``var`` is refused as well.
 """
 
 from __future__ import annotations
@@ -32,18 +43,27 @@ import json
 import os
 import shutil
 import stat
+from dataclasses import dataclass
+from datetime import datetime, timezone
 from pathlib import Path
 
-from . import AGENT_DIR
+from . import AGENT_DIR, lock
 from .credentials import ALL_FILES, method_of
-from .errors import InputError, SetupError, UnsafeTargetError, WriteError
+from .errors import InputError, SetupError, UnsafeTargetError, ValidationError, WriteError
 
 STATE = ".defender-setup"     # our private state inside the agent directory
 STAGING = "staging"
 PREVIOUS = "previous"
 PREVIOUS_NEW = "previous.new"
 JOURNAL = "txn"
+LOCK = "lock"
+ORIGIN = "origin.json"        # where the current set came from (never a secret)
+STATE_DIRS = (STAGING, PREVIOUS, PREVIOUS_NEW)
+STATE_FILES = (JOURNAL, JOURNAL + ".tmp", LOCK, ORIGIN)
 DIR_MODE = 0o700
+PARENT_MODE = 0o755           # var/ and the like, when we have to create them
+WRITE_WAIT = 30.0             # seconds a writer waits for another one
+READ_WAIT = 5.0               # seconds a reader waits for a writer
 
 
 def _fsync_dir(path: Path) -> None:
@@ -68,8 +88,18 @@ def _create(path: Path, data: bytes, mode: int) -> None:
         os.close(fd)
 
 
+def _chmod_dir(path: Path, mode: int) -> None:
+    # fchmod through an O_NOFOLLOW descriptor: chmod(follow_symlinks=False) is not
+    # implemented on Debian 11's Python.
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+    try:
+        os.fchmod(fd, mode)
+    finally:
+        os.close(fd)
+
+
 def _read(path: Path) -> bytes:
-    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
     with os.fdopen(fd, "rb") as handle:
         return handle.read()
 
@@ -94,6 +124,36 @@ def _check_file(path: Path) -> None:
     if st.st_mode & 0o002:
         raise UnsafeTargetError(f"{path} is writable by others; remove it or chmod o-w it and "
                                 "run the command again")
+
+
+def _check_restorable(path: Path) -> None:
+    """A file of ``previous/`` must be one we wrote: regular, ours, linked nowhere else."""
+    st = os.lstat(path)
+    if not stat.S_ISREG(st.st_mode):
+        problem = "is not a regular file"
+    elif st.st_nlink != 1:
+        problem = f"is hard-linked elsewhere ({st.st_nlink} links)"
+    elif st.st_uid != os.geteuid():
+        problem = f"belongs to uid {st.st_uid}, not {os.geteuid()}"
+    else:
+        return
+    raise UnsafeTargetError(f"{path} {problem}; refusing to restore it. Remove the previous "
+                            "set or apply the credentials again")
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """What a reader saw, all at one moment (under the shared lock)."""
+
+    files: dict            # name -> bytes
+    modes: dict            # path -> permission bits (directory and present files)
+    previous: bool         # a previous set exists to roll back to
+    pending: bool          # an interrupted update waits for repair
+    origin: dict | None    # where the current set came from
 
 
 class AgentDir:
@@ -121,30 +181,72 @@ class AgentDir:
                                     f"{os.geteuid()}; run 'chown root:root {path}'")
         return True
 
+    def _parents(self) -> list[Path]:
+        """The directories between ``root`` and the agent directory (``root/var``)."""
+        return [self.root.joinpath(*Path(AGENT_DIR).parts[:i])
+                for i in range(1, len(Path(AGENT_DIR).parts))]
+
+    def _check_parents(self) -> None:
+        # On the running system /var is the administrator's; in a tree given with --root a
+        # symlinked var/ could lead out of the tree (into the host's /etc, say): refuse it.
+        if self.root.resolve() == Path("/"):
+            return
+        for parent in self._parents():
+            st = _lstat(parent)
+            if st is not None and not stat.S_ISDIR(st.st_mode):
+                raise UnsafeTargetError(f"{parent} is not a real directory (a symbolic link "
+                                        "or a file) inside --root; refusing to follow it")
+
+    def _check_state(self) -> bool:
+        """Refuse unsafe private state; return whether the state directory exists."""
+        if not self._check_dir(self.state):
+            return False
+        for name in STATE_DIRS:
+            path = self.state / name
+            st = _lstat(path)
+            if st is not None and (stat.S_ISLNK(st.st_mode) or not stat.S_ISDIR(st.st_mode)):
+                raise UnsafeTargetError(f"{path} is not a real directory (a symbolic link or "
+                                        "a file); remove it and run the command again")
+        for name in STATE_FILES:
+            _check_file(self.state / name)
+        return True
+
     def check(self) -> None:
-        """Raise UnsafeTargetError if the directory or a credential file is unsafe."""
+        """Raise UnsafeTargetError if the directory, a credential file or our state is unsafe."""
+        self._check_parents()
         if self._check_dir(self.path):
             for name in ALL_FILES:
                 _check_file(self.path / name)
-            self._check_dir(self.state)
+            self._check_state()
 
     def _ensure_dirs(self) -> None:
         self.check()
         try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
+            missing, parent = [], self.path.parent
+            while _lstat(parent) is None and parent != parent.parent:
+                missing.insert(0, parent)
+                parent = parent.parent
+            for parent in missing:  # explicit modes: an umask of 000 must not make them 0777
+                parent.mkdir(mode=PARENT_MODE)
+                _chmod_dir(parent, PARENT_MODE)
             for directory in (self.path, self.state):
                 if not directory.exists():
                     directory.mkdir(mode=DIR_MODE)
                     _fsync_dir(directory.parent)
-                # fchmod through an O_NOFOLLOW descriptor: chmod(follow_symlinks=False) is
-                # not implemented on Debian 11's Python.
-                fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
-                try:
-                    os.fchmod(fd, DIR_MODE)
-                finally:
-                    os.close(fd)
+                _chmod_dir(directory, DIR_MODE)
         except OSError as exc:
             raise WriteError(f"cannot create {self.path}: {exc.strerror}") from None
+
+    # -- locking ----------------------------------------------------------------------------
+    def lock(self, timeout: float = WRITE_WAIT):
+        """Context manager: the writers' exclusive lock (creates the private state)."""
+        self._ensure_dirs()
+        return lock.exclusive(self.state / LOCK, timeout)
+
+    def read_lock(self, timeout: float = READ_WAIT):
+        """Context manager: a shared lock if the lock file exists; never creates anything."""
+        self.check()
+        return lock.shared(self.state / LOCK, timeout)
 
     # -- reading ----------------------------------------------------------------------------
     def _files_in(self, directory: Path) -> dict[str, bytes]:
@@ -152,7 +254,7 @@ class AgentDir:
         for name in ALL_FILES:
             path = directory / name
             _check_file(path)
-            if path.exists():
+            if _lstat(path) is not None:
                 try:
                     found[name] = _read(path)
                 except OSError as exc:
@@ -184,16 +286,45 @@ class AgentDir:
 
     def pending(self) -> bool:
         """True while an interrupted write waits for :meth:`repair`."""
-        return (self.state / JOURNAL).exists()
+        return _lstat(self.state / JOURNAL) is not None
+
+    def origin(self) -> dict | None:
+        """Where the current set came from (``{"source", "time", ...}``), None if unknown."""
+        try:
+            data = json.loads(_read(self.state / ORIGIN))
+        except (OSError, ValueError):
+            return None
+        return data if isinstance(data, dict) else None
+
+    def snapshot(self, timeout: float = READ_WAIT) -> Snapshot:
+        """Everything a reader shows, read under the shared lock: a consistent view."""
+        with self.read_lock(timeout):
+            self.check()
+            return Snapshot(files=self.current(), modes=self.modes(),
+                            previous=self.has_previous(), pending=self.pending(),
+                            origin=self.origin())
 
     # -- writing ----------------------------------------------------------------------------
-    def write(self, files: dict[str, tuple[bytes, int]]) -> None:
-        """Replace the whole credential set with ``files``; keep the old set as previous."""
+    def write(self, files: dict[str, tuple[bytes, int]],
+              origin: str | dict | None = None) -> None:
+        """Replace the whole credential set with ``files``; keep the old set as previous.
+
+        :param origin: where the set comes from, recorded with it: a source name
+            (``"apply"``, ``"debconf"``, ``"rollback"``, ...) or a dict of short strings with
+            a ``source`` key; the time is added. Never put a secret here.
+        """
         unknown = set(files) - set(ALL_FILES)
         if unknown or not files:
             raise SetupError(f"refusing to write an unexpected file set: {sorted(unknown)}")
-        self.repair()
-        self._ensure_dirs()
+        record = {"source": origin} if isinstance(origin, str) else dict(origin or {})
+        record.setdefault("source", "unknown")
+        record.setdefault("time", _now())
+        with self.lock():
+            self._repair()
+            self._stage(files, record)
+            self._repair()
+
+    def _stage(self, files: dict, record: dict) -> None:
         staging, previous_new = self.state / STAGING, self.state / PREVIOUS_NEW
         try:
             for leftover in (staging, previous_new):
@@ -201,6 +332,7 @@ class AgentDir:
             staging.mkdir(mode=DIR_MODE)
             for name, (data, mode) in files.items():
                 _create(staging / name, data, mode)
+            _create(staging / ORIGIN, json.dumps(record, sort_keys=True).encode(), 0o600)
             _fsync_dir(staging)
             previous_new.mkdir(mode=DIR_MODE)
             for name in ALL_FILES:
@@ -208,7 +340,7 @@ class AgentDir:
                     os.link(self.path / name, previous_new / name, follow_symlinks=False)
             _fsync_dir(previous_new)
             _fsync_dir(self.state)
-            journal = {"files": sorted(files)}
+            journal = {"files": sorted(files), "origin": ORIGIN}
             tmp = self.state / (JOURNAL + ".tmp")
             if tmp.exists():
                 tmp.unlink()
@@ -218,19 +350,25 @@ class AgentDir:
         except OSError as exc:
             raise WriteError(f"cannot stage credentials in {self.state}: {exc.strerror}; "
                              "nothing was changed") from None
-        self.repair()
 
     def repair(self) -> bool:
         """Finish an interrupted write (roll forward) or discard one that never committed.
 
-        :returns: True if something was repaired.
+        Takes the writers' lock. :returns: True if something was repaired.
         """
+        self.check()
         if not self._check_dir(self.path) or not self._check_dir(self.state):
+            return False
+        with self.lock():
+            return self._repair()
+
+    def _repair(self) -> bool:
+        if not self._check_dir(self.path) or not self._check_state():
             return False
         journal_path = self.state / JOURNAL
         staging, previous_new = self.state / STAGING, self.state / PREVIOUS_NEW
         try:
-            if not journal_path.exists():
+            if not self.pending():
                 dirty = staging.exists() or previous_new.exists()
                 for leftover in (staging, previous_new, self.state / (JOURNAL + ".tmp")):
                     if leftover.is_dir():
@@ -238,7 +376,8 @@ class AgentDir:
                     elif leftover.exists():
                         leftover.unlink()
                 return dirty
-            wanted = json.loads(_read(journal_path))["files"]
+            journal = json.loads(_read(journal_path))
+            wanted = journal["files"]
             if previous_new.exists():
                 shutil.rmtree(self.state / PREVIOUS, ignore_errors=True)
                 os.replace(previous_new, self.state / PREVIOUS)
@@ -249,39 +388,62 @@ class AgentDir:
             for name in set(ALL_FILES) - set(wanted):
                 if (self.path / name).exists():
                     (self.path / name).unlink()
+            if journal.get("origin") == ORIGIN and (staging / ORIGIN).exists():
+                os.replace(staging / ORIGIN, self.state / ORIGIN)
             _fsync_dir(self.path)
             journal_path.unlink()
             shutil.rmtree(staging, ignore_errors=True)
             _fsync_dir(self.state)
             return True
-        except (OSError, ValueError, KeyError) as exc:
+        except (OSError, ValueError, KeyError, TypeError) as exc:
             raise WriteError(f"cannot complete the interrupted credential update in "
                              f"{self.path}: {exc}") from None
 
     def rollback(self) -> dict[str, bytes]:
         """Make the previous set current again (the current set becomes previous).
 
+        The previous set is validated like new input and written with the documented modes.
+
         :returns: the restored files.
-        :raises InputError: when there is no previous generation.
+        :raises InputError: when there is no previous generation (66).
+        :raises ValidationError: when it does not pass validation (65); nothing is changed.
+        :raises UnsafeTargetError: for a file there that is linked elsewhere, not a regular
+            file or not ours (77); nothing is changed.
         """
-        self.repair()
-        previous = self.state / PREVIOUS
-        if not self._check_dir(self.path) or not self._check_dir(previous):
-            raise InputError("there is no previous set of credentials to roll back to")
-        files = self._files_in(previous)
-        if not files:
-            raise InputError("the previous generation is empty (the agent was unconfigured "
-                             "before); nothing to roll back to")
-        modes = {name: stat.S_IMODE(os.lstat(previous / name).st_mode) for name in files}
-        self.write({name: (data, modes[name]) for name, data in files.items()})
-        return files
+        from .credentials import (
+            CERTIFICATE_FILE,
+            CONNECTION_STRING_FILE,
+            PRIVATE_KEY_FILE,
+            validate,
+        )
+
+        with self.lock():
+            self._repair()
+            previous = self.state / PREVIOUS
+            if not self._check_dir(self.path) or not self._check_dir(previous):
+                raise InputError("there is no previous set of credentials to roll back to")
+            files = self._files_in(previous)
+            if not files:
+                raise InputError("the previous generation is empty (the agent was "
+                                 "unconfigured before); nothing to roll back to")
+            for name in files:
+                _check_restorable(previous / name)
+            try:
+                validated = validate(method_of(files) or "connection-string",
+                                     files.get(CONNECTION_STRING_FILE, b""),
+                                     files.get(CERTIFICATE_FILE), files.get(PRIVATE_KEY_FILE))
+            except ValidationError as exc:
+                raise ValidationError(exc.field, f"{exc.message} (in the previous set, "
+                                      f"{previous}); nothing was restored") from None
+            self.write(validated.files, origin="rollback")
+            return files
 
     def unconfigure(self) -> None:
         """Remove every credential file (keeping the previous generation)."""
-        self.check()
-        for name in ALL_FILES:
-            path = self.path / name
-            if path.exists():
-                path.unlink()
-        if self.path.exists():
-            _fsync_dir(self.path)
+        with self.lock():
+            for name in ALL_FILES:
+                path = self.path / name
+                if path.exists():
+                    path.unlink()
+            if self.path.exists():
+                _fsync_dir(self.path)

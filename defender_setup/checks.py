@@ -2,8 +2,12 @@
 
 Interface::
 
-    run_checks(root: Path, service_state: dict | None = None) -> list[CheckResult]
+    run_checks(root: Path, service_state: dict | None = None, lock_timeout=5)
+        -> list[CheckResult]
     render(results) -> list[str]
+
+Read-only like ``status``: one consistent view under the readers' shared lock
+(``AgentDir.snapshot``); an update left half done is reported, never completed.
 
 Each check has a stable id and a description, and collects its own problem; a failed check
 makes later checks that depend on it ``skipped`` instead of failing with a cascade.
@@ -11,13 +15,12 @@ makes later checks that depend on it ``skipped`` instead of failing with a casca
 
 from __future__ import annotations
 
-import stat
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from .agentdir import AgentDir
 from .credentials import CERTIFICATE_FILE, CONNECTION_STRING_FILE, PRIVATE_KEY_FILE, method_of
-from .errors import EX_OK, EX_UNAVAILABLE, SetupError
+from .errors import EX_CONFIG, EX_OK, EX_UNAVAILABLE, BusyError, SetupError
 
 OK, WARNING, ERROR, SKIPPED = "ok", "warning", "error", "skipped"
 _SECRETS = (CONNECTION_STRING_FILE, PRIVATE_KEY_FILE)
@@ -35,7 +38,9 @@ class CheckResult:
         return asdict(self)
 
 
-def run_checks(root: Path, service_state: dict | None = None) -> list[CheckResult]:
+def run_checks(root: Path, service_state: dict | None = None,
+               lock_timeout: float = 5.0) -> list[CheckResult]:
+    """Run every check. :raises BusyError: a writer kept the lock for ``lock_timeout`` s."""
     results: list[CheckResult] = []
 
     def add(check_id, description, status, message="", code=EX_OK):
@@ -43,26 +48,34 @@ def run_checks(root: Path, service_state: dict | None = None) -> list[CheckResul
         return status in (OK, WARNING)
 
     agent = AgentDir(root)
-    files: dict = {}
+    seen = None
     try:
-        agent.check()
-        files = agent.current()
-        safe = add("agent-dir-safe", "agent directory and files are root's and not links", OK)
+        seen = agent.snapshot(lock_timeout)
+        safe = add("agent-dir-safe", "agent directory, files and private state are root's "
+                   "and not links", OK)
+    except BusyError:
+        raise
     except SetupError as exc:
-        safe = add("agent-dir-safe", "agent directory and files are root's and not links",
-                   ERROR, str(exc), exc.exit_code)
-    if safe and agent.pending():
-        add("no-interrupted-update", "no credential update was left half done", WARNING,
-            "an interrupted update is pending; any defender-setup command but check repairs it")
+        safe = add("agent-dir-safe", "agent directory, files and private state are root's "
+                   "and not links", ERROR, str(exc), exc.exit_code)
+    files = seen.files if seen else {}
+    if seen is not None:
+        if seen.pending:
+            safe = add("no-interrupted-update", "no credential update was left half done",
+                       ERROR, "an interrupted update is pending (the files may mix two sets); "
+                       "run 'defender-setup repair', or restart the service, to complete it",
+                       EX_CONFIG)
+        else:
+            add("no-interrupted-update", "no credential update was left half done", OK)
     present = CONNECTION_STRING_FILE in files
     if not safe:
         add("credentials-present", "connection_string.txt exists", SKIPPED)
     elif not present:
         add("credentials-present", "connection_string.txt exists", ERROR,
-            "not configured: run 'dpkg-reconfigure defender-setup'", 78)
+            "not configured: run 'dpkg-reconfigure defender-setup'", EX_CONFIG)
     else:
         add("credentials-present", "connection_string.txt exists", OK)
-        _check_modes(agent, add)
+        _check_modes(agent, seen.modes, add)
         _check_credentials(files, add)
     if service_state is not None:
         active = service_state.get("active")
@@ -72,12 +85,9 @@ def run_checks(root: Path, service_state: dict | None = None) -> list[CheckResul
     return results
 
 
-def _check_modes(agent: AgentDir, add) -> None:
-    loose = []
-    for name in _SECRETS:
-        path = agent.path / name
-        if path.exists() and stat.S_IMODE(path.lstat().st_mode) & 0o077:
-            loose.append(name)
+def _check_modes(agent: AgentDir, modes: dict, add) -> None:
+    loose = [name for name in _SECRETS
+             if modes.get(str(agent.path / name), 0) & 0o077]
     if loose:
         add("secret-file-modes", "secret files are readable by root only", ERROR,
             f"{', '.join(loose)} readable by others: chmod 0600 them", 77)

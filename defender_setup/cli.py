@@ -13,13 +13,17 @@ import argparse
 import sys
 
 from . import UNIT, __version__
-from .errors import EX_INTERRUPTED, EX_OK, InputError, SetupError
+from .errors import EX_INTERRUPTED, EX_IOERR, EX_OK, InputError, SetupError
 from .inputs import read_file
 
 EPILOG = """\
 exit codes: 0 success (warnings may be printed), 2 usage error, 65 invalid credentials,
 66 input file missing or unreadable, 69 service not active and stable, 73 cannot write,
-77 unsafe target (symlink, writable by others), 78 configuration problem.
+74 standard output closed (broken pipe), 75 busy: another defender-setup command holds the
+lock (try again), 77 unsafe target (symlink, writable by others), 78 configuration problem.
+
+Commands that change the credentials wait up to 30 s for one another (status and check
+up to 5 s); --lock-timeout S changes that.
 
 Secrets are read from files or '-' (standard input), never from the command line:
   defender-setup validate --method connection-string --connection-string-file - < cs.txt
@@ -34,8 +38,13 @@ def _read_input(name: str | None, what: str, stdin_used: list) -> bytes | None:
     if name == "-":
         if stdin_used:
             raise InputError(f"{what}: only one input can come from standard input")
+        if sys.stdin is None:  # started with standard input closed (<&-)
+            raise InputError(f"{what}: standard input is closed; give a file instead of -")
         stdin_used.append(what)
-        return sys.stdin.buffer.read()
+        try:
+            return sys.stdin.buffer.read()
+        except OSError as exc:
+            raise InputError(f"{what}: cannot read standard input: {exc.strerror}") from None
     return read_file(name, what)
 
 
@@ -73,20 +82,43 @@ def cmd_validate(args, out) -> int:
     return EX_OK
 
 
-def cmd_apply(args, out) -> int:
-    from .agentdir import AgentDir
+class _Writing:
+    """``with _Writing(args, out) as agent``: the writers' lock around a whole command (write,
+    restart, verify, roll-back), and the completion of an update left half done before."""
 
-    validated = _validated(args)
+    def __init__(self, args, out):
+        from .agentdir import WRITE_WAIT, AgentDir
+
+        self.agent, self.out = AgentDir(args.root), out
+        self.timeout = WRITE_WAIT if args.lock_timeout is None else args.lock_timeout
+
+    def __enter__(self):
+        self._lock = self.agent.lock(self.timeout)
+        self._lock.__enter__()
+        try:
+            if self.agent.repair():
+                print("repaired: an interrupted credential update was completed", file=self.out)
+        except BaseException:
+            self._lock.__exit__(None, None, None)
+            raise
+        return self.agent
+
+    def __exit__(self, *exc):
+        return self._lock.__exit__(*exc)
+
+
+def cmd_apply(args, out) -> int:
+    validated = _validated(args)  # before the lock: reading standard input may take a while
     print("found:", file=out)
     _print_found(validated, out)
-    agent = AgentDir(args.root)
-    agent.write(validated.files)
-    print(f"written: {', '.join(sorted(validated.files))} in {agent.path} "
-          "(previous set kept for 'defender-setup rollback')", file=out)
-    if args.no_restart:
-        print("restart skipped (--no-restart)", file=out)
-        return EX_OK
-    return _restart(args, out)
+    with _Writing(args, out) as agent:
+        agent.write(validated.files, origin="apply")
+        print(f"written: {', '.join(sorted(validated.files))} in {agent.path} "
+              "(previous set kept for 'defender-setup rollback')", file=out)
+        if args.no_restart:
+            print("restart skipped (--no-restart)", file=out)
+            return EX_OK
+        return _restart(args, out)
 
 
 def _restart(args, out) -> int:
@@ -99,18 +131,40 @@ def _restart(args, out) -> int:
 
 
 def cmd_restart(args, out) -> int:
-    return _restart(args, out)
+    with _Writing(args, out):
+        return _restart(args, out)
 
 
 def cmd_rollback(args, out) -> int:
+    with _Writing(args, out) as agent:
+        restored = agent.rollback()
+        print(f"rolled back: {', '.join(sorted(restored))} restored in {agent.path}", file=out)
+        if args.no_restart:
+            return EX_OK
+        return _restart(args, out)
+
+
+def cmd_repair(args, out) -> int:
+    """Run by the unit before the agent starts: complete an interrupted update, if any.
+
+    Never waits long: the writer holding the lock may be the one restarting the service and
+    waiting for this very start. Nothing pending means nothing is touched or created.
+    """
     from .agentdir import AgentDir
+    from .errors import BusyError
 
     agent = AgentDir(args.root)
-    restored = agent.rollback()
-    print(f"rolled back: {', '.join(sorted(restored))} restored in {agent.path}", file=out)
-    if args.no_restart:
+    agent.check()
+    if not agent.pending():
         return EX_OK
-    return _restart(args, out)
+    timeout = 2.0 if args.lock_timeout is None else args.lock_timeout
+    try:
+        with agent.lock(timeout):
+            if agent.repair():
+                print("repaired: an interrupted credential update was completed", file=out)
+    except BusyError as exc:
+        print(f"repair skipped: {exc}", file=out)
+    return EX_OK
 
 
 def _service_state(root: str) -> dict | None:
@@ -118,9 +172,15 @@ def _service_state(root: str) -> dict | None:
 
     service = Service(root)
     state = service.state()
-    if state is None:  # chroot or image build: say why instead of guessing
-        state = {"active": None, "summary": f"not checked: {service.skip_reason()}"}
+    if state is None:  # chroot, image build, another tree: say why instead of guessing
+        state = {"active": None, "summary": f"not checked: {service.unavailable_reason()}"}
     return state
+
+
+def _read_wait(args) -> float:
+    from .agentdir import READ_WAIT
+
+    return READ_WAIT if args.lock_timeout is None else args.lock_timeout
 
 
 def cmd_status(args, out) -> int:
@@ -129,7 +189,7 @@ def cmd_status(args, out) -> int:
 
     from .status import collect, render
 
-    report = collect(Path(args.root), _service_state(args.root))
+    report = collect(Path(args.root), _service_state(args.root), lock_timeout=_read_wait(args))
     if args.json:
         print(json.dumps(report, indent=2, sort_keys=True), file=out)
     else:
@@ -144,7 +204,8 @@ def cmd_check(args, out) -> int:
 
     from .checks import render, run_checks
 
-    results = run_checks(Path(args.root), _service_state(args.root))
+    results = run_checks(Path(args.root), _service_state(args.root),
+                         lock_timeout=_read_wait(args))
     if args.json:
         print(json.dumps([r.as_dict() for r in results], indent=2), file=out)
     else:
@@ -171,6 +232,10 @@ def build_parser() -> argparse.ArgumentParser:
     service.add_argument("--strict", action="store_true",
                          help="exit 69 when verification fails, even after a successful "
                          "roll-back (for image pipelines)")
+    locking = argparse.ArgumentParser(add_help=False)
+    locking.add_argument("--lock-timeout", type=float, metavar="S",
+                         help="seconds to wait while another defender-setup command holds the "
+                         "lock, then exit 75 (default 30; 5 for status and check)")
 
     parser = argparse.ArgumentParser(
         prog="defender-setup", formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -189,20 +254,65 @@ def build_parser() -> argparse.ArgumentParser:
 
     add("validate", cmd_validate, [common, creds], "validate credentials only; print what was "
         "found (secrets redacted)")
-    p = add("apply", cmd_apply, [common, creds, service], "validate, write atomically (keeping "
-            "the previous set), then restart and verify the service")
+    writer = [common, service, locking]
+    p = add("apply", cmd_apply, [creds, *writer], "validate, write atomically (keeping the "
+            "previous set), then restart and verify the service")
     p.add_argument("--no-restart", action="store_true", help="write the files only")
-    add("restart", cmd_restart, [common, service], "restart the service once and verify it "
-        "is active and stable; roll back on failure")
-    p = add("status", cmd_status, [common], "show method, identity, certificate, file modes "
-            "and service state (secrets redacted)")
+    add("restart", cmd_restart, writer, "restart the service once and verify it is active and "
+        "stable; roll back on failure")
+    p = add("status", cmd_status, [common, locking], "show method, identity, certificate, file "
+            "modes and service state (secrets redacted)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
-    p = add("check", cmd_check, [common], "full diagnosis with named checks")
+    p = add("check", cmd_check, [common, locking], "full diagnosis with named checks")
     p.add_argument("--json", action="store_true", help="machine-readable output")
-    p = add("rollback", cmd_rollback, [common, service], "restore the previous generation of "
-            "credentials, then restart and verify")
+    p = add("rollback", cmd_rollback, writer, "restore the previous generation of credentials, "
+            "then restart and verify")
     p.add_argument("--no-restart", action="store_true", help="restore the files only")
+    add("repair", cmd_repair, [common, locking], "complete a credential update that was "
+        "interrupted (the service runs it before the agent starts; never waits long)")
     return parser
+
+
+class _Output:
+    """Standard output that survives a reader going away (``status | head -0``) or a closed
+    descriptor: the command still completes (a writer must not stop between the write and the
+    verification because nobody reads its report), and ``broken`` says the report was lost."""
+
+    def __init__(self, stream):
+        self.stream, self.broken = stream, stream is None
+
+    def write(self, text: str) -> int:
+        if not self.broken:
+            try:
+                self.stream.write(text)
+            except (BrokenPipeError, ValueError, OSError):
+                self.broken = True
+        return len(text)
+
+    def flush(self) -> None:
+        if not self.broken:
+            try:
+                self.stream.flush()
+            except (BrokenPipeError, ValueError, OSError):
+                self.broken = True
+
+    def close_quietly(self) -> None:
+        """After a broken pipe, keep the interpreter's own flush at exit from failing."""
+        import os
+
+        try:
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, self.stream.fileno())
+            os.close(devnull)
+        except (AttributeError, ValueError, OSError):
+            pass
+
+
+def _error(text: str) -> None:
+    try:
+        print(f"defender-setup: {text}", file=sys.stderr)
+    except (AttributeError, ValueError, OSError):  # standard error closed too: exit code only
+        pass
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -211,20 +321,21 @@ def main(argv: list[str] | None = None) -> int:
         args = parser.parse_args(argv)
     except SystemExit as exc:  # argparse exits 2 on usage errors, 0 for --help
         return int(exc.code or 0)
-    out = sys.stdout
+    out = _Output(sys.stdout)
     try:
-        if args.command in ("apply", "restart", "rollback", "status"):
-            from .agentdir import AgentDir
-
-            if AgentDir(args.root).repair():
-                print("repaired: an interrupted credential update was completed", file=out)
-        return args.func(args, out)
+        code = args.func(args, out)
     except SetupError as exc:
-        print(f"defender-setup: error: {exc}", file=sys.stderr)
-        return exc.exit_code
+        _error(f"error: {exc}")
+        code = exc.exit_code
     except KeyboardInterrupt:
-        print("defender-setup: interrupted", file=sys.stderr)
+        _error("interrupted")
         return EX_INTERRUPTED
+    out.flush()
+    if out.broken:
+        out.close_quietly()
+        _error("error: standard output is closed (broken pipe?): the report was not written")
+        return code or EX_IOERR
+    return code
 
 
 if __name__ == "__main__":  # pragma: no cover

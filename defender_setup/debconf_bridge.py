@@ -246,12 +246,14 @@ def apply(db, root: Path, out) -> int:
             print(f"  {line}", file=out)
         for warning in validated.warnings:
             print(f"defender-setup: warning: {warning}", file=out)
-        if {name: data for name, (data, _) in validated.files.items()} == current:
-            print("defender-setup: credentials unchanged (same as written before)", file=out)
-        else:
-            agent.write(validated.files)
-            print(f"defender-setup: wrote {', '.join(sorted(validated.files))} in "
-                  f"{agent.path}", file=out)
+        with agent.lock():  # the writers' lock (exit 75 if another keeps it for 30 s)
+            if {name: data for name, (data, _) in validated.files.items()} == agent.current():
+                print("defender-setup: credentials unchanged (same as written before)",
+                      file=out)
+            else:
+                agent.write(validated.files, origin="debconf")
+                print(f"defender-setup: wrote {', '.join(sorted(validated.files))} in "
+                      f"{agent.path}", file=out)
         ident = validated.connection_string
         # Keep debconf showing what is configured now (dpkg-reconfigure starts from it).
         db.set(PREFIX + "auth-method", validated.method)

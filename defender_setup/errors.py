@@ -11,6 +11,8 @@ EX_NOINPUT = 66
 EX_UNAVAILABLE = 69
 EX_SOFTWARE = 70  # a bug: one line with its location, no traceback
 EX_CANTCREAT = 73
+EX_IOERR = 74  # standard output closed: the report was lost
+EX_TEMPFAIL = 75  # busy: another command holds the lock on the credential set
 EX_REJECTED = 76  # agent: the hub refused the identity (the unit's RestartPreventExitStatus)
 EX_NOPERM = 77
 EX_CONFIG = 78
@@ -65,3 +67,9 @@ class ServiceError(SetupError):
     """The service did not become active and stable."""
 
     exit_code = EX_UNAVAILABLE
+
+
+class BusyError(SetupError):
+    """Another command holds the lock on the credential set; try again later."""
+
+    exit_code = EX_TEMPFAIL

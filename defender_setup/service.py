@@ -2,8 +2,9 @@
 
 Interface::
 
-    svc = Service(root=Path("/"), runner=None, journal=None, environ=None)
-    svc.skip_reason() -> str | None      # why no restart may happen here (chroot, DPKG_ROOT, ...)
+    svc = Service(root=Path("/"), runner=None, journal=None, environ=None, manages_root=None)
+    svc.unavailable_reason() -> str | None   # why systemd must not be asked here at all
+    svc.skip_reason() -> str | None      # why no restart may happen here (+ policy-rc.d)
     svc.show() -> UnitState              # systemctl show -p InvocationID,MainPID,...
     svc.restart(timeout) / svc.reset_failed() / svc.is_enabled()
     svc.journal_lines(invocation_id, count=15) -> list[str]
@@ -15,6 +16,12 @@ serviceconfig.py does. ``systemctl`` is looked up on ``PATH`` at call time, so t
 fake one first on ``PATH`` (unattended-upgrades style) or pass ``runner``; nothing here is
 patched. The journal is read with python-systemd's ``systemd.journal.Reader`` (imported
 lazily), filtered on the unit and one invocation; ``journal`` injects another reader factory.
+
+Nothing is run from the tree under ``root``, and the host's systemd is asked only about the
+host: a ``root`` other than ``/`` is another system (an image, a tree under inspection), so
+its state is "not checked" and restarts are skipped. Only a restart (a writer, on the host)
+consults ``usr/sbin/policy-rc.d``; ``status`` and ``check`` never execute it. Tests that let a
+throw-away tree stand for the host pass ``manages_root=True``.
 """
 
 from __future__ import annotations
@@ -127,20 +134,37 @@ class Service:
         runner: Callable[[list[str], float], subprocess.CompletedProcess] | None = None,
         journal: Callable | None = None,
         environ: dict | None = None,
+        manages_root: bool | None = None,
     ):
         self.root = Path(root)
+        # Whether the systemd that systemctl reaches manages the tree under root.
+        self.manages_root = (self.root.resolve() == Path("/") if manages_root is None
+                             else manages_root)
         self.unit = unit
         self._run = runner or _subprocess_runner
         self._journal = journal
         self._environ = os.environ if environ is None else environ
 
     # -- may we touch the service at all? ---------------------------------------------------
-    def skip_reason(self) -> str | None:
-        """Why a restart must not happen here, or None when systemd runs and allows it."""
+    def unavailable_reason(self) -> str | None:
+        """Why systemd must not be asked about this tree at all, or None. Runs nothing."""
         if self._environ.get("DPKG_ROOT"):
             return f"DPKG_ROOT is set ({self._environ['DPKG_ROOT']})"
+        if not self.manages_root:
+            return (f"--root {self.root} is not /, and the host's systemd does not manage "
+                    "that tree")
         if not (self.root / SYSTEMD_RUNNING).is_dir():
             return f"systemd is not running (no /{SYSTEMD_RUNNING})"
+        return None
+
+    def skip_reason(self) -> str | None:
+        """Why a restart must not happen here, or None when systemd runs and allows it.
+
+        Asks the host's policy-rc.d, so only writers call it (readers use
+        :meth:`unavailable_reason`)."""
+        reason = self.unavailable_reason()
+        if reason:
+            return reason
         policy = self.root / POLICY_RC_D
         if os.access(policy, os.X_OK):
             try:
@@ -185,8 +209,8 @@ class Service:
         return self.systemctl("is-enabled", self.unit, check=False).returncode == 0
 
     def state(self) -> dict | None:
-        """Service state for ``status``/``check``; None when systemd is not running."""
-        if self.skip_reason():
+        """Service state for ``status``/``check``; None when systemd is not to be asked."""
+        if self.unavailable_reason():
             return None
         try:
             s = self.show()

@@ -2,8 +2,11 @@
 
 Interface::
 
-    collect(root: Path, service_state: dict | None = None) -> dict   # JSON-ready
+    collect(root: Path, service_state: dict | None = None, lock_timeout=5) -> dict  # JSON
     render(report: dict) -> list[str]
+
+Read-only: the files are read under the readers' shared lock (``AgentDir.snapshot``) and
+nothing is created, repaired or deleted; an update left half done is reported, not completed.
 """
 
 from __future__ import annotations
@@ -19,7 +22,10 @@ from .credentials import (
     method_of,
     validate,
 )
-from .errors import SetupError
+from .errors import BusyError, SetupError
+
+INTERRUPTED = ("an interrupted credential update is pending (the files may mix two sets); "
+               "run 'defender-setup repair', or restart the service, to complete it")
 
 
 def _certificate(info) -> dict:
@@ -35,18 +41,30 @@ def _certificate(info) -> dict:
     }
 
 
-def collect(root: Path, service_state: dict | None = None) -> dict:
-    """Read the agent directory and describe it; never raises for bad content."""
+def collect(root: Path, service_state: dict | None = None, lock_timeout: float = 5.0) -> dict:
+    """Read the agent directory and describe it; never raises for bad content.
+
+    :raises BusyError: when a writer kept the lock for ``lock_timeout`` seconds.
+    """
     agent = AgentDir(root)
     report: dict = {"agent_dir": str(agent.path), "method": None, "identity": None,
                     "certificate": None, "problem": None, "warnings": [], "files": {},
-                    "previous_generation": False, "service": service_state}
+                    "previous_generation": False, "interrupted_update": False,
+                    "origin": None, "service": service_state}
     try:
-        files = agent.current()
-        report["files"] = {path: f"{mode:04o}" for path, mode in agent.modes().items()}
-        report["previous_generation"] = agent.has_previous()
+        seen = agent.snapshot(lock_timeout)
+    except BusyError:
+        raise
     except SetupError as exc:
         report["problem"] = str(exc)
+        return report
+    files = seen.files
+    report["files"] = {path: f"{mode:04o}" for path, mode in seen.modes.items()}
+    report["previous_generation"] = seen.previous
+    report["origin"] = seen.origin
+    if seen.pending:
+        report["interrupted_update"] = True
+        report["problem"] = INTERRUPTED
         return report
     if CONNECTION_STRING_FILE not in files:
         report["problem"] = ("not configured: run 'dpkg-reconfigure defender-setup' or "
@@ -90,6 +108,10 @@ def render(report: dict) -> list[str]:
                   f"key:             {cert['key']}"]
     for path, mode in report["files"].items():
         lines.append(f"file:            {mode} {path}")
+    origin = report["origin"]
+    if origin:
+        lines.append(f"origin:          {origin.get('source', 'unknown')}, "
+                     f"{origin.get('time', 'time unknown')}")
     lines.append("previous set:    " + ("kept (defender-setup rollback)"
                                       if report["previous_generation"] else "none"))
     service = report["service"]

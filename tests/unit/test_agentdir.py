@@ -149,3 +149,35 @@ def test_modes_and_unconfigure(root, sas_inputs):
     assert agent.modes()[str(agent.path / CS)] == 0o600
     agent.unconfigure()
     assert agent.current() == {} and agent.method() is None
+
+
+def test_origin_is_recorded_with_the_set_and_never_left_stale(root, sas_inputs, cert_inputs):
+    agent = AgentDir(root)
+    assert agent.origin() is None
+    agent.write(sas_inputs.validated().files, origin={"source": "drop-folder", "path": "/boot"})
+    assert agent.origin()["source"] == "drop-folder" and agent.origin()["path"] == "/boot"
+    agent.write(cert_inputs.validated().files)  # a writer that says nothing: "unknown", not stale
+    assert agent.origin()["source"] == "unknown"
+    assert mode(agent.state / "origin.json") == 0o600
+
+
+def test_origin_switches_with_the_set_in_one_transaction(root, sas_inputs, cert_inputs):
+    agent = AgentDir(root)
+    agent.write(sas_inputs.validated().files, origin="apply")
+    staging = agent.state / "staging"
+    staging.mkdir()
+    for name, (data, file_mode) in cert_inputs.validated().files.items():
+        (staging / name).write_bytes(data)
+        os.chmod(staging / name, file_mode)
+    (staging / "origin.json").write_text('{"source": "credential", "time": "t"}')
+    # killed before the commit point: the old set and its origin stay
+    assert agent.repair() and agent.origin()["source"] == "apply"
+    staging.mkdir()
+    for name, (data, _) in cert_inputs.validated().files.items():
+        (staging / name).write_bytes(data)
+    (staging / "origin.json").write_text('{"source": "credential", "time": "t"}')
+    (agent.state / "txn").write_text(json.dumps({"files": [CS, CERT, KEY],
+                                                 "origin": "origin.json"}))
+    # killed after it: rolled forward, origin included
+    assert agent.repair() and agent.origin() == {"source": "credential", "time": "t"}
+    assert agent.method() == "certificate"

@@ -4,6 +4,7 @@ import io
 import json
 import os
 import sys
+import time
 
 import pytest
 
@@ -11,6 +12,7 @@ from defender_setup import cli
 from tests import certfactory
 
 from .conftest import DEVICE, HUB, MODULE
+from .holder import Holder
 
 
 def snapshot(root):
@@ -205,3 +207,109 @@ def test_usage_errors_exit_2_and_help_names_every_command(capsys):
     out = capsys.readouterr().out
     for command in ("validate", "apply", "restart", "status", "check", "rollback", "65", "77"):
         assert command in out
+    for text in ("repair", "75", "--lock-timeout"):
+        assert text in out
+
+
+def agent_path(run):
+    return run.root / "var/defender_iot_micro_agent"
+
+
+def test_a_writer_waits_for_another_then_exits_75_naming_it(run, sas_inputs, cert_inputs):
+    assert run("apply", "--no-restart", *run.inputs(sas_inputs))[0] == 0
+    with Holder(agent_path(run) / ".defender-setup/lock") as pid:
+        before = snapshot(run.root)
+        for argv in (["apply", "--no-restart", *run.inputs(cert_inputs)],
+                     ["rollback", "--no-restart"], ["restart"]):
+            code, out, err = run(*argv, "--lock-timeout", "0.2")
+            assert code == 75, (argv, err)
+            assert f"pid {pid}" in err and err.count("\n") == 1
+            assert snapshot(run.root) == before
+    assert run("apply", "--no-restart", *run.inputs(cert_inputs))[0] == 0
+
+
+def test_origin_of_the_set_is_recorded_and_shown(run, sas_inputs, cert_inputs):
+    run("apply", "--no-restart", *run.inputs(sas_inputs))
+    report = json.loads(run("status", "--json")[1])
+    assert report["origin"]["source"] == "apply"
+    assert report["origin"]["time"].endswith("Z")
+    run("apply", "--no-restart", *run.inputs(cert_inputs))
+    run("rollback", "--no-restart")
+    assert json.loads(run("status", "--json")[1])["origin"]["source"] == "rollback"
+    assert "origin:          rollback, " in run("status")[1]
+
+
+def pending_update(run, sas_inputs, cert_inputs):
+    """A switch to the certificate set interrupted after its commit point: half switched."""
+    from defender_setup.agentdir import AgentDir
+
+    assert run("apply", "--no-restart", *run.inputs(sas_inputs))[0] == 0
+    agent = AgentDir(run.root)
+    staging = agent.state / "staging"
+    staging.mkdir(mode=0o700)
+    for name, (data, mode) in cert_inputs.validated().files.items():
+        (staging / name).write_bytes(data)
+        os.chmod(staging / name, mode)
+    (agent.state / "txn").write_text(json.dumps({"files": sorted(cert_inputs.validated().files)}))
+    os.replace(staging / "certificate_public.pem", agent.path / "certificate_public.pem")
+    return agent
+
+
+@pytest.mark.parametrize("reader", [["status"], ["status", "--json"], ["check"],
+                                    ["check", "--json"]])
+def test_readers_report_an_interrupted_update_and_change_nothing(run, sas_inputs, cert_inputs,
+                                                                 reader):
+    pending_update(run, sas_inputs, cert_inputs)
+    before = snapshot(run.root)
+    code, out, err = run(*reader)
+    assert "interrupted" in out and "defender-setup repair" in out
+    assert code == (78 if reader[0] == "check" else 0), err
+    assert snapshot(run.root) == before
+
+
+def test_readers_never_create_anything(run, sas_inputs):
+    for reader in (["status"], ["check"], ["status", "--json"]):
+        run(*reader)
+    assert not run.root.exists()
+    run("apply", "--no-restart", *run.inputs(sas_inputs))
+    state = agent_path(run) / ".defender-setup"
+    (state / "lock").unlink(missing_ok=True)  # as left by an older version
+    (state / "staging").mkdir()  # a leftover another writer may be filling right now
+    before = snapshot(run.root)
+    for reader in (["status"], ["check"]):
+        run(*reader)
+    assert snapshot(run.root) == before
+
+
+def test_readers_wait_for_a_writer_then_exit_75(run, sas_inputs):
+    run("apply", "--no-restart", *run.inputs(sas_inputs))
+    with Holder(agent_path(run) / ".defender-setup/lock") as pid:
+        code, out, err = run("status", "--lock-timeout", "0.1")
+        assert code == 75 and f"pid {pid}" in err
+    with Holder(agent_path(run) / ".defender-setup/lock", "shared"):
+        assert run("status", "--lock-timeout", "0")[0] == 0  # readers share the lock
+
+
+def test_repair_completes_an_interrupted_update(run, sas_inputs, cert_inputs):
+    agent = pending_update(run, sas_inputs, cert_inputs)
+    code, out, _ = run("repair")
+    assert code == 0 and "repaired" in out
+    assert not agent.pending() and agent.method() == "certificate"
+    assert agent.current() == {n: d for n, (d, _) in cert_inputs.validated().files.items()}
+    before = snapshot(run.root)
+    assert run("repair") == (0, "", "")  # nothing pending: nothing touched
+    assert snapshot(run.root) == before
+
+
+def test_repair_does_not_wait_for_a_writer(run, sas_inputs, cert_inputs):
+    agent = pending_update(run, sas_inputs, cert_inputs)
+    with Holder(agent.state / "lock"):
+        started = time.monotonic()
+        code, out, _ = run("repair", "--lock-timeout", "0.2")
+        assert time.monotonic() - started < 2
+    assert code == 0 and "repair skipped" in out and agent.pending()
+
+
+def test_repair_creates_nothing_when_unconfigured(run):
+    assert run("repair")[0] == 0
+    assert not run.root.exists()

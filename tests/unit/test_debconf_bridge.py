@@ -227,6 +227,7 @@ def test_apply_writes_and_clears_the_secret(debconf, root):
     assert KEY not in result.stderr + result.stdout
     written = AgentDir(root).current()
     assert KEY.encode() in written[CONNECTION_STRING_FILE]
+    assert AgentDir(root).origin()["source"] == "debconf"
     assert KEY.encode() not in debconf.database()
     assert debconf.get("device-id") == "dev1"  # identity synced for dpkg-reconfigure
 

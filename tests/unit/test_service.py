@@ -65,10 +65,41 @@ def test_state_for_status(tmp_path, monkeypatch):
     (tmp_path / "run/systemd/system").mkdir(parents=True)
     fake = FakeSystemd(tmp_path, [running(status="connected")], [{}])
     fake.path_env(monkeypatch)
-    state = Service(tmp_path, environ={}).state()
+    state = Service(tmp_path, environ={}, manages_root=True).state()
     assert state["active"] is True
     assert state["summary"] == "active (running), status: connected"
-    assert Service(tmp_path / "nowhere", environ={}).state() is None
+    assert Service(tmp_path / "nowhere", environ={}, manages_root=True).state() is None
+
+
+def planted_policy_rc_d(root):
+    """An executable policy-rc.d in the tree that leaves a mark when it runs."""
+    policy = root / "usr/sbin/policy-rc.d"
+    policy.parent.mkdir(parents=True)
+    policy.write_text(f"#!/bin/sh\ntouch {root}/RAN\nexit 0\n")
+    policy.chmod(0o755)
+    return root / "RAN"
+
+
+def test_state_never_runs_the_trees_policy_rc_d(tmp_path, monkeypatch):
+    (tmp_path / "run/systemd/system").mkdir(parents=True)
+    ran = planted_policy_rc_d(tmp_path)
+    fake = FakeSystemd(tmp_path, [running(status="connected")], [{}])
+    fake.path_env(monkeypatch)
+    assert Service(tmp_path, environ={}, manages_root=True).state()["active"] is True
+    assert not ran.exists()
+
+
+def test_another_root_never_asks_the_hosts_systemd(tmp_path, monkeypatch):
+    (tmp_path / "run/systemd/system").mkdir(parents=True)
+    ran = planted_policy_rc_d(tmp_path)
+    fake = FakeSystemd(tmp_path, [running(status="connected")], [{}])
+    fake.path_env(monkeypatch)
+    svc = Service(tmp_path, environ={})
+    assert svc.state() is None
+    assert svc.skip_reason() == svc.unavailable_reason()
+    assert f"--root {tmp_path} is not /" in svc.unavailable_reason()
+    assert fake.calls() == [] and not ran.exists()
+    assert Service("/", environ={}).manages_root and Service("//.", environ={}).manages_root
 
 
 class RecordingReader:

@@ -53,7 +53,8 @@ def root(tmp_path):
 def verify(root, fake, monkeypatch, strict=False, environ=None, timeout=30):
     fake.path_env(monkeypatch)
     out, clock = io.StringIO(), FakeClock()
-    svc = Service(root, environ=environ or {}, journal=lambda: FakeJournal())
+    # The throw-away root stands for the host here; a real --root DIR never reaches systemd.
+    svc = Service(root, environ=environ or {}, journal=lambda: FakeJournal(), manages_root=True)
     code = restart_and_verify(root, timeout=timeout, strict=strict, out=out, service=svc,
                               clock=clock, sleep=clock.sleep)
     return code, out.getvalue()
