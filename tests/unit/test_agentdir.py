@@ -2,12 +2,14 @@
 
 import json
 import os
+import shutil
 import stat
 
 import pytest
 
 from defender_setup.agentdir import AgentDir
-from defender_setup.errors import InputError, UnsafeTargetError
+from defender_setup.credentials import ALL_FILES
+from defender_setup.errors import InputError, UnsafeTargetError, ValidationError
 
 CS, CERT, KEY = "connection_string.txt", "certificate_public.pem", "certificate_private.pem"
 
@@ -181,3 +183,130 @@ def test_origin_switches_with_the_set_in_one_transaction(root, sas_inputs, cert_
     # killed after it: rolled forward, origin included
     assert agent.repair() and agent.origin() == {"source": "credential", "time": "t"}
     assert agent.method() == "certificate"
+
+
+def files_of(validated):
+    return {name: data for name, (data, _) in validated.files.items()}
+
+
+def tree(root):
+    """Every path under root with what a change would alter: 'nothing changed' made checkable
+    (the lock file aside: a writer taking the lock writes its pid there)."""
+    seen = {}
+    for base, dirs, names in os.walk(root):
+        for name in dirs + [n for n in names if n != "lock"]:
+            st = os.lstat(os.path.join(base, name))
+            seen[os.path.relpath(os.path.join(base, name), root)] = (
+                st.st_ino, st.st_mode, st.st_nlink, st.st_size, st.st_mtime_ns)
+    return seen
+
+
+def test_rollback_restores_the_documented_modes(root, sas_inputs, cert_inputs):
+    agent = AgentDir(root)
+    agent.write(cert_inputs.validated().files)
+    os.chmod(agent.path / KEY, 0o640)          # loosened by hand
+    os.chmod(agent.path / CERT, 0o600)
+    agent.write(sas_inputs.validated().files)
+    os.chmod(agent.path / CS, 0o644)
+    agent.rollback()
+    assert (mode(agent.path / CS), mode(agent.path / CERT), mode(agent.path / KEY)) == \
+        (0o600, 0o644, 0o600)
+    agent.rollback()
+    assert mode(agent.path / CS) == 0o600
+
+
+def test_rollback_refuses_an_invalid_previous_set_and_changes_nothing(root, sas_inputs):
+    agent = AgentDir(root)
+    agent.write(sas_inputs.validated().files)
+    agent.write(sas_inputs.validated().files)
+    (agent.state / "previous" / CS).write_bytes(b"HostName=x;DeviceId=d\n")  # same inode
+    before = tree(root)
+    with pytest.raises(ValidationError) as err:
+        agent.rollback()
+    assert err.value.exit_code == 65 and "nothing was restored" in str(err.value)
+    assert tree(root) == before
+
+
+@pytest.mark.parametrize("plant", ["hard link", "fifo", "foreign owner"])
+def test_rollback_refuses_a_planted_previous_file_and_changes_nothing(root, tmp_path, sas_inputs,
+                                                                      plant):
+    agent = AgentDir(root)
+    agent.write(sas_inputs.validated().files)
+    agent.write(sas_inputs.validated().files)
+    target = agent.state / "previous" / CS
+    outside = tmp_path / "outside"
+    if plant == "hard link":   # a valid connection string, but not the one that was kept
+        outside.write_bytes(agent.current()[CS])
+        target.unlink()
+        os.link(outside, target)
+    elif plant == "fifo":
+        target.unlink()
+        os.mkfifo(target, 0o600)
+    else:
+        if os.geteuid() != 0:
+            pytest.skip("chown needs root")
+        os.chown(target, 1, 1)
+    before = tree(root)
+    with pytest.raises(UnsafeTargetError) as err:
+        agent.rollback()
+    assert err.value.exit_code == 77 and str(target) in str(err.value)
+    assert tree(root) == before
+
+
+def test_written_sets_leave_single_links_so_rollback_is_not_refused(root, sas_inputs,
+                                                                    cert_inputs):
+    agent = AgentDir(root)
+    for files in (sas_inputs, cert_inputs, cert_inputs, sas_inputs):
+        agent.write(files.validated().files)
+        for directory in (agent.path, agent.state / "previous"):
+            for name in ALL_FILES:
+                if (directory / name).exists():
+                    assert os.lstat(directory / name).st_nlink == 1, directory / name
+    agent.rollback()
+    agent.rollback()
+    assert agent.current() == files_of(sas_inputs.validated())
+
+
+@pytest.mark.parametrize("name", ["previous", "staging", "previous.new", "txn", "lock",
+                                  "origin.json"])
+def test_a_symlink_in_the_private_state_is_refused_naming_it(root, tmp_path, sas_inputs, name):
+    agent = AgentDir(root)
+    agent.write(sas_inputs.validated().files)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    link = agent.state / name
+    if link.is_dir():
+        shutil.rmtree(link)
+    elif link.exists():
+        link.unlink()
+    link.symlink_to(elsewhere)
+    before = tree(root)
+    for action in (lambda: agent.write(sas_inputs.validated().files), agent.rollback,
+                   agent.repair, agent.check, agent.snapshot):
+        with pytest.raises(UnsafeTargetError) as err:
+            action()
+        assert err.value.exit_code == 77 and str(link) in str(err.value)
+    assert tree(root) == before and os.listdir(elsewhere) == []
+
+
+def test_parent_directories_are_0755_whatever_the_umask(root, sas_inputs):
+    old = os.umask(0)
+    try:
+        AgentDir(root).write(sas_inputs.validated().files)
+    finally:
+        os.umask(old)
+    assert mode(root) == 0o755 and mode(root / "var") == 0o755
+    assert mode(AgentDir(root).path) == 0o700 and mode(AgentDir(root).state) == 0o700
+
+
+def test_a_symlinked_var_under_root_is_refused_not_followed(root, tmp_path, sas_inputs):
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    root.mkdir()
+    (root / "var").symlink_to(elsewhere)
+    agent = AgentDir(root)
+    for action in (lambda: agent.write(sas_inputs.validated().files), agent.check):
+        with pytest.raises(UnsafeTargetError, match="var is not a real directory") as err:
+            action()
+        assert err.value.exit_code == 77
+    assert os.listdir(elsewhere) == []

@@ -313,3 +313,79 @@ def test_repair_does_not_wait_for_a_writer(run, sas_inputs, cert_inputs):
 def test_repair_creates_nothing_when_unconfigured(run):
     assert run("repair")[0] == 0
     assert not run.root.exists()
+
+
+@pytest.mark.parametrize("name", ["previous", "staging", "txn"])
+def test_a_symlink_in_the_private_state_exits_77_and_readers_report_it(run, sas_inputs, tmp_path,
+                                                                       name):
+    run("apply", "--no-restart", *run.inputs(sas_inputs))
+    run("apply", "--no-restart", *run.inputs(sas_inputs))
+    link = agent_path(run) / ".defender-setup" / name
+    if link.is_dir():
+        import shutil
+
+        shutil.rmtree(link)
+    (tmp_path / "elsewhere").mkdir()
+    link.symlink_to(tmp_path / "elsewhere")
+    for argv in (["apply", "--no-restart", *run.inputs(sas_inputs)], ["rollback", "--no-restart"],
+                 ["restart"]):
+        code, _, err = run(*argv)
+        assert code == 77 and str(link) in err, (argv, err)
+    code, out, _ = run("status", "--json")
+    assert code == 0 and str(link) in json.loads(out)["problem"]
+    code, out, _ = run("check", "--json")
+    safe = next(c for c in json.loads(out) if c["id"] == "agent-dir-safe")
+    assert code == 77 and safe["status"] == "error" and str(link) in safe["message"]
+
+
+def test_closed_standard_input_is_one_line_and_66(run, monkeypatch, capsys):
+    monkeypatch.setattr(sys, "stdin", None)  # what Python makes of a closed descriptor 0
+    code = cli.main(["validate", "--connection-string-file", "-", "--root", str(run.root)])
+    err = capsys.readouterr().err
+    assert code == 66 and err.count("\n") == 1 and "standard input is closed" in err
+
+
+def _real_cli(*argv, **kw):
+    import subprocess
+    from pathlib import Path
+
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[2]))
+    kw.setdefault("stdout", subprocess.PIPE)
+    return subprocess.run(["/usr/bin/python3", "-m", "defender_setup", *argv], env=env,
+                          stderr=subprocess.PIPE, **kw)
+
+
+@pytest.mark.allow_subprocess
+def test_closed_stdin_and_stdout_in_a_real_process(run, sas_inputs):
+    r = _real_cli("validate", "--connection-string-file", "-", stdin=None,
+                  pass_fds=(), close_fds=True, preexec_fn=lambda: os.close(0))
+    assert r.returncode == 66 and r.stderr.count(b"\n") == 1, r.stderr
+    run("apply", "--no-restart", *run.inputs(sas_inputs))
+    # status | head -0: the reader of the pipe is gone before status writes
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    r = _real_cli("status", "--root", str(run.root), stdout=write_end)
+    os.close(write_end)
+    assert r.returncode == 74, r.stderr
+    assert r.stderr.count(b"\n") == 1 and b"Traceback" not in r.stderr
+    assert b"standard output is closed" in r.stderr
+
+
+@pytest.mark.allow_subprocess
+def test_status_of_another_root_runs_nothing_from_it_nor_asks_systemd(run, sas_inputs,
+                                                                      tmp_path, monkeypatch):
+    from .fake_systemd import FakeSystemd, running
+
+    run("apply", "--no-restart", *run.inputs(sas_inputs))
+    (run.root / "run/systemd/system").mkdir(parents=True)
+    policy = run.root / "usr/sbin/policy-rc.d"
+    policy.parent.mkdir(parents=True)
+    policy.write_text(f"#!/bin/sh\ntouch {tmp_path}/RAN\nexit 0\n")
+    policy.chmod(0o755)
+    fake = FakeSystemd(tmp_path, [running(status="the host's agent")], [{}])
+    fake.path_env(monkeypatch)
+    for argv in (["status"], ["check"], ["restart"], ["apply", *run.inputs(sas_inputs)]):
+        code, out, err = run(*argv)
+        assert code == 0, (argv, err)
+        assert "the host's agent" not in out and "is not /" in out
+    assert fake.calls() == [] and not (tmp_path / "RAN").exists()
