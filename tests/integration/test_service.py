@@ -262,3 +262,61 @@ def test_no_running_systemd_skips_the_restart(ct, preseed):
     assert "restart skipped: /usr/sbin/policy-rc.d forbids it (exit 101)" in r.stdout
     assert r.returncode == 0
     assert state(ct)["InvocationID"] == before  # nothing was restarted
+
+
+CRASHING_APPLY = '''\
+"""defender-setup apply, SIGKILLed in the middle of switching the files (test only)."""
+import os
+import signal
+import sys
+
+from defender_setup import cli
+
+real_replace, calls = os.replace, [0]
+
+
+def replace(*args, **kwargs):
+    # replaces: 1 the journal's commit, 2 previous.new -> previous, 3 the first credential
+    # file (certificate_private.pem); the 4th never happens
+    calls[0] += 1
+    if calls[0] == 4:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return real_replace(*args, **kwargs)
+
+
+os.replace = replace
+sys.exit(cli.main(sys.argv[1:]))
+'''
+
+
+def test_an_interrupted_update_is_completed_before_the_agent_starts(ct, preseed, identity):
+    install(ct, preseed)
+    cert, key = identity("good-dev")
+    ct.copy_in(cert, "/root/device.pem")
+    ct.copy_in(key, "/root/device.key")
+    ct.copy_in(f"HostName={preseed.HUB};DeviceId=good-dev;ModuleId=DefenderIotMicroAgent;"
+               "x509=true\n", "/root/cs.txt")
+    ct.copy_in(CRASHING_APPLY, "/root/crashing-apply.py")
+    r = ct.run(["python3", "-I", "/root/crashing-apply.py", "apply", "--no-restart",
+                "--connection-string-file", "/root/cs.txt", "--certificate", "/root/device.pem",
+                "--private-key", "/root/device.key"], check=False)
+    assert r.returncode == -9 or r.returncode == 137, r  # the crash landed
+    # half switched: the journal is there, the new key beside the old SAS connection string
+    assert ct.exists(f"{AGENT_DIR}/.defender-setup/txn")
+    assert ct.exists(f"{AGENT_DIR}/certificate_private.pem")
+    assert "SharedAccessKey=" in connection_string_on_disk(ct)
+    status = json.loads(ct.run(["defender-setup", "status", "--json"]).stdout)
+    assert status["interrupted_update"] is True  # reported, not repaired, by a reader
+    assert ct.exists(f"{AGENT_DIR}/.defender-setup/txn")
+    # what a reboot does to the agent: start it again, no defender-setup command in between
+    since = cursor(ct)
+    ct.run(["systemctl", "restart", UNIT])
+    s = state(ct)
+    assert (s["ActiveState"], s["SubState"]) == ("active", "running"), s
+    assert not ct.exists(f"{AGENT_DIR}/.defender-setup/txn")
+    assert connection_string_on_disk(ct).rstrip().endswith("x509=true")
+    assert ct.exists(f"{AGENT_DIR}/certificate_public.pem")
+    log = ct.run(["journalctl", "-u", UNIT, "--after-cursor", since, "-o", "cat"]).stdout
+    assert "repaired: an interrupted credential update was completed" in log, log
+    status = json.loads(ct.run(["defender-setup", "status", "--json"]).stdout)
+    assert (status["method"], status["problem"]) == ("certificate", None), status
