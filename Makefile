@@ -19,10 +19,13 @@ deb: ## build deb_dist/defender-setup_<version>-1_all.deb with stdeb
 repo: deb ## signed apt repository in repo/ (reprepro; REPO_KEY=<fingerprint>, else a local key)
 	tools/make-repo --out repo $(if $(REPO_KEY),--key $(REPO_KEY)) deb_dist/defender-setup_*_all.deb
 
-test: deps test-unit test-integration ## run all tests (unit, then the .deb in booted containers)
+test: deps test-unit test-functional test-integration ## run all tests (unit, real-process, then the .deb in booted containers)
 
 test-unit: ## unit tests only (seconds, no root needed)
 	$(PY) -m pytest -q tests/unit
+
+test-functional: ## real processes on throw-away roots: writers, readers and an agent at once (~30 s)
+	$(PY) -m pytest -q tests/functional
 
 test-integration: deb ## install the built .deb into mmdebstrap images booted with systemd-nspawn
 	tools/integration-test

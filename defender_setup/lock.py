@@ -18,9 +18,13 @@ Why it is built this way:
   SIGKILL never leaves a stale lock; the pid written into the file after locking is only a
   hint for the message (``/proc/locks`` is asked first: it names the real holder, a reader
   included).
-* Waiting polls ``LOCK_NB`` every 50 ms up to a deadline: no signals, no threads, and the
-  bound is exact. ``timeout=0`` is a single try (the service's start-up repair uses it, since
-  a writer holding the lock may be the one restarting the service and waiting for it).
+* Waiting polls ``LOCK_NB`` every 20 ms up to a deadline: no signals, no threads, and the
+  bound is exact. ``timeout=0`` is a single try.
+* Writers are not starved by readers: ``flock`` has no writer preference, so a stream of
+  overlapping readers (monitoring, an agent) could keep a writer out for ever. A gate in front
+  of the lock fixes that: the directory that holds the lock file is flocked too, exclusively
+  by a writer while it waits for the readers inside to leave, shared by a reader only on its
+  way in. Once a writer is at the gate, new readers wait behind it.
 * Re-entrant per process and path: a writer takes the lock once around its whole command
   (write, restart, verify, roll-back) and the library calls inside it (``AgentDir.write``,
   ``rollback``) take it again for free. Readers inside a writer's lock read freely.
@@ -38,7 +42,7 @@ from pathlib import Path
 
 from .errors import BusyError, UnsafeTargetError
 
-POLL = 0.05
+POLL = 0.02
 _held: dict[str, list] = {}   # path -> [fd, depth, exclusive]
 
 
@@ -135,8 +139,8 @@ def holder(path: Path) -> str:
         os.close(fd)
 
 
-def _acquire(fd: int, path: Path, operation: int, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + max(0.0, timeout)
+def _acquire(fd: int, path: Path, operation: int, deadline: float, what: str,
+             timeout: float) -> None:
     while True:
         try:
             fcntl.flock(fd, operation | fcntl.LOCK_NB)
@@ -151,6 +155,26 @@ def _acquire(fd: int, path: Path, operation: int, timeout: float, what: str) -> 
                     "it to finish and run the command again (--lock-timeout S waits longer)"
                 ) from None
             time.sleep(min(POLL, remaining))
+
+
+def _through_gate(fd: int, path: Path, operation: int, timeout: float, what: str) -> None:
+    """Take ``operation`` on ``fd`` after passing the gate (see the module docstring)."""
+    deadline = time.monotonic() + max(0.0, timeout)
+    gate = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        gate_op = fcntl.LOCK_EX if operation == fcntl.LOCK_EX else fcntl.LOCK_SH
+        try:
+            _acquire(gate, path, gate_op, deadline, what, timeout)
+        except BusyError:
+            who = _holder_of(fd)  # name the holder of the lock itself, not of the gate
+            raise BusyError(
+                f"another command is changing the credentials ({path} is held"
+                f"{' by ' + who if who else ''}); {what} waited {timeout:g} s. Wait for "
+                "it to finish and run the command again (--lock-timeout S waits longer)"
+            ) from None
+        _acquire(fd, path, operation, deadline, what, timeout)
+    finally:
+        os.close(gate)  # the gate is only for the way in
 
 
 @contextmanager
@@ -170,7 +194,7 @@ def exclusive(path: Path | str, timeout: float = 30.0, what: str = "this command
         return
     fd = _open(path, create=True)
     try:
-        _acquire(fd, path, fcntl.LOCK_EX, timeout, what)
+        _through_gate(fd, path, fcntl.LOCK_EX, timeout, what)
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode("ascii"), 0)
         _held[key] = [fd, 1, True]
@@ -200,7 +224,7 @@ def shared(path: Path | str, timeout: float = 5.0, what: str = "this command"):
         yield
         return
     try:
-        _acquire(fd, path, fcntl.LOCK_SH, timeout, what)
+        _through_gate(fd, path, fcntl.LOCK_SH, timeout, what)
         _held[key] = [fd, 1, False]
         try:
             yield
