@@ -11,8 +11,9 @@
                the end of the test (for images from harness.build_image)
     identity   factory: ``identity(cn="dev1", days=365, key="rsa2048")`` -> (cert_pem, key_pem)
     preseed    helpers building debconf-set-selections lines (see ``Preseed``)
-    apt_repo   factory: ``apt_repo(key="main")`` -> an empty aptrepo.Repository served over
-               HTTP (``.publish(deb)``); repositories of one key name share one signing key
+    apt_repo   factory: ``apt_repo(key="main", directory=None)`` -> an empty
+               aptrepo.Repository served over HTTP (``.publish(deb)``) unless ``directory``
+               is given; repositories of one key name share one signing key
 
 Integration tests need root, systemd-nspawn and mmdebstrap; without them they are skipped.
 """
@@ -107,8 +108,8 @@ def repo_server(tmp_path_factory):
 def apt_repo(repo_server, tmp_path_factory):
     server, root = repo_server
 
-    def make(key: str = "main") -> aptrepo.Repository:
-        directory = Path(tempfile.mkdtemp(prefix=f"{key}-", dir=root))
+    def make(key: str = "main", directory: Path | None = None) -> aptrepo.Repository:
+        directory = directory or Path(tempfile.mkdtemp(prefix=f"{key}-", dir=root))
         return aptrepo.Repository(directory, tmp_path_factory.getbasetemp() / f"gnupg-{key}",
                                   f"{server.url}/{directory.name}")
 

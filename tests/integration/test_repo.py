@@ -5,8 +5,9 @@ block and ``Signed-By:`` key), installs the package from it with preseeded answe
 a newer revision published later through ``apt upgrade`` and through Debian's
 unattended-upgrades. The agent is connected to the local test hub throughout, so "the
 identity is kept" means the hub accepts the same device again after exactly one restart.
-A repository without a signature, signed by a key the device does not trust, or changed after
-signing is refused by apt.
+An upgrade while the agent fails (a key the hub refuses) still completes the dpkg run, and
+``apt remove`` then ``apt install`` keeps the identity. A repository without a signature,
+signed by a key the device does not trust, or changed after signing is refused by apt.
 """
 
 from __future__ import annotations
@@ -59,7 +60,7 @@ def install_connected(ct, repo, suite, pki, hub, preseed):
 
 
 class Upgrade:
-    """Before/after of one upgrade: exactly one start, same files, connected again."""
+    """Before/after of an upgrade (or reinstall): one start, same files, connected again."""
 
     def __init__(self, ct, hub):
         self.ct, self.hub = ct, hub
@@ -75,7 +76,7 @@ class Upgrade:
         assert after["ActiveState"] == "active", after
         assert starts_since(ct, self.cursor) == [after["InvocationID"]] != \
             [self.before["InvocationID"]], "not exactly one restart"
-        assert after["NRestarts"] == self.before["NRestarts"]
+        assert after["NRestarts"] in (self.before["NRestarts"], "0")
         current = {k: v for k, v in agent_files(ct).items() if not k.startswith(".")}
         assert current == self.files, "the credentials changed"
         assert self.hub.wait_for(lambda: len(self.hub.accepted()) > self.accepted, 15)
@@ -127,6 +128,50 @@ def test_unattended_upgrades_installs_the_new_revision_once_allowed(
     assert installed_version(ct).endswith("-2"), log
     dpkg_log = ct.read("/var/log/unattended-upgrades/unattended-upgrades-dpkg.log")
     assert VERDICT in dpkg_log, dpkg_log
+
+
+@pytest.mark.parametrize("suite", ["bookworm"])
+def test_upgrade_with_the_agent_failing_does_not_fail_the_dpkg_run(
+        suite, boot, apt_repo, deb, deb_next, pki, hub, preseed):
+    repo = apt_repo()
+    repo.publish(deb)
+    ct = boot(harness.base_image(suite=suite))
+    use_repository(ct, repo, suite)
+    apt_update(ct)
+    point_at_hub(ct, pki, hub)
+    # A key the hub refuses: the agent exits 76 and is not restarted (bad credentials).
+    ct.preseed(preseed.for_connection_string(
+        connection_string(preseed, "good-dev", preseed.sas_key(7))))
+    result = apt(ct, "install", "--no-install-recommends", "defender-setup")
+    assert "VERIFICATION FAILED" in result.stdout + result.stderr
+    assert ct.show(UNIT, "ActiveState")["ActiveState"] == "failed"
+
+    repo.publish(deb_next)
+    apt_update(ct)
+    result = apt(ct, "upgrade", check=False)
+    out = result.stdout + result.stderr
+    assert result.returncode == 0, out
+    assert "VERIFICATION FAILED" in out and "dpkg-reconfigure defender-setup" in out, out
+    assert installed_version(ct).endswith("-2")
+    assert ct.run(["dpkg-query", "-W", "-f=${Status}", "defender-setup"]
+                  ).stdout == "install ok installed"
+    assert ct.run(["dpkg", "--audit"]).stdout == ""
+    assert preseed.sas_key(7) not in out
+
+
+@pytest.mark.parametrize("suite", ["bookworm"])
+def test_remove_then_install_keeps_the_identity(suite, boot, apt_repo, deb, pki, hub, preseed):
+    repo = apt_repo()
+    repo.publish(deb)
+    ct = boot(harness.base_image(suite=suite))
+    install_connected(ct, repo, suite, pki, hub, preseed)
+    apt(ct, "remove", "defender-setup")
+    assert ct.show(UNIT, "ActiveState")["ActiveState"] in ("inactive", "failed")
+
+    reinstall = Upgrade(ct, hub)
+    result = apt(ct, "install", "--no-install-recommends", "defender-setup")  # no answers
+    assert VERDICT in result.stdout + result.stderr
+    reinstall.check(installed_version(ct))
 
 
 @pytest.mark.parametrize("suite", SUITES)
