@@ -12,6 +12,8 @@ Interface::
     d.method()            # "connection-string" | "certificate" | None
     d.origin()            # {"source": "apply", "time": "...Z"} of the current set, or None
     d.pending()           # an interrupted write is waiting for repair()
+    d.save_record(name, {...}) / d.record(name) / d.drop_record(name)
+                          # small JSON facts in the private state (the last import's outcome)
 
 Why it is built this way:
 
@@ -447,3 +449,38 @@ class AgentDir:
                     path.unlink()
             if self.path.exists():
                 _fsync_dir(self.path)
+
+    # -- records: small JSON facts beside the origin (never a secret) ---------------------
+    def save_record(self, name: str, data: dict) -> None:
+        """Write ``.defender-setup/NAME`` atomically (0600) under the writers' lock, e.g. the
+        last boot-time import's outcome."""
+        with self.lock():
+            tmp, path = self.state / (name + ".tmp"), self.state / name
+            _check_file(path)
+            try:
+                if _lstat(tmp) is not None:
+                    tmp.unlink()
+                _create(tmp, json.dumps(data, sort_keys=True).encode(), 0o600)
+                os.replace(tmp, path)
+                _fsync_dir(self.state)
+            except OSError as exc:
+                raise WriteError(f"cannot write {path}: {exc.strerror}") from None
+
+    def record(self, name: str) -> dict | None:
+        """A record written by :meth:`save_record`; None when absent or unreadable. Reads
+        only (no lock, no repair): the record is replaced atomically."""
+        try:
+            data = json.loads(_read(self.state / name))
+        except (OSError, ValueError):
+            return None
+        return data if isinstance(data, dict) else None
+
+    def drop_record(self, name: str) -> None:
+        with self.lock():
+            try:
+                (self.state / name).unlink()
+            except FileNotFoundError:
+                return
+            except OSError as exc:
+                raise WriteError(f"cannot remove {self.state / name}: {exc.strerror}") from None
+            _fsync_dir(self.state)
