@@ -77,6 +77,7 @@ def run_checks(root: Path, service_state: dict | None = None,
         add("credentials-present", "connection_string.txt exists", OK)
         _check_modes(agent, seen.modes, add)
         _check_credentials(files, add)
+    _check_last_import(agent, add)
     if service_state is not None:
         active = service_state.get("active")
         status = SKIPPED if active is None else OK if active else ERROR
@@ -112,6 +113,29 @@ def _check_credentials(files: dict, add) -> None:
     warnings = validated.warnings
     add("credentials-warnings", "nothing worth a warning (module id, expiry, CN)",
         WARNING if warnings else OK, "; ".join(warnings))
+
+
+def _check_last_import(agent: AgentDir, add) -> None:
+    """The last boot-time import (defender-setup import): a refused or invalid offer stays
+    visible here until a later import, or another way of configuring, succeeds."""
+    from .errors import EX_CONFIG
+    from .status import IMPORT_RECORD
+
+    description = "the last credentials offered at boot were imported"
+    last = agent.record(IMPORT_RECORD)
+    if last is None:
+        add("last-import", description, SKIPPED, "no credentials were offered at boot")
+        return
+    origin = agent.origin() or {}
+    result, message = last.get("result"), f"{last.get('result')} at {last.get('time')} " \
+        f"from {last.get('source')}: {last.get('message')}"
+    if result in ("verified", "unchanged", "written"):
+        add("last-import", description, OK, message)
+    elif str(origin.get("time", "")) > str(last.get("time", "")):
+        add("last-import", description, WARNING, f"{message} (since configured by "
+            f"{origin.get('source')} at {origin.get('time')})")
+    else:
+        add("last-import", description, ERROR, message, last.get("exit_code", EX_CONFIG))
 
 
 def render(results: list[CheckResult]) -> list[str]:

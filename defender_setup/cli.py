@@ -167,6 +167,14 @@ def cmd_repair(args, out) -> int:
     return EX_OK
 
 
+def cmd_import(args, out) -> int:
+    from .importer import run
+
+    mode = "boot" if args.boot else "boot-verify" if args.boot_verify else \
+        "no-restart" if args.no_restart else "manual"
+    return run(args.root, mode, timeout=args.timeout, out=out, lock_timeout=args.lock_timeout)
+
+
 def _service_state(root: str) -> dict | None:
     from .service import Service
 
@@ -270,6 +278,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-restart", action="store_true", help="restore the files only")
     add("repair", cmd_repair, [common, locking], "complete a credential update that was "
         "interrupted (the service runs it before the agent starts; never waits long)")
+    p = add("import", cmd_import, [common, locking], "import the credentials offered to this "
+            "machine "
+            "(systemd credentials defender-setup.*, or the boot partition's drop folder), "
+            "then restart and verify the service")
+    p.add_argument("--timeout", type=float, default=30.0, metavar="S",
+                   help="seconds to wait for the service to become active (default 30)")
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--no-restart", action="store_true", help="write the files only")
+    mode.add_argument("--boot", action="store_true", help="as defender-setup-import.service "
+                      "runs it: write, queue the service's start, never wait for it")
+    mode.add_argument("--boot-verify", action="store_true", help="as "
+                      "defender-setup-import-verify.service runs it: verify what --boot "
+                      "wrote once the service has started, roll back if it was refused")
     return parser
 
 

@@ -6,7 +6,7 @@ Interface::
     svc.unavailable_reason() -> str | None   # why systemd must not be asked here at all
     svc.skip_reason() -> str | None      # why no restart may happen here (+ policy-rc.d)
     svc.show() -> UnitState              # systemctl show -p InvocationID,MainPID,...
-    svc.restart(timeout) / svc.reset_failed() / svc.is_enabled()
+    svc.restart(timeout) / svc.queue_restart() / svc.reset_failed() / svc.is_enabled()
     svc.journal_lines(invocation_id, count=15) -> list[str]
     svc.state() -> dict | None           # for ``status`` / ``check``: {"active", "summary", ...}
 
@@ -200,6 +200,12 @@ class Service:
     def restart(self, timeout: float = 90) -> None:
         """Restart once; for Type=notify systemctl waits for READY=1. ServiceError if it fails."""
         self.systemctl("restart", self.unit, timeout=timeout)
+
+    def queue_restart(self) -> None:
+        """Queue a restart and return at once (``--no-block``): for a unit ordered before this
+        one, whose restart job waits for the caller's own job to finish (a synchronous
+        restart there would wait for itself until a timeout)."""
+        self.systemctl("--no-block", "restart", self.unit)
 
     def reset_failed(self) -> None:
         """Clear the failed state and the start-limit counter before a deliberate restart."""

@@ -27,6 +27,8 @@ from .errors import BusyError, SetupError
 INTERRUPTED = ("an interrupted credential update is pending (the files may mix two sets); "
                "run 'defender-setup repair', or restart the service, to complete it")
 
+IMPORT_RECORD = "import.json"  # defender_setup.importer.RECORD (importer pulls in more)
+
 
 def _certificate(info) -> dict:
     return {
@@ -50,7 +52,8 @@ def collect(root: Path, service_state: dict | None = None, lock_timeout: float =
     report: dict = {"agent_dir": str(agent.path), "method": None, "identity": None,
                     "certificate": None, "problem": None, "warnings": [], "files": {},
                     "previous_generation": False, "interrupted_update": False,
-                    "origin": None, "service": service_state}
+                    "origin": None, "service": service_state,
+                    "last_import": agent.record(IMPORT_RECORD)}
     try:
         seen = agent.snapshot(lock_timeout)
     except BusyError:
@@ -117,6 +120,10 @@ def render(report: dict) -> list[str]:
     service = report["service"]
     if service is not None:
         lines.append(f"service:         {UNIT}: {service.get('summary', 'unknown')}")
+    last = report.get("last_import")
+    if last:
+        lines.append(f"last import:     {last.get('result')} at {last.get('time')} from "
+                     f"{last.get('source')}: {last.get('message')}")
     for warning in report["warnings"]:
         lines.append(f"warning: {warning}")
     if report["problem"]:

@@ -75,7 +75,26 @@ def restart_once(svc: Service, timeout: float, *, clock=time.monotonic, sleep=ti
         return Verdict(False, state, f"did not start: {state.describe()}")
     if before.invocation_id and state.invocation_id == before.invocation_id:
         return Verdict(False, state, "systemd did not restart it (same InvocationID)")
-    first = state
+    return _stable(svc, state, deadline, timeout, clock=clock, sleep=sleep)
+
+
+def watch(svc: Service, timeout: float, *, clock=time.monotonic, sleep=time.sleep) -> Verdict:
+    """Verify the unit as it runs now, without restarting it: for a check ordered after the
+    unit's own start job (the boot-time import), where a restart would be a second start."""
+    deadline = clock() + timeout
+    state = svc.show()
+    while state.active_state in ("activating", "reloading") and clock() < deadline:
+        sleep(POLL_INTERVAL)
+        state = svc.show()
+    if not state.running:
+        return Verdict(False, state, f"is not running: {state.describe()}")
+    return _stable(svc, state, deadline, timeout, clock=clock, sleep=sleep)
+
+
+def _stable(svc: Service, first: UnitState, deadline: float, timeout: float, *, clock,
+            sleep) -> Verdict:
+    """Poll until ``first`` has lasted :data:`STABILITY_WINDOW` unchanged, or it did not."""
+    state = first
     since = clock()
     while True:
         stable = clock() - since

@@ -1,0 +1,280 @@
+"""Find the credential set a machine is offered at boot: systemd credentials or a drop folder.
+
+Interface::
+
+    find_offer(root, environ=None, decrypt=None) -> Offer | None   # raises InputError
+    Offer.source      "credential" | "drop-folder"
+    Offer.files       {agent directory file name: bytes}  (secrets: kept out of repr)
+    Offer.where       {file name: path it was read from}   (safe to print and record)
+    Offer.label(name) what a person calls that input: "credential defender-setup.certificate"
+                      or "/boot/firmware/defender-setup/certificate_public.pem"
+    Offer.folder      the drop folder (None for credentials)
+    waiting_folder(root) -> Path | None      a drop folder with files in it (not read)
+    clear_folder(folder) / note_rejection(folder, reason)
+
+Where an offer is looked for, first match wins:
+
+1. systemd credentials, each name on its own, as systemd resolves ``LoadCredential=ID``:
+   ``$CREDENTIALS_DIRECTORY`` (the unit's own copy, when it runs with ``LoadCredential=``),
+   then the system credentials PID 1 received (``/run/credentials/@system``: nspawn
+   ``--load-credential``, SMBIOS type 11, ``systemd.set_credential=`` on the kernel command
+   line), then ``/etc/credstore`` and ``/run/credstore``, then ``/etc/credstore.encrypted`` and
+   ``/run/credstore.encrypted`` (made with ``systemd-creds encrypt``; decrypted through
+   ``systemd-creds decrypt`` into a pipe, only when ``root`` is ``/``). Reading them directly
+   as well keeps systemd versions without credstore search (Debian 11) working.
+2. only when no credential is offered: the boot partition's drop folder,
+   ``/boot/firmware/defender-setup/`` (Raspberry Pi OS and Debian's raspi images) or else
+   ``/boot/defender-setup/``, holding files named as in the agent directory.
+
+Nothing here validates content (that is :mod:`defender_setup.credentials`) and nothing writes
+the agent directory. Every input is a regular file read without following links, with a size
+limit; messages name the credential and path, never the content.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+import subprocess
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .credentials import CERTIFICATE_FILE, CONNECTION_STRING_FILE, PRIVATE_KEY_FILE
+from .errors import InputError, WriteError
+
+# Credential name (DESIGN: fixed) -> the agent directory file it becomes.
+CREDENTIALS = {
+    "defender-setup.connection-string": CONNECTION_STRING_FILE,
+    "defender-setup.certificate": CERTIFICATE_FILE,
+    "defender-setup.private-key": PRIVATE_KEY_FILE,
+}
+CREDENTIAL_OF = {file: name for name, file in CREDENTIALS.items()}
+SYSTEM_CREDENTIALS = "run/credentials/@system"
+CREDSTORES = ("etc/credstore", "run/credstore")
+ENCRYPTED_CREDSTORES = ("etc/credstore.encrypted", "run/credstore.encrypted")
+DROP_FOLDERS = ("boot/firmware/defender-setup", "boot/defender-setup")
+REJECTED_NOTE = "defender-setup.rejected.txt"
+# A connection string is well under 1 KiB and a PEM chain under 1 MiB; the limits leave room
+# for comments and CRLF, and keep a mistaken huge file from filling memory at boot.
+LIMITS = {CONNECTION_STRING_FILE: 16 * 1024, CERTIFICATE_FILE: 1024 * 1024,
+          PRIVATE_KEY_FILE: 1024 * 1024}
+DECRYPT_TIMEOUT = 30
+SOURCE_CREDENTIAL = "credential"
+SOURCE_DROP_FOLDER = "drop-folder"
+
+
+@dataclass(frozen=True)
+class Offer:
+    """One offered set; ``files`` are secrets and stay out of ``repr``."""
+
+    source: str
+    files: dict = field(repr=False)
+    where: dict
+    folder: Path | None = None
+
+    def label(self, name: str) -> str:
+        if self.source == SOURCE_CREDENTIAL:
+            return f"credential {CREDENTIAL_OF[name]}"
+        return str(self.folder / name)
+
+    def describe(self) -> str:
+        if self.source == SOURCE_CREDENTIAL:
+            places = sorted({str(Path(path).parent) for path in self.where.values()})
+            return f"systemd credentials ({', '.join(places)})"
+        return f"the drop folder {self.folder}"
+
+
+def read_bounded(path: Path, what: str, limit: int) -> bytes:
+    """A regular file's content, not following links, refusing more than ``limit`` bytes."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except FileNotFoundError:
+        raise InputError(f"{what}: {path} disappeared while being read") from None
+    except OSError as exc:
+        raise InputError(f"{what}: cannot read {path}: {exc.strerror} (a symbolic link "
+                         "is not followed)") from None
+    with os.fdopen(fd, "rb") as handle:
+        if not stat.S_ISREG(os.fstat(handle.fileno()).st_mode):
+            raise InputError(f"{what}: {path} is not a regular file")
+        data = handle.read(limit + 1)
+    if len(data) > limit:
+        raise InputError(f"{what}: {path} is larger than {limit} bytes; it cannot be a "
+                         "credential, give the right file")
+    return data
+
+
+def _present(path: Path) -> bool:
+    return os.path.lexists(path)
+
+
+def _systemd_creds_decrypt(name: str, path: Path) -> bytes:
+    """Decrypt a credstore.encrypted file; the plaintext comes back through a pipe."""
+    try:
+        proc = subprocess.run(["systemd-creds", "decrypt", f"--name={name}", str(path), "-"],
+                              stdin=subprocess.DEVNULL, capture_output=True,
+                              timeout=DECRYPT_TIMEOUT, check=False)
+    except FileNotFoundError:
+        raise InputError(f"credential {name}: {path} is encrypted but systemd-creds is not "
+                         "installed (systemd 250 or later); store it unencrypted in "
+                         f"{Path(path).parent.name.replace('.encrypted', '')}/ "
+                         "instead") from None
+    except subprocess.TimeoutExpired:
+        raise InputError(f"credential {name}: systemd-creds decrypt {path} did not finish "
+                         f"within {DECRYPT_TIMEOUT} s") from None
+    if proc.returncode != 0:
+        lines = proc.stderr.decode("utf-8", "replace").strip().splitlines()
+        detail = lines[-1] if lines else f"exit status {proc.returncode}"
+        raise InputError(f"credential {name}: cannot decrypt {path}: {detail}; encrypt it "
+                         "on this machine (systemd-creds encrypt --name=" f"{name})")
+    return proc.stdout
+
+
+def _credential_dirs(root: Path, environ) -> list[Path]:
+    dirs = []
+    given = environ.get("CREDENTIALS_DIRECTORY")
+    if given:
+        dirs.append(Path(given))
+    dirs.append(root / SYSTEM_CREDENTIALS)
+    dirs += [root / d for d in CREDSTORES]
+    return dirs
+
+
+def _find_credentials(root: Path, environ, decrypt) -> Offer | None:
+    files, where = {}, {}
+    for name, file in CREDENTIALS.items():
+        for directory in _credential_dirs(root, environ):
+            path = directory / name
+            if _present(path):
+                files[file] = read_bounded(path, f"credential {name}", LIMITS[file])
+                where[file] = str(path)
+                break
+        else:
+            for directory in ENCRYPTED_CREDSTORES:
+                path = root / directory / name
+                if _present(path):
+                    if decrypt is None:
+                        raise InputError(f"credential {name}: {path} is encrypted and can only "
+                                         "be decrypted on the running system (--root /)")
+                    data = decrypt(name, path)
+                    if len(data) > LIMITS[file]:
+                        raise InputError(f"credential {name}: {path} is larger than "
+                                         f"{LIMITS[file]} bytes once decrypted")
+                    files[file], where[file] = data, str(path)
+                    break
+    if not files:
+        return None
+    return Offer(SOURCE_CREDENTIAL, files, where)
+
+
+def _find_folder(root: Path) -> Offer | None:
+    for directory in DROP_FOLDERS:
+        folder = root / directory
+        if not folder.is_dir() or folder.is_symlink():
+            continue
+        files, where = {}, {}
+        for file in CREDENTIALS.values():
+            path = folder / file
+            if _present(path):
+                files[file] = read_bounded(path, str(path), LIMITS[file])
+                where[file] = str(path)
+        if files:
+            return Offer(SOURCE_DROP_FOLDER, files, where, folder=folder)
+    return None
+
+
+def waiting_folder(root: Path | str = "/") -> Path | None:
+    """A drop folder holding credential files (not read: only whether they are there)."""
+    for directory in DROP_FOLDERS:
+        folder = Path(root) / directory
+        if folder.is_dir() and any(_present(folder / f) for f in CREDENTIALS.values()):
+            return folder
+    return None
+
+
+def find_offer(root: Path | str = "/", environ=None, decrypt=None) -> Offer | None:
+    """The offered set, or None when nothing is offered (see the module docstring).
+
+    :param environ: the environment to read ``CREDENTIALS_DIRECTORY`` from (tests).
+    :param decrypt: ``decrypt(name, path) -> bytes`` for credstore.encrypted; by default
+        ``systemd-creds decrypt`` when ``root`` is ``/``.
+    """
+    root = Path(root)
+    environ = os.environ if environ is None else environ
+    if decrypt is None and root == Path("/"):
+        decrypt = _systemd_creds_decrypt
+    return _find_credentials(root, environ, decrypt) or _find_folder(root)
+
+
+def searched(root: Path | str = "/") -> str:
+    """Where :func:`find_offer` looks, for the "nothing offered" message."""
+    root = Path(root)
+    places = ["$CREDENTIALS_DIRECTORY", SYSTEM_CREDENTIALS, *CREDSTORES, *ENCRYPTED_CREDSTORES]
+    places = [p if p.startswith("$") else str(root / p) for p in places]
+    return (f"credentials {', '.join(CREDENTIALS)} in {', '.join(places)}; "
+            f"drop folders {', '.join(str(root / d) for d in DROP_FOLDERS)}")
+
+
+# -- the drop folder after an import ---------------------------------------------------------
+def clear_folder(folder: Path) -> list[str]:
+    """Remove the imported files (and an old rejection note) from the drop folder.
+
+    Contents are overwritten with zeros before the unlink: on FAT a deleted file's clusters
+    keep their data. This is best effort (flash storage remaps blocks), which the README says.
+    :returns: the names removed.
+    """
+    removed = []
+    for name in (*CREDENTIALS.values(), REJECTED_NOTE):
+        path = folder / name
+        try:
+            st = os.lstat(path)
+        except FileNotFoundError:
+            continue
+        try:
+            if stat.S_ISREG(st.st_mode) and name != REJECTED_NOTE:
+                fd = os.open(path, os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+                try:
+                    os.write(fd, b"\0" * st.st_size)
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+            os.unlink(path)
+        except OSError as exc:
+            raise WriteError(f"cannot remove {path} from the boot partition: "
+                             f"{exc.strerror}; remove it by hand") from None
+        removed.append(name)
+    _fsync_dir(folder)
+    return removed
+
+
+def note_rejection(folder: Path, reason: str, now: float | None = None) -> Path:
+    """Write ``defender-setup.rejected.txt`` beside a rejected set (no secret: the reason)."""
+    stamp = time.strftime("%Y-%m-%d %H:%M:%S %Z", time.localtime(now))
+    text = (f"defender-setup did not import the files in this folder ({stamp}):\n"
+            f"{reason}\n"
+            "Fix the files (or replace them) and boot again; the agent keeps its previous "
+            "identity until then.\n")
+    path, tmp = folder / REJECTED_NOTE, folder / (REJECTED_NOTE + ".tmp")
+    try:
+        with open(tmp, "w", encoding="utf-8") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+        _fsync_dir(folder)
+    except OSError as exc:
+        raise WriteError(f"cannot write {path}: {exc.strerror}") from None
+    return path
+
+
+def _fsync_dir(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # some FAT drivers refuse fsync on a directory; the unlink stands
+        pass
+    finally:
+        os.close(fd)
