@@ -3,7 +3,8 @@ required and verified against the test CA, the certificate's CN taken as the use
 
 Interface::
 
-    with Mosquitto(pki, directory) as broker:   # starts /usr/sbin/mosquitto, waits for the port
+    with Mosquitto(pki, directory, port=None, host="127.0.0.1") as broker:
+                                                # starts /usr/sbin/mosquitto, waits for the port
         broker.port; broker.log_text()           # the broker's own log (connections, refusals)
 """
 
@@ -24,8 +25,8 @@ def free_port() -> int:
 
 
 class Mosquitto:
-    def __init__(self, pki, directory: Path, port: int | None = None):
-        self.pki, self.dir = pki, Path(directory)
+    def __init__(self, pki, directory: Path, port: int | None = None, host: str = "127.0.0.1"):
+        self.pki, self.dir, self.host = pki, Path(directory), host
         self.port = port or free_port()
         self.log = self.dir / "mosquitto.log"
         self.proc = None
@@ -34,7 +35,7 @@ class Mosquitto:
         conf = self.dir / "mosquitto.conf"
         conf.write_text(
             f"per_listener_settings true\n"
-            f"listener {self.port} 127.0.0.1\n"
+            f"listener {self.port} {self.host}\n"
             f"cafile {self.pki.ca_file}\n"
             f"certfile {self.pki.server_cert}\n"
             f"keyfile {self.pki.server_key}\n"
@@ -51,7 +52,7 @@ class Mosquitto:
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
             try:
-                socket.create_connection(("127.0.0.1", self.port), timeout=0.2).close()
+                socket.create_connection((self.host, self.port), timeout=0.2).close()
                 return self
             except OSError:
                 if self.proc.poll() is not None:

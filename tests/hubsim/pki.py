@@ -3,7 +3,8 @@
 Interface::
 
     pki = Pki(directory, seed=0)         # writes ca.pem, server.pem, server.key; another
-                                         # seed gives an unrelated CA
+                                         # seed gives an unrelated CA; ips= the server's
+                                         # IP addresses (default 127.0.0.1)
     pki.ca_file, pki.server_cert, pki.server_key
     pki.client("dev/mod") -> (cert_path, key_path)          # signed by the test CA
     pki.stranger("dev/mod") -> (cert_path, key_path)        # self-signed, unknown to the hub
@@ -35,7 +36,8 @@ def _write(path: Path, data: bytes) -> Path:
 
 
 class Pki:
-    def __init__(self, directory: Path, names=SERVER_NAMES, seed: int = 0):
+    def __init__(self, directory: Path, names=SERVER_NAMES, seed: int = 0,
+                 ips=("127.0.0.1",)):
         self.dir = Path(directory)
         self.dir.mkdir(parents=True, exist_ok=True)
         ca_key = certfactory.private_key("p256", 1000 * seed + 6)
@@ -43,7 +45,8 @@ class Pki:
         self.ca_file = _write(self.dir / "ca.pem", self.ca.cert_pem)
         key = certfactory.private_key("p256", 1000 * seed + 7)
         now = dt.datetime.now(dt.timezone.utc).replace(tzinfo=None)
-        alt = [x509.DNSName(n) for n in names] + [x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
+        alt = [x509.DNSName(n) for n in names] + [x509.IPAddress(ipaddress.ip_address(ip))
+                                                  for ip in ips]
         cert = (
             x509.CertificateBuilder()
             .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, names[0])]))

@@ -5,9 +5,14 @@ Interface (the fixtures in ``conftest.py`` wrap these; see RECIPES.md for the me
     build_deb(revision=None, dist_dir=None) -> Path   # tools/build-deb, or $DEFENDER_SETUP_DEB
     base_image(extra=(), suite="bookworm") -> Path    # cached rootfs: systemd + dependencies
     build_image(dest, deb, preseed=(), files={}, extra=()) -> CompletedProcess
+    device_disk(layers, name) -> context manager yielding a copy-on-write rootfs (overlayfs)
+    install_layer(base, deb, dest) -> CompletedProcess   # the .deb as an image layer
         # Recipe A: mmdebstrap installs the .deb in a chroot (no systemd, policy-rc.d 101)
         # with debconf answers and files (e.g. a key) put in place before the install
-    Container(rootfs, name, volatile=True, binds={host: guest}).start() -> Container
+    Container(rootfs, name, volatile=True, binds={host: guest}, credentials={id: host file},
+              nspawn_args=[...]).start() -> Container
+        # credentials: systemd credentials for the container's PID 1 (--load-credential=,
+        # read from a host file: never a value on a command line)
         .run(cmd, input=None, check=True, timeout=120) -> CompletedProcess (text, both pipes)
         .sh(script, **kw)                     # run(["sh", "-ec", script])
         .copy_in(data_or_path, dest, mode=0o600)   # through stdin: never on a command line
@@ -147,6 +152,38 @@ def build_image(dest: Path, deb: Path, preseed=(), files: dict | None = None,
                                         "file-mirror-automount", *hooks])
 
 
+@contextmanager
+def device_disk(layers, name: str, keep_upper: Path | None = None):
+    """A copy-on-write disk over read-only ``layers`` (overlayfs on the host, topmost first):
+    what one device flashed from a golden image is. Unlike ``--volatile=overlay`` it survives
+    a reboot (stop, then start again on the same directory); it is thrown away on exit,
+    except the changes when ``keep_upper`` names where to keep them (a new image layer)."""
+    layers = [layers] if isinstance(layers, (str, Path)) else list(layers)
+    base = CACHE / "devices" / f"{name}-{uuid.uuid4().hex[:6]}"
+    upper, work, merged = keep_upper or base / "upper", base / "work", base / "rootfs"
+    for directory in (upper, work, merged):
+        directory.mkdir(parents=True, exist_ok=directory is upper)
+    subprocess.run(["mount", "-t", "overlay", "overlay", "-o",
+                    f"lowerdir={':'.join(map(str, layers))},upperdir={upper},workdir={work}",
+                    str(merged)], check=True, capture_output=True)
+    try:
+        yield merged
+    finally:
+        subprocess.run(["umount", str(merged)], check=False, capture_output=True)
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def install_layer(base: Path, deb: Path, dest: Path) -> subprocess.CompletedProcess:
+    """An image layer: ``deb`` installed over ``base`` with dpkg, as an image build does it (no
+    systemd running, no answers); the changes land in ``dest`` (use ``[dest, base]`` as the
+    layers of :func:`device_disk`). Seconds, where a fresh mmdebstrap takes minutes."""
+    with device_disk(base, "layer", keep_upper=dest) as merged:
+        return _run(["systemd-nspawn", "-q", "--register=no", "--keep-unit", "-D", str(merged),
+                     f"--bind-ro={deb.parent}:{GUEST_DEB_DIR}", "--timezone=off",
+                     "env", "-i", f"PATH={GUEST_PATH}", "DEBIAN_FRONTEND=noninteractive",
+                     "dpkg", "-i", f"{GUEST_DEB_DIR}/{deb.name}"], timeout=300)
+
+
 def _children(pid: int) -> list[int]:
     try:
         text = Path(f"/proc/{pid}/task/{pid}/children").read_text()
@@ -166,11 +203,14 @@ class Container:
     """One booted systemd-nspawn container; see the module docstring."""
 
     def __init__(self, rootfs: Path, name: str | None = None, volatile: bool = True,
-                 binds: dict | None = None, prefix: str = "deb"):
+                 binds: dict | None = None, prefix: str = "deb",
+                 credentials: dict | None = None, nspawn_args=()):
         self.rootfs = Path(rootfs)
         self.name = name or f"{prefix}-{uuid.uuid4().hex[:8]}"
         self.volatile = volatile
         self.binds = dict(binds or {})
+        self.credentials = dict(credentials or {})
+        self.nspawn_args = list(nspawn_args)
         self.pid1: int | None = None
         self.proc: subprocess.Popen | None = None
         self.log = CACHE / "logs" / f"{self.name}.log"
@@ -183,6 +223,8 @@ class Container:
         if self.volatile:
             cmd.append("--volatile=overlay")
         cmd += [f"--bind-ro={host}:{guest}" for host, guest in self.binds.items()]
+        cmd += [f"--load-credential={cid}:{path}" for cid, path in self.credentials.items()]
+        cmd += self.nspawn_args
         with open(self.log, "wb") as log:
             self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log,
                                          stderr=subprocess.STDOUT, start_new_session=True)
@@ -236,6 +278,7 @@ class Container:
             self.proc.kill()
             self.proc.wait(timeout=10)
         self.proc = None
+        self.pid1 = None  # a later start() boots it again (a reboot, on a persistent rootfs)
 
     def __enter__(self) -> Container:
         return self if self.pid1 else self.start()
