@@ -184,6 +184,16 @@ def install_layer(base: Path, deb: Path, dest: Path) -> subprocess.CompletedProc
                      "dpkg", "-i", f"{GUEST_DEB_DIR}/{deb.name}"], timeout=300)
 
 
+CGROUP_HIERARCHIES = (Path("/sys/fs/cgroup/systemd"), Path("/sys/fs/cgroup/unified"))
+
+
+def _rmdir(path: Path) -> None:
+    try:
+        path.rmdir()
+    except OSError:  # still busy, or already gone: a leftover empty directory is harmless
+        pass
+
+
 def _children(pid: int) -> list[int]:
     try:
         text = Path(f"/proc/{pid}/task/{pid}/children").read_text()
@@ -225,6 +235,11 @@ class Container:
         cmd += [f"--bind-ro={host}:{guest}" for host, guest in self.binds.items()]
         cmd += [f"--load-credential={cid}:{path}" for cid, path in self.credentials.items()]
         cmd += self.nspawn_args
+        # The shell joins the container's own cgroups, then becomes nspawn (no preexec_fn:
+        # containers are started from threads).
+        procs = " ".join(str(path / "cgroup.procs") for path in self._own_cgroups())
+        cmd = ["sh", "-c", 'for f in $1; do echo $$ > "$f"; done; shift; exec "$@"', "sh",
+               procs, *cmd]
         with open(self.log, "wb") as log:
             self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log,
                                          stderr=subprocess.STDOUT, start_new_session=True)
@@ -247,6 +262,26 @@ class Container:
                 self.stop()
                 raise RuntimeError(f"{self.name}: system state {state!r}; see {self.log}")
             time.sleep(0.2)
+
+    def _own_cgroups(self) -> list[Path]:
+        """A cgroup of its own in each systemd hierarchy. Without systemd on the host, nspawn
+        --keep-unit puts every container in the caller's cgroup: containers booted at the
+        same time then share /payload/system.slice/... and their units fail at random with
+        219/CGROUP."""
+        made = []
+        for hierarchy in CGROUP_HIERARCHIES:
+            if (hierarchy / "cgroup.procs").exists():
+                path = hierarchy / "defender-setup-tests" / self.name
+                path.mkdir(parents=True, exist_ok=True)
+                made.append(path)
+        self.cgroups = made
+        return made
+
+    def _drop_cgroups(self) -> None:
+        for path in getattr(self, "cgroups", []):
+            for sub in sorted((p for p in path.rglob("*") if p.is_dir()), reverse=True):
+                _rmdir(sub)
+            _rmdir(path)
 
     def _check_alive(self) -> None:
         if self.proc is not None and self.proc.poll() is not None:
@@ -279,6 +314,7 @@ class Container:
             self.proc.wait(timeout=10)
         self.proc = None
         self.pid1 = None  # a later start() boots it again (a reboot, on a persistent rootfs)
+        self._drop_cgroups()
 
     def __enter__(self) -> Container:
         return self if self.pid1 else self.start()
