@@ -25,8 +25,8 @@ import datetime as _dt
 import hashlib
 from dataclasses import dataclass, replace
 
-from .errors import ValidationError
-from .pem import CERT, KEY, Block, classify, rsa_private_numbers, rsa_public_numbers
+from .errors import ValidationError, printable
+from .pem import CERT, KEY, Block, classify, rsa_private_numbers, rsa_public_numbers, shown_label
 
 EXPIRY_WARNING_DAYS = 30
 
@@ -45,7 +45,7 @@ _GOOD_CURVES = {"secp256r1": "P-256", "secp384r1": "P-384"}
 class CertificateInfo:
     """What was found in a certificate file (the leaf is the first certificate)."""
 
-    subject: str
+    subject: str  # subject, CN and issuer are printable(): control characters escaped
     common_name: str | None
     issuer: str
     not_before: _dt.datetime  # timezone-aware, UTC
@@ -205,7 +205,7 @@ def _unexpected(label: str, field: str) -> str:
         "openssl x509 -in cert.pem -out cert-plain.pem",
     }
     expected = "CERTIFICATE" if field == CERT else "PRIVATE KEY"
-    return f"unexpected PEM block {label} (expected {expected}); " + hints.get(
+    return f"unexpected PEM block {shown_label(label)} (expected {expected}); " + hints.get(
         label, f"give a PEM {field} file")
 
 
@@ -345,15 +345,15 @@ def _analyse(blocks, certs, device_id, module_id, now):
         if cn not in expected:
             case = cn is not None and cn.lower() in [e.lower() for e in expected]
             warnings.append(
-                f"the certificate's CN is {cn!r} but the identity is "
+                f"the certificate's CN is '{printable(cn)}' but the identity is "
                 f"{' or '.join(repr(e) for e in expected)}"
                 + ("; IDs are case-sensitive" if case else "")
                 + "; CA-signed identities need a matching CN (self-signed ones are matched "
                 "by thumbprint)")
     info = CertificateInfo(
-        subject=leaf.subject.rfc4514_string(),
-        common_name=cn,
-        issuer=leaf.issuer.rfc4514_string(),
+        subject=printable(leaf.subject.rfc4514_string()),
+        common_name=None if cn is None else printable(cn),
+        issuer=printable(leaf.issuer.rfc4514_string()),
         not_before=not_before,
         not_after=not_after,
         sha1_thumbprint=hashlib.sha1(blocks[0].der, usedforsecurity=False).hexdigest().upper(),
@@ -395,7 +395,8 @@ def _name(name) -> str:
     from cryptography.x509.oid import NameOID
 
     values = name.get_attributes_for_oid(NameOID.COMMON_NAME)
-    return f"CN={values[0].value}" if values else (name.rfc4514_string() or "empty name")
+    return printable(f"CN={values[0].value}" if values else
+                     (name.rfc4514_string() or "empty name"))
 
 
 def _utcnow(now) -> _dt.datetime:

@@ -13,8 +13,17 @@ import argparse
 import sys
 
 from . import UNIT, __version__
-from .errors import EX_INTERRUPTED, EX_IOERR, EX_OK, InputError, SetupError
-from .inputs import read_file
+from .errors import (
+    CERTIFICATE,
+    CONNECTION_STRING,
+    EX_INTERRUPTED,
+    EX_IOERR,
+    EX_OK,
+    PRIVATE_KEY,
+    InputError,
+    SetupError,
+)
+from .inputs import read_file, read_stream
 
 EPILOG = """\
 exit codes: 0 success (warnings may be printed), 2 usage error, 65 invalid credentials,
@@ -32,20 +41,17 @@ Secrets are read from files or '-' (standard input), never from the command line
 See defender-setup(8)."""
 
 
-def _read_input(name: str | None, what: str, stdin_used: list) -> bytes | None:
+def _read_input(name: str | None, field: str, stdin_used: list) -> bytes | None:
     if name is None:
         return None
     if name == "-":
         if stdin_used:
-            raise InputError(f"{what}: only one input can come from standard input")
-        if sys.stdin is None:  # started with standard input closed (<&-)
-            raise InputError(f"{what}: standard input is closed; give a file instead of -")
-        stdin_used.append(what)
-        try:
-            return sys.stdin.buffer.read()
-        except OSError as exc:
-            raise InputError(f"{what}: cannot read standard input: {exc.strerror}") from None
-    return read_file(name, what)
+            raise InputError("only one input can come from standard input", field)
+        stdin_used.append(field)
+        # read_stream: closed (<&-, sys.stdin is None) or unreadable standard input is an
+        # InputError, and no more than the limit + 1 bytes is read.
+        return read_stream(getattr(sys.stdin, "buffer", None), field)
+    return read_file(name, field)
 
 
 def _validated(args):
@@ -53,15 +59,16 @@ def _validated(args):
     from .credentials import validate
 
     used: list = []
-    text = _read_input(args.connection_string_file, "connection string", used)
+    text = _read_input(args.connection_string_file, CONNECTION_STRING, used)
     if text is None:
-        raise InputError("connection string: give --connection-string-file FILE (or - for "
-                         "standard input)")
-    cert = _read_input(args.certificate, "certificate", used)
-    key = _read_input(args.private_key, "private key", used)
+        raise InputError("give --connection-string-file FILE (or - for standard input)",
+                         CONNECTION_STRING)
+    cert = _read_input(args.certificate, CERTIFICATE, used)
+    key = _read_input(args.private_key, PRIVATE_KEY, used)
     method = args.method
     if method is None:  # infer it: x509=true or a certificate means the certificate method
-        method = cs.METHOD_CERTIFICATE if cert or key or b"x509=true" in text \
+        given = cert is not None or key is not None  # an empty file is given, and refused
+        method = cs.METHOD_CERTIFICATE if given or b"x509=true" in text \
             else cs.METHOD_CONNECTION_STRING
     return validate(method, text, cert, key)
 

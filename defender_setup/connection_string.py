@@ -10,7 +10,8 @@ case-sensitive, exactly one authentication. What people paste by accident (a UTF
 surrounding whitespace and line breaks, one pair of straight or typographic quotes) is removed;
 anything else that is not plain ASCII is refused with its position.
 
-No message ever contains a value that could be secret: errors name keys, positions and lengths.
+No message ever contains a value that could be secret: errors name known keys, positions and
+lengths, never text from the input (a part that breaks the rules may be a misplaced key).
 """
 
 from __future__ import annotations
@@ -21,9 +22,10 @@ import re
 from dataclasses import dataclass, field
 
 from . import DEFAULT_MODULE_ID
-from .errors import ValidationError
+from .errors import CONNECTION_STRING, ValidationError
+from .inputs import CONNECTION_STRING_MAX as MAX_BYTES
 
-FIELD = "connection string"
+FIELD = CONNECTION_STRING
 HOST_NAME = "HostName"
 DEVICE_ID = "DeviceId"
 MODULE_ID = "ModuleId"
@@ -43,7 +45,6 @@ _QUOTES = {'"': '"', "'": "'", "\u201c": "\u201d", "\u201d": "\u201d", "\u2018":
            "\u201e": "\u201c", "\u00ab": "\u00bb"}
 _ID_RE = re.compile(r"[A-Za-z0-9\-.%_*?!(),:=@$']{1,128}")
 _LABEL_RE = re.compile(r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)")
-_NAME_RE = re.compile(r"[A-Za-z][A-Za-z0-9_]{0,39}")  # printable as a key name in errors
 _ID_MAX = 128
 _KEY_BYTES = (16, 64)
 
@@ -84,8 +85,13 @@ class ConnectionString:
 def normalise(text: str | bytes) -> str:
     """Strip what pasting adds (BOM, whitespace, CR/LF, one pair of quotes) and require ASCII.
 
-    :raises ValidationError: for undecodable bytes, inner line breaks or non-ASCII characters.
+    :raises ValidationError: for oversized text, undecodable bytes, inner line breaks or
+        non-ASCII characters.
     """
+    size = len(text) if isinstance(text, bytes) else len(text.encode("utf-8", "replace"))
+    if size > MAX_BYTES:
+        raise ValidationError(FIELD, f"is {size} bytes long; a connection string is at most "
+                              f"{MAX_BYTES} bytes (is it the right file?)")
     if isinstance(text, bytes):
         if text.startswith(b"\xef\xbb\xbf"):
             text = text[3:]
@@ -118,16 +124,22 @@ def _split(text: str) -> dict[str, str]:
         segments.pop()
     pairs: dict[str, str] = {}
     for number, segment in enumerate(segments, 1):
+        # A part that breaks the rules may be a key pasted in the wrong place: it is named by
+        # its position and length, never by its text; only a known key's name is printed.
+        where = f"part {number} ({len(segment)} character{'s' * (len(segment) != 1)})"
+        if not segment:
+            raise ValidationError(FIELD, f"part {number} is empty (two ';' in a row?); remove "
+                                  "the extra ';'")
         if "=" not in segment:
-            raise ValidationError(FIELD, f"part {number} has no '=' (expected Key=Value pairs "
-                                  "separated by ';')")
+            raise ValidationError(FIELD, f"{where} has no '=' (expected Key=Value pairs "
+                                  "separated by ';')" + _bare_key_hint(segment))
         key, value = segment.split("=", 1)
-        shown = key if _NAME_RE.fullmatch(key) else f"at part {number}"
         if key != key.strip() or value != value.strip():
-            raise ValidationError(FIELD, f"key {shown} has spaces around it or its value; "
+            name = key.strip() if key.strip() in KNOWN_KEYS else where
+            raise ValidationError(FIELD, f"{name} has spaces around its key or value; "
                                   "remove them")
         if key not in KNOWN_KEYS:
-            raise ValidationError(FIELD, _unknown_key_message(key, shown))
+            raise ValidationError(FIELD, _unknown_key_message(segment, key, where))
         if key in pairs:
             raise ValidationError(key, "appears twice; keep exactly one")
         if not value:
@@ -136,12 +148,24 @@ def _split(text: str) -> dict[str, str]:
     return pairs
 
 
-def _unknown_key_message(key: str, shown: str) -> str:
+def _unknown_key_message(segment: str, key: str, where: str) -> str:
     for known in KNOWN_KEYS:
         if key.lower() == known.lower():
-            return f"unknown key {shown}: did you mean {known}? (keys are case-sensitive)"
-    return (f"unknown key {shown}; expected {', '.join(KNOWN_KEYS[:4])}, {X509} or "
-            f"{GATEWAY_HOST_NAME}")
+            return f"{where} is not a known key: did you mean {known}? (keys are case-sensitive)"
+    return (f"{where} is not a known key; expected {', '.join(KNOWN_KEYS[:4])}, {X509} or "
+            f"{GATEWAY_HOST_NAME}" + _bare_key_hint(segment))
+
+
+def _bare_key_hint(segment: str) -> str:
+    """A hint when a part is base64 like a key: pasted without ``SharedAccessKey=``."""
+    try:
+        raw = base64.b64decode(segment, validate=True)
+    except (binascii.Error, ValueError):
+        return ""
+    low, high = _KEY_BYTES
+    if not low <= len(raw) <= high:
+        return ""
+    return f" (it looks like a key without its name: write {SHARED_ACCESS_KEY}= before it)"
 
 
 def _check_host(key: str, value: str, *, need_dot: bool) -> None:

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 
 from . import connection_string as cs
-from .errors import ValidationError
+from .errors import AUTH_METHOD, CERTIFICATE, PRIVATE_KEY, ValidationError
 
 CONNECTION_STRING_FILE = "connection_string.txt"
 CERTIFICATE_FILE = "certificate_public.pem"
@@ -81,16 +81,17 @@ def validate(method: str, connection_string: bytes | str, certificate: bytes | N
     :param now: the time to check validity against (tests); defaults to the clock.
     """
     if method not in METHODS:
-        raise ValidationError("method", f"must be one of {', '.join(METHODS)}")
+        raise ValidationError(AUTH_METHOD, f"must be one of {', '.join(METHODS)}")
     parsed = cs.parse(connection_string, method=method)
     files = {CONNECTION_STRING_FILE: ((parsed.canonical() + "\n").encode("ascii"), 0o600)}
     info = None
     if method == cs.METHOD_CERTIFICATE:
-        if not certificate:
-            raise ValidationError("certificate", "is required for the certificate method; "
+        # None: not given. An empty file was given: certificates.check says it is empty.
+        if certificate is None:
+            raise ValidationError(CERTIFICATE, "is required for the certificate method; "
                                   "give the PEM certificate file")
-        if not private_key:
-            raise ValidationError("private key", "is required for the certificate method; "
+        if private_key is None:
+            raise ValidationError(PRIVATE_KEY, "is required for the certificate method; "
                                   "give the PEM private key file")
         from . import certificates  # cryptography is only loaded when a certificate is involved
         info = certificates.check(certificate, private_key, device_id=parsed.device_id,

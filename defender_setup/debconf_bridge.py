@@ -15,11 +15,11 @@ Pure core, used by both and by the tests::
     Answers(method, connection_string, hub_hostname, device_id, module_id,
             certificate_file, private_key_file)      # Answers.read(db) fills it over debconf
     resolve(answers, current, read=read_input) -> Inputs | None   # None: keep what is there
-    question_for(error, answers) -> str                # which question to re-ask
+    question_for(error, answers) -> str                # which question to re-ask (by field)
 
 Why over the debconf protocol: the shell confmodule already holds the frontend on standard
 input and file descriptor 3, so the secret travels from debconf to Python without touching
-argv, the environment or a file (RECIPES.md, "debconf from Python").
+argv, the environment or a file.
 """
 
 from __future__ import annotations
@@ -32,12 +32,41 @@ from pathlib import Path
 from typing import Callable
 
 from . import DEFAULT_MODULE_ID
+from . import connection_string as cs
 from .credentials import CERTIFICATE_FILE, CONNECTION_STRING_FILE, PRIVATE_KEY_FILE, method_of
-from .errors import EX_OK, InputError, SetupError, ValidationError
+from .errors import (
+    AUTH_METHOD,
+    CERTIFICATE,
+    CONNECTION_STRING,
+    DEVICE_ID,
+    EX_OK,
+    HUB_HOSTNAME,
+    MODULE_ID,
+    PRIVATE_KEY,
+    InputError,
+    SetupError,
+    ValidationError,
+    printable,
+)
 from .inputs import read_file
 
 PREFIX = "defender-setup/"
 METHOD_LATER = "later"
+# The question that holds each field's answer (errors carry their field: see errors.py).
+QUESTIONS = {
+    AUTH_METHOD: "auth-method",
+    CONNECTION_STRING: "connection-string",
+    CERTIFICATE: "certificate-file",
+    PRIVATE_KEY: "private-key-file",
+    HUB_HOSTNAME: "hub-hostname",
+    DEVICE_ID: "device-id",
+    MODULE_ID: "module-id",
+    **{key: "connection-string" for key in cs.KNOWN_KEYS},
+}
+# When the certificate method's identity comes from its own questions (no connection string
+# answer), the connection string is built from them: its keys are those questions.
+IDENTITY_QUESTIONS = {cs.HOST_NAME: "hub-hostname", cs.DEVICE_ID: "device-id",
+                      cs.MODULE_ID: "module-id"}
 # One-shot inputs: cleared (keeping "seen") whatever happens, so no secret stays in debconf and
 # a later noninteractive reconfigure does not re-read files the admin has since removed.
 ONE_SHOT = ("connection-string", "certificate-file", "private-key-file")
@@ -80,21 +109,23 @@ class Inputs:
     private_key: bytes | None = field(default=None, repr=False)
 
 
-def read_input(path: str, what: str) -> bytes:
-    """Read a file named in an answer; errors name the path and the fix, never content."""
+def read_input(path: str, field_name: str) -> bytes:
+    """Read a file named in an answer (bounded, regular files only); errors name the path."""
     if not os.path.isabs(path):
-        raise InputError(f"{what} file: {path} is not an absolute path; give the full path")
-    return read_file(path, f"{what} file")
+        raise InputError(f"{printable(path)} is not an absolute path; give the full path",
+                         field_name)
+    return read_file(path, field_name)
 
 
-def _identity_part(value: str, what: str) -> str:
+def _identity_part(value: str, field_name: str) -> str:
     # These are spliced into "Key=Value;..." below: a ';' or '=' would smuggle in other keys.
     if not value:
-        raise ValidationError(what, "is empty; fill it in (or give a connection string with "
-                              "x509=true)")
-    bad = next((c for c in value if c in ";= \t\"'" or not (" " < c <= "~")), None)
+        raise ValidationError(field_name, "is empty; fill it in (or give a connection string "
+                              "with x509=true)")
+    bad = next((n for n, c in enumerate(value, 1)
+                if c in ";= \t\"'" or not (" " < c <= "~")), None)
     if bad is not None:
-        raise ValidationError(what, f"contains {bad!r} (U+{ord(bad):04X}), which is not "
+        raise ValidationError(field_name, f"character {bad} (U+{ord(value[bad - 1]):04X}) is not "
                               "allowed; retype it by hand")
     return value
 
@@ -119,68 +150,57 @@ def resolve(answers: Answers, current: dict[str, bytes],
         if not answers.connection_string:
             if same:
                 return None
-            raise ValidationError("connection string", "is empty; preseed or enter the "
+            raise ValidationError(CONNECTION_STRING, "is empty; preseed or enter the "
                                   "module's connection string (HostName=...;SharedAccessKey=...)")
         return Inputs(method, answers.connection_string.encode("utf-8"))
     if method != "certificate":
-        raise ValidationError("authentication method", f"{method!r} is not one of "
+        raise ValidationError(AUTH_METHOD, f"'{printable(method)}' is not one of "
                               "connection-string, certificate, later")
     if answers.connection_string:
         text = answers.connection_string.encode("utf-8")
     elif not answers.hub_hostname and not answers.device_id and same:
         text = current[CONNECTION_STRING_FILE]
     else:
-        text = ("HostName=" + _identity_part(answers.hub_hostname, "IoT Hub host name")
-                + ";DeviceId=" + _identity_part(answers.device_id, "device id")
-                + ";ModuleId=" + _identity_part(answers.module_id, "module id")
+        text = ("HostName=" + _identity_part(answers.hub_hostname, HUB_HOSTNAME)
+                + ";DeviceId=" + _identity_part(answers.device_id, DEVICE_ID)
+                + ";ModuleId=" + _identity_part(answers.module_id, MODULE_ID)
                 + ";x509=true").encode("ascii")
     cert = key = None
     if answers.certificate_file:
-        cert = read(answers.certificate_file, "certificate")
+        cert = read(answers.certificate_file, CERTIFICATE)
     elif same:
         cert = current.get(CERTIFICATE_FILE)
     if answers.private_key_file:
-        key = read(answers.private_key_file, "private key")
+        key = read(answers.private_key_file, PRIVATE_KEY)
     elif same:
         key = current.get(PRIVATE_KEY_FILE)
     if cert is None:
-        raise ValidationError("certificate", "no certificate file given; enter the path of "
+        raise ValidationError(CERTIFICATE, "no certificate file given; enter the path of "
                               "the PEM certificate")
     if key is None:
-        raise ValidationError("private key", "no private key file given; enter the path of "
+        raise ValidationError(PRIVATE_KEY, "no private key file given; enter the path of "
                               "the PEM private key")
     return Inputs(method, text, cert, key)
 
 
 def question_for(error: SetupError, answers: Answers) -> str:
-    """The question whose answer caused ``error`` (the one the config script re-asks)."""
-    text = f"{getattr(error, 'field', '')} {error.message}".lower()
-    if "private key" in text:
-        return "private-key-file"
-    if "certificate" in text and "certificate method" not in text:
-        return "certificate-file"
-    if answers.method == "certificate" and not answers.connection_string:
-        if "device" in text:
-            return "device-id"
-        if "module" in text:
-            return "module-id"
-        return "hub-hostname"
-    if answers.method in ("connection-string", "certificate"):
-        return "connection-string"
-    return "auth-method"
+    """The question whose answer caused ``error`` (the one the config script re-asks).
+
+    Routed by the error's ``field`` through :data:`QUESTIONS`; an error about no answer in
+    particular (an unsafe target, a write failure) goes back to the method's first question.
+    """
+    field_name = error.field
+    if answers.method == "certificate" and not answers.connection_string \
+            and field_name in IDENTITY_QUESTIONS:
+        return IDENTITY_QUESTIONS[field_name]
+    if field_name in QUESTIONS:
+        return QUESTIONS[field_name]
+    return "connection-string" if answers.method == "connection-string" else "auth-method"
 
 
-def _split(error: SetupError) -> tuple[str, str]:
+def _reason(error: SetupError) -> tuple[str, str]:
     """``(field, reason)`` of an error, one line each, for the shell and the error template."""
-    if isinstance(error, ValidationError):
-        field_name, reason = error.field, error.message
-    else:  # e.g. "certificate file: /x does not exist"; unsafe targets start with a path
-        head, sep, tail = error.message.partition(": ")
-        if sep and len(head) <= 40 and not head.startswith("/"):
-            field_name, reason = head, tail
-        else:
-            field_name, reason = "credentials", error.message
-    return field_name, " ".join(reason.split())
+    return error.field or "credentials", " ".join(error.message.split())
 
 
 def open_channel():
@@ -216,7 +236,7 @@ def check(db, root: Path) -> tuple[int, str]:
         if inputs is not None:
             _validate(inputs)
     except SetupError as exc:
-        field_name, reason = _split(exc)
+        field_name, reason = _reason(exc)
         return exc.exit_code, f"{question_for(exc, answers)}\t{field_name}\t{reason}"
     return EX_OK, ""
 
@@ -262,7 +282,7 @@ def apply(db, root: Path, out) -> int:
         db.set(PREFIX + "module-id", ident.module_id)
         return EX_OK
     except SetupError as exc:
-        field_name, reason = _split(exc)
+        field_name, reason = _reason(exc)
         question = question_for(exc, answers) if answers else "auth-method"
         print(f"defender-setup: invalid {field_name}: {reason} (debconf question "
               f"{PREFIX}{question})", file=sys.stderr)

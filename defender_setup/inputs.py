@@ -1,24 +1,112 @@
-"""Reading the files a person names (credentials, certificates): one place, one set of errors.
+"""Reading the files a person names (credentials, certificates): one place, bounded, one set of
+errors.
 
 Interface::
 
-    read_file(path, what) -> bytes    # raises InputError (exit 66) naming ``what`` and the path
+    read_file(path, field) -> bytes       # a regular file (or /dev/null), at most LIMITS[field]
+    read_stream(stream, field) -> bytes   # standard input, at most LIMITS[field]
 
+``field`` is :data:`~defender_setup.errors.CONNECTION_STRING`, ``CERTIFICATE`` or
+``PRIVATE_KEY``. A path that is missing, unreadable or not a regular file (a FIFO, a device
+such as /dev/zero, a directory) raises :class:`InputError` (exit 66) before anything is read,
+and without blocking: a FIFO is never opened for a blocking read. Content over the limit raises
+:class:`ValidationError` (exit 65) naming the limit; no more than limit + 1 bytes is ever read.
 Messages name the path and the fix, never the content.
 """
 
 from __future__ import annotations
 
-from .errors import InputError
+import os
+import stat
+
+from .errors import CERTIFICATE, CONNECTION_STRING, PRIVATE_KEY, InputError, ValidationError
+from .errors import printable as _printable
+
+# The longest valid connection string (253-character host and gateway names, 128-character
+# ids, a 64-byte key) is about 920 bytes; the rest is room for what pasting adds.
+CONNECTION_STRING_MAX = 1024
+PEM_MAX = 1024 * 1024  # a chain of a dozen 4096-bit certificates is under 30 KiB
+LIMITS = {CONNECTION_STRING: CONNECTION_STRING_MAX, CERTIFICATE: PEM_MAX, PRIVATE_KEY: PEM_MAX}
+
+_KINDS = ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO (named pipe)"),
+          (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+          (stat.S_ISSOCK, "a socket"))
 
 
-def read_file(path: str, what: str) -> bytes:
+def describe_limit(limit: int) -> str:
+    return f"{limit // (1024 * 1024)} MiB" if limit % (1024 * 1024) == 0 else f"{limit} bytes"
+
+
+def _too_large(field: str, what: str) -> ValidationError:
+    return ValidationError(field, f"{what}; a {field} file is at most "
+                           f"{describe_limit(LIMITS[field])} (is it the right file?)")
+
+
+def _is_dev_null(st: os.stat_result) -> bool:
+    # "--private-key /dev/null" is how people say "nothing": read it as the empty file it is.
+    return stat.S_ISCHR(st.st_mode) and st.st_rdev == os.makedev(1, 3)
+
+
+def _refuse_kind(st: os.stat_result, field: str, shown: str) -> None:
+    if stat.S_ISREG(st.st_mode) or _is_dev_null(st):
+        return
+    kind = next((name for test, name in _KINDS if test(st.st_mode)), "not a regular file")
+    raise InputError(f"{shown} is {kind}, not a regular file; give the file that holds the "
+                     f"{field}", field)
+
+
+def read_file(path: str, field: str) -> bytes:
+    """Read the regular file ``path`` (symbolic links followed), at most ``LIMITS[field]``.
+
+    :raises InputError: missing, unreadable, or not a regular file (checked before reading).
+    :raises ValidationError: larger than the limit.
+    """
+    limit = LIMITS[field]
+    shown = _printable(path)
     try:
-        with open(path, "rb") as handle:
-            return handle.read()
+        _refuse_kind(os.stat(path), field, shown)  # a FIFO must not even be opened
+        # O_NONBLOCK: should a FIFO replace the file after stat(), open() still returns at
+        # once, and fstat() below refuses it; for a regular file the flag changes nothing.
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
     except FileNotFoundError:
-        raise InputError(f"{what}: {path} does not exist; check the path") from None
-    except IsADirectoryError:
-        raise InputError(f"{what}: {path} is a directory, not a file") from None
+        raise InputError(f"{shown} does not exist; check the path", field) from None
     except OSError as exc:
-        raise InputError(f"{what}: cannot read {path}: {exc.strerror}") from None
+        raise InputError(f"cannot read {shown}: {exc.strerror}", field) from None
+    try:
+        st = os.fstat(fd)
+        _refuse_kind(st, field, shown)
+        if st.st_size > limit:
+            raise _too_large(field, f"{shown} is {st.st_size} bytes")
+        chunks, size = [], 0
+        while size <= limit:  # the file may grow after fstat(): stop one byte past the limit
+            chunk = os.read(fd, limit + 1 - size)
+            if not chunk:
+                break
+            chunks.append(chunk)
+            size += len(chunk)
+    except OSError as exc:
+        raise InputError(f"cannot read {shown}: {exc.strerror}", field) from None
+    finally:
+        os.close(fd)
+    if size > limit:
+        raise _too_large(field, f"{shown} is over {limit} bytes")
+    return b"".join(chunks)
+
+
+def read_stream(stream, field: str) -> bytes:
+    """Read a binary stream (standard input) to its end, at most ``LIMITS[field]`` bytes.
+
+    :raises InputError: the stream is closed or unreadable.
+    :raises ValidationError: it holds more than the limit.
+    """
+    limit = LIMITS[field]
+    if stream is None:
+        raise InputError("standard input is closed; give a file instead of -", field)
+    try:
+        data = stream.read(limit + 1)
+    except (OSError, ValueError) as exc:  # ValueError: read from a closed file
+        reason = getattr(exc, "strerror", None) or "it is closed"
+        raise InputError(f"cannot read standard input: {reason}", field) from None
+    if len(data) > limit:
+        raise _too_large(field, f"standard input holds over {limit} bytes")
+    return data

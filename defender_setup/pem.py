@@ -15,14 +15,27 @@ from __future__ import annotations
 
 import base64
 import binascii
+import itertools
 import re
 from dataclasses import dataclass
 
+from .errors import CERTIFICATE as CERT
+from .errors import PRIVATE_KEY as KEY
 from .errors import ValidationError
 
-CERT = "certificate"
-KEY = "private key"
 MARKER = re.compile(r"-----(BEGIN|END) ([A-Z0-9 ]+)-----")
+# Labels that messages may name; any other label is file content and is not echoed.
+KNOWN_LABELS = frozenset((
+    "CERTIFICATE", "X509 CERTIFICATE", "TRUSTED CERTIFICATE", "CERTIFICATE REQUEST",
+    "NEW CERTIFICATE REQUEST", "X509 CRL", "PKCS7", "CMS", "PUBLIC KEY", "RSA PUBLIC KEY",
+    "PRIVATE KEY", "RSA PRIVATE KEY", "EC PRIVATE KEY", "DSA PRIVATE KEY",
+    "ENCRYPTED PRIVATE KEY", "OPENSSH PRIVATE KEY", "EC PARAMETERS", "DH PARAMETERS",
+    "PGP PRIVATE KEY BLOCK", "PGP PUBLIC KEY BLOCK"))
+
+
+def shown_label(label: str) -> str:
+    """The label as messages may show it: a known one, or only its length."""
+    return label if label in KNOWN_LABELS else f"an unknown label of {len(label)} characters"
 
 
 @dataclass(frozen=True)
@@ -66,9 +79,9 @@ def classify(data, field: str) -> list[Block]:
             if marker and marker.group(1) == "BEGIN":
                 label, headers, body, garbage = marker.group(2), [], [], False
             elif marker:
-                raise ValidationError(field, f"an -----END {marker.group(2)}----- line has no "
-                                      "BEGIN line; the start of the file is missing, copy it "
-                                      "again")
+                end = marker.group(2) if marker.group(2) in KNOWN_LABELS else "..."
+                raise ValidationError(field, f"an -----END {end}----- line has no BEGIN line; "
+                                      "the start of the file is missing, copy it again")
             elif line and blocks:
                 garbage = True  # text between blocks is fine (openssl pkcs12 writes some)
             continue
@@ -80,13 +93,14 @@ def classify(data, field: str) -> list[Block]:
             continue
         n = len(blocks) + 1
         if marker.group(1) == "BEGIN" or marker.group(2) != label:
-            raise ValidationError(field, f"PEM block {n} ({label}) has no matching END line; "
+            raise ValidationError(field, f"PEM block {n} ({shown_label(label)}) has no matching "
+                                  "END line; "
                                   "the file is truncated or two files were pasted together")
         blocks.append(Block(label, tuple(headers), _b64(body, field, n, label)))
         label = None
     if label is not None:
-        raise ValidationError(field, f"PEM block {len(blocks) + 1} ({label}) has no END line; "
-                              "the file is truncated, copy it again")
+        raise ValidationError(field, f"PEM block {len(blocks) + 1} ({shown_label(label)}) has "
+                              "no END line; the file is truncated, copy it again")
     if garbage:
         raise ValidationError(field, "there is text after the last -----END ...----- line; "
                               "remove everything after it")
@@ -103,8 +117,8 @@ def _b64(body: list[str], field: str, n: int, label: str) -> bytes:
     except (binascii.Error, ValueError):
         der = b""
     if not der:
-        raise ValidationError(field, f"PEM block {n} ({label}) is not valid base64; "
-                              "the file is truncated or corrupted, copy it again")
+        raise ValidationError(field, f"PEM block {n} ({shown_label(label)}) is not valid "
+                              "base64; the file is truncated or corrupted, copy it again")
     return der
 
 
@@ -161,10 +175,13 @@ def _der_kind(data: bytes) -> str | None:
 _RSA_OID = bytes.fromhex("2a864886f70d010101")  # 1.2.840.113549.1.1.1 rsaEncryption
 
 
-def der_items(data: bytes, start: int = 0, end: int | None = None) -> list:
-    """The (tag, content start, content end) elements laid out in ``data[start:end]``."""
+def der_items(data: bytes, start: int = 0, end: int | None = None):
+    """Yield the (tag, content start, content end) elements laid out in ``data[start:end]``.
+
+    A generator: a caller that looks at the first elements reads only those, so a file of
+    zeros (a million empty elements) costs no memory.
+    """
     end = len(data) if end is None else end
-    items = []
     pos = start
     while pos < end:
         if pos + 2 > end:
@@ -177,16 +194,22 @@ def der_items(data: bytes, start: int = 0, end: int | None = None) -> list:
             length, pos = int.from_bytes(data[pos:pos + count], "big"), pos + count
         if pos + length > end:
             raise ValueError("truncated DER")
-        items.append((tag, pos, pos + length))
+        yield tag, pos, pos + length
         pos += length
-    return items
 
 
-def der_seq(data: bytes, item=None) -> list:
-    tag, start, end = item or der_items(data)[0]
+def der_first(data: bytes, start: int = 0, end: int | None = None) -> tuple:
+    for item in der_items(data, start, end):
+        return item
+    raise ValueError("no DER element")
+
+
+def der_seq(data: bytes, item=None, limit: int = 16) -> list:
+    """The first ``limit`` elements of a SEQUENCE (``item``, or the first element of data)."""
+    tag, start, end = item or der_first(data)
     if tag != 0x30:
         raise ValueError("not a SEQUENCE")
-    return der_items(data, start, end)
+    return list(itertools.islice(der_items(data, start, end), limit))
 
 
 def der_ints(data: bytes, items) -> list[int]:
@@ -195,12 +218,20 @@ def der_ints(data: bytes, items) -> list[int]:
     return [int.from_bytes(data[s:e], "big", signed=True) for _, s, e in items]
 
 
+def _whole(der: bytes) -> tuple:
+    """The first element, which must be all of ``der`` (no bytes after the key)."""
+    item = der_first(der)
+    if item[2] != len(der):
+        raise ValueError("data after the DER element")
+    return item
+
+
 def rsa_private_numbers(block: Block):
     """(n, e) of an RSA private key, after checking its arithmetic; None if it is not RSA."""
     der = block.der
     try:
         if block.label == "PRIVATE KEY":  # PKCS#8: version, AlgorithmIdentifier, OCTET STRING
-            items = der_seq(der)
+            items = der_seq(der, _whole(der))
             algorithm = der_seq(der, items[1])[0]
             if algorithm[0] != 0x06 or der[algorithm[1]:algorithm[2]] != _RSA_OID:
                 return None
@@ -209,7 +240,7 @@ def rsa_private_numbers(block: Block):
             der = der[items[2][1]:items[2][2]]
         elif block.label != "RSA PRIVATE KEY":
             return None
-        fields = der_seq(der)
+        fields = der_seq(der, _whole(der))
         if len(fields) != 9:  # two-prime PKCS#1; leave anything else to OpenSSL
             return None
         version, n, e, d, p, q, dp, dq, qinv = der_ints(der, fields)

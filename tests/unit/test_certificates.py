@@ -1,4 +1,4 @@
-"""Tests for defender_setup.certificates: every rule and every error of issue 2, item 3."""
+"""Tests for defender_setup.certificates: every rule and every error, and what is printed."""
 
 from __future__ import annotations
 
@@ -402,6 +402,44 @@ def test_unexpected_blocks(dev):
     public = dev.key.public_key().public_bytes(serialization.Encoding.PEM,
                                                serialization.PublicFormat.SubjectPublicKeyInfo)
     assert "public key is not enough" in fails(KEY, dev.cert_pem, public)
+
+
+def test_unknown_labels_are_not_echoed(dev):
+    token = "TKOXREBXRJK6V8BC2AFKRG"  # a label is file content: it may be anything
+    block = f.pem_block(token, b"\x30\x00")
+    unknown = "(an unknown label of 22 characters)"
+    for bad, said in ((block, f"unexpected PEM block {unknown[1:-1]}"),
+                      (block.replace(f"END {token}".encode(), b"END X"), unknown),
+                      (block.split(b"-----END")[0], unknown),
+                      (f.pem_block(token, b"").replace(b"\n-----END", b"=\n-----END"), unknown),
+                      (b"-----END " + token.encode() + b"-----\n", "an -----END ...----- line")):
+        message = fails(CERT, bad, dev.key_pem)
+        assert said in message and token[:8] not in message, message
+
+
+def test_der_sniffing_of_a_large_file_takes_no_memory():
+    import tracemalloc
+
+    zeros = b"\0" * (1 << 20)  # an empty DER element every two bytes, half a million of them
+    tracemalloc.start()
+    try:
+        with pytest.raises(ValidationError, match="binary"):
+            certificates.classify(zeros, KEY)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 256 * 1024, f"{peak} bytes to look at {len(zeros)} bytes of zeros"
+
+
+def test_certificate_text_is_printed_with_control_characters_escaped():
+    cn = "dev1\x1b[2J\nforged: line\u202e"
+    ident = f.make_identity(cn, key="p256", now=NOW)
+    info = check(ident.cert_pem, ident.key_pem, device_id="dev1", now=NOW)
+    lines = describe(info) + list(info.warnings)
+    for text in lines + [info.subject, info.issuer, info.common_name]:
+        assert "\x1b" not in text and "\n" not in text and "\u202e" not in text, text
+    assert "CN=dev1\\x1b[2J\\nforged: line\\u202e" in info.subject
+    assert "CN is 'dev1\\x1b[2J\\nforged: line\\u202e'" in info.warnings[0]
 
 
 def test_two_keys_in_the_key_file(dev):

@@ -389,3 +389,68 @@ def test_status_of_another_root_runs_nothing_from_it_nor_asks_systemd(run, sas_i
         assert code == 0, (argv, err)
         assert "the host's agent" not in out and "is not /" in out
     assert fake.calls() == [] and not (tmp_path / "RAN").exists()
+
+
+# -- bounded inputs, nothing echoed, certificate text escaped -------------------------------
+@pytest.mark.parametrize("option", ["--connection-string-file", "--certificate",
+                                    "--private-key"])
+@pytest.mark.parametrize("path, kind", [("/dev/zero", "a character device"),
+                                        ("/", "a directory")])
+def test_non_regular_inputs_exit_66_without_reading(run, option, path, kind):
+    args = {"--connection-string-file": "/dev/null", "--certificate": "/dev/null",
+            "--private-key": "/dev/null", option: path}
+    code, _, err = run("validate", *[x for pair in args.items() for x in pair])
+    assert code == 66, err
+    assert f"{path} is {kind}, not a regular file" in err and err.count("\n") == 1
+
+
+def test_a_fifo_as_input_exits_66_without_blocking(run, tmp_path):
+    os.mkfifo(tmp_path / "fifo")  # nobody writes: opening it for reading would block
+    code, _, err = run("validate", "--connection-string-file", str(tmp_path / "fifo"))
+    assert code == 66 and "a FIFO (named pipe)" in err
+
+
+@pytest.mark.parametrize("size, field, limit", [(1025, "--connection-string-file", "1024 bytes"),
+                                                ((1 << 20) + 1, "--certificate", "1 MiB"),
+                                                ((1 << 20) + 1, "--private-key", "1 MiB")])
+def test_oversized_inputs_exit_65_naming_the_limit(run, cert_inputs, size, field, limit):
+    args = run.inputs(cert_inputs)
+    args[args.index(field) + 1] = run.file("big", b"\0" * size)
+    code, _, err = run("validate", *args)
+    assert code == 65 and f"at most {limit}" in err, err
+
+
+def test_standard_input_is_capped_too(run):
+    code, _, err = run("validate", "--connection-string-file", "-", stdin=b"\0" * (1 << 20))
+    assert code == 65 and "standard input holds over 1024 bytes" in err
+
+
+def test_an_empty_private_key_file_is_empty_not_missing(run, cert_inputs):
+    args = run.inputs(cert_inputs)
+    args[args.index("--private-key") + 1] = "/dev/null"
+    code, _, err = run("validate", *args)
+    assert code == 65 and "private key: the file is empty" in err, err
+    code, _, err = run("validate", *args[2:])  # the method inferred: still the certificate's
+    assert code == 65 and "private key: the file is empty" in err, err
+    code, _, err = run("validate", "--connection-string-file",
+                       run.file("cs", cert_inputs.connection_string), "--private-key", "/dev/null")
+    assert code == 65 and "certificate: is required" in err, err
+
+
+def test_a_bare_key_is_not_echoed(run):
+    token = "TKOxREbXrjk6v8BC2aFKRg"
+    text = f"HostName=h.azure-devices.net;DeviceId=d;ModuleId=m;{token}==".encode()
+    code, out, err = run("validate", "--connection-string-file", "-", stdin=text)
+    assert code == 65 and "part 4 (24 characters) is not a known key" in err
+    assert token[:8] not in out + err
+
+
+def test_certificate_text_is_escaped_in_validate_and_status(run, cert_inputs):
+    ident = certfactory.make_identity(cn="dev1\x1b]0;owned\x07\nfake: ok", key="p256")
+    cert_inputs.certificate, cert_inputs.private_key = ident.cert_pem, ident.key_pem
+    for argv in (("validate", *run.inputs(cert_inputs)),
+                 ("apply", "--no-restart", *run.inputs(cert_inputs)), ("status",)):
+        code, out, err = run(*argv)
+        assert code == 0, err
+        assert "\x1b" not in out + err and "\x07" not in out + err
+        assert "\nfake: ok" not in out + err and "\\nfake: ok" in out, out

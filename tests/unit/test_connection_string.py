@@ -71,10 +71,12 @@ def test_normalises_what_people_paste(pasted):
     ("\u201c" + GOOD, "connection string", "typographic quote"),
     (GOOD.replace(";DeviceId", "\n;DeviceId"), "connection string", "single line"),
     (b"HostName=\xff", "connection string", "not valid UTF-8"),
-    (GOOD.replace("DeviceId=dev1;", "DeviceId=dev1;;"), "connection string", "part 3 has no '='"),
+    (GOOD.replace("DeviceId=dev1;", "DeviceId=dev1;;"), "connection string", "part 3 is empty"),
+    (GOOD.replace("DeviceId=dev1;", "DeviceId=dev1;x;"), "connection string",
+     "part 3 (1 character) has no '='"),
     (GOOD.replace("HostName", "hostname"), "connection string", "did you mean HostName?"),
     (GOOD.replace("ModuleId", "Moduleid"), "connection string", "did you mean ModuleId?"),
-    (GOOD + ";Foo=bar", "connection string", "unknown key Foo"),
+    (GOOD + ";Foo=bar", "connection string", "part 5 (7 characters) is not a known key"),
     (GOOD + ";DeviceId=dev2", "DeviceId", "appears twice"),
     (GOOD.replace("dev1", ""), "DeviceId", "is empty"),
     (GOOD.replace("DeviceId=dev1", "DeviceId = dev1"), "connection string", "spaces"),
@@ -117,6 +119,32 @@ def test_method_must_match_the_authentication():
 def test_key_material_is_never_echoed_even_in_unknown_keys():
     exc = error(f"{BASE};{KEY}")  # a key pasted without "SharedAccessKey="
     assert "part 4" in exc.message
+
+
+def test_a_bare_key_that_looks_like_a_key_name_is_not_echoed():
+    token = "TKOxREbXrjk6v8BC2aFKRg"  # 16 bytes of base64: a plausible key *and* name
+    exc = error(f"HostName=h.azure-devices.net;DeviceId=d;ModuleId=m;{token}==")
+    assert token not in str(exc) and token[:8] not in str(exc)
+    assert exc.message.startswith("part 4 (24 characters) is not a known key")
+    assert "SharedAccessKey=" in exc.message  # it looks like a key without its name
+
+
+@pytest.mark.parametrize("given, known", [("Hostname", "HostName"), ("sharedaccesskey",
+                                                                       "SharedAccessKey")])
+def test_a_mis_cased_key_names_only_the_known_key(given, known):
+    exc = error(GOOD.replace(known + "=", given + "="))
+    assert f"did you mean {known}?" in exc.message
+    assert given not in exc.message
+
+
+def test_spaces_around_an_unknown_key_do_not_echo_it():
+    exc = error(f"{BASE}; TKOxREbXrjk6v8BC2aFKRg =x;SharedAccessKey={KEY}")
+    assert "TKOxREbX" not in str(exc) and "part 4" in exc.message
+
+
+def test_an_oversized_connection_string_is_refused_with_the_limit():
+    exc = error(GOOD + ";GatewayHostName=" + "a" * 2000)
+    assert exc.field == "connection string" and "at most 1024 bytes" in exc.message
 
 
 def test_gateway_host_name_is_kept_and_may_be_a_short_name():
@@ -167,3 +195,41 @@ def test_errors_never_echo_key_material(key, mangle):
     except ValidationError as exc:
         body = key.rstrip("=")
         assert len(body) < 4 or body not in str(exc), "key material leaked into an error"
+
+
+# A secret-looking token (base64 of random bytes, as a SharedAccessKey or pasted without its
+# name) placed anywhere in a connection string that fails the rules: the error names positions,
+# lengths and known keys only, so no 8-character piece of the token may appear in it.
+_TOKEN = st.binary(min_size=12, max_size=64).map(lambda b: base64.b64encode(b).decode())
+_PLACES = ["bare", "bare-unpadded", "as-key", "unknown-value", "key-cut", "key-quoted",
+           "key-spaced", "key-name-cased", "host", "device", "module", "x509", "gateway",
+           "policy", "signature", "twice", "no-equals-prefix", "trailing-junk"]
+
+
+def _with_token(token: str, place: str, pos: int) -> str:
+    base = ["HostName=h.azure-devices.net", "DeviceId=d", "ModuleId=m"]
+    part = {"bare": token, "bare-unpadded": token.rstrip("="), "as-key": f"{token}=v",
+            "unknown-value": f"Extra={token}", "key-cut": f"SharedAccessKey={token[:-3]}",
+            "key-quoted": f"SharedAccessKey=\u201c{token}", "key-spaced":
+            f"SharedAccessKey= {token}", "key-name-cased": f"sharedAccessKey={token}",
+            "host": f"HostName={token}", "device": f"DeviceId={token}+",
+            "module": f"ModuleId={token}/", "x509": f"x509={token}",
+            "gateway": f"GatewayHostName={token}", "policy": f"SharedAccessKeyName={token}",
+            "signature": f"SharedAccessSignature={token}", "twice": f"ModuleId={token}",
+            "no-equals-prefix": token.replace("=", "") + "x", "trailing-junk":
+            f"SharedAccessKey={token}\u00e9"}[place]
+    base.insert(pos % (len(base) + 1), part)
+    return ";".join(base)
+
+
+@settings(max_examples=400, deadline=None)
+@given(token=_TOKEN, place=st.sampled_from(_PLACES), pos=st.integers(0, 3),
+       as_bytes=st.booleans())
+def test_no_piece_of_a_secret_looking_token_reaches_an_error(token, place, pos, as_bytes):
+    text = _with_token(token, place, pos)
+    try:
+        cs.parse(text.encode() if as_bytes else text)
+    except ValidationError as exc:
+        message = str(exc)
+        pieces = {token[i:i + 8] for i in range(len(token) - 7)}
+        assert not [p for p in pieces if p in message], (place, message)

@@ -99,6 +99,58 @@ def test_relative_path_is_refused(tmp_path):
         read_input(str(tmp_path / "missing.pem"), "certificate")
 
 
+def test_file_answers_are_bounded_and_regular_files_only(tmp_path):
+    from defender_setup.debconf_bridge import read_input
+
+    os.mkfifo(tmp_path / "fifo")
+    for path in ("/dev/zero", str(tmp_path / "fifo")):
+        answers = Answers(method="certificate", hub_hostname="h.azure-devices.net",
+                          device_id="d", certificate_file=path, private_key_file="/dev/null")
+        with pytest.raises(InputError) as err:
+            resolve(answers, {}, read_input)
+        assert "not a regular file" in str(err.value)
+        assert question_for(err.value, answers) == "certificate-file"
+    (tmp_path / "big.key").write_bytes(b"x" * ((1 << 20) + 1))
+    with pytest.raises(ValidationError, match="at most 1 MiB") as err:
+        read_input(str(tmp_path / "big.key"), "private key")
+    assert question_for(err.value, Answers(method="certificate")) == "private-key-file"
+
+
+# -- routing: by the error's field, never by its wording ---------------------------------------
+CERT_PARTS = Answers(method="certificate", hub_hostname="h.azure-devices.net", device_id="d")
+CERT_CS = Answers(method="certificate", connection_string="HostName=...;x509=true")
+
+
+@pytest.mark.parametrize("field, answers, question", [
+    ("authentication method", Answers(method="certificate-ish"), "auth-method"),
+    ("connection string", Answers(method="connection-string"), "connection-string"),
+    ("SharedAccessKey", Answers(method="connection-string"), "connection-string"),
+    ("DeviceId", Answers(method="connection-string"), "connection-string"),
+    ("DeviceId", CERT_CS, "connection-string"),
+    ("DeviceId", CERT_PARTS, "device-id"),
+    ("HostName", CERT_PARTS, "hub-hostname"),
+    ("ModuleId", CERT_PARTS, "module-id"),
+    ("device id", CERT_PARTS, "device-id"),
+    ("certificate", CERT_PARTS, "certificate-file"),
+    ("private key", CERT_CS, "private-key-file"),
+    (None, Answers(method="connection-string"), "connection-string"),
+    (None, CERT_PARTS, "auth-method"),
+])
+def test_errors_are_routed_by_their_field(field, answers, question):
+    from defender_setup.errors import SetupError
+
+    # The wording points elsewhere on purpose: only the field may decide.
+    error = SetupError("the certificate, the private key, the device and the module", field)
+    assert question_for(error, answers) == question
+
+
+def test_an_invalid_preseeded_method_goes_back_to_the_method():
+    answers = Answers(method="certificate-file", certificate_file="/c")
+    with pytest.raises(ValidationError) as err:
+        resolve(answers, {}, no_read)
+    assert question_for(err.value, answers) == "auth-method"
+
+
 # -- the real debconf protocol ---------------------------------------------------------------
 DEBCONF_CONF = """\
 Config: configdb
@@ -192,11 +244,19 @@ def debconf(root, tmp_path):
             result.stdout = out.read_text()
             return result
 
-        def script(self, path, *args, extra_env=None):
+        def script(self, path, *args, extra_env=None, input=None):
             return subprocess.run([str(path), *args],
                                   env={**env, "DEBCONF_PACKAGE": "defender-setup",
                                        **(extra_env or {})},
-                                  text=True, capture_output=True)
+                                  text=True, capture_output=True, input=input, timeout=60)
+
+        def variables(self, question) -> dict:
+            """The substitution variables debconf saved for a question in config.dat."""
+            text = (db / "config.dat").read_text()
+            stanza = next(s for s in text.split("\n\n") if f"Name: {question}\n" in s)
+            found = re.findall(r"(?m)^ (\w+) = (.*)$", stanza.split("Variables:\n")[-1]) \
+                if "Variables:" in stanza else []
+            return dict(found)
 
         def get(self, question):
             out = subprocess.run(["debconf-show", "defender-setup"], env=env, text=True,
@@ -274,6 +334,34 @@ def test_config_noninteractive_invalid_preseed_leaves_it_to_the_postinst(debconf
     lines = [x for x in failed.stderr.splitlines() if x.startswith("defender-setup")]
     assert len(lines) == 1 and "defender-setup/connection-string" in lines[0], failed.stderr
     assert KEY.encode() not in debconf.database()
+
+
+@pytest.mark.allow_subprocess
+def test_config_empties_the_error_it_could_not_show(debconf):
+    config = debconf.dir / "defender-setup.config"
+    shutil.copy(REPO / "debian" / "defender-setup.config", config)
+    debconf.preseed([_seed("auth-method", "select", "connection-string"),
+                     _seed("connection-string", "password", "HostName=x;" + KEY)])
+    assert debconf.script(config, "configure", "").returncode == 0
+    assert set(debconf.variables("defender-setup/invalid").values()) <= {""}
+
+
+@pytest.mark.allow_subprocess
+def test_config_shows_the_error_then_empties_it(debconf):
+    """Teletype: a wrong answer is re-asked with the error, which is not kept in config.dat
+    (the strict-verify question is below debconf's default priority here, so not asked)."""
+    config = debconf.dir / "defender-setup.config"
+    shutil.copy(REPO / "debian" / "defender-setup.config", config)
+    token = "TKOxREbXrjk6v8BC2aFKRg=="
+    bad = f"HostName=h.azure-devices.net;DeviceId=d;ModuleId=m;{token}"
+    result = debconf.script(config, "configure", "", input=f"1\n{bad}\n{CS}\n",
+                            extra_env={"DEBIAN_FRONTEND": "teletype"})
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.count("Invalid connection string") == 1, result.stdout
+    assert set(debconf.variables("defender-setup/invalid").values()) <= {""}
+    dump = (debconf.dir / "config.dat").read_bytes() + \
+        (debconf.dir / "templates.dat").read_bytes()
+    assert token[:8].encode() not in dump and KEY.encode() not in dump
 
 
 @pytest.mark.allow_subprocess
