@@ -242,8 +242,18 @@ def test_symlinked_target_is_refused(booted, preseed):
     assert booted.run(["test", "-L", f"{AGENT_DIR}/connection_string.txt"]).returncode == 0
 
 
-def test_fresh_install_with_invalid_preseed_fails_and_writes_nothing(booted, preseed):
-    bad = preseed.connection_string().replace("HostName=", "Host=")
+# A 16-byte key pasted without "SharedAccessKey=": base64 that also looks like a key name.
+BARE_KEY = "TKOxREbXrjk6v8BC2aFKRg=="
+
+
+def bare_key_string(preseed) -> str:
+    return preseed.connection_string().split("SharedAccessKey=")[0] + BARE_KEY
+
+
+@pytest.mark.parametrize("kind", ["mis-cased key", "bare key"])
+def test_fresh_install_with_invalid_preseed_fails_and_writes_nothing(booted, preseed, kind):
+    bad = preseed.connection_string().replace("HostName=", "Host=") \
+        if kind == "mis-cased key" else bare_key_string(preseed)
     result = booted.install_deb(preseed.for_connection_string(bad), check=False)
     assert result.returncode != 0
     out = result.stdout + result.stderr
@@ -252,24 +262,34 @@ def test_fresh_install_with_invalid_preseed_fails_and_writes_nothing(booted, pre
     assert "defender-setup/connection-string" in lines[0]
     assert not booted.exists(f"{AGENT_DIR}/connection_string.txt")
     assert state(booted)["ActiveState"] == "inactive"
-    assert_no_leak(booted, [preseed.sas_key()])
+    # Nothing of what failed the rules is echoed, or kept in debconf's world-readable files
+    # (the error's variables included: the config script ran twice, before and after unpack).
+    assert BARE_KEY[:8] not in out
+    assert_no_leak(booted, [preseed.sas_key(), BARE_KEY[:8]])
 
 
 # -- interactive ----------------------------------------------------------------------------------
-def test_teletype_reasks_a_bad_answer_with_the_error(booted, preseed):
+@pytest.mark.parametrize("kind", ["mis-cased key", "bare key"])
+def test_teletype_reasks_a_bad_answer_with_the_error(booted, preseed, kind):
     booted.install_deb()
     good = preseed.connection_string(key=preseed.sas_key(5))
-    bad = good.replace("HostName=", "Hostname=")
+    bad = good.replace("HostName=", "Hostname=") if kind == "mis-cased key" \
+        else bare_key_string(preseed)
     # method 1 (connection string), the bad string, strict verification "no"; the error is
     # shown and only the connection string is asked again: the good one.
     answers = f"1\n{bad}\nno\n{good}\n"
     result = booted.run(["dpkg-reconfigure", "-fteletype", "defender-setup"], input=answers,
                         env={"DEBIAN_FRONTEND": "teletype"}, timeout=180)
     out = result.stdout + result.stderr
-    assert "Invalid" in out and "Hostname" in out, out
+    said = " ".join(out.split())  # the frontend wraps lines
+    assert "Invalid connection string" in said, out
+    assert ("did you mean HostName?" if kind == "mis-cased key"
+            else "write SharedAccessKey= before it") in said, out
+    assert "Hostname" not in out and BARE_KEY[:8] not in out  # only known keys are named
     assert VERDICT in out
     assert good.split("SharedAccessKey=")[1] in booted.read(f"{AGENT_DIR}/connection_string.txt")
     assert preseed.sas_key(5) not in out
+    assert_no_leak(booted, [preseed.sas_key(5), BARE_KEY[:8]])
 
 
 # -- remove and purge ----------------------------------------------------------------------------

@@ -16,7 +16,7 @@ import uuid
 import harness
 import pytest
 from conftest import AGENT_DIR
-from test_package import VERDICT
+from test_package import VERDICT, assert_no_leak
 
 pytestmark = pytest.mark.skipif(shutil.which("tmux") is None, reason="tmux is not installed")
 
@@ -62,8 +62,9 @@ class Screen:
 def test_dialog_reasks_with_the_error_and_goes_back(boot, preseed):
     ct = boot(harness.base_image(extra=("whiptail",)))
     ct.install_deb()
-    good = preseed.connection_string(key=preseed.sas_key(21))
-    bad = good.replace("DeviceId=", "DeviceID=")
+    key = preseed.sas_key(21)
+    good = preseed.connection_string(key=key)
+    bad = good.replace("SharedAccessKey=", "")  # the key pasted without its name
     screen = Screen(["nsenter", "-t", str(ct.pid1), "-a", "env", "-i",
                      f"PATH={harness.GUEST_PATH}", "LANG=C.UTF-8", "TERM=xterm",
                      "dpkg-reconfigure", "-fdialog", "defender-setup"])
@@ -75,8 +76,8 @@ def test_dialog_reasks_with_the_error_and_goes_back(boot, preseed):
         screen.keys("Enter")
         screen.wait_for("Fail the installation")
         screen.keys("Enter")                             # strict verification: default (no)
-        text = screen.wait_for("Invalid")                # the error names key and fix
-        assert "DeviceID" in text, text
+        text = screen.wait_for("Invalid")                # the error names part and fix
+        assert "SharedAccessKey=" in text and key[:8] not in text, text
         screen.keys("Enter")
         screen.wait_for("Module connection string")      # asked again...
         screen.keys("Escape")                            # ...back to the method
@@ -89,7 +90,8 @@ def test_dialog_reasks_with_the_error_and_goes_back(boot, preseed):
         screen.keys("Enter")
         text = screen.wait_for("EXIT=", timeout=90, history=True)
         assert "EXIT=0" in text and VERDICT in text, text
-        assert preseed.sas_key(21) not in text
+        assert key[:8] not in text
     finally:
         screen.close()
     assert "DeviceId=dev1" in ct.read(f"{AGENT_DIR}/connection_string.txt")
+    assert_no_leak(ct, [key[:8]])  # the error shown is not kept in debconf's files
