@@ -154,8 +154,8 @@ def resolve(answers: Answers, current: dict[str, bytes],
                                   "module's connection string (HostName=...;SharedAccessKey=...)")
         return Inputs(method, answers.connection_string.encode("utf-8"))
     if method != "certificate":
-        raise ValidationError(AUTH_METHOD, f"'{printable(method)}' is not one of "
-                              "connection-string, certificate, later")
+        raise ValidationError(AUTH_METHOD, "is none of connection-string, certificate, "
+                              "later; preseed one of them")
     if answers.connection_string:
         text = answers.connection_string.encode("utf-8")
     elif not answers.hub_hostname and not answers.device_id and same:

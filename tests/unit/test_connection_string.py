@@ -182,28 +182,13 @@ def test_parser_never_crashes_on_arbitrary_input(text):
         pass
 
 
-@settings(max_examples=150, deadline=None)
-@given(key=st.binary(min_size=1, max_size=64).map(lambda b: base64.b64encode(b).decode()),
-       mangle=st.sampled_from(["", "cut", "quote", "junk", "dup", "case", "space"]))
-def test_errors_never_echo_key_material(key, mangle):
-    text = f"{BASE};SharedAccessKey={key}"
-    text = {"": text, "cut": text[:-3], "quote": "\u201c" + text, "junk": text + ";\u00e9",
-            "dup": text + f";SharedAccessKey={key}", "case": text.replace("Shared", "shared"),
-            "space": text.replace("Key=", "Key= ")}[mangle]
-    try:
-        cs.parse(text)
-    except ValidationError as exc:
-        body = key.rstrip("=")
-        assert len(body) < 4 or body not in str(exc), "key material leaked into an error"
-
-
 # A secret-looking token (base64 of random bytes, as a SharedAccessKey or pasted without its
 # name) placed anywhere in a connection string that fails the rules: the error names positions,
 # lengths and known keys only, so no 8-character piece of the token may appear in it.
 _TOKEN = st.binary(min_size=12, max_size=64).map(lambda b: base64.b64encode(b).decode())
 _PLACES = ["bare", "bare-unpadded", "as-key", "unknown-value", "key-cut", "key-quoted",
            "key-spaced", "key-name-cased", "host", "device", "module", "x509", "gateway",
-           "policy", "signature", "twice", "no-equals-prefix", "trailing-junk"]
+           "policy", "signature", "twice", "key-twice", "no-equals-prefix", "trailing-junk"]
 
 
 def _with_token(token: str, place: str, pos: int) -> str:
@@ -216,6 +201,7 @@ def _with_token(token: str, place: str, pos: int) -> str:
             "module": f"ModuleId={token}/", "x509": f"x509={token}",
             "gateway": f"GatewayHostName={token}", "policy": f"SharedAccessKeyName={token}",
             "signature": f"SharedAccessSignature={token}", "twice": f"ModuleId={token}",
+            "key-twice": f"SharedAccessKey={token};SharedAccessKey={token}",
             "no-equals-prefix": token.replace("=", "") + "x", "trailing-junk":
             f"SharedAccessKey={token}\u00e9"}[place]
     base.insert(pos % (len(base) + 1), part)
