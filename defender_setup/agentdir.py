@@ -52,6 +52,15 @@ from pathlib import Path
 from . import AGENT_DIR, lock
 from .credentials import ALL_FILES, method_of
 from .errors import InputError, SetupError, UnsafeTargetError, ValidationError, WriteError
+from .safefs import (
+    check_file,
+    check_restorable,
+    chmod_dir,
+    create,
+    fsync_dir,
+    lstat,
+    read,
+)
 
 STATE = ".defender-setup"     # our private state inside the agent directory
 STAGING = "staging"
@@ -66,81 +75,6 @@ DIR_MODE = 0o700
 PARENT_MODE = 0o755           # var/ and the like, when we have to create them
 WRITE_WAIT = 30.0             # seconds a writer waits for another one
 READ_WAIT = 5.0               # seconds a reader waits for a writer
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _create(path: Path, data: bytes, mode: int) -> None:
-    """Create ``path`` with ``mode`` before any byte lands, write and fsync it."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
-                 mode)
-    try:
-        os.fchmod(fd, mode)  # the umask may have narrowed it; never widen it after writing
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view):]
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _chmod_dir(path: Path, mode: int) -> None:
-    # fchmod through an O_NOFOLLOW descriptor: chmod(follow_symlinks=False) is not
-    # implemented on Debian 11's Python.
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
-    try:
-        os.fchmod(fd, mode)
-    finally:
-        os.close(fd)
-
-
-def _read(path: Path) -> bytes:
-    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
-    with os.fdopen(fd, "rb") as handle:
-        return handle.read()
-
-
-def _lstat(path: Path) -> os.stat_result | None:
-    try:
-        return os.lstat(path)
-    except FileNotFoundError:
-        return None
-
-
-def _check_file(path: Path) -> None:
-    st = _lstat(path)
-    if st is None:
-        return
-    if stat.S_ISLNK(st.st_mode):
-        raise UnsafeTargetError(f"{path} is a symbolic link; refusing to write credentials "
-                                "through it. Remove the link (rm) and run the command again")
-    if not stat.S_ISREG(st.st_mode):
-        raise UnsafeTargetError(f"{path} is not a regular file; remove it and run the "
-                                "command again")
-    if st.st_mode & 0o002:
-        raise UnsafeTargetError(f"{path} is writable by others; remove it or chmod o-w it and "
-                                "run the command again")
-
-
-def _check_restorable(path: Path) -> None:
-    """A file of ``previous/`` must be one we wrote: regular, ours, linked nowhere else."""
-    st = os.lstat(path)
-    if not stat.S_ISREG(st.st_mode):
-        problem = "is not a regular file"
-    elif st.st_nlink != 1:
-        problem = f"is hard-linked elsewhere ({st.st_nlink} links)"
-    elif st.st_uid != os.geteuid():
-        problem = f"belongs to uid {st.st_uid}, not {os.geteuid()}"
-    else:
-        return
-    raise UnsafeTargetError(f"{path} {problem}; refusing to restore it. Remove the previous "
-                            "set or apply the credentials again")
 
 
 def _now() -> str:
@@ -169,7 +103,7 @@ class AgentDir:
     # -- checks -----------------------------------------------------------------------------
     def _check_dir(self, path: Path) -> bool:
         """Refuse an unsafe directory; return whether it exists."""
-        st = _lstat(path)
+        st = lstat(path)
         if st is None:
             return False
         if stat.S_ISLNK(st.st_mode) or not stat.S_ISDIR(st.st_mode):
@@ -194,7 +128,7 @@ class AgentDir:
         if self.root.resolve() == Path("/"):
             return
         for parent in self._parents():
-            st = _lstat(parent)
+            st = lstat(parent)
             if st is not None and not stat.S_ISDIR(st.st_mode):
                 raise UnsafeTargetError(f"{parent} is not a real directory (a symbolic link "
                                         "or a file) inside --root; refusing to follow it")
@@ -205,12 +139,12 @@ class AgentDir:
             return False
         for name in STATE_DIRS:
             path = self.state / name
-            st = _lstat(path)
+            st = lstat(path)
             if st is not None and (stat.S_ISLNK(st.st_mode) or not stat.S_ISDIR(st.st_mode)):
                 raise UnsafeTargetError(f"{path} is not a real directory (a symbolic link or "
                                         "a file); remove it and run the command again")
         for name in STATE_FILES:
-            _check_file(self.state / name)
+            check_file(self.state / name)
         return True
 
     def check(self) -> None:
@@ -218,24 +152,24 @@ class AgentDir:
         self._check_parents()
         if self._check_dir(self.path):
             for name in ALL_FILES:
-                _check_file(self.path / name)
+                check_file(self.path / name)
             self._check_state()
 
     def _ensure_dirs(self) -> None:
         self.check()
         try:
             missing, parent = [], self.path.parent
-            while _lstat(parent) is None and parent != parent.parent:
+            while lstat(parent) is None and parent != parent.parent:
                 missing.insert(0, parent)
                 parent = parent.parent
             for parent in missing:  # explicit modes: an umask of 000 must not make them 0777
                 parent.mkdir(mode=PARENT_MODE)
-                _chmod_dir(parent, PARENT_MODE)
+                chmod_dir(parent, PARENT_MODE)
             for directory in (self.path, self.state):
                 if not directory.exists():
                     directory.mkdir(mode=DIR_MODE)
-                    _fsync_dir(directory.parent)
-                _chmod_dir(directory, DIR_MODE)
+                    fsync_dir(directory.parent)
+                chmod_dir(directory, DIR_MODE)
         except OSError as exc:
             raise WriteError(f"cannot create {self.path}: {exc.strerror}") from None
 
@@ -255,10 +189,10 @@ class AgentDir:
         found = {}
         for name in ALL_FILES:
             path = directory / name
-            _check_file(path)
-            if _lstat(path) is not None:
+            check_file(path)
+            if lstat(path) is not None:
                 try:
-                    found[name] = _read(path)
+                    found[name] = read(path)
                 except OSError as exc:
                     raise InputError(f"cannot read {path}: {exc.strerror}") from None
         return found
@@ -276,7 +210,7 @@ class AgentDir:
         """Permission bits of the directory and each present file (for ``status``)."""
         result = {}
         for path in [self.path] + [self.path / name for name in ALL_FILES]:
-            st = _lstat(path)
+            st = lstat(path)
             if st is not None:
                 result[str(path)] = stat.S_IMODE(st.st_mode)
         return result
@@ -288,12 +222,12 @@ class AgentDir:
 
     def pending(self) -> bool:
         """True while an interrupted write waits for :meth:`repair`."""
-        return _lstat(self.state / JOURNAL) is not None
+        return lstat(self.state / JOURNAL) is not None
 
     def origin(self) -> dict | None:
         """Where the current set came from (``{"source", "time", ...}``), None if unknown."""
         try:
-            data = json.loads(_read(self.state / ORIGIN))
+            data = json.loads(read(self.state / ORIGIN))
         except (OSError, ValueError):
             return None
         return data if isinstance(data, dict) else None
@@ -333,22 +267,22 @@ class AgentDir:
                 shutil.rmtree(leftover, ignore_errors=True)
             staging.mkdir(mode=DIR_MODE)
             for name, (data, mode) in files.items():
-                _create(staging / name, data, mode)
-            _create(staging / ORIGIN, json.dumps(record, sort_keys=True).encode(), 0o600)
-            _fsync_dir(staging)
+                create(staging / name, data, mode)
+            create(staging / ORIGIN, json.dumps(record, sort_keys=True).encode(), 0o600)
+            fsync_dir(staging)
             previous_new.mkdir(mode=DIR_MODE)
             for name in ALL_FILES:
                 if (self.path / name).exists():
                     os.link(self.path / name, previous_new / name, follow_symlinks=False)
-            _fsync_dir(previous_new)
-            _fsync_dir(self.state)
+            fsync_dir(previous_new)
+            fsync_dir(self.state)
             journal = {"files": sorted(files), "origin": ORIGIN}
             tmp = self.state / (JOURNAL + ".tmp")
             if tmp.exists():
                 tmp.unlink()
-            _create(tmp, json.dumps(journal).encode(), 0o600)
+            create(tmp, json.dumps(journal).encode(), 0o600)
             os.replace(tmp, self.state / JOURNAL)   # the commit point
-            _fsync_dir(self.state)
+            fsync_dir(self.state)
         except OSError as exc:
             raise WriteError(f"cannot stage credentials in {self.state}: {exc.strerror}; "
                              "nothing was changed") from None
@@ -378,24 +312,24 @@ class AgentDir:
                     elif leftover.exists():
                         leftover.unlink()
                 return dirty
-            journal = json.loads(_read(journal_path))
+            journal = json.loads(read(journal_path))
             wanted = journal["files"]
             if previous_new.exists():
                 shutil.rmtree(self.state / PREVIOUS, ignore_errors=True)
                 os.replace(previous_new, self.state / PREVIOUS)
             for name in wanted:
                 if (staging / name).exists():
-                    _check_file(self.path / name)
+                    check_file(self.path / name)
                     os.replace(staging / name, self.path / name)
             for name in set(ALL_FILES) - set(wanted):
                 if (self.path / name).exists():
                     (self.path / name).unlink()
             if journal.get("origin") == ORIGIN and (staging / ORIGIN).exists():
                 os.replace(staging / ORIGIN, self.state / ORIGIN)
-            _fsync_dir(self.path)
+            fsync_dir(self.path)
             journal_path.unlink()
             shutil.rmtree(staging, ignore_errors=True)
-            _fsync_dir(self.state)
+            fsync_dir(self.state)
             return True
         except (OSError, ValueError, KeyError, TypeError) as exc:
             raise WriteError(f"cannot complete the interrupted credential update in "
@@ -429,7 +363,7 @@ class AgentDir:
                 raise InputError("the previous generation is empty (the agent was "
                                  "unconfigured before); nothing to roll back to")
             for name in files:
-                _check_restorable(previous / name)
+                check_restorable(previous / name)
             try:
                 validated = validate(method_of(files) or "connection-string",
                                      files.get(CONNECTION_STRING_FILE, b""),
@@ -448,7 +382,7 @@ class AgentDir:
                 if path.exists():
                     path.unlink()
             if self.path.exists():
-                _fsync_dir(self.path)
+                fsync_dir(self.path)
 
     # -- records: small JSON facts beside the origin (never a secret) ---------------------
     def save_record(self, name: str, data: dict) -> None:
@@ -456,13 +390,13 @@ class AgentDir:
         last boot-time import's outcome."""
         with self.lock():
             tmp, path = self.state / (name + ".tmp"), self.state / name
-            _check_file(path)
+            check_file(path)
             try:
-                if _lstat(tmp) is not None:
+                if lstat(tmp) is not None:
                     tmp.unlink()
-                _create(tmp, json.dumps(data, sort_keys=True).encode(), 0o600)
+                create(tmp, json.dumps(data, sort_keys=True).encode(), 0o600)
                 os.replace(tmp, path)
-                _fsync_dir(self.state)
+                fsync_dir(self.state)
             except OSError as exc:
                 raise WriteError(f"cannot write {path}: {exc.strerror}") from None
 
@@ -470,7 +404,7 @@ class AgentDir:
         """A record written by :meth:`save_record`; None when absent or unreadable. Reads
         only (no lock, no repair): the record is replaced atomically."""
         try:
-            data = json.loads(_read(self.state / name))
+            data = json.loads(read(self.state / name))
         except (OSError, ValueError):
             return None
         return data if isinstance(data, dict) else None
@@ -483,4 +417,4 @@ class AgentDir:
                 return
             except OSError as exc:
                 raise WriteError(f"cannot remove {self.state / name}: {exc.strerror}") from None
-            _fsync_dir(self.state)
+            fsync_dir(self.state)

@@ -6,7 +6,6 @@ Interface::
         ...                             # re-entrant within a process: nested calls are free
     with shared(path, timeout=5):       # readers: only if the file exists; opened read-only
         ...
-    holder(path) -> str                 # "pid 1234 (defender-setup)" or "" (for messages)
 
 Both raise :class:`~defender_setup.errors.BusyError` (exit 75) when the lock is still held
 after ``timeout`` seconds, naming who holds it; a lock file that is a link, not a regular
@@ -125,35 +124,23 @@ def _holder_of(fd: int) -> str:
     return ", ".join(_describe(pid) for pid in sorted(set(pids)))
 
 
-def holder(path: Path) -> str:
-    """Who holds the lock at ``path`` (empty when unknown or free); for messages."""
-    try:
-        fd = _open(Path(path), create=False)
-    except (OSError, UnsafeTargetError):
-        return ""
-    if fd is None:
-        return ""
-    try:
-        return _holder_of(fd)
-    finally:
-        os.close(fd)
+def _busy(fd: int, path: Path, what: str, timeout: float) -> BusyError:
+    who = _holder_of(fd)
+    return BusyError(f"another command is changing the credentials ({path} is held"
+                     f"{' by ' + who if who else ''}); {what} waited {timeout:g} s. Wait for it "
+                     "to finish and run the command again (--lock-timeout S waits longer)")
 
 
-def _acquire(fd: int, path: Path, operation: int, deadline: float, what: str,
-             timeout: float) -> None:
+def _acquire(fd: int, operation: int, deadline: float) -> bool:
+    """Poll for the lock until ``deadline``; False when it did not come."""
     while True:
         try:
             fcntl.flock(fd, operation | fcntl.LOCK_NB)
-            return
+            return True
         except BlockingIOError:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
-                who = _holder_of(fd)
-                raise BusyError(
-                    f"another command is changing the credentials ({path} is held"
-                    f"{' by ' + who if who else ''}); {what} waited {timeout:g} s. Wait for "
-                    "it to finish and run the command again (--lock-timeout S waits longer)"
-                ) from None
+                return False
             time.sleep(min(POLL, remaining))
 
 
@@ -163,16 +150,8 @@ def _through_gate(fd: int, path: Path, operation: int, timeout: float, what: str
     gate = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
     try:
         gate_op = fcntl.LOCK_EX if operation == fcntl.LOCK_EX else fcntl.LOCK_SH
-        try:
-            _acquire(gate, path, gate_op, deadline, what, timeout)
-        except BusyError:
-            who = _holder_of(fd)  # name the holder of the lock itself, not of the gate
-            raise BusyError(
-                f"another command is changing the credentials ({path} is held"
-                f"{' by ' + who if who else ''}); {what} waited {timeout:g} s. Wait for "
-                "it to finish and run the command again (--lock-timeout S waits longer)"
-            ) from None
-        _acquire(fd, path, operation, deadline, what, timeout)
+        if not (_acquire(gate, gate_op, deadline) and _acquire(fd, operation, deadline)):
+            raise _busy(fd, path, what, timeout)  # names the lock's holder, not the gate's
     finally:
         os.close(gate)  # the gate is only for the way in
 

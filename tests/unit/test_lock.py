@@ -93,3 +93,26 @@ def test_a_fifo_as_lock_file_is_refused_without_hanging(path):
     with pytest.raises(UnsafeTargetError, match="not a regular file"):
         with lock.shared(path, timeout=0):
             pass
+
+
+def test_a_waiting_writer_is_not_starved_by_new_readers(path):
+    import threading
+
+    got = threading.Event()
+
+    def writer():
+        with lock.exclusive(path, timeout=5):
+            got.set()
+
+    with lock.exclusive(path, timeout=0):
+        pass  # the lock file exists
+    with Holder(path, "shared"):        # a reader inside
+        thread = threading.Thread(target=writer)
+        thread.start()
+        time.sleep(0.2)                 # the writer waits at the gate for that reader
+        assert not got.is_set()
+        with pytest.raises(BusyError):  # a new reader queues behind the writer
+            with lock.shared(path, timeout=0.2):
+                pass
+    thread.join(5)                      # the first reader left: the writer got in
+    assert got.is_set()

@@ -1,0 +1,96 @@
+"""File primitives of the agent directory: private from the first byte, never through a link.
+
+Interface::
+
+    create(path, data, mode)   # O_EXCL|O_NOFOLLOW with its final mode, written, fsync-ed
+    read(path) -> bytes        # O_NOFOLLOW|O_NONBLOCK (a planted FIFO cannot hang a reader)
+    lstat(path) -> stat | None
+    fsync_dir(path); chmod_dir(path, mode)      # the latter through an O_NOFOLLOW descriptor
+    check_file(path)           # UnsafeTargetError (77): a link, not regular, writable by others
+    check_restorable(path)     # ... and for roll-back: linked elsewhere, not ours
+
+Used by :mod:`defender_setup.agentdir`, the only writer.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+from pathlib import Path
+
+from .errors import UnsafeTargetError
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def create(path: Path, data: bytes, mode: int) -> None:
+    """Create ``path`` with ``mode`` before any byte lands, write and fsync it."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                 mode)
+    try:
+        os.fchmod(fd, mode)  # the umask may have narrowed it; never widen it after writing
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def chmod_dir(path: Path, mode: int) -> None:
+    # fchmod through an O_NOFOLLOW descriptor: chmod(follow_symlinks=False) is not
+    # implemented on Debian 11's Python.
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+    try:
+        os.fchmod(fd, mode)
+    finally:
+        os.close(fd)
+
+
+def read(path: Path) -> bytes:
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
+    with os.fdopen(fd, "rb") as handle:
+        return handle.read()
+
+
+def lstat(path: Path) -> os.stat_result | None:
+    try:
+        return os.lstat(path)
+    except FileNotFoundError:
+        return None
+
+
+def check_file(path: Path) -> None:
+    st = lstat(path)
+    if st is None:
+        return
+    if stat.S_ISLNK(st.st_mode):
+        raise UnsafeTargetError(f"{path} is a symbolic link; refusing to write credentials "
+                                "through it. Remove the link (rm) and run the command again")
+    if not stat.S_ISREG(st.st_mode):
+        raise UnsafeTargetError(f"{path} is not a regular file; remove it and run the "
+                                "command again")
+    if st.st_mode & 0o002:
+        raise UnsafeTargetError(f"{path} is writable by others; remove it or chmod o-w it and "
+                                "run the command again")
+
+
+def check_restorable(path: Path) -> None:
+    """A file of ``previous/`` must be one we wrote: regular, ours, linked nowhere else."""
+    st = os.lstat(path)
+    if not stat.S_ISREG(st.st_mode):
+        problem = "is not a regular file"
+    elif st.st_nlink != 1:
+        problem = f"is hard-linked elsewhere ({st.st_nlink} links)"
+    elif st.st_uid != os.geteuid():
+        problem = f"belongs to uid {st.st_uid}, not {os.geteuid()}"
+    else:
+        return
+    raise UnsafeTargetError(f"{path} {problem}; refusing to restore it. Remove the previous "
+                            "set or apply the credentials again")
