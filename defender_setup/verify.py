@@ -6,7 +6,8 @@ Interface::
                        clock=time.monotonic, sleep=time.sleep) -> int exit code
 
 1. No running systemd (``DPKG_ROOT``, no ``/run/systemd/system`` under root, policy-rc.d
-   exit 101): print ``restart skipped: …`` and return 0; the unit is enabled for first boot.
+   exit 101) or another system's tree (a ``root`` other than ``/``): print ``restart
+   skipped: …`` and return 0; the unit is enabled for first boot.
 2. No credentials: "not configured", return 0 (the unit's ``ConditionPathExists=`` keeps it
    stopped; nothing to verify). A masked unit is left alone (0); an unknown one is 69, with
    no roll-back (the credentials are not what is wrong).
@@ -27,6 +28,8 @@ within a second; a crash loop shows as a new MainPID/NRestarts the moment the pr
 (SubState leaves ``running`` at once, whatever ``RestartSec`` is). 1.5 s keeps the healthy
 verdict well inside 3 s of the restart and a failure plus roll-back near 4 s, where the
 manual rule (watch the uptime for two minutes) takes 120 s.
+The command line calls this inside the writers' lock (``AgentDir.lock``), held from the
+write to the end of the roll-back, so no other command changes the set under a verification.
 Output never contains secrets: it shows states, the status text and journal lines, all of
 which come from the runtime, which never logs one.
 """
