@@ -10,6 +10,7 @@ maintainer scripts and people, and every import counts there (``make bench``).
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from . import UNIT, __version__
@@ -18,6 +19,7 @@ from .errors import (
     CONNECTION_STRING,
     EX_INTERRUPTED,
     EX_IOERR,
+    EX_NOPERM,
     EX_OK,
     PRIVATE_KEY,
     InputError,
@@ -118,6 +120,13 @@ def cmd_apply(args, out) -> int:
     validated = _validated(args)  # before the lock: reading standard input may take a while
     print("found:", file=out)
     _print_found(validated, out)
+    if args.probe:  # before the lock and before anything is written: a refusal changes nothing
+        from .probe import probe
+
+        outcome = probe(validated, args.root)
+        print(outcome.line, file=out)
+        if outcome.error is not None:
+            raise outcome.error
     with _Writing(args, out) as agent:
         agent.write(validated.files, origin="apply")
         print(f"written: {', '.join(sorted(validated.files))} in {agent.path} "
@@ -217,16 +226,44 @@ def cmd_check(args, out) -> int:
     import json
     from pathlib import Path
 
+    from . import AGENT_DIR
     from .checks import render, run_checks
+    from .netcheck import extend
 
-    results = run_checks(Path(args.root), _service_state(args.root),
-                         lock_timeout=_read_wait(args))
+    agent_dir = Path(args.root) / AGENT_DIR
+    if os.geteuid() != 0 and _unreadable(agent_dir):
+        print(f"defender-setup: check needs root: the credentials in {agent_dir} are readable "
+              "by root only (it changes nothing); run: sudo defender-setup check",
+              file=sys.stderr)
+        return EX_NOPERM
+    state = _service_state(args.root)
+    results = extend(Path(args.root), run_checks(Path(args.root), state,
+                                                 lock_timeout=_read_wait(args)),
+                     state, offline=args.offline, dont_run=args.dont_run)
+    unknown = set(args.dont_run) - {r.id for r in results}
+    if unknown:
+        print(f"defender-setup: warning: --dont-run: no check named {', '.join(sorted(unknown))}",
+              file=sys.stderr)
     if args.json:
         print(json.dumps([r.as_dict() for r in results], indent=2), file=out)
     else:
         for line in render(results):
             print(line, file=out)
     return max((r.exit_code for r in results), default=EX_OK)
+
+
+def _unreadable(path) -> bool:
+    try:
+        os.stat(path)
+    except FileNotFoundError:
+        return False
+    except PermissionError:
+        return True
+    return not os.access(path, os.R_OK | os.X_OK)
+
+
+def _ids(text: str) -> list[str]:
+    return [part.strip() for part in text.split(",") if part.strip()]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -273,13 +310,22 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("apply", cmd_apply, [creds, *writer], "validate, write atomically (keeping the "
             "previous set), then restart and verify the service")
     p.add_argument("--no-restart", action="store_true", help="write the files only")
+    p.add_argument("--probe", action="store_true",
+                   help="first try the new credentials against the hub (one CONNECT); write "
+                   "nothing when the hub refuses them")
     add("restart", cmd_restart, writer, "restart the service once and verify it is active and "
         "stable; roll back on failure")
     p = add("status", cmd_status, [common, locking], "show method, identity, certificate, file "
             "modes and service state (secrets redacted)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
-    p = add("check", cmd_check, [common, locking], "full diagnosis with named checks")
+    p = add("check", cmd_check, [common, locking], "full diagnosis with named checks (local "
+            "files, the service, the path to the hub); changes nothing")
     p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument("--offline", action="store_true",
+                   help="leave out the network checks (hub-dns, hub-tcp, hub-tls, hub-clock, "
+                   "hub-auth)")
+    p.add_argument("--dont-run", default=[], metavar="ID,...", type=_ids,
+                   help="comma-separated check ids to leave out (reported as skipped)")
     p = add("rollback", cmd_rollback, writer, "restore the previous generation of credentials, "
             "then restart and verify")
     p.add_argument("--no-restart", action="store_true", help="restore the files only")

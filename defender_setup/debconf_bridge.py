@@ -3,12 +3,14 @@
 Interface (``/usr/lib/defender-setup/debconf-helper`` runs :func:`main`; ``debian/*.config``
 and ``debian/*.postinst`` call it after sourcing the shell confmodule)::
 
-    debconf-helper check [--root DIR]   # config: deep validation of the current answers
+    debconf-helper check [--root DIR]   # config: deep validation of the current answers,
+        then the hub probe (unless defender-setup/probe-hub is false)
         exit 0 when valid (or nothing to change); otherwise prints one line
         "QUESTION<TAB>FIELD<TAB>REASON" on standard output (for the shell to re-ask
         defender-setup/QUESTION) and exits with the error's exit code (65, 66, 77...)
-    debconf-helper apply [--root DIR]   # postinst configure: validate, write, clear secrets
-        like ``defender-setup apply --no-restart``; prints the summary on standard error
+    debconf-helper apply [--root DIR]   # postinst configure: validate, probe, write, clear
+        like ``defender-setup apply --no-restart --probe``; prints the summary on standard
+        error; a refusal by the hub fails it before anything is written
 
 Pure core, used by both and by the tests::
 
@@ -234,11 +236,28 @@ def check(db, root: Path) -> tuple[int, str]:
     try:
         inputs = resolve(answers, AgentDir(root).current())
         if inputs is not None:
-            _validate(inputs)
+            _probe(db, _validate(inputs), root)
     except SetupError as exc:
         field_name, reason = _reason(exc)
         return exc.exit_code, f"{question_for(exc, answers)}\t{field_name}\t{reason}"
     return EX_OK, ""
+
+
+def _probe(db, validated, root: Path, out=None) -> None:
+    """One connection to the hub with the new credentials, unless probe-hub is false.
+
+    :raises defender_setup.probe.ProbeRefused: the hub refused them (a ValidationError whose
+        field routes the re-ask to the connection string or the certificate question).
+    """
+    if db.get(PREFIX + "probe-hub") == "false":
+        return
+    from .probe import probe
+
+    outcome = probe(validated, root)
+    if out is not None:
+        print(f"defender-setup: {outcome.line}", file=out)
+    if outcome.error is not None:
+        raise outcome.error
 
 
 def _clear_one_shot(db) -> None:
@@ -266,8 +285,12 @@ def apply(db, root: Path, out) -> int:
             print(f"  {line}", file=out)
         for warning in validated.warnings:
             print(f"defender-setup: warning: {warning}", file=out)
+        new = {name: data for name, (data, _) in validated.files.items()}
+        if new != current:
+            # before the lock (the hub may take seconds); a refusal raises: nothing is written
+            _probe(db, validated, root, out)
         with agent.lock():  # the writers' lock (exit 75 if another keeps it for 30 s)
-            if {name: data for name, (data, _) in validated.files.items()} == agent.current():
+            if new == agent.current():
                 print("defender-setup: credentials unchanged (same as written before)",
                       file=out)
             else:

@@ -230,6 +230,7 @@ class Service:
         return {
             "active": s.running,
             "summary": summary,
+            "status_text": s.status_text,  # the agent's own words ("connected to ...")
             "invocation_id": s.invocation_id,
             "main_pid": s.main_pid,
             "n_restarts": s.n_restarts,

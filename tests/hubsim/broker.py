@@ -3,7 +3,7 @@
 Interface::
 
     hub = Broker(auth=callable(client_id, username, password) -> connack code,
-                 tls=(cert_file, key_file), websocket=False, mode="normal")
+                 tls=(cert_file, key_file), websocket=False, mode="normal", clock=time.time)
     port = hub.start(port=0)     # 127.0.0.1 only
     hub.connections              # list of Conn records (client_id, username, code, sni, ...)
     hub.messages                 # list of (client_id, topic, payload bytes)
@@ -12,10 +12,13 @@ Interface::
 
 Packets: CONNECT/CONNACK, PUBLISH (QoS 0/1)/PUBACK, SUBSCRIBE/SUBACK, PINGREQ/PINGRESP,
 DISCONNECT. With ``websocket=True`` it speaks MQTT over WebSocket (RFC 6455, subprotocol
-``mqtt``) at ``/$iothub/websocket``. ``mode`` makes it misbehave: ``"silent"`` accepts TCP+TLS
-and never answers CONNECT; ``"drop-tls"`` closes every connection before the TLS handshake;
-``connack=N`` answers every CONNECT with code N. With ``expire=True`` a connection is closed
-when the SAS token it authenticated with expires (as IoT Hub does), using ``auth.last_expiry``.
+``mqtt``) at ``/$iothub/websocket``; like IoT Hub's 443 it answers any other HTTP request
+(404), and every HTTP answer carries a ``Date`` header from ``clock``, so a test hub can
+pretend its clock is off (``clock=lambda: time.time() - 600``). ``mode`` makes it misbehave:
+``"silent"`` accepts TCP+TLS and never answers CONNECT; ``"drop-tls"`` closes every
+connection before the TLS handshake; ``connack=N`` answers every CONNECT with code N. With
+``expire=True`` a connection is closed when the SAS token it authenticated with expires (as
+IoT Hub does), using ``auth.last_expiry``.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ import struct
 import threading
 import time
 from dataclasses import dataclass, field
+from email.utils import formatdate
 
 WS_PATH = "/$iothub/websocket"
 WS_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
@@ -48,8 +52,9 @@ class Conn:
 class _Ws:
     """Reads and writes MQTT bytes inside WebSocket binary frames (server side)."""
 
-    def __init__(self, reader, writer):
+    def __init__(self, reader, writer, clock=time.time):
         self.reader, self.writer, self.buf = reader, writer, bytearray()
+        self.date = b"Date: " + formatdate(clock(), usegmt=True).encode() + b"\r\n"
 
     async def handshake(self) -> bool:
         head = await self.reader.readuntil(b"\r\n\r\n")
@@ -63,11 +68,13 @@ class _Ws:
         key = headers.get("sec-websocket-key")
         if method != "GET" or path != WS_PATH or headers.get("upgrade", "").lower() != "websocket" \
                 or not key:
-            self.writer.write(b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n")
+            self.writer.write(b"HTTP/1.1 404 Not Found\r\n" + self.date +
+                              b"Content-Length: 0\r\nConnection: close\r\n\r\n")
             await self.writer.drain()
             return False
         accept = base64.b64encode(hashlib.sha1(key.encode() + WS_GUID).digest())
-        self.writer.write(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
+        self.writer.write(b"HTTP/1.1 101 Switching Protocols\r\n" + self.date +
+                          b"Upgrade: websocket\r\n"
                           b"Connection: Upgrade\r\nSec-WebSocket-Accept: " + accept +
                           b"\r\nSec-WebSocket-Protocol: mqtt\r\n\r\n")
         await self.writer.drain()
@@ -125,10 +132,11 @@ def _str(buf: bytes, pos: int):
 
 class Broker:
     def __init__(self, auth=None, tls=None, websocket=False, mode="normal", connack=None,
-                 expire=False, client_ca=None):
+                 expire=False, client_ca=None, clock=time.time):
         self.auth = auth or (lambda *_: 0)
         self.tls, self.websocket, self.mode = tls, websocket, mode
         self.connack, self.expire, self.client_ca = connack, expire, client_ca
+        self.clock = clock
         self.connections: list[Conn] = []
         self.messages: list[tuple] = []
         self.tls_failures = 0
@@ -206,7 +214,7 @@ class Broker:
         sslobj = writer.get_extra_info("ssl_object")
         conn = Conn(sni=self._sni.pop(id(sslobj), None), transport="websocket" if self.websocket
                     else "mqtt")
-        stream = _Ws(reader, writer) if self.websocket else _Raw(reader, writer)
+        stream = _Ws(reader, writer, self.clock) if self.websocket else _Raw(reader, writer)
         try:
             if self.websocket and not await stream.handshake():
                 return

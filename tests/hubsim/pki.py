@@ -5,6 +5,7 @@ Interface::
     pki = Pki(directory, seed=0)         # writes ca.pem, server.pem, server.key; another
                                          # seed gives an unrelated CA; ips= the server's
                                          # IP addresses (default 127.0.0.1)
+    Pki(directory, server_days=(-10, -1))   # a server certificate that expired yesterday
     pki.ca_file, pki.server_cert, pki.server_key
     pki.client("dev/mod") -> (cert_path, key_path)          # signed by the test CA
     pki.stranger("dev/mod") -> (cert_path, key_path)        # self-signed, unknown to the hub
@@ -37,7 +38,7 @@ def _write(path: Path, data: bytes) -> Path:
 
 class Pki:
     def __init__(self, directory: Path, names=SERVER_NAMES, seed: int = 0,
-                 ips=("127.0.0.1",)):
+                 ips=("127.0.0.1",), server_days: tuple[int, int] = (-1, 30)):
         self.dir = Path(directory)
         self.dir.mkdir(parents=True, exist_ok=True)
         ca_key = certfactory.private_key("p256", 1000 * seed + 6)
@@ -53,8 +54,8 @@ class Pki:
             .issuer_name(self.ca.cert.subject)
             .public_key(key.public_key())
             .serial_number(x509.random_serial_number())
-            .not_valid_before(now - dt.timedelta(days=1))
-            .not_valid_after(now + dt.timedelta(days=30))
+            .not_valid_before(now + dt.timedelta(days=server_days[0]))
+            .not_valid_after(now + dt.timedelta(days=server_days[1]))
             .add_extension(x509.SubjectAlternativeName(alt), critical=False)
             .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
             .sign(self.ca.key, hashes.SHA256())

@@ -194,11 +194,15 @@ def test_rollback_with_nothing_to_restore_exits_66(run):
 
 def test_check_reports_named_checks_and_json(run, sas_inputs):
     run("apply", "--no-restart", *run.inputs(sas_inputs))
-    code, out, _ = run("check")
+    code, out, _ = run("check", "--offline")
     assert code == 0 and "[ ok ] credentials-valid" in out
-    code, out, _ = run("check", "--json")
-    ids = {c["id"] for c in json.loads(out)}
-    assert {"agent-dir-safe", "credentials-present", "credentials-valid"} <= ids
+    assert "[skip] hub-auth: the hub accepts the stored identity\n    not run (--offline)" in out
+    code, out, _ = run("check", "--json", "--offline")
+    checks = json.loads(out)
+    assert {"agent-dir-safe", "credentials-present", "credentials-valid", "agent-settings",
+            "hub-dns", "hub-tcp", "hub-tls", "hub-clock", "hub-auth"} <= {c["id"] for c in checks}
+    assert all(set(c) == {"id", "description", "status", "message", "exit_code"}
+               for c in checks)
 
 
 def test_usage_errors_exit_2_and_help_names_every_command(capsys):

@@ -391,3 +391,86 @@ def test_helper_is_pinned_to_debians_python():
     helper = REPO / "debian" / "helper" / "debconf-helper"
     assert helper.read_text().startswith("#!/usr/bin/python3 -I\n")
     assert os.access(helper, os.X_OK)
+
+
+# -- the hub probe through the real debconf protocol ------------------------------------------
+@pytest.fixture(scope="module")
+def hub_pki(tmp_path_factory):
+    from tests.hubsim.pki import Pki
+
+    return Pki(tmp_path_factory.mktemp("pki-bridge"))
+
+
+@pytest.fixture
+def test_hub(hub_pki, root):
+    """The SAS test hub, and conf.json under the root (DPKG_ROOT) pointing the agent at it."""
+    from .hubroot import configure, sas_hub
+
+    broker = sas_hub(hub_pki)
+    configure(root, hub_pki, port=broker.port)
+    yield broker
+    broker.stop()
+
+
+def _sas_answers(key: str, probe: str = "true"):
+    from .hubroot import sas_text
+
+    return [_seed("auth-method", "select", "connection-string"),
+            _seed("connection-string", "password", sas_text(key=key).decode()),
+            _seed("probe-hub", "boolean", probe)]
+
+
+@pytest.mark.allow_subprocess
+def test_check_reasks_a_key_the_hub_refuses_with_its_answer(debconf, root, test_hub):
+    from .hubroot import WRONG_KEY
+
+    debconf.preseed(_sas_answers(WRONG_KEY))
+    result = debconf.helper("check", "--root", str(root))
+    assert result.returncode == 65
+    question, field, reason = result.stdout.rstrip("\n").split("\t")
+    assert (question, field) == ("connection-string", "connection string")
+    assert reason.startswith("the hub refused this key (CONNACK 5, not authorized): likely a "
+                             "wrong SharedAccessKey"), reason
+    assert WRONG_KEY not in result.stdout + result.stderr
+    assert test_hub.connections[-1].code == 5
+    assert not (root / "var").exists()
+
+
+@pytest.mark.allow_subprocess
+def test_apply_of_a_refused_key_fails_before_writing(debconf, root, test_hub):
+    from .hubroot import WRONG_KEY
+
+    debconf.preseed(_sas_answers(WRONG_KEY))
+    result = debconf.helper("apply", "--root", str(root))
+    assert result.returncode == 65
+    lines = [x for x in result.stderr.splitlines() if x.startswith("defender-setup: invalid")]
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("defender-setup: invalid connection string: the hub refused this "
+                               "key (CONNACK 5, not authorized): ")
+    assert lines[0].endswith("(debconf question defender-setup/connection-string)")
+    assert not (root / "var").exists()
+    assert WRONG_KEY.encode() not in debconf.database()  # cleared all the same
+
+
+@pytest.mark.allow_subprocess
+def test_apply_of_an_accepted_key_writes_it(debconf, root, test_hub):
+    from .hubroot import KEY as HUB_KEY
+
+    debconf.preseed(_sas_answers(HUB_KEY))
+    result = debconf.helper("apply", "--root", str(root))
+    assert result.returncode == 0, result.stderr
+    assert "defender-setup: probe: the hub accepted " in result.stderr
+    assert HUB_KEY.encode() in AgentDir(root).current()[CONNECTION_STRING_FILE]
+
+
+@pytest.mark.allow_subprocess
+def test_probe_hub_false_writes_without_asking_the_hub(debconf, root, test_hub):
+    from .hubroot import WRONG_KEY
+
+    debconf.preseed(_sas_answers(WRONG_KEY, probe="false"))
+    assert debconf.helper("check", "--root", str(root)).returncode == 0
+    result = debconf.helper("apply", "--root", str(root))
+    assert result.returncode == 0, result.stderr
+    assert "probe:" not in result.stderr
+    assert test_hub.connections == []
+    assert WRONG_KEY.encode() in AgentDir(root).current()[CONNECTION_STRING_FILE]

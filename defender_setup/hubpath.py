@@ -1,0 +1,182 @@
+"""Bounded steps along the path to the hub, for ``check`` and the pre-flight probe.
+
+Interface::
+
+    resolve(host, port, timeout) -> list[(family, sockaddr)]     # raises PathError("DNS", …)
+    open_tcp(host, port, proxy, timeout) -> socket                # direct, or through the proxy
+    link(identity, settings) -> hubnet.Link                       # the agent's TLS context
+    attempt(identity, settings, timeout, clock=time.time) -> hubnet.Result
+        # one authenticated CONNECT as the agent makes it, closed again before returning;
+        # kind "accepted" (CONNACK 0), "rejected" or "unreachable"
+
+Every step has a deadline: the resolver runs in a daemon thread the caller stops waiting for
+(glibc's getaddrinfo has no timeout of its own and retries for up to 10 s per server), and
+paho, whose own TCP connect waits 5 s, is reached only after a bounded TCP connect of ours
+succeeded. Nothing here writes a file or logs; no secret reaches a message (a proxy is
+described without its user and password, the SAS token lives in memory only).
+"""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+
+from .agent import hubnet
+
+
+class PathError(Exception):
+    """One step failed: ``kind`` is DNS, TCP or proxy; ``text`` one line without secrets."""
+
+    def __init__(self, kind: str, text: str):
+        super().__init__(f"{kind}: {text}")
+        self.kind, self.text = kind, text
+
+
+def resolve(host: str, port: int, timeout: float) -> list:
+    """``getaddrinfo`` for TCP, bounded by ``timeout`` seconds."""
+    box: dict = {}
+
+    def work():
+        try:
+            box["infos"] = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        except OSError as err:
+            box["error"] = err
+
+    worker = threading.Thread(target=work, name="resolve", daemon=True)
+    worker.start()
+    worker.join(max(0.0, timeout))
+    if worker.is_alive():
+        raise PathError("DNS", f"no answer for {host} within {timeout:.3g} s (check "
+                               "/etc/resolv.conf and that its name server is reachable)")
+    if "error" in box:
+        err = box["error"]
+        why = getattr(err, "strerror", None) or str(err)
+        raise PathError("DNS", f"cannot resolve {host}: {why}")
+    seen, out = set(), []
+    for family, _, _, _, sockaddr in box["infos"]:
+        if sockaddr[0] not in seen:
+            seen.add(sockaddr[0])
+            out.append((family, sockaddr))
+    return out
+
+
+def addresses(infos) -> str:
+    """The first few addresses of :func:`resolve`'s answer, for a message."""
+    shown = [sockaddr[0] for _, sockaddr in infos[:3]]
+    more = f" and {len(infos) - 3} more" if len(infos) > 3 else ""
+    return ", ".join(shown) + more
+
+
+def _connect_direct(host: str, port: int, timeout: float) -> socket.socket:
+    deadline = time.monotonic() + timeout
+    infos = resolve(host, port, timeout)
+    error: OSError | None = None
+    for family, sockaddr in infos:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            break
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.settimeout(left)
+        try:
+            sock.connect(sockaddr)
+            return sock
+        except OSError as err:
+            sock.close()
+            error = err
+    where = f"{host}:{port}"
+    if error is None or isinstance(error, (socket.timeout, TimeoutError)):
+        raise PathError("TCP", f"no answer from {where} within {timeout:.3g} s (timed out)")
+    if isinstance(error, ConnectionRefusedError):
+        raise PathError("TCP", f"connection refused by {where}")
+    raise PathError("TCP", f"{where}: {error.strerror or error}")
+
+
+def open_tcp(host: str, port: int, proxy, timeout: float) -> socket.socket:
+    """A connected TCP socket to ``host:port``, through ``proxy`` (settings.Proxy) if given.
+
+    Through an HTTP proxy this is a ``CONNECT`` (the proxy resolves ``host``); the proxy's own
+    name is resolved here, within the same deadline.
+    """
+    if proxy is None:
+        return _connect_direct(host, port, timeout)
+    return _through_proxy(host, port, proxy, timeout)
+
+
+def _through_proxy(host: str, port: int, proxy, timeout: float) -> socket.socket:
+    deadline = time.monotonic() + timeout
+    try:
+        import socks
+    except ImportError:
+        raise PathError("proxy", f"{proxy.describe()} needs python3-socks "
+                                 "(apt install python3-socks)") from None
+    try:
+        infos = resolve(proxy.host, proxy.port, timeout)
+    except PathError as err:
+        raise PathError("proxy", f"the proxy's name: {err.text}") from None
+    kinds = {"http": socks.HTTP, "socks5": socks.SOCKS5, "socks4": socks.SOCKS4}
+    family, sockaddr = infos[0]
+    sock = socks.socksocket(family, socket.SOCK_STREAM)
+    sock.set_proxy(kinds[proxy.scheme], sockaddr[0], proxy.port, rdns=True,
+                   username=proxy.username, password=proxy.password)
+    sock.settimeout(max(0.05, deadline - time.monotonic()))
+    try:
+        sock.connect((host, port))
+        return sock
+    except (socks.ProxyError, OSError) as err:
+        sock.close()
+        raise PathError("proxy", _proxy_reason(err, proxy, host, port)) from None
+
+
+def _proxy_reason(err, proxy, host: str, port: int) -> str:
+    import socks
+
+    inner = getattr(err, "socket_err", None)
+    if isinstance(err, socks.ProxyConnectionError) or not isinstance(err, socks.ProxyError):
+        why = getattr(inner, "strerror", None) or str(inner or err)
+        return f"cannot connect to the proxy {proxy.describe()}: {why}"
+    if isinstance(inner, (socket.timeout, TimeoutError)):
+        return f"no answer from the proxy {proxy.describe()} in time (timed out)"
+    # PySocks wraps the proxy's answer ("407: Proxy Authentication Required") in a
+    # "Socket error"; the answer is what a person can act on
+    answer = inner if isinstance(inner, socks.ProxyError) else err
+    text = " ".join(str(answer).split())
+    return f"the proxy {proxy.describe()} refused CONNECT {host}:{port}: {text}"
+
+
+def link(identity, settings) -> hubnet.Link:
+    """The agent's own connection parameters (trust, client certificate, proxy).
+
+    :raises defender_setup.errors.SetupError: CA file, client certificate or key, or python3-socks.
+    """
+    return hubnet.Link(identity, settings)
+
+
+def attempt(identity, settings, timeout: float, clock=time.time,
+            connection: hubnet.Link | None = None) -> hubnet.Result:
+    """One authenticated CONNECT within about ``timeout`` seconds, then disconnect.
+
+    A SAS token is made as the agent makes it (``sas_lifetime`` from the settings).
+    :raises defender_setup.errors.SetupError: as :func:`link`.
+    """
+    from .agent import sas
+
+    deadline = time.monotonic() + timeout
+    connection = connection or link(identity, settings)
+    try:
+        # ours is bounded; paho's own connect would wait 5 s (and DNS as long as glibc likes)
+        open_tcp(identity.connect_host, settings.hub_port, settings.proxy,
+                 timeout * 0.5).close()
+    except PathError as err:
+        return hubnet.Result("unreachable", str(err))
+    token = None
+    if identity.key is not None:
+        token = sas.new_token(identity.resource, identity.key, settings.sas_lifetime,
+                              now=clock())
+    # open() waits up to its timeout for the TLS handshake and again for the CONNACK
+    left = max(0.5, (deadline - time.monotonic()) / 2)
+    session = connection.open(token, clock, timeout=left)
+    try:
+        return session.result or hubnet.Result("accepted", "CONNACK 0", "CONNACK 0, accepted")
+    finally:
+        session.close()

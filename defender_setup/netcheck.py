@@ -1,0 +1,428 @@
+"""The network checks of ``defender-setup check``: the path from this machine to the hub.
+
+Interface::
+
+    NETWORK_IDS = ("hub-dns", "hub-tcp", "hub-tls", "hub-clock", "hub-auth")
+    extend(root, results, service_state=None, *, offline=False, dont_run=(),
+           budget=BUDGET, https_port=None, clock=time.time) -> list[CheckResult]
+
+``extend`` takes the local checks' results (:func:`defender_setup.checks.run_checks`) and
+returns them followed by ``agent-settings`` (conf.json, local) and the network checks, each
+one bounded (:data:`PER_CHECK` seconds) and all of them together by ``budget``, so a
+monitoring job can run ``check`` every minute even when the hub is unreachable. They use what
+the agent uses: the stored identity and conf.json (transport, port, proxy, ``ca_file``).
+
+- ``hub-dns``: the hub's name (or GatewayHostName) resolves; with a proxy, the proxy's name
+  resolves and it answers (the proxy resolves the hub).
+- ``hub-tcp``: the port connects; when 8883 fails and 443 answers, it says to use WebSocket.
+- ``hub-tls``: the server certificate verifies against the agent's trust and the host name.
+- ``hub-clock``: the local clock against the ``Date`` of the hub's HTTPS answer (443, or the
+  WebSocket port); more than 5 minutes off is an error, more than 30 s a warning.
+- ``hub-auth``: the hub accepts the stored identity (one CONNECT, closed at once). When the
+  running agent already reports ``connected`` as this identity, its status is the answer: IoT
+  Hub allows one connection per identity, and a second one would knock the agent off.
+
+A check whose prerequisite failed is ``skipped``; ``--dont-run`` and ``--offline`` make checks
+``skipped`` without blocking the others. Nothing here writes anything.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import socket
+import ssl
+import threading
+import time
+from email.utils import parsedate_to_datetime
+from pathlib import Path
+
+from . import hubpath
+from .checks import ERROR, OK, SKIPPED, WARNING, CheckResult
+from .errors import EX_CONFIG, EX_DATAERR, EX_OK, EX_UNAVAILABLE, SetupError
+
+NETWORK_IDS = ("hub-dns", "hub-tcp", "hub-tls", "hub-clock", "hub-auth")
+PER_CHECK = 3.0   # seconds, each network check
+BUDGET = 8.0      # seconds, all of them: `check` stays under 10 s with the hub unreachable
+CLOCK_ERROR, CLOCK_WARNING = 300, 30   # seconds of skew
+HTTPS_PORT = 443
+MAX_HEAD = 16 * 1024   # an HTTP answer's head; a peer may flood, we read no more
+CONF = "/etc/defender_iot_micro_agent/conf.json"
+
+DESCRIPTIONS = {
+    "agent-settings": "conf.json is valid (transport, port, proxy, ca_file)",
+    "hub-dns": "the hub's name resolves (through the proxy when one is set)",
+    "hub-tcp": "the hub's port accepts a TCP connection",
+    "hub-tls": "the hub's TLS certificate verifies against the agent's trust",
+    "hub-clock": "the local clock agrees with the hub's",
+    "hub-auth": "the hub accepts the stored identity",
+}
+# A check runs only when these passed (or were deliberately not run).
+NEEDS = {"hub-tcp": ("hub-dns",), "hub-tls": ("hub-tcp",), "hub-clock": ("hub-dns",),
+         "hub-auth": ("hub-tls",)}
+
+
+@dataclasses.dataclass
+class _Path:
+    """What the checks share: settings, identity, and what earlier checks learnt."""
+
+    settings: object
+    identity: object
+    method: str
+    service_state: dict | None
+    https_port: int | None
+    clock: object
+    alt_open: bool | None = None   # hub-tcp: whether 443 answered when the port is 8883
+    _link: object = None
+
+    @property
+    def host(self) -> str:
+        return self.identity.connect_host
+
+    @property
+    def port(self) -> int:
+        return self.settings.hub_port
+
+    @property
+    def where(self) -> str:
+        return f"{self.host}:{self.port}"
+
+    def link(self):
+        if self._link is None:
+            self._link = hubpath.link(self.identity, self.settings)
+        return self._link
+
+    def trust(self) -> str:
+        ca = self.settings.ca_file
+        return f"ca_file {ca}" if ca else "the system CA store (/etc/ssl/certs)"
+
+
+def extend(root: Path, results: list, service_state: dict | None = None, *,
+           offline: bool = False, dont_run=(), budget: float = BUDGET,
+           https_port: int | None = None, clock=time.time) -> list[CheckResult]:
+    """See the module docstring. ``https_port`` replaces 443 (tests): the clock's source, and
+    the port tried when the MQTT port does not answer."""
+    skip = set(dont_run)
+    out = [CheckResult(r.id, r.description, SKIPPED, "not run (--dont-run)") if r.id in skip
+           else r for r in results]
+
+    def add(check_id, status, message="", code=EX_OK):
+        out.append(CheckResult(check_id, DESCRIPTIONS[check_id], status, message, code))
+
+    settings = _settings(Path(root), add, "agent-settings" in skip)
+    if offline:
+        for check_id in NETWORK_IDS:
+            add(check_id, SKIPPED, "not run (--offline)")
+        return out
+    blocked = _blocker(results, settings)
+    path = None
+    if blocked is None:
+        try:
+            path = _path(Path(root), settings, service_state, https_port, clock)
+        except SetupError as err:
+            blocked = f"stored credentials cannot be read: {err}"
+    deadline = time.monotonic() + budget
+    failed: set = set()
+    for check_id in NETWORK_IDS:
+        if check_id in skip:
+            add(check_id, SKIPPED, "not run (--dont-run)")
+            continue
+        if blocked is not None:
+            add(check_id, SKIPPED, blocked)
+            continue
+        needs = [n for n in NEEDS.get(check_id, ()) if n in failed]
+        if check_id == "hub-clock" and path.settings.transport == "websocket":
+            needs += [n for n in ("hub-tls",) if n in failed]  # the same endpoint
+        if needs:
+            failed.add(check_id)
+            add(check_id, SKIPPED, f"needs {', '.join(needs)}")
+            continue
+        left = deadline - time.monotonic()
+        if left < 0.5:  # not a failure: what depends on it meets the same end
+            add(check_id, SKIPPED, f"not run: the network checks' {budget:g} s are used up")
+            continue
+        status, message, code = CHECKS[check_id](path, min(PER_CHECK, left))
+        if status in (ERROR, SKIPPED):
+            failed.add(check_id)
+        add(check_id, status, message, code)
+    return out
+
+
+def _settings(root: Path, add, not_run: bool):
+    from .agent import settings as settings_mod
+
+    try:
+        settings = settings_mod.load(root)
+    except SetupError as err:
+        if not not_run:
+            add("agent-settings", ERROR, str(err), EX_CONFIG)
+        return None
+    problem = None
+    if settings.proxy is not None:
+        try:
+            import socks  # noqa: F401  (the agent needs it for any proxy)
+        except ImportError:
+            problem = (f"{CONF}: proxy {settings.proxy.describe()} needs python3-socks "
+                       "(apt install python3-socks)")
+    if not_run:
+        add("agent-settings", SKIPPED, "not run (--dont-run)")
+    elif problem:
+        add("agent-settings", ERROR, problem, EX_CONFIG)
+    else:
+        proxy = f", proxy {settings.proxy.describe()}" if settings.proxy else ""
+        trust = f"trusting only {settings.ca_file}" if settings.ca_file else \
+            "trusting the system CA store"
+        add("agent-settings", OK, f"{settings.transport} on port {settings.hub_port}{proxy}, "
+                                  f"{trust}")
+    return None if problem else settings
+
+
+def _blocker(results: list, settings) -> str | None:
+    status = {r.id: r.status for r in results}
+    if status.get("credentials-valid") not in (OK, WARNING):
+        return "needs valid stored credentials (credentials-valid)"
+    if settings is None:
+        return "needs a valid conf.json (agent-settings)"
+    return None
+
+
+def _path(root: Path, settings, service_state, https_port, clock) -> _Path:
+    from .agent.hub import Identity
+    from .agent.runtime import load_credentials
+
+    validated = load_credentials(root)
+    return _Path(settings, Identity.from_credentials(validated, root), validated.method,
+                 service_state, https_port, clock)
+
+
+# -- the checks: (path, seconds) -> (status, message, exit code) ----------------------------
+def _dns(p: _Path, limit: float):
+    proxy = p.settings.proxy
+    start = time.monotonic()
+    if proxy is not None:
+        try:
+            infos = hubpath.resolve(proxy.host, proxy.port, limit)
+        except hubpath.PathError as err:
+            return ERROR, f"the proxy's name: {err.text}; check \"proxy\" in {CONF}", \
+                EX_UNAVAILABLE
+        try:
+            hubpath.open_tcp(proxy.host, proxy.port, None,
+                             limit - (time.monotonic() - start)).close()
+        except hubpath.PathError as err:
+            return ERROR, f"the proxy {proxy.describe()} does not answer: {err.text}", \
+                EX_UNAVAILABLE
+        return OK, (f"proxy {proxy.describe()} resolves to {hubpath.addresses(infos)} and "
+                    f"answers; the proxy resolves {p.host}"), EX_OK
+    try:
+        infos = hubpath.resolve(p.host, p.port, limit)
+    except hubpath.PathError as err:
+        which = "GatewayHostName" if p.identity.gateway_host_name else "HostName"
+        return ERROR, (f"{err.text}: check {which} in the connection string, and the name "
+                       "server in /etc/resolv.conf"), EX_UNAVAILABLE
+    return OK, f"{p.host} resolves to {hubpath.addresses(infos)}", EX_OK
+
+
+def _tcp(p: _Path, limit: float):
+    outcome: dict = {}
+
+    def reach(key, port):
+        try:
+            hubpath.open_tcp(p.host, port, p.settings.proxy, limit).close()
+            outcome[key] = None
+        except hubpath.PathError as err:
+            outcome[key] = err
+
+    start = time.monotonic()
+    workers = [threading.Thread(target=reach, args=("main", p.port), daemon=True)]
+    alt = p.https_port or HTTPS_PORT
+    if p.settings.transport == "mqtt" and p.port != alt:
+        # tried alongside, not after: it says whether WebSocket would do, and is the clock's
+        # source, at no extra wait
+        workers.append(threading.Thread(target=reach, args=("alt", alt), daemon=True))
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join(max(0.0, limit + 0.5 - (time.monotonic() - start)))
+    if "alt" in outcome:
+        p.alt_open = outcome["alt"] is None
+    via = f" through the proxy {p.settings.proxy.describe()}" if p.settings.proxy else ""
+    error = outcome.get("main", hubpath.PathError("TCP", f"no answer from {p.where}"))
+    if error is None:
+        took = (time.monotonic() - start) * 1000
+        return OK, f"connected to {p.where}{via} in {took:.0f} ms", EX_OK
+    if error.kind == "proxy":
+        return ERROR, f"{error.text}: check \"proxy\" in {CONF}", EX_UNAVAILABLE
+    if p.alt_open:
+        return ERROR, (f"{error.text}; {p.host}:{alt} is open: set \"transport\": "
+                       f"\"websocket\" in {CONF} (MQTT over WebSocket on 443)"), EX_UNAVAILABLE
+    return ERROR, (f"{error.text}{via}: a firewall, or the wrong port; IoT Hub takes MQTT on "
+                   f"8883 and MQTT over WebSocket on 443"), EX_UNAVAILABLE
+
+
+def _handshake(p: _Path, port: int, limit: float) -> ssl.SSLSocket:
+    """A verified TLS connection as the agent makes it (raises PathError, OSError, SSLError)."""
+    deadline = time.monotonic() + limit
+    sock = hubpath.open_tcp(p.host, port, p.settings.proxy, limit)
+    try:
+        tls = p.link().ctx.wrap_socket(sock, server_hostname=p.host,
+                                       do_handshake_on_connect=False)
+    except BaseException:
+        sock.close()
+        raise
+    try:
+        tls.settimeout(max(0.05, deadline - time.monotonic()))
+        tls.do_handshake()
+    except BaseException:
+        tls.close()
+        raise
+    return tls
+
+
+# OpenSSL verify codes (x509_vfy.h) and what a person calls them
+_UNKNOWN_CA = {2, 18, 19, 20, 21}
+_NAME_MISMATCH, _EXPIRED, _NOT_YET_VALID = 62, 10, 9
+
+
+def _tls(p: _Path, limit: float):
+    from .agent.hubnet import CERT_ALERTS
+
+    try:
+        tls = _handshake(p, p.port, limit)
+    except hubpath.PathError as err:
+        return ERROR, str(err), EX_UNAVAILABLE
+    except SetupError as err:
+        return ERROR, str(err), EX_CONFIG
+    except ssl.SSLCertVerificationError as err:
+        return ERROR, _verify_failure(p, err), EX_UNAVAILABLE
+    except ssl.SSLError as err:
+        if (err.reason or "") in CERT_ALERTS:  # the server was verified before it said this
+            return OK, (f"{p.where}'s certificate verified against {p.trust()}; the hub then "
+                        f"refused the client certificate ({CERT_ALERTS[err.reason]}): see "
+                        "hub-auth"), EX_OK
+        return ERROR, f"{p.where}: TLS handshake failed: {_one_line(err)}", EX_UNAVAILABLE
+    except (socket.timeout, TimeoutError):
+        return ERROR, f"no answer to the TLS handshake from {p.where} within {limit:g} s", \
+            EX_UNAVAILABLE
+    except OSError as err:
+        return ERROR, (f"{p.where} closed the connection during the TLS handshake "
+                       f"({_one_line(err)}): not a TLS port, or a firewall"), EX_UNAVAILABLE
+    with tls:
+        cert, version = tls.getpeercert() or {}, tls.version()
+    subject = _name(cert.get("subject")) or p.host
+    issuer = _name(cert.get("issuer")) or "?"
+    return OK, (f"{version} with {p.where}: certificate {subject}, issued by {issuer}, valid "
+                f"until {cert.get('notAfter', '?')}, verified against {p.trust()}"), EX_OK
+
+
+def _verify_failure(p: _Path, err: ssl.SSLCertVerificationError) -> str:
+    code, why = err.verify_code, err.verify_message
+    if code in _UNKNOWN_CA:
+        fix = ("check that ca_file holds the CA that signed the hub's or gateway's certificate"
+               if p.settings.ca_file else
+               f"set \"ca_file\" in {CONF} to the CA of the gateway or private hub")
+        return (f"the certificate of {p.where} is not trusted (unknown CA: {why}); the agent "
+                f"trusts {p.trust()}: {fix} (a proxy or firewall inspecting TLS does this too)")
+    if code == _NAME_MISMATCH:
+        return (f"the certificate of {p.where} does not name {p.host} (name mismatch: {why}): "
+                "check HostName, or GatewayHostName for a gateway")
+    now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(p.clock()))
+    if code in (_EXPIRED, _NOT_YET_VALID):
+        state = "has expired" if code == _EXPIRED else "is not valid yet"
+        return (f"the certificate of {p.where} {state} at the local time {now} ({why}): check "
+                "the local clock (hub-clock), else the server's certificate is out of date")
+    return f"the certificate of {p.where} does not verify: {why}"
+
+
+def _clock(p: _Path, limit: float):
+    port = p.port if p.settings.transport == "websocket" else (p.https_port or HTTPS_PORT)
+    where = f"{p.host}:{port}"
+    if port != p.port and p.alt_open is False:
+        return SKIPPED, (f"no time source: {where} does not answer (the clock is compared with "
+                         "the Date of the hub's HTTPS answer)"), EX_OK
+    try:
+        before, date, after = _http_date(p, port, limit)
+    except (hubpath.PathError, SetupError, OSError, ValueError) as err:
+        return SKIPPED, f"no time source: {where}: {_one_line(err)}", EX_OK
+    skew = (before + after) / 2 - date
+    if abs(skew) <= CLOCK_WARNING:
+        return OK, (f"the local clock is within {max(1, round(abs(skew) + (after - before)))} s "
+                    f"of the hub's (HTTP Date from {where})"), EX_OK
+    side = "ahead of" if skew > 0 else "behind"
+    text = (f"the local clock is {_duration(abs(skew))} {side} the hub's (local "
+            f"{_iso(after)}, hub {_iso(date)}, HTTP Date from {where})")
+    if abs(skew) > CLOCK_ERROR:
+        return ERROR, (f"{text}: SAS tokens and certificates are checked against the hub's "
+                       "clock; turn on time synchronisation (timedatectl set-ntp true) or set "
+                       "the time"), EX_CONFIG
+    return WARNING, f"{text}: turn on time synchronisation (timedatectl set-ntp true)", EX_OK
+
+
+def _http_date(p: _Path, port: int, limit: float) -> tuple[float, float, float]:
+    deadline = time.monotonic() + limit
+    with _handshake(p, port, limit) as tls:
+        before = p.clock()
+        tls.sendall(f"HEAD / HTTP/1.1\r\nHost: {p.host}\r\nConnection: close\r\n\r\n".encode())
+        head = b""
+        while b"\r\n\r\n" not in head and len(head) < MAX_HEAD:
+            tls.settimeout(max(0.05, deadline - time.monotonic()))
+            chunk = tls.recv(4096)
+            if not chunk:
+                break
+            head += chunk
+        after = p.clock()
+    for line in head.split(b"\r\n\r\n")[0].decode("latin-1").split("\r\n")[1:]:
+        name, _, value = line.partition(":")
+        if name.strip().lower() == "date":
+            return before, parsedate_to_datetime(value.strip()).timestamp(), after
+    raise ValueError("its HTTPS answer has no Date header")
+
+
+def _auth(p: _Path, limit: float):
+    state = p.service_state or {}
+    mine = f"connected to {p.identity.name}"
+    if state.get("active") and state.get("status_text") == mine:
+        return OK, (f"not connecting a second time: the running agent reports '{mine}' (the "
+                    "unit's status); IoT Hub allows one connection per identity and a second "
+                    "one would disconnect the agent"), EX_OK
+    what = "certificate" if p.method == "certificate" else "key"
+    try:
+        result = hubpath.attempt(p.identity, p.settings, limit, p.clock, p.link())
+    except SetupError as err:
+        return ERROR, str(err), EX_CONFIG
+    if result.kind == "accepted":
+        return OK, (f"the hub accepted {p.identity.client_id} with the stored {what} "
+                    f"({result.answer}); disconnected at once"), EX_OK
+    if result.kind == "rejected":
+        cause = f": {result.cause}" if result.cause else ""
+        return ERROR, f"the hub refused the stored {what} ({result.answer}){cause}", EX_DATAERR
+    return ERROR, f"no answer from the hub: {result.text}", EX_UNAVAILABLE
+
+
+CHECKS = {"hub-dns": _dns, "hub-tcp": _tcp, "hub-tls": _tls, "hub-clock": _clock,
+          "hub-auth": _auth}
+
+
+def _name(rdns) -> str:
+    for rdn in rdns or ():
+        for key, value in rdn:
+            if key == "commonName":
+                return f"CN={value}"
+    return ""
+
+
+def _one_line(err) -> str:
+    if isinstance(err, ssl.SSLError) and err.reason:
+        return err.reason.replace("_", " ").lower()
+    text = getattr(err, "text", None) or getattr(err, "strerror", None) or str(err)
+    return " ".join(str(text).split())
+
+
+def _duration(seconds: float) -> str:
+    minutes, secs = divmod(int(round(seconds)), 60)
+    hours, minutes = divmod(minutes, 60)
+    if hours:
+        return f"{hours} h {minutes} min"
+    return f"{minutes} min {secs} s" if minutes else f"{secs} s"
+
+
+def _iso(stamp: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(stamp))
