@@ -91,7 +91,9 @@ def test_rejected_key_rolls_back_to_the_connected_set(ct, pki, hub, preseed):
     accepted_before = len(hub.accepted())
 
     wrong = connection_string(preseed, "good-dev", preseed.sas_key(7))  # a key the hub refuses
-    ct.preseed(preseed.for_connection_string(wrong))
+    # without the pre-flight probe, which would refuse it before writing (test_hubcheck.py)
+    ct.preseed(preseed.for_connection_string(wrong) + [preseed.line("probe-hub", "boolean",
+                                                                    "false")])
     r = ct.run(["dpkg-reconfigure", "-fnoninteractive", "defender-setup"], check=False,
                env={"DEBIAN_FRONTEND": "noninteractive"})
     out = r.stdout + r.stderr

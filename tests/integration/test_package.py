@@ -275,9 +275,9 @@ def test_teletype_reasks_a_bad_answer_with_the_error(booted, preseed, kind):
     good = preseed.connection_string(key=preseed.sas_key(5))
     bad = good.replace("HostName=", "Hostname=") if kind == "mis-cased key" \
         else bare_key_string(preseed)
-    # method 1 (connection string), the bad string, strict verification "no"; the error is
-    # shown and only the connection string is asked again: the good one.
-    answers = f"1\n{bad}\nno\n{good}\n"
+    # method 1 (connection string), the bad string, strict verification "no", the hub probe
+    # "yes"; the error is shown and only the connection string is asked again: the good one.
+    answers = f"1\n{bad}\nno\nyes\n{good}\n"
     result = booted.run(["dpkg-reconfigure", "-fteletype", "defender-setup"], input=answers,
                         env={"DEBIAN_FRONTEND": "teletype"}, timeout=180)
     out = result.stdout + result.stderr
