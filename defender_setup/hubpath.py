@@ -4,6 +4,8 @@ Interface::
 
     resolve(host, port, timeout) -> list[(family, sockaddr)]     # raises PathError("DNS", …)
     open_tcp(host, port, proxy, timeout) -> socket                # direct, or through the proxy
+    handshake(host, port, proxy, ctx, timeout) -> ssl.SSLSocket   # verified, as the agent's
+    http_date(host, port, proxy, ctx, timeout, clock) -> (sent, hub's Date, answered)
     link(identity, settings) -> hubnet.Link                       # the agent's TLS context
     attempt(identity, settings, timeout, clock=time.time) -> hubnet.Result
         # one authenticated CONNECT as the agent makes it, closed again before returning;
@@ -19,10 +21,15 @@ described without its user and password, the SAS token lives in memory only).
 from __future__ import annotations
 
 import socket
+import ssl
 import threading
 import time
+from email.utils import parsedate_to_datetime
 
 from .agent import hubnet
+
+MAX_HEAD = 16 * 1024  # an HTTP answer's head; a peer may flood, no more is read
+PEEK = 0.5  # seconds a server has to refuse a client certificate after the TLS handshake
 
 
 class PathError(Exception):
@@ -144,6 +151,56 @@ def _proxy_reason(err, proxy, host: str, port: int) -> str:
     return f"the proxy {proxy.describe()} refused CONNECT {host}:{port}: {text}"
 
 
+def handshake(host: str, port: int, proxy, ctx: ssl.SSLContext, timeout: float
+              ) -> ssl.SSLSocket:
+    """A TLS connection verified with ``ctx`` for ``host``, all within ``timeout``.
+
+    :raises PathError: DNS, TCP or proxy; ``ssl.SSLError``/``OSError``: the handshake.
+    """
+    deadline = time.monotonic() + timeout
+    sock = open_tcp(host, port, proxy, timeout)
+    try:
+        tls = ctx.wrap_socket(sock, server_hostname=host, do_handshake_on_connect=False)
+    except BaseException:
+        sock.close()
+        raise
+    try:
+        tls.settimeout(max(0.05, deadline - time.monotonic()))
+        tls.do_handshake()
+    except BaseException:
+        tls.close()
+        raise
+    return tls
+
+
+def http_date(host: str, port: int, proxy, ctx: ssl.SSLContext, timeout: float,
+              clock=time.time) -> tuple[float, float, float]:
+    """``(local time sent, the server's HTTP Date, local time answered)`` of one HEAD /.
+
+    :raises ValueError: no Date in the answer's head; else as :func:`handshake`.
+    """
+    deadline = time.monotonic() + timeout
+    with handshake(host, port, proxy, ctx, timeout) as tls:
+        sent = clock()
+        tls.sendall(f"HEAD / HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n".encode())
+        head = b""
+        while b"\r\n\r\n" not in head and len(head) < MAX_HEAD:
+            tls.settimeout(max(0.05, deadline - time.monotonic()))
+            chunk = tls.recv(4096)
+            if not chunk:
+                break
+            head += chunk
+        answered = clock()
+    for line in head.split(b"\r\n\r\n")[0].decode("latin-1").split("\r\n")[1:]:
+        name, _, value = line.partition(":")
+        if name.strip().lower() == "date":
+            try:
+                return sent, parsedate_to_datetime(value.strip()).timestamp(), answered
+            except (TypeError, ValueError):  # Python < 3.10 raises TypeError on garbage
+                raise ValueError("its HTTPS answer has no valid Date header") from None
+    raise ValueError("its HTTPS answer has no Date header")
+
+
 def link(identity, settings) -> hubnet.Link:
     """The agent's own connection parameters (trust, client certificate, proxy).
 
@@ -164,9 +221,14 @@ def attempt(identity, settings, timeout: float, clock=time.time,
     deadline = time.monotonic() + timeout
     connection = connection or link(identity, settings)
     try:
-        # ours is bounded; paho's own connect would wait 5 s (and DNS as long as glibc likes)
-        open_tcp(identity.connect_host, settings.hub_port, settings.proxy,
-                 timeout * 0.5).close()
+        # Ours are bounded; paho's own connect would wait 5 s (and DNS as long as glibc likes).
+        if identity.cert_file is not None:
+            refused = _listen_first(identity, settings, connection.ctx, timeout * 0.5, clock)
+            if refused is not None:
+                return refused
+        else:
+            open_tcp(identity.connect_host, settings.hub_port, settings.proxy,
+                     timeout * 0.5).close()
     except PathError as err:
         return hubnet.Result("unreachable", str(err))
     token = None
@@ -180,3 +242,34 @@ def attempt(identity, settings, timeout: float, clock=time.time,
         return session.result or hubnet.Result("accepted", "CONNACK 0", "CONNACK 0, accepted")
     finally:
         session.close()
+
+
+def _listen_first(identity, settings, ctx, timeout: float, clock) -> hubnet.Result | None:
+    """A hub's refusal of the client certificate, heard on a connection that writes nothing.
+
+    A TLS 1.3 server refuses a client certificate after the handshake. When the client has
+    already written its CONNECT by then, the server's close turns into a reset that can
+    swallow the alert: the agent retries until it hears it, a single attempt cannot. Here the
+    client only listens (for :data:`PEEK` seconds), so the alert arrives intact. ``None``:
+    no refusal heard (the CONNECT attempt tells the rest).
+    """
+    try:
+        tls = handshake(identity.connect_host, settings.hub_port, settings.proxy, ctx, timeout)
+    except ssl.SSLError as err:   # TLS 1.2 refuses within the handshake
+        return _refusal(identity, err, clock)
+    except OSError:
+        return None
+    with tls:
+        tls.settimeout(PEEK)
+        try:
+            tls.recv(1)
+        except ssl.SSLError as err:
+            return _refusal(identity, err, clock)
+        except OSError:   # silence (the certificate passed), or a plain close
+            pass
+    return None
+
+
+def _refusal(identity, err: ssl.SSLError, clock) -> hubnet.Result | None:
+    alert = hubnet.CERT_ALERTS.get(err.reason or "")
+    return hubnet.certificate_refused(identity, alert, clock()) if alert else None

@@ -33,7 +33,6 @@ import socket
 import ssl
 import threading
 import time
-from email.utils import parsedate_to_datetime
 from pathlib import Path
 
 from . import hubpath
@@ -45,7 +44,6 @@ PER_CHECK = 3.0   # seconds, each network check
 BUDGET = 8.0      # seconds, all of them: `check` stays under 10 s with the hub unreachable
 CLOCK_ERROR, CLOCK_WARNING = 300, 30   # seconds of skew
 HTTPS_PORT = 443
-MAX_HEAD = 16 * 1024   # an HTTP answer's head; a peer may flood, we read no more
 CONF = "/etc/defender_iot_micro_agent/conf.json"
 
 DESCRIPTIONS = {
@@ -258,25 +256,6 @@ def _tcp(p: _Path, limit: float):
                    f"8883 and MQTT over WebSocket on 443"), EX_UNAVAILABLE
 
 
-def _handshake(p: _Path, port: int, limit: float) -> ssl.SSLSocket:
-    """A verified TLS connection as the agent makes it (raises PathError, OSError, SSLError)."""
-    deadline = time.monotonic() + limit
-    sock = hubpath.open_tcp(p.host, port, p.settings.proxy, limit)
-    try:
-        tls = p.link().ctx.wrap_socket(sock, server_hostname=p.host,
-                                       do_handshake_on_connect=False)
-    except BaseException:
-        sock.close()
-        raise
-    try:
-        tls.settimeout(max(0.05, deadline - time.monotonic()))
-        tls.do_handshake()
-    except BaseException:
-        tls.close()
-        raise
-    return tls
-
-
 # OpenSSL verify codes (x509_vfy.h) and what a person calls them
 _UNKNOWN_CA = {2, 18, 19, 20, 21}
 _NAME_MISMATCH, _EXPIRED, _NOT_YET_VALID = 62, 10, 9
@@ -286,7 +265,7 @@ def _tls(p: _Path, limit: float):
     from .agent.hubnet import CERT_ALERTS
 
     try:
-        tls = _handshake(p, p.port, limit)
+        tls = hubpath.handshake(p.host, p.port, p.settings.proxy, p.link().ctx, limit)
     except hubpath.PathError as err:
         return ERROR, str(err), EX_UNAVAILABLE
     except SetupError as err:
@@ -339,7 +318,8 @@ def _clock(p: _Path, limit: float):
         return SKIPPED, (f"no time source: {where} does not answer (the clock is compared with "
                          "the Date of the hub's HTTPS answer)"), EX_OK
     try:
-        before, date, after = _http_date(p, port, limit)
+        before, date, after = hubpath.http_date(p.host, port, p.settings.proxy,
+                                                p.link().ctx, limit, p.clock)
     except (hubpath.PathError, SetupError, OSError, ValueError) as err:
         return SKIPPED, f"no time source: {where}: {_one_line(err)}", EX_OK
     skew = (before + after) / 2 - date
@@ -354,26 +334,6 @@ def _clock(p: _Path, limit: float):
                        "clock; turn on time synchronisation (timedatectl set-ntp true) or set "
                        "the time"), EX_CONFIG
     return WARNING, f"{text}: turn on time synchronisation (timedatectl set-ntp true)", EX_OK
-
-
-def _http_date(p: _Path, port: int, limit: float) -> tuple[float, float, float]:
-    deadline = time.monotonic() + limit
-    with _handshake(p, port, limit) as tls:
-        before = p.clock()
-        tls.sendall(f"HEAD / HTTP/1.1\r\nHost: {p.host}\r\nConnection: close\r\n\r\n".encode())
-        head = b""
-        while b"\r\n\r\n" not in head and len(head) < MAX_HEAD:
-            tls.settimeout(max(0.05, deadline - time.monotonic()))
-            chunk = tls.recv(4096)
-            if not chunk:
-                break
-            head += chunk
-        after = p.clock()
-    for line in head.split(b"\r\n\r\n")[0].decode("latin-1").split("\r\n")[1:]:
-        name, _, value = line.partition(":")
-        if name.strip().lower() == "date":
-            return before, parsedate_to_datetime(value.strip()).timestamp(), after
-    raise ValueError("its HTTPS answer has no Date header")
 
 
 def _auth(p: _Path, limit: float):

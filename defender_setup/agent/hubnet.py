@@ -360,12 +360,7 @@ class Session:
         alert = CERT_ALERTS.get(err.reason or "")
         ident = self.link.identity
         if alert and ident.cert_file is not None:
-            thumb = f" (SHA-1 thumbprint {ident.thumbprint})" if ident.thumbprint else ""
-            cause = (f"the certificate{thumb} or its CA is not registered with the hub, or it "
-                     f"is not valid at the local time {_iso(self.clock())}")
-            return Result("rejected", f"hub rejected the client certificate of {ident.name} "
-                                      f"during TLS ({alert}): {cause}", f"TLS alert: {alert}",
-                          cause)
+            return certificate_refused(ident, alert, self.clock())
         if isinstance(err, ssl.SSLEOFError) or err.reason in (None, "UNEXPECTED_EOF_WHILE_READING"):
             return Result("unreachable",
                           f"TLS: {where} closed the connection during the TLS handshake")
@@ -463,6 +458,16 @@ class Session:
         for mid in sorted(self.inflight, reverse=True):
             queue.appendleft(self.inflight[mid])
         self.inflight.clear()
+
+
+def certificate_refused(identity, alert: str, now: float) -> Result:
+    """The hub refused ``identity``'s client certificate with a TLS ``alert`` (a value of
+    :data:`CERT_ALERTS`); also for callers that hear the alert on a connection of their own."""
+    thumb = f" (SHA-1 thumbprint {identity.thumbprint})" if identity.thumbprint else ""
+    cause = (f"the certificate{thumb} or its CA is not registered with the hub, or it is not "
+             f"valid at the local time {_iso(now)}")
+    return Result("rejected", f"hub rejected the client certificate of {identity.name} during "
+                              f"TLS ({alert}): {cause}", f"TLS alert: {alert}", cause)
 
 
 def _iso(stamp: float) -> str:
