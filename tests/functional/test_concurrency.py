@@ -149,8 +149,9 @@ def test_writers_readers_and_the_agent_together(tmp_path, inputs):
         Loop("rollback", writer(["rollback", "--no-restart"], ["restart"]), budget),
         Loop("status", [read_only(root, [*base, "status", "--json", "--root", str(root)])],
              budget),
-        Loop("check", [read_only(root, [*base, "check", "--json", "--root", str(root)])],
-             budget),
+        # --offline: the files are what this is about (the test hub's name does not resolve)
+        Loop("check", [read_only(root, [*base, "check", "--json", "--offline", "--root",
+                                        str(root)])], budget),
     ]
     for loop in loops:
         loop.start()
@@ -183,7 +184,8 @@ def test_writers_readers_and_the_agent_together(tmp_path, inputs):
     until = time.monotonic() + READERS_ONLY_SECONDS
     readers = [Loop(f"reader-{i}", [[*base, *argv, "--root", str(root)]],
                     lambda: time.monotonic() >= until)
-               for i, argv in enumerate((["status"], ["check"], ["status", "--json"]))]
+               for i, argv in enumerate((["status"], ["check", "--offline"],
+                                         ["status", "--json"]))]
     for loop in readers:
         loop.start()
     for loop in readers:
