@@ -234,22 +234,26 @@ def check(db, root: Path) -> tuple[int, str]:
 
     answers = Answers.read(db)
     try:
-        inputs = resolve(answers, AgentDir(root).current())
+        current = AgentDir(root).current()
+        inputs = resolve(answers, current)
         if inputs is not None:
-            _probe(db, _validate(inputs), root)
+            _probe(db, _validate(inputs), root, current)
     except SetupError as exc:
         field_name, reason = _reason(exc)
         return exc.exit_code, f"{question_for(exc, answers)}\t{field_name}\t{reason}"
     return EX_OK, ""
 
 
-def _probe(db, validated, root: Path, out=None) -> None:
-    """One connection to the hub with the new credentials, unless probe-hub is false.
+def _probe(db, validated, root: Path, current: dict, out=None) -> None:
+    """One connection to the hub with NEW credentials, unless probe-hub is false.
+
+    Credentials equal to the ``current`` files are not tried: they are not new, and a second
+    connection as the same identity would knock the running agent off the hub.
 
     :raises defender_setup.probe.ProbeRefused: the hub refused them (a ValidationError whose
         field routes the re-ask to the connection string or the certificate question).
     """
-    if db.get(PREFIX + "probe-hub") == "false":
+    if _same(validated, current) or db.get(PREFIX + "probe-hub") == "false":
         return
     from .probe import probe
 
@@ -258,6 +262,10 @@ def _probe(db, validated, root: Path, out=None) -> None:
         print(f"defender-setup: {outcome.line}", file=out)
     if outcome.error is not None:
         raise outcome.error
+
+
+def _same(validated, current: dict) -> bool:
+    return {name: data for name, (data, _) in validated.files.items()} == current
 
 
 def _clear_one_shot(db) -> None:
@@ -285,12 +293,10 @@ def apply(db, root: Path, out) -> int:
             print(f"  {line}", file=out)
         for warning in validated.warnings:
             print(f"defender-setup: warning: {warning}", file=out)
-        new = {name: data for name, (data, _) in validated.files.items()}
-        if new != current:
-            # before the lock (the hub may take seconds); a refusal raises: nothing is written
-            _probe(db, validated, root, out)
+        # before the lock (the hub may take seconds); a refusal raises: nothing is written
+        _probe(db, validated, root, current, out)
         with agent.lock():  # the writers' lock (exit 75 if another keeps it for 30 s)
-            if new == agent.current():
+            if _same(validated, agent.current()):
                 print("defender-setup: credentials unchanged (same as written before)",
                       file=out)
             else:

@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 
 from .credentials import CERTIFICATE_FILE, PRIVATE_KEY_FILE
-from .errors import SetupError, ValidationError
+from .errors import CERTIFICATE, CONNECTION_STRING, SetupError, ValidationError
 
 ACCEPTED, REFUSED, UNREACHABLE, SKIPPED = "accepted", "refused", "unreachable", "skipped"
 # No network (image builds) fails at once; a silent network costs at most this, in all.
@@ -78,7 +78,7 @@ def probe(validated, root: Path = Path("/"), timeout: float = PROBE_TIMEOUT,
         reason = f"the hub refused this {what} ({result.answer})"
         if result.cause:
             reason += f": {result.cause}"
-        field = "certificate" if what == "certificate" else "connection string"
+        field = CERTIFICATE if what == "certificate" else CONNECTION_STRING
         return Outcome(REFUSED, f"probe: {reason}", ProbeRefused(field, reason))
     return Outcome(UNREACHABLE, f"probe: the hub could not be reached ({result.text}); "
                                 f"the {what} is accepted without the hub's answer")

@@ -474,3 +474,17 @@ def test_probe_hub_false_writes_without_asking_the_hub(debconf, root, test_hub):
     assert "probe:" not in result.stderr
     assert test_hub.connections == []
     assert WRONG_KEY.encode() in AgentDir(root).current()[CONNECTION_STRING_FILE]
+
+
+@pytest.mark.allow_subprocess
+def test_unchanged_credentials_are_not_tried_again(debconf, root, test_hub):
+    # a second connection as the same identity would knock the running agent off the hub
+    from .hubroot import KEY as HUB_KEY
+    from .hubroot import sas_text, store, validated
+
+    store(root, validated(sas_text(key=HUB_KEY)))
+    debconf.preseed(_sas_answers(HUB_KEY))
+    assert debconf.helper("check", "--root", str(root)).returncode == 0
+    result = debconf.helper("apply", "--root", str(root))
+    assert result.returncode == 0 and "credentials unchanged" in result.stderr, result.stderr
+    assert test_hub.connections == []

@@ -347,7 +347,7 @@ def test_status_and_check_show_the_origin_and_the_last_import(root, importer, ca
     report = json.loads(capsys.readouterr().out)
     assert report["origin"]["source"] == "credential"
     assert report["last_import"]["result"] == "invalid"
-    assert cli.main(["check", "--json", "--root", str(root)]) == 65
+    assert cli.main(["check", "--json", "--offline", "--root", str(root)]) == 65
     checks = {c["id"]: c for c in json.loads(capsys.readouterr().out)}
     assert checks["last-import"]["status"] == "error"
     assert "credential defender-setup.connection-string" in checks["last-import"]["message"]
