@@ -164,13 +164,14 @@ def cmd_repair(args, out) -> int:
     """Run by the unit before the agent starts: complete an interrupted update, if any.
 
     Never waits long: the writer holding the lock may be the one restarting the service and
-    waiting for this very start. Nothing pending means nothing is touched or created.
+    waiting for this very start. Nothing pending means nothing is touched or created, and
+    nothing refused either: whatever else is wrong, the agent and ``check`` report it (a
+    planted link in the private state must not keep a healthy set from starting).
     """
     from .agentdir import AgentDir
     from .errors import BusyError
 
     agent = AgentDir(args.root)
-    agent.check()
     if not agent.pending():
         return EX_OK
     timeout = 2.0 if args.lock_timeout is None else args.lock_timeout

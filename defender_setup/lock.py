@@ -34,12 +34,12 @@ from __future__ import annotations
 import errno
 import fcntl
 import os
-import stat
 import time
 from contextlib import contextmanager
 from pathlib import Path
 
 from .errors import BusyError, UnsafeTargetError
+from .safefs import not_ours
 
 POLL = 0.02
 _held: dict[str, list] = {}   # path -> [fd, depth, exclusive]
@@ -51,14 +51,8 @@ def _key(path: Path) -> str:
 
 def _safe(fd: int, path: Path) -> None:
     st = os.fstat(fd)
-    problem = None
-    if not stat.S_ISREG(st.st_mode):
-        problem = "is not a regular file"
-    elif st.st_nlink != 1:
-        problem = f"has {st.st_nlink} hard links (one is expected)"
-    elif st.st_uid != os.geteuid():
-        problem = f"belongs to uid {st.st_uid}, not {os.geteuid()}"
-    elif st.st_mode & 0o022:
+    problem = not_ours(st)
+    if problem is None and st.st_mode & 0o022:
         problem = "is writable by group or others"
     if problem:
         raise UnsafeTargetError(f"lock file {path} {problem}; remove it and run the command "
@@ -156,14 +150,22 @@ def _through_gate(fd: int, path: Path, operation: int, timeout: float, what: str
         os.close(gate)  # the gate is only for the way in
 
 
-@contextmanager
 def exclusive(path: Path | str, timeout: float = 30.0, what: str = "this command"):
     """Hold the lock at ``path`` exclusively (creating the file); re-entrant per process."""
-    path = Path(path)
+    return _locked(Path(path), timeout, what, exclusive=True)
+
+
+def shared(path: Path | str, timeout: float = 5.0, what: str = "this command"):
+    """Hold the lock at ``path`` shared, if the file exists; never creates or writes it."""
+    return _locked(Path(path), timeout, what, exclusive=False)
+
+
+@contextmanager
+def _locked(path: Path, timeout: float, what: str, exclusive: bool):
     key = _key(path)
     entry = _held.get(key)
-    if entry is not None:
-        if not entry[2]:
+    if entry is not None:  # inside our own lock: free (a reader inside a writer reads freely)
+        if exclusive and not entry[2]:
             raise RuntimeError(f"{path}: cannot upgrade a shared lock to an exclusive one")
         entry[1] += 1
         try:
@@ -171,43 +173,19 @@ def exclusive(path: Path | str, timeout: float = 30.0, what: str = "this command
         finally:
             entry[1] -= 1
         return
-    fd = _open(path, create=True)
+    fd = _open(path, create=exclusive)
+    if fd is None:  # a reader and no lock file: no writer has ever run, nothing to wait for
+        yield
+        return
     try:
-        _through_gate(fd, path, fcntl.LOCK_EX, timeout, what)
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode("ascii"), 0)
-        _held[key] = [fd, 1, True]
+        _through_gate(fd, path, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH, timeout, what)
+        if exclusive:  # the holder's pid, for the message of whoever waits in vain
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode("ascii"), 0)
+        _held[key] = [fd, 1, exclusive]
         try:
             yield
         finally:
             del _held[key]
     finally:
         os.close(fd)  # closing releases the flock
-
-
-@contextmanager
-def shared(path: Path | str, timeout: float = 5.0, what: str = "this command"):
-    """Hold the lock at ``path`` shared, if the file exists; never creates or writes it."""
-    path = Path(path)
-    key = _key(path)
-    entry = _held.get(key)
-    if entry is not None:  # inside our own (exclusive or shared) lock
-        entry[1] += 1
-        try:
-            yield
-        finally:
-            entry[1] -= 1
-        return
-    fd = _open(path, create=False)
-    if fd is None:
-        yield
-        return
-    try:
-        _through_gate(fd, path, fcntl.LOCK_SH, timeout, what)
-        _held[key] = [fd, 1, False]
-        try:
-            yield
-        finally:
-            del _held[key]
-    finally:
-        os.close(fd)

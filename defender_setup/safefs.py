@@ -8,6 +8,7 @@ Interface::
     fsync_dir(path); chmod_dir(path, mode)      # the latter through an O_NOFOLLOW descriptor
     check_file(path)           # UnsafeTargetError (77): a link, not regular, writable by others
     check_restorable(path)     # ... and for roll-back: linked elsewhere, not ours
+    not_ours(stat) -> str | None   # the reason behind both, for the lock file too
 
 Used by :mod:`defender_setup.agentdir`, the only writer.
 """
@@ -81,16 +82,22 @@ def check_file(path: Path) -> None:
                                 "run the command again")
 
 
+def not_ours(st: os.stat_result) -> str | None:
+    """Why a file we only ever create ourselves is not such a file: not regular, linked
+    elsewhere too (a hard link planted to an outside file), or someone else's. None if ours."""
+    if not stat.S_ISREG(st.st_mode):
+        return "is not a regular file"
+    if st.st_nlink != 1:
+        return f"is hard-linked elsewhere ({st.st_nlink} links)"
+    if st.st_uid != os.geteuid():
+        return f"belongs to uid {st.st_uid}, not {os.geteuid()}"
+    return None
+
+
 def check_restorable(path: Path) -> None:
     """A file of ``previous/`` must be one we wrote: regular, ours, linked nowhere else."""
-    st = os.lstat(path)
-    if not stat.S_ISREG(st.st_mode):
-        problem = "is not a regular file"
-    elif st.st_nlink != 1:
-        problem = f"is hard-linked elsewhere ({st.st_nlink} links)"
-    elif st.st_uid != os.geteuid():
-        problem = f"belongs to uid {st.st_uid}, not {os.geteuid()}"
-    else:
+    problem = not_ours(os.lstat(path))
+    if problem is None:
         return
     raise UnsafeTargetError(f"{path} {problem}; refusing to restore it. Remove the previous "
                             "set or apply the credentials again")

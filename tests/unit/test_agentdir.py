@@ -28,13 +28,15 @@ def test_creates_a_private_directory_and_private_files(root, sas_inputs):
     assert sorted(os.listdir(agent.path)) == [".defender-setup", CS]
 
 
-def test_files_are_private_whatever_the_umask(root, sas_inputs):
+def test_files_are_private_and_parents_0755_whatever_the_umask(root, sas_inputs):
     old = os.umask(0)
     try:
         AgentDir(root).write(sas_inputs.validated().files)
     finally:
         os.umask(old)
     assert mode(AgentDir(root).path / CS) == 0o600
+    assert mode(AgentDir(root).path) == 0o700 and mode(AgentDir(root).state) == 0o700
+    assert mode(root) == 0o755 and mode(root / "var") == 0o755  # not 0777
 
 
 def test_switching_method_removes_the_other_methods_files(root, sas_inputs, cert_inputs):
@@ -287,16 +289,6 @@ def test_a_symlink_in_the_private_state_is_refused_naming_it(root, tmp_path, sas
             action()
         assert err.value.exit_code == 77 and str(link) in str(err.value)
     assert tree(root) == before and os.listdir(elsewhere) == []
-
-
-def test_parent_directories_are_0755_whatever_the_umask(root, sas_inputs):
-    old = os.umask(0)
-    try:
-        AgentDir(root).write(sas_inputs.validated().files)
-    finally:
-        os.umask(old)
-    assert mode(root) == 0o755 and mode(root / "var") == 0o755
-    assert mode(AgentDir(root).path) == 0o700 and mode(AgentDir(root).state) == 0o700
 
 
 def test_a_symlinked_var_under_root_is_refused_not_followed(root, tmp_path, sas_inputs):

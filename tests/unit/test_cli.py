@@ -460,3 +460,23 @@ def test_certificate_text_is_escaped_in_validate_and_status(run, cert_inputs):
         assert code == 0, err
         assert "\x1b" not in out + err and "\x07" not in out + err
         assert "\nfake: ok" not in out + err and "\\nfake: ok" in out, out
+
+
+def test_repair_with_nothing_pending_ignores_the_rest(run, sas_inputs, tmp_path):
+    run("apply", "--no-restart", *run.inputs(sas_inputs))
+    previous = agent_path(run) / ".defender-setup/previous"
+    previous.rmdir()  # empty: nothing was configured before
+    (tmp_path / "elsewhere").mkdir()
+    previous.symlink_to(tmp_path / "elsewhere")
+    assert run("repair") == (0, "", "")  # the agent may start on its healthy set
+    assert run("check")[0] == 77          # where the planted link is reported
+
+
+def test_repair_refuses_to_complete_through_a_planted_link(run, sas_inputs, cert_inputs,
+                                                           tmp_path):
+    agent = pending_update(run, sas_inputs, cert_inputs)
+    (tmp_path / "elsewhere").mkdir()
+    (agent.state / "previous.new").symlink_to(tmp_path / "elsewhere")
+    code, _, err = run("repair")
+    assert code == 77 and "previous.new" in err
+    assert os.listdir(tmp_path / "elsewhere") == []

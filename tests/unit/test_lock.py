@@ -81,7 +81,7 @@ def test_a_hard_linked_lock_file_is_refused_and_not_truncated(path, tmp_path):
     target = tmp_path / "target"
     target.write_text("precious\n")
     os.link(target, path)
-    with pytest.raises(UnsafeTargetError, match="hard links") as err:
+    with pytest.raises(UnsafeTargetError, match="hard-linked elsewhere") as err:
         with lock.exclusive(path, timeout=0):
             pass
     assert err.value.exit_code == 77
