@@ -233,9 +233,10 @@ class _Run:
         record = self.save(record, result="written", message="verification pending",
                            folder=str(offer.folder) if offer.folder else None)
         ident = record["identity"]
+        kept = " (the previous set kept for rollback)" if self.agent.has_previous() else ""
         self.say(f"imported {validated.method} credentials for {ident['device']}/"
                  f"{ident['module']} on {ident['hub']} from {offer.describe()} into "
-                 f"{self.agent.path} (previous set kept)")
+                 f"{self.agent.path}{kept}")
         return record, True
 
     def _fail(self, record: dict, result: str, exc: SetupError, offer: Offer | None = None):

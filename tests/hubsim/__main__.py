@@ -3,6 +3,8 @@
     python3 -m tests.hubsim --dir DIR [--port 8883] [--hub NAME] [--device ID] [--module ID]
                             [--key-file FILE|-] [--websocket]
 
+``--device ID --key-file FILE`` may be repeated: one identity per pair (a fleet).
+
 Writes DIR/ca.pem (the CA to put in conf.json's ``ca_file``) and the server certificate
 (valid for localhost, 127.0.0.1 and NAME), then serves until interrupted, printing one line per
 CONNECT (client id, CONNACK code, why) and per message. The device key is read from a file or
@@ -31,23 +33,30 @@ def main(argv=None) -> int:
     parser.add_argument("--dir", type=Path, required=True)
     parser.add_argument("--port", type=int, default=8883)
     parser.add_argument("--hub", default="test-hub.azure-devices.net")
-    parser.add_argument("--device", default="dev1")
+    parser.add_argument("--device", action="append", help="device id (repeatable)")
     parser.add_argument("--module", default="DefenderIotMicroAgent")
-    parser.add_argument("--key-file", help="file holding the base64 device key, or - (stdin)")
+    parser.add_argument("--key-file", action="append",
+                        help="file holding the base64 device key, or - (stdin); one per --device")
     parser.add_argument("--websocket", action="store_true", help="MQTT over WebSocket")
     args = parser.parse_args(argv)
 
     pki = Pki(args.dir, names=("localhost", args.hub))
-    if args.key_file == "-":
-        key = sys.stdin.readline().strip()
-    elif args.key_file:
-        key = Path(args.key_file).read_text().strip()
-    else:
-        key = base64.b64encode(os.urandom(32)).decode()
-        fd = os.open(args.dir / "device.key", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as handle:
-            handle.write(key + "\n")
-    auth = SasAuth(args.hub, {(args.device, args.module): key})
+    devices, key_files = args.device or ["dev1"], args.key_file or [None]
+    if len(devices) != len(key_files):
+        parser.error("give one --key-file per --device")
+    keys = {}
+    for device, key_file in zip(devices, key_files):
+        if key_file == "-":
+            key = sys.stdin.readline().strip()
+        elif key_file:
+            key = Path(key_file).read_text().strip()
+        else:
+            key = base64.b64encode(os.urandom(32)).decode()
+            fd = os.open(args.dir / "device.key", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "w") as handle:
+                handle.write(key + "\n")
+        keys[(device, args.module)] = key
+    auth = SasAuth(args.hub, keys)
     hub = Broker(auth=auth, tls=(pki.server_cert, pki.server_key), websocket=args.websocket)
     port = hub.start(args.port)
     print(f"hubsim: {args.hub} on 127.0.0.1:{port} ({'websocket' if args.websocket else 'mqtt'})"

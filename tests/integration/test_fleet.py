@@ -1,183 +1,52 @@
 """One golden image, many devices: each device gets its own identity when it boots.
 
-ONE image is built the way image pipelines build theirs (mmdebstrap installs the .deb in a
-chroot, no answers at all); it holds only image-wide settings (conf.json trusting the two
-test CAs, the hubs' port). Every device boots its own copy-on-write copy of it
-(harness.device_disk: survives a reboot, thrown away at the end) and is given its own systemd
-credentials with ``systemd-nspawn --load-credential`` (from files: never a value on a
-command line). The devices boot in parallel.
-
-The hubs run on the host, whose network the containers share: tests.hubsim (SAS tokens
-verified against each device's key) on 127.0.0.1, Debian's mosquitto requiring client
-certificates from its test CA on 127.0.0.2, both on the same port, so one conf.json serves
-both; each connection string's GatewayHostName says which one a device talks to.
+ONE image with the package installed and no answers, booted as many devices in parallel, each
+with its own offer (see fleetlib for how the image, the devices and the hubs are made): two
+SAS devices, an X.509 device, a wrong key, an invalid credential, nothing at all; reboots with
+the same and with a new credential; then the other channels (credstore, credstore.encrypted
+with the import run again while the agent runs, the boot partition's drop folder).
 """
 
 from __future__ import annotations
 
-import base64
-import json
-import os
 import re
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
-from pathlib import Path
 
-import harness
 import pytest
-
-from tests.hubsim.broker import Broker
-from tests.hubsim.mosquitto import Mosquitto
-from tests.hubsim.pki import Pki
-from tests.hubsim.sasauth import SasAuth
-
-HUB = "fleet-hub.azure-devices.net"
-MODULE = "DefenderIotMicroAgent"
-UNIT = "defender-iot-micro-agent.service"
-IMPORT = "defender-setup-import.service"
-VERIFY = "defender-setup-import-verify.service"
-AGENT_DIR = "/var/defender_iot_micro_agent"
-CONF_DIR = "/etc/defender_iot_micro_agent"
-CS = "defender-setup.connection-string"
-
-
-def key(seed: int) -> str:
-    return base64.b64encode(bytes((seed * 7 + i) % 256 for i in range(32))).decode()
-
+from fleetlib import (
+    AGENT_DIR,
+    CS,
+    HUB,
+    IMPORT,
+    MODULE,
+    UNIT,
+    VERIFY,
+    Fleet,
+    agent_starts,
+    assert_no_secret,
+    boot_all,
+    checks,
+    failed_units,
+    files_state,
+    journal,
+    key,
+    put,
+    sas_string,
+    status_json,
+    status_text,
+    wait_for,
+    x509_string,
+)
 
 # The hub's registry: device -> key. "wrong-1" exists, but its device is offered another key.
 REGISTERED = {"sas-1": key(1), "sas-2": key(2), "wrong-1": key(3), "rekeyed-1": key(4),
-              "cred-1": key(5), "enc-1": key(6), "drop-1": key(7)}
-
-
-def sas_string(device: str, secret: str) -> str:
-    return (f"HostName={HUB};DeviceId={device};ModuleId={MODULE};SharedAccessKey={secret};"
-            "GatewayHostName=127.0.0.1")
-
-
-def x509_string(device: str) -> str:
-    return f"HostName={HUB};DeviceId={device};ModuleId={MODULE};x509=true;" \
-        "GatewayHostName=127.0.0.2"
-
-
-class Fleet:
-    """The hubs, the golden image and a private directory for credential files."""
-
-    def __init__(self, stack: ExitStack, deb: Path, work: Path):
-        self.work = work
-        work.chmod(0o700)
-        self.sas_pki = Pki(work / "sas-pki", names=("localhost", HUB))
-        self.x509_pki = Pki(work / "x509-pki", names=("localhost", HUB), seed=1,
-                            ips=("127.0.0.2",))
-        self.hub = Broker(auth=SasAuth(HUB, {(d, MODULE): k for d, k in REGISTERED.items()}),
-                          tls=(self.sas_pki.server_cert, self.sas_pki.server_key))
-        self.port = self.hub.start()
-        stack.callback(self.hub.stop)
-        self.mosquitto = stack.enter_context(
-            Mosquitto(self.x509_pki, work, port=self.port, host="127.0.0.2"))
-        # The golden image: the cached base image plus a layer with the package installed
-        # by dpkg with no systemd running and no answers, as an image build does.
-        self.layer = harness.CACHE / "devices" / f"golden-{os.getpid()}-{work.name}"
-        stack.callback(lambda: harness.shutil.rmtree(self.layer, ignore_errors=True))
-        self.build = harness.install_layer(harness.base_image(), deb, self.layer)
-        assert self.build.returncode == 0, self.build.stderr[-3000:]
-        self.image = [self.layer, harness.base_image()]
-        conf = self.layer / CONF_DIR.lstrip("/")
-        conf.mkdir(parents=True, exist_ok=True)
-        ca = self.sas_pki.ca_file.read_bytes() + self.x509_pki.ca_file.read_bytes()
-        (conf / "hub-ca.pem").write_bytes(ca)
-        (conf / "conf.json").write_text(json.dumps(
-            {"ca_file": f"{CONF_DIR}/hub-ca.pem", "port": self.port, "heartbeat_interval": 5}))
-        self.stack = stack
-        self._n = 0
-
-    def credentials(self, **values) -> dict:
-        """``{credential id: host file}``; values are bytes or str, written 0600."""
-        self._n += 1
-        directory = self.work / f"creds-{self._n}"
-        directory.mkdir(mode=0o700)
-        files = {}
-        for name, value in values.items():
-            cid = "defender-setup." + name.replace("_", "-")
-            path = directory / cid
-            path.write_bytes(value if isinstance(value, bytes) else value.encode())
-            path.chmod(0o600)
-            files[cid] = str(path)
-        return files
-
-    def device(self, name: str, credentials: dict | None = None) -> harness.Container:
-        """A device: its own disk from the golden image, not started yet."""
-        disk = self.stack.enter_context(harness.device_disk(self.image, name))
-        container = harness.Container(disk, name=f"fleet-{name}-{os.getpid() % 10000}",
-                                      volatile=False, credentials=credentials or {})
-        self.stack.callback(container.stop)
-        return container
+              "cred-1": key(5), "enc-1": key(6), "enc-2": key(8), "drop-1": key(7)}
 
 
 @pytest.fixture(scope="module")
 def fleet(deb, tmp_path_factory):
     with ExitStack() as stack:
-        yield Fleet(stack, deb, tmp_path_factory.mktemp("fleet"))
-
-
-def boot_all(containers) -> None:
-    with ThreadPoolExecutor(max_workers=len(containers)) as pool:
-        for future in [pool.submit(c.start) for c in containers]:
-            future.result()
-
-
-def status_text(ct) -> str:
-    return ct.show(UNIT, "StatusText")["StatusText"]
-
-
-class Failed(list):
-    """The failed units, with their status in the repr (what a failed assertion shows)."""
-
-    def __init__(self, ct, names):
-        super().__init__(names)
-        self.detail = ct.run(["systemctl", "status", "--no-pager", "-l", *names],
-                             check=False).stdout if names else ""
-
-    def __repr__(self):
-        return f"{list(self)!r}\n{self.detail}"
-
-
-def failed_units(ct) -> list[str]:
-    out = ct.run(["systemctl", "--failed", "--plain", "--no-legend"]).stdout
-    return Failed(ct, [line.split()[0] for line in out.splitlines() if line.strip()])
-
-
-def status_json(ct) -> dict:
-    return json.loads(ct.run(["defender-setup", "status", "--json"]).stdout)
-
-
-def checks(ct) -> dict:
-    out = ct.run(["defender-setup", "check", "--json"], check=False).stdout
-    return {c["id"]: c for c in json.loads(out)}
-
-
-def journal(ct, *args) -> str:
-    return ct.run(["journalctl", "-b", "--no-pager", "-o", "cat", *args]).stdout
-
-
-def agent_starts(ct) -> int:
-    """Starts of the agent's unit in this boot (systemd's "Started" message per start)."""
-    out = ct.run(["journalctl", "-b", "--no-pager", "-o", "cat", f"UNIT={UNIT}",
-                  "MESSAGE_ID=39f53479d3a045ac8e11786248231fbf"]).stdout
-    return len(out.splitlines())
-
-
-def files_state(ct) -> str:
-    """Inode, size and mtime of every file in the agent directory: did anything get written?"""
-    return ct.run(["sh", "-c", f"find {AGENT_DIR} -type f -printf '%p %i %s %T@\\n' | sort"]
-                  ).stdout
-
-
-def assert_no_secret(ct, *secrets) -> None:
-    text = journal(ct) + ct.run(["defender-setup", "status", "--json"]).stdout
-    for secret in secrets:
-        assert secret not in text
-    assert "PRIVATE KEY" not in text
+        yield Fleet(stack, deb, tmp_path_factory.mktemp("fleet"), REGISTERED)
 
 
 @pytest.fixture(scope="module")
@@ -309,3 +178,77 @@ def test_reboot_with_a_new_credential_rekeys_the_device(fleet, devices):
     assert REGISTERED["sas-2"] not in ct.read(f"{AGENT_DIR}/connection_string.txt")
     assert re.search(r"imported connection-string credentials for rekeyed-1/",
                      journal(ct, "-u", IMPORT))
+
+
+# -- the other channels: credstore files, encrypted credstore, the boot partition's folder --
+
+
+@pytest.fixture(scope="module")
+def channels(fleet):
+    found = {name: fleet.device(name) for name in ("store-1", "enc-1", "drop-1", "drop-bad")}
+    put(found["store-1"].rootfs, f"/etc/credstore/{CS}",
+        sas_string("cred-1", REGISTERED["cred-1"]))
+    put(found["drop-1"].rootfs, "/boot/firmware/defender-setup/connection_string.txt",
+        sas_string("drop-1", REGISTERED["drop-1"]) + "\r\n", mode=0o755, dir_mode=0o755)
+    put(found["drop-bad"].rootfs, "/boot/defender-setup/connection_string.txt",
+        x509_string("drop-bad"), mode=0o755, dir_mode=0o755)
+    boot_all(list(found.values()))
+    return found
+
+
+def test_a_credstore_file_is_imported(channels):
+    ct = channels["store-1"]
+    assert status_text(ct) == f"connected to {HUB} as cred-1/{MODULE}", \
+        journal(ct, "-u", IMPORT, "-u", VERIFY)
+    # read through the unit's LoadCredential= (systemd looked in /etc/credstore for it)
+    assert status_json(ct)["last_import"]["from"] == {
+        "connection_string.txt": f"/run/credentials/{IMPORT}/{CS}"}
+    assert failed_units(ct) == []
+
+
+
+
+def encrypt(ct, device: str) -> None:
+    ct.run(["sh", "-c", "mkdir -p -m 0700 /etc/credstore.encrypted && systemd-creds encrypt "
+            f"--name={CS} - /etc/credstore.encrypted/{CS}"],
+           input=sas_string(device, REGISTERED[device]))
+
+
+def test_encrypted_credstore_and_running_the_import_again_later(channels):
+    """A device configured after boot, then re-keyed while its agent runs, each time by
+    'systemctl restart defender-setup-import': the import must not wait for the agent it is
+    ordered before (that would hang until a timeout)."""
+    ct = channels["enc-1"]
+    assert ct.show(UNIT, "ConditionResult")["ConditionResult"] == "no"
+    encrypt(ct, "enc-1")  # sealed with this machine's key: plain text never on its disk
+    for device in ("enc-1", "enc-2"):
+        if device == "enc-2":
+            encrypt(ct, "enc-2")
+        run = ct.run(["timeout", "60", "systemctl", "restart", IMPORT], check=False)
+        assert run.returncode == 0, run.stderr + journal(ct, "-u", IMPORT)
+        wanted = f"connected to {HUB} as {device}/{MODULE}"
+        assert wait_for(lambda w=wanted: status_text(ct) == w and
+                        ct.show(VERIFY, "ActiveState")["ActiveState"] == "inactive"), \
+            journal(ct, "-u", IMPORT, "-u", VERIFY, "-u", UNIT)
+        last = status_json(ct)["last_import"]
+        assert last["result"] == "verified" and last["identity"]["device"] == device, last
+    assert failed_units(ct) == []
+    assert_no_secret(ct, REGISTERED["enc-1"], REGISTERED["enc-2"])
+
+
+def test_the_drop_folder_is_imported_then_emptied(channels):
+    ct = channels["drop-1"]
+    assert status_text(ct) == f"connected to {HUB} as drop-1/{MODULE}", \
+        journal(ct, "-u", IMPORT, "-u", VERIFY)
+    assert ct.run(["ls", "-A", "/boot/firmware/defender-setup"]).stdout == ""
+    assert status_json(ct)["origin"]["source"] == "drop-folder"
+
+
+def test_a_refused_drop_folder_stays_with_the_reason_beside_it(channels):
+    ct = channels["drop-bad"]
+    folder = "/boot/defender-setup"
+    note = ct.read(f"{folder}/defender-setup.rejected.txt")
+    assert f"{folder}/certificate_public.pem: is missing" in note, note
+    assert ct.exists(f"{folder}/connection_string.txt")
+    assert not ct.exists(f"{AGENT_DIR}/connection_string.txt")
+    assert failed_units(ct) == [IMPORT]
