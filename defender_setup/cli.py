@@ -1,4 +1,4 @@
-"""Command line: argparse subcommands and exit codes, nothing else (DESIGN.md, "Command line").
+"""Command line: argparse subcommands and exit codes, nothing else (docs/design.md, defender-setup(8)).
 
 Modules are imported inside the commands that need them: ``validate`` is run cold by
 maintainer scripts and people, and every import counts there (``make bench``).

@@ -28,7 +28,7 @@ def main(argv=None) -> int:
     from defender_setup.agent.runtime import ERR, Runtime, journal_log
 
     try:
-        from defender_setup.agent.hub import HubConnector  # the IoT Hub connection (issue 4)
+        from defender_setup.agent.hub import HubConnector  # the IoT Hub connection
 
         return Runtime(args.root, connector=HubConnector(args.root)).run()
     except Exception as err:  # one line, no traceback, no message (see the docstring)

@@ -128,7 +128,7 @@ def identity():
 
 
 class Preseed:
-    """debconf-set-selections lines for the package's questions (DESIGN.md names)."""
+    """debconf-set-selections lines for the package's questions (the names of docs/design.md)."""
 
     HUB = "test-hub.azure-devices.net"
 

@@ -1,6 +1,6 @@
 """Real systemd in a container: Debian images built with mmdebstrap, booted with systemd-nspawn.
 
-Interface (the fixtures in ``conftest.py`` wrap these; see RECIPES.md for the measurements)::
+Interface (the fixtures in ``conftest.py`` wrap these; see docs/testing.md)::
 
     build_deb(revision=None, dist_dir=None) -> Path   # tools/build-deb, or $DEFENDER_SETUP_DEB
     base_image(extra=(), suite="bookworm") -> Path    # cached rootfs: systemd + dependencies

@@ -1,7 +1,7 @@
 """The .deb in booted Debian 12 containers: install, reconfigure, invalid answers, remove, purge.
 
 Each test boots the cached base image with a volatile overlay (nothing leaks between tests)
-and installs the package with apt, as an administrator would (RECIPES.md, Recipe B).
+and installs the package with apt, as an administrator would (docs/testing.md).
 """
 
 from __future__ import annotations

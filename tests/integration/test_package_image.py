@@ -1,4 +1,4 @@
-"""Image builds with preseeded answers (RECIPES.md, Recipe A), then the image's first boot.
+"""Image builds with preseeded answers (docs/testing.md), then the image's first boot.
 
 mmdebstrap installs the .deb in a chroot: no systemd runs and a policy-rc.d forbids starting
 services, so the package writes the credentials, enables the unit and skips the restart. The

@@ -91,7 +91,7 @@ PIUPARTS_BASE_PACKAGES = ("eatmydata", "debconf", "python3", "python3-cryptograp
 
 
 def piuparts_base(suite: str = harness.SUITE) -> Path:
-    """``mmdebstrap --variant=minbase`` tarball with the dependencies, cached (RECIPES.md)."""
+    """``mmdebstrap --variant=minbase`` tarball with the dependencies, cached."""
     path = harness.CACHE / f"piuparts-base-deps-{suite}.tar.gz"
     with harness._lock(path.name):
         if not path.exists():
