@@ -16,7 +16,7 @@ import harness
 import pytest
 from conftest import AGENT_DIR, UNIT, Preseed
 from test_package import VERDICT, agent_files, assert_no_leak, state
-from test_package_dialog import Screen
+from test_package_dialog import enter_connection_string, reconfigure_on_screen
 
 from tests.hubsim.broker import Broker
 from tests.hubsim.mosquitto import free_port
@@ -149,15 +149,9 @@ def test_dialog_reasks_a_key_the_hub_refuses_with_its_answer(boot, pki, hub, pre
     ct = boot(harness.base_image(extra=("whiptail",)), prefix="hubchk")
     wire(ct, pki, hub.port)
     ct.install_deb()
-    screen = Screen(["nsenter", "-t", str(ct.pid1), "-a", "env", "-i",
-                     f"PATH={harness.GUEST_PATH}", "LANG=C.UTF-8", "TERM=xterm",
-                     "dpkg-reconfigure", "-fdialog", "defender-setup"])
+    screen = reconfigure_on_screen(ct)
     try:
-        screen.wait_for("Authentication method")
-        screen.keys("Home", "Enter")                     # connection string
-        screen.wait_for("Module connection string")
-        screen.paste(preseed.connection_string(key=WRONG))
-        screen.keys("Enter")
+        enter_connection_string(screen, preseed.connection_string(key=WRONG))
         screen.wait_for("Fail the installation")
         screen.keys("Enter")                             # strict verification: default (no)
         screen.wait_for("Try the new credentials")

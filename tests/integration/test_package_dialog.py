@@ -59,21 +59,31 @@ class Screen:
         subprocess.run(["tmux", "-L", self.socket, "kill-server"], capture_output=True)
 
 
+def reconfigure_on_screen(ct) -> Screen:
+    """``dpkg-reconfigure -fdialog defender-setup`` inside ``ct``, on a private tmux screen."""
+    return Screen(["nsenter", "-t", str(ct.pid1), "-a", "env", "-i",
+                   f"PATH={harness.GUEST_PATH}", "LANG=C.UTF-8", "TERM=xterm",
+                   "dpkg-reconfigure", "-fdialog", "defender-setup"])
+
+
+def enter_connection_string(screen: Screen, text: str) -> None:
+    """From the first question: the connection-string method, then ``text`` (pasted)."""
+    screen.wait_for("Authentication method")
+    screen.keys("Home", "Enter")                         # connection string
+    screen.wait_for("Module connection string")
+    screen.paste(text)
+    screen.keys("Enter")
+
+
 def test_dialog_reasks_with_the_error_and_goes_back(boot, preseed):
     ct = boot(harness.base_image(extra=("whiptail",)))
     ct.install_deb()
     key = preseed.sas_key(21)
     good = preseed.connection_string(key=key)
     bad = good.replace("SharedAccessKey=", "")  # the key pasted without its name
-    screen = Screen(["nsenter", "-t", str(ct.pid1), "-a", "env", "-i",
-                     f"PATH={harness.GUEST_PATH}", "LANG=C.UTF-8", "TERM=xterm",
-                     "dpkg-reconfigure", "-fdialog", "defender-setup"])
+    screen = reconfigure_on_screen(ct)
     try:
-        screen.wait_for("Authentication method")
-        screen.keys("Home", "Enter")                     # connection string
-        screen.wait_for("Module connection string")
-        screen.paste(bad)
-        screen.keys("Enter")
+        enter_connection_string(screen, bad)
         screen.wait_for("Fail the installation")
         screen.keys("Enter")                             # strict verification: default (no)
         screen.wait_for("Try the new credentials")

@@ -49,3 +49,21 @@ def cert_inputs() -> Inputs:
 def root(tmp_path):
     """A throw-away root directory standing in for /."""
     return tmp_path / "root"
+
+
+@pytest.fixture(scope="module")
+def hub_pki(tmp_path_factory):
+    """The test hub's CA and server certificate (tests/hubsim/pki.py), one per test module."""
+    from tests.hubsim.pki import Pki
+
+    return Pki(tmp_path_factory.mktemp("hub-pki"))
+
+
+@pytest.fixture
+def sas_broker(hub_pki):
+    """The SAS-verifying test hub on loopback (tests/unit/hubroot.py), stopped afterwards."""
+    from .hubroot import sas_hub
+
+    broker = sas_hub(hub_pki)
+    yield broker
+    broker.stop()

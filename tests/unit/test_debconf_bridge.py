@@ -394,13 +394,6 @@ def test_helper_is_pinned_to_debians_python():
 
 
 # -- the hub probe through the real debconf protocol ------------------------------------------
-@pytest.fixture(scope="module")
-def hub_pki(tmp_path_factory):
-    from tests.hubsim.pki import Pki
-
-    return Pki(tmp_path_factory.mktemp("pki-bridge"))
-
-
 @pytest.fixture
 def test_hub(hub_pki, root):
     """The SAS test hub, and conf.json under the root (DPKG_ROOT) pointing the agent at it."""

@@ -14,7 +14,6 @@ import pytest
 from defender_setup import probe
 from tests import certfactory
 from tests.hubsim.mosquitto import MOSQUITTO, Mosquitto, free_port
-from tests.hubsim.pki import Pki
 
 from .hubroot import (
     DEVICE,
@@ -27,18 +26,6 @@ from .hubroot import (
     x509_text,
 )
 from .test_cli import snapshot
-
-
-@pytest.fixture(scope="module")
-def pki(tmp_path_factory):
-    return Pki(tmp_path_factory.mktemp("pki-probe"))
-
-
-@pytest.fixture
-def hub(pki):
-    broker = sas_hub(pki)
-    yield broker
-    broker.stop()
 
 
 def connections_to(port: int) -> list:
@@ -58,22 +45,22 @@ def connections_to(port: int) -> list:
     return found
 
 
-def test_accepted_key_answers_and_holds_no_connection(pki, hub, root):
-    configure(root, pki, port=hub.port)
+def test_accepted_key_answers_and_holds_no_connection(hub_pki, sas_broker, root):
+    configure(root, hub_pki, port=sas_broker.port)
     files = snapshot(root)
     outcome = probe.probe(validated(sas_text()), root)
     assert outcome.kind == probe.ACCEPTED, outcome.line
     assert outcome.line == (f"probe: the hub accepted testhub.azure-devices.net as {DEVICE}/"
                             f"{MODULE} (CONNACK 0, accepted); connection closed")
-    assert hub.accepted()[-1].client_id == f"{DEVICE}/{MODULE}"
+    assert sas_broker.accepted()[-1].client_id == f"{DEVICE}/{MODULE}"
     # closed by us before the answer: we hold no socket to the hub, and the hub saw the end
-    assert connections_to(hub.port) == []
-    assert hub.wait_for(lambda: hub.connections[-1].closed is not None, 2)
+    assert connections_to(sas_broker.port) == []
+    assert sas_broker.wait_for(lambda: sas_broker.connections[-1].closed is not None, 2)
     assert snapshot(root) == files
 
 
-def test_refused_key_is_the_hubs_answer_naming_the_field(pki, hub, root):
-    configure(root, pki, port=hub.port)
+def test_refused_key_is_the_hubs_answer_naming_the_field(hub_pki, sas_broker, root):
+    configure(root, hub_pki, port=sas_broker.port)
     files = snapshot(root)
     outcome = probe.probe(validated(sas_text(key=WRONG_KEY)), root)
     assert outcome.kind == probe.REFUSED
@@ -84,8 +71,8 @@ def test_refused_key_is_the_hubs_answer_naming_the_field(pki, hub, root):
     assert str(error).startswith("connection string: the hub refused this key (CONNACK 5")
     assert WRONG_KEY not in outcome.line and "SharedAccessSignature" not in outcome.line
     assert "\n" not in outcome.line
-    assert connections_to(hub.port) == []
-    assert hub.wait_for(lambda: hub.connections[-1].closed is not None, 2)
+    assert connections_to(sas_broker.port) == []
+    assert sas_broker.wait_for(lambda: sas_broker.connections[-1].closed is not None, 2)
     assert snapshot(root) == files
 
 
@@ -93,8 +80,8 @@ def test_refused_key_is_the_hubs_answer_naming_the_field(pki, hub, root):
     ("hub.invalid", "DNS: cannot resolve hub.invalid"),
     ("localhost", "TCP: connection refused by localhost:"),
 ])
-def test_unreachable_hub_is_accepted_with_a_note_at_once(pki, root, gateway, expect):
-    configure(root, pki, port=free_port())
+def test_unreachable_hub_is_accepted_with_a_note_at_once(hub_pki, root, gateway, expect):
+    configure(root, hub_pki, port=free_port())
     start = time.monotonic()
     outcome = probe.probe(validated(sas_text(gateway=gateway)), root)
     assert time.monotonic() - start < 1.0
@@ -103,10 +90,10 @@ def test_unreachable_hub_is_accepted_with_a_note_at_once(pki, root, gateway, exp
     assert outcome.line.endswith("the key is accepted without the hub's answer")
 
 
-def test_a_silent_hub_costs_at_most_the_probes_timeout(pki, root):
-    broker = sas_hub(pki, mode="silent")  # TCP and TLS, then never a CONNACK
+def test_a_silent_hub_costs_at_most_the_probes_timeout(hub_pki, root):
+    broker = sas_hub(hub_pki, mode="silent")  # TCP and TLS, then never a CONNACK
     try:
-        configure(root, pki, port=broker.port)
+        configure(root, hub_pki, port=broker.port)
         start = time.monotonic()
         outcome = probe.probe(validated(sas_text()), root, timeout=2.0)
         elapsed = time.monotonic() - start
@@ -123,16 +110,16 @@ def test_invalid_conf_json_skips_the_probe(root):
     assert outcome.kind == probe.SKIPPED and "transport" in outcome.line
 
 
-def test_through_the_proxy(pki, hub, root):
+def test_through_the_proxy(hub_pki, sas_broker, root):
     from tests.hubsim.proxy import ConnectProxy
 
     proxy = ConnectProxy()
     port = proxy.start()
     try:
-        configure(root, pki, port=hub.port, proxy=f"http://127.0.0.1:{port}")
+        configure(root, hub_pki, port=sas_broker.port, proxy=f"http://127.0.0.1:{port}")
         outcome = probe.probe(validated(sas_text()), root)
         assert outcome.kind == probe.ACCEPTED, outcome.line
-        assert f"localhost:{hub.port}" in proxy.targets
+        assert f"localhost:{sas_broker.port}" in proxy.targets
     finally:
         proxy.stop()
 
@@ -142,8 +129,8 @@ x509 = pytest.mark.skipif(not shutil.which(MOSQUITTO), reason="mosquitto is not 
 
 
 @pytest.fixture
-def mosquitto(pki, tmp_path):
-    with Mosquitto(pki, tmp_path) as running:
+def mosquitto(hub_pki, tmp_path):
+    with Mosquitto(hub_pki, tmp_path) as running:
         yield running
 
 
@@ -153,19 +140,19 @@ def certificate_set(cert_path, key_path):
 
 @x509
 @pytest.mark.allow_subprocess
-def test_registered_certificate_is_accepted_from_memory(pki, mosquitto, root):
-    configure(root, pki, port=mosquitto.port)
+def test_registered_certificate_is_accepted_from_memory(hub_pki, mosquitto, root):
+    configure(root, hub_pki, port=mosquitto.port)
     before = snapshot(root)
-    outcome = probe.probe(certificate_set(*pki.client(f"{DEVICE}/{MODULE}")), root)
+    outcome = probe.probe(certificate_set(*hub_pki.client(f"{DEVICE}/{MODULE}")), root)
     assert outcome.kind == probe.ACCEPTED, outcome.line
     assert snapshot(root) == before
 
 
 @x509
 @pytest.mark.allow_subprocess
-def test_unknown_certificate_is_refused_naming_the_certificate(pki, mosquitto, root):
-    configure(root, pki, port=mosquitto.port)
-    cert, key = pki.stranger(f"{DEVICE}/{MODULE}")
+def test_unknown_certificate_is_refused_naming_the_certificate(hub_pki, mosquitto, root):
+    configure(root, hub_pki, port=mosquitto.port)
+    cert, key = hub_pki.stranger(f"{DEVICE}/{MODULE}")
     # TLS 1.3 refuses after the handshake; a CONNECT already written can turn the alert into
     # a reset. The probe listens first, so it hears the refusal every time.
     for _ in range(5):
@@ -177,10 +164,11 @@ def test_unknown_certificate_is_refused_naming_the_certificate(pki, mosquitto, r
     assert not any(line in outcome.line for line in certfactory.body(key.read_bytes()))
 
 
-def test_apply_probe_writes_nothing_when_the_hub_refuses(pki, hub, root, tmp_path, capsys):
+def test_apply_probe_writes_nothing_when_the_hub_refuses(hub_pki, sas_broker, root, tmp_path,
+                                                          capsys):
     from defender_setup import cli
 
-    configure(root, pki, port=hub.port)
+    configure(root, hub_pki, port=sas_broker.port)
     before = snapshot(root)
     wrong = tmp_path / "wrong.txt"
     wrong.write_bytes(sas_text(key=WRONG_KEY))
