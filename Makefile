@@ -1,7 +1,6 @@
 # defender-setup: `make` alone prints the targets (from their `## ` comments).
 # Everything runs on Debian's interpreter (/usr/bin/python3), never whatever comes first on PATH.
 PY      := /usr/bin/python3
-TOOLS   := .cache/tools
 SHELL   := /bin/bash
 
 .DEFAULT_GOAL := help

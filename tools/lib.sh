@@ -1,0 +1,13 @@
+# Shell functions the tools share; sourced (". tools/lib.sh") from the repository's top level.
+# shellcheck shell=bash
+
+# The package version, from defender_setup/__init__.py (the one place it is written).
+package_version() {
+    sed -n 's/^__version__ = "\(.*\)"$/\1/p' defender_setup/__init__.py
+}
+
+# True when FILE (a built .deb or .changes) is missing or older than anything it is built from.
+outdated() {
+    [ ! -f "$1" ] || [ -n "$(find defender_setup debian man setup.py stdeb.cfg MANIFEST.in \
+        -newer "$1" -not -name '*.pyc' -print -quit)" ]
+}
