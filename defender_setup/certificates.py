@@ -4,8 +4,6 @@ Interface (pure: bytes in, a result or a :class:`~defender_setup.errors.Validati
 
 - :func:`check` ``(cert_pem, key_pem, *, device_id=None, module_id=None, now=None)`` ->
   :class:`CertificateInfo`; raises ``ValidationError(field="certificate"|"private key", ...)``.
-- :func:`inspect` ``(cert_pem, *, device_id=None, module_id=None, now=None)`` -> the same info
-  without key checks (for ``status``); validity problems become warnings instead of errors.
 - :func:`describe` ``(info)`` -> human-readable lines (subject, issuer, validity, thumbprints, key).
 - :func:`normalize_certificate` / :func:`normalize_private_key` ``(pem)`` -> clean PEM bytes
   (no BOM, LF line ends, no text around the blocks), the form to write for the agent: OpenSSL's
@@ -23,7 +21,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import hashlib
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 from .errors import ValidationError, printable
 from .pem import CERT, KEY, Block, classify, rsa_private_numbers, rsa_public_numbers, shown_label
@@ -104,26 +102,6 @@ def check(cert_pem, key_pem, *, device_id=None, module_id=None, now=None) -> Cer
     return info
 
 
-def inspect(cert_pem, *, device_id=None, module_id=None, now=None) -> CertificateInfo:
-    """Describe a certificate file without a key (for ``status``).
-
-    Format and order errors still raise :class:`ValidationError`; validity problems and an
-    unsupported public key become warnings, so that an installed expired certificate shows.
-    """
-    blocks = classify(cert_pem, CERT)
-    _check_roles(blocks, None)
-    certs = _load_certificates(blocks)
-    order = _order_error(certs)
-    if order:
-        raise ValidationError(CERT, order)
-    info, errors = _analyse(blocks, certs, device_id, module_id, _utcnow(now))
-    extra = list(errors)
-    problem = _key_problem(*_leaf_key_kind(blocks, certs))
-    if problem:
-        extra.append("the certificate's key: " + problem)
-    return replace(info, warnings=tuple(extra) + info.warnings)
-
-
 def describe(info: CertificateInfo) -> list[str]:
     """Human-readable lines for the command line (no warnings: callers print those)."""
     issuer = info.issuer + (" (self-signed)" if info.self_signed else "")
@@ -151,7 +129,7 @@ def normalize_private_key(key_pem) -> bytes:
     return b"".join(b.pem() for b in classify(key_pem, KEY) if b.label in _KEY_LABELS)
 
 
-def _check_roles(cert_blocks: list[Block], key_blocks: list[Block] | None) -> None:
+def _check_roles(cert_blocks: list[Block], key_blocks: list[Block]) -> None:
     """Catch swapped files, a combined file, encrypted keys and unexpected blocks."""
     certs = [b for b in cert_blocks if b.label in _CERT_LABELS]
     cert_keys = [b for b in cert_blocks if _is_private_key(b)]
@@ -159,15 +137,13 @@ def _check_roles(cert_blocks: list[Block], key_blocks: list[Block] | None) -> No
         raise ValidationError(CERT, "the file holds both the certificate and a private key; "
                               + _SPLIT_HINT)
     if cert_keys:
-        swapped = key_blocks is not None and any(b.label in _CERT_LABELS for b in key_blocks)
+        swapped = any(b.label in _CERT_LABELS for b in key_blocks)
         raise ValidationError(CERT, "the file holds a private key, not a certificate; "
                               + ("the certificate and private key files are swapped; exchange them"
                                  if swapped else "give the certificate file here"))
     for b in cert_blocks:
         if b.label not in _CERT_LABELS:
             raise ValidationError(CERT, _unexpected(b.label, CERT))
-    if key_blocks is None:
-        return
     keys = [b for b in key_blocks if _is_private_key(b)]
     if any(b.label in _CERT_LABELS for b in key_blocks):
         raise ValidationError(KEY, ("the file holds both a certificate and the private key; "

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from .agentdir import AgentDir
 from .credentials import CERTIFICATE_FILE, CONNECTION_STRING_FILE, PRIVATE_KEY_FILE, method_of
-from .errors import EX_CONFIG, EX_OK, EX_UNAVAILABLE, BusyError, SetupError
+from .errors import EX_CONFIG, EX_NOPERM, EX_OK, EX_UNAVAILABLE, BusyError, SetupError
 
 OK, WARNING, ERROR, SKIPPED = "ok", "warning", "error", "skipped"
 _SECRETS = (CONNECTION_STRING_FILE, PRIVATE_KEY_FILE)
@@ -91,7 +91,7 @@ def _check_modes(agent: AgentDir, modes: dict, add) -> None:
              if modes.get(str(agent.path / name), 0) & 0o077]
     if loose:
         add("secret-file-modes", "secret files are readable by root only", ERROR,
-            f"{', '.join(loose)} readable by others: chmod 0600 them", 77)
+            f"{', '.join(loose)} readable by others: chmod 0600 them", EX_NOPERM)
     else:
         add("secret-file-modes", "secret files are readable by root only", OK)
 

@@ -163,10 +163,9 @@ def resolve(answers: Answers, current: dict[str, bytes],
     elif not answers.hub_hostname and not answers.device_id and same:
         text = current[CONNECTION_STRING_FILE]
     else:
-        text = ("HostName=" + _identity_part(answers.hub_hostname, HUB_HOSTNAME)
-                + ";DeviceId=" + _identity_part(answers.device_id, DEVICE_ID)
-                + ";ModuleId=" + _identity_part(answers.module_id, MODULE_ID)
-                + ";x509=true").encode("ascii")
+        text = cs.from_parts(_identity_part(answers.hub_hostname, HUB_HOSTNAME),
+                             _identity_part(answers.device_id, DEVICE_ID),
+                             _identity_part(answers.module_id, MODULE_ID)).encode("ascii")
     cert = key = None
     if answers.certificate_file:
         cert = read(answers.certificate_file, CERTIFICATE)

@@ -6,7 +6,7 @@ Interface::
     svc.unavailable_reason() -> str | None   # why systemd must not be asked here at all
     svc.skip_reason() -> str | None      # why no restart may happen here (+ policy-rc.d)
     svc.show() -> UnitState              # systemctl show -p InvocationID,MainPID,...
-    svc.restart(timeout) / svc.queue_restart() / svc.reset_failed() / svc.is_enabled()
+    svc.restart(timeout) / svc.queue_restart() / svc.reset_failed()
     svc.journal_lines(invocation_id, count=15) -> list[str]
     svc.state() -> dict | None           # for ``status`` / ``check``: {"active", "summary", ...}
 
@@ -210,9 +210,6 @@ class Service:
     def reset_failed(self) -> None:
         """Clear the failed state and the start-limit counter before a deliberate restart."""
         self.systemctl("reset-failed", self.unit, check=False)
-
-    def is_enabled(self) -> bool:
-        return self.systemctl("is-enabled", self.unit, check=False).returncode == 0
 
     def state(self) -> dict | None:
         """Service state for ``status``/``check``; None when systemd is not to be asked."""

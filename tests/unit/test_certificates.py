@@ -15,7 +15,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from defender_setup import certificates
-from defender_setup.certificates import CERT, KEY, check, describe, inspect
+from defender_setup.certificates import CERT, KEY, check, describe
 from defender_setup.errors import ValidationError
 from tests import certfactory as f
 
@@ -37,13 +37,10 @@ def pki():
     return root, inter, leaf
 
 
-def fails(field, cert_pem, key_pem=None, **kw) -> str:
-    """Run check (or inspect without a key); assert a ValidationError on ``field``."""
+def fails(field, cert_pem, key_pem, **kw) -> str:
+    """Run check; assert a ValidationError on ``field``."""
     with pytest.raises(ValidationError) as caught:
-        if key_pem is None:
-            inspect(cert_pem, now=kw.pop("now", NOW), **kw)
-        else:
-            check(cert_pem, key_pem, now=kw.pop("now", NOW), **kw)
+        check(cert_pem, key_pem, now=kw.pop("now", NOW), **kw)
     exc = caught.value
     assert exc.field == field, str(exc)
     message = str(exc)
@@ -117,13 +114,6 @@ def test_unsupported_keys_are_refused(kind, words):
     assert words in message and "2048" in message and "P-256" in message
 
 
-def test_inspect_warns_about_unsupported_public_key():
-    ident = f.make_identity("dev1", key="rsa1024", now=NOW)
-    info = inspect(ident.cert_pem, now=NOW)
-    assert info.key_description == "RSA 1024 bits"
-    assert any("1024 bits" in w for w in info.warnings)
-
-
 def test_key_must_match_leaf(dev):
     other = f.private_key("rsa2048", 7)
     message = fails(KEY, dev.cert_pem, f.key_pem(other))
@@ -162,9 +152,9 @@ def test_chain_leaf_first_is_accepted(pki):
 
 def test_chain_with_issuer_first_is_an_error(pki):
     root, inter, leaf = pki
-    for key_pem in (leaf.key_pem, None):  # reported before the key would "not belong"
-        message = fails(CERT, f.chain_pem(inter, leaf, root), key_pem)
-        assert "wrong order" in message and "leaf" in message and "first" in message
+    # reported before the key would "not belong" to the first certificate
+    message = fails(CERT, f.chain_pem(inter, leaf, root), leaf.key_pem)
+    assert "wrong order" in message and "leaf" in message and "first" in message
 
 
 def test_wrong_order_reported_before_validity():
@@ -212,12 +202,6 @@ def test_expiring_within_30_days_is_a_warning():
     assert any("expires in 10 days" in w for w in info.warnings)
     later = f.make_identity("dev1", key="p256", days=31, now=NOW)
     assert check(later.cert_pem, later.key_pem, now=NOW).warnings == ()
-
-
-def test_inspect_turns_validity_errors_into_warnings():
-    ident = f.make_identity("dev1", key="p256", days=-3, now=NOW)
-    info = inspect(ident.cert_pem, now=NOW)
-    assert any("expired" in w for w in info.warnings)
 
 
 @pytest.mark.filterwarnings("ignore:SHA1 signatures are deprecated")
@@ -302,9 +286,9 @@ def test_utf16_file(dev):
     assert "UTF-16" in fails(CERT, dev.cert_pem.decode().encode("utf-16"), dev.key_pem)
 
 
-def test_binary_garbage_and_plain_text():
-    assert "binary" in fails(CERT, bytes(range(256)) * 4)
-    assert "no PEM block" in fails(CERT, b"ssh-rsa AAAAB3NzaC1yc2E user@host\n")
+def test_binary_garbage_and_plain_text(dev):
+    assert "binary" in fails(CERT, bytes(range(256)) * 4, dev.key_pem)
+    assert "no PEM block" in fails(CERT, b"ssh-rsa AAAAB3NzaC1yc2E user@host\n", dev.key_pem)
 
 
 def test_swapped_files(dev):
@@ -486,7 +470,8 @@ def test_normalize_drops_bom_crlf_and_surrounding_text(dev):
     messy = b"\xef\xbb\xbfBag Attributes\r\n" + dev.cert_pem.replace(b"\n", b"\r\n") + b"\r\n"
     clean = certificates.normalize_certificate(messy)
     assert clean.startswith(b"-----BEGIN CERTIFICATE-----\n") and b"\r" not in clean
-    assert certificates.inspect(clean).sha256_thumbprint == inspect(dev.cert_pem).sha256_thumbprint
+    thumbprint = check(dev.cert_pem, dev.key_pem, now=NOW).sha256_thumbprint
+    assert check(clean, dev.key_pem, now=NOW).sha256_thumbprint == thumbprint
     params = b"-----BEGIN EC PARAMETERS-----\nBggqhkjOPQMBBw==\n-----END EC PARAMETERS-----\n"
     ec_key = f.key_pem("p256", traditional=True)
     assert certificates.normalize_private_key(params + ec_key) == ec_key.replace(b"\r", b"")
