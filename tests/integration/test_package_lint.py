@@ -101,3 +101,30 @@ def piuparts_base(suite: str = harness.SUITE) -> Path:
                            check=True, timeout=1200)
             tmp.rename(path)
     return path
+
+
+@needs("debconf-updatepo")
+def test_translations_are_current_and_complete(tmp_path):
+    """templates.pot matches the templates, every .po is valid, nothing fuzzy or untranslated.
+
+    After changing debian/defender-setup.templates: ``cd debian && debconf-updatepo``, then
+    translate what became fuzzy (podebconf-report-po can ask the Debian translators).
+    """
+    work = tmp_path / "debian"
+    shutil.copytree(REPO / "debian", work)
+    subprocess.run(["debconf-updatepo"], cwd=work, check=True, capture_output=True)
+
+    def body(path: Path) -> str:
+        return "".join(line for line in path.read_text().splitlines(True)
+                       if not line.startswith('"POT-Creation-Date:'))
+
+    assert body(work / "po" / "templates.pot") == body(REPO / "debian" / "po" / "templates.pot"), \
+        "debian/po/templates.pot is out of date: run debconf-updatepo in debian/"
+    languages = {po.stem for po in (work / "po").glob("*.po")}
+    assert {"de", "fr", "es", "pt_BR"} <= languages, languages
+    for po in sorted((work / "po").glob("*.po")):
+        result = subprocess.run(["msgfmt", "-c", "--statistics", "-o", "/dev/null", str(po)],
+                                capture_output=True, text=True)
+        assert result.returncode == 0, result.stderr
+        assert "fuzzy" not in result.stderr and "untranslated" not in result.stderr, \
+            f"{po.name}: {result.stderr.strip()}"

@@ -215,6 +215,8 @@ def debconf(root, tmp_path):
     script.write_text(SCRIPT)
     script.chmod(0o755)
     templates = (REPO / "debian" / "defender-setup.templates").read_text()
+    # What po2debconf does at build time: translator comments (#) out, "_" marks off.
+    templates = re.sub(r"(?m)^#.*\n", "", templates)
     (db / "defender-setup.templates").write_text(re.sub(r"(?m)^_+", "", templates))
     # DPKG_ROOT: debconf finds its configuration and databases under it, the config script
     # reads the agent directory under it, like in a DPKG_ROOT installation.
