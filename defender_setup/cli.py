@@ -1,4 +1,5 @@
-"""Command line: argparse subcommands and exit codes, nothing else (docs/design.md, defender-setup(8)).
+"""Command line: argparse subcommands and exit codes, nothing else (docs/design.md,
+defender-setup(8)).
 
 Modules are imported inside the commands that need them: ``validate`` is run cold by
 maintainer scripts and people, and every import counts there (``make bench``).
@@ -124,9 +125,9 @@ def cmd_apply(args, out) -> int:
         from .probe import probe
 
         outcome = probe(validated, args.root)
-        print(outcome.line, file=out)
         if outcome.error is not None:
-            raise outcome.error
+            raise outcome.error  # reported once, as the error
+        print(outcome.line, file=out)
     with _Writing(args, out) as agent:
         agent.write(validated.files, origin="apply")
         print(f"written: {', '.join(sorted(validated.files))} in {agent.path} "

@@ -257,10 +257,10 @@ def _probe(db, validated, root: Path, current: dict, out=None) -> None:
     from .probe import probe
 
     outcome = probe(validated, root)
+    if outcome.error is not None:
+        raise outcome.error  # reported once, as the answer's error
     if out is not None:
         print(f"defender-setup: {outcome.line}", file=out)
-    if outcome.error is not None:
-        raise outcome.error
 
 
 def _same(validated, current: dict) -> bool:

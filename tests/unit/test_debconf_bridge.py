@@ -440,6 +440,7 @@ def test_apply_of_a_refused_key_fails_before_writing(debconf, root, test_hub):
     assert result.returncode == 65
     lines = [x for x in result.stderr.splitlines() if x.startswith("defender-setup: invalid")]
     assert len(lines) == 1, result.stderr
+    assert result.stderr.count("the hub refused") == 1, result.stderr  # said once
     assert lines[0].startswith("defender-setup: invalid connection string: the hub refused this "
                                "key (CONNACK 5, not authorized): ")
     assert lines[0].endswith("(debconf question defender-setup/connection-string)")

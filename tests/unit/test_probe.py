@@ -179,6 +179,7 @@ def test_apply_probe_writes_nothing_when_the_hub_refuses(hub_pki, sas_broker, ro
     assert err.startswith("defender-setup: error: connection string: the hub refused this key "
                           "(CONNACK 5, not authorized)")
     assert snapshot(root) == before
+    assert (out + err).count("the hub refused") == 1
     assert WRONG_KEY not in out + err
     right = tmp_path / "right.txt"
     right.write_bytes(sas_text())
