@@ -14,7 +14,7 @@ import sys
 import traceback
 from pathlib import Path
 
-EX_SOFTWARE = 70
+from defender_setup.errors import EX_SOFTWARE
 
 
 def main(argv=None) -> int:

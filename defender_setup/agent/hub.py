@@ -4,8 +4,9 @@ Interface (the runtime's connector seam, see :mod:`defender_setup.agent.runtime`
 
     HubConnector(root=Path("/"), settings=None, *, ready_timeout=10.0, backoff=(1.0, 60.0),
                  heartbeat_interval=None, sas_lifetime=None, clock=time.time)
-    .start(creds, notify)   # returns once the first attempt has an outcome (<= ready_timeout)
-    .stop()
+    .start(creds, notify)   # returns at once; notify.ready() once the first attempt has an
+                            # outcome (the runtime sends READY=1 then, or after ready_timeout)
+    .stop()                 # returns within STOP_WITHIN seconds, whatever the hub does
     .send(payload: bytes)   # queue a telemetry message (QoS 1, kept until the hub acks it)
     .state                  # "connecting" | "connected" | "retrying" | "rejected" | "stopped"
 
@@ -21,7 +22,11 @@ Status texts (the unit's ``STATUS=``; ``defender-setup restart`` reads them):
 - ``connected to HUB as DEVICE/MODULE``
 - ``retrying: hub unreachable (KIND: reason)`` with KIND one of DNS, TCP, TLS, proxy, WebSocket,
   MQTT, timeout. Unreachable is never a credential error: the connector retries with capped
-  exponential back-off and jitter and the service stays up.
+  exponential back-off and jitter and the service stays up. A hub that breaks the protocol
+  (malformed, oversized or unexpected packets, a flood, an invalid CONNACK code) is unreachable
+  too (``MQTT: <reason>``): a broken hub or a middlebox is a network condition. The back-off
+  starts again from its base only after a connection stayed up STABLE_AFTER seconds, so a hub
+  that accepts and then misbehaves at once is not hammered.
 
 A rejection (CONNACK refused: not authorized, bad user name or password, identifier rejected,
 protocol; or a TLS alert about the client certificate) is logged as one line naming the likely
@@ -48,10 +53,11 @@ from pathlib import Path
 from defender_setup import AGENT_DIR, DEFAULT_MODULE_ID, __version__
 from defender_setup.agent import hubnet, sas
 from defender_setup.agent import settings as settings_mod
-from defender_setup.errors import EX_CONFIG, SetupError
+from defender_setup.errors import EX_CONFIG, EX_REJECTED, EX_SOFTWARE, SetupError
 
-EX_REJECTED = 76  # the hub refused this identity; the unit lists it in RestartPreventExitStatus
-EX_SOFTWARE = 70  # a bug (as the runtime's __main__)
+STOP_WITHIN = 1.5  # seconds stop() waits for the connection thread (TimeoutStopSec is 10)
+STOP_DRAIN = 0.5  # of which: waiting for the hub to ack messages already sent
+STABLE_AFTER = 60.0  # a connection that lasted this long resets the back-off
 API_VERSION = "2021-04-12"
 WS_PATH = "/$iothub/websocket"
 KEEPALIVE = 60
@@ -152,7 +158,7 @@ class HubConnector:
         self._queue: collections.deque = collections.deque(maxlen=QUEUE_MAX)
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
-        self._outcome = threading.Event()
+        self._link = None
         self._started = time.monotonic()
         self.state = "stopped"
         self.connections = 0  # accepted connections so far (tests, bench)
@@ -160,14 +166,13 @@ class HubConnector:
     # -- seam ------------------------------------------------------------------------------
     def start(self, creds, notify) -> None:
         self._notify = notify
-        # A fresh event per start: a thread stop() gave up waiting for (stuck in a handshake
-        # until its timeout) keeps seeing its own, set event and ends instead of reconnecting.
+        # A fresh event and link per start: a thread stop() gave up waiting for (stuck in name
+        # resolution) keeps seeing its own, set event and aborted link, and ends.
         self._stop = threading.Event()
-        self._outcome.clear()
         try:
             self.settings = self._settings or settings_mod.load(self.root)
             self.identity = Identity.from_credentials(creds, self.root)
-            self._hubnet = hubnet.Link(self.identity, self.settings)
+            self._link = hubnet.Link(self.identity, self.settings)
         except SetupError as err:
             self.state = "rejected"
             notify.fail(EX_CONFIG, f"not starting: {err}")
@@ -179,18 +184,24 @@ class HubConnector:
         self._backoff.reset()
         self._last_reason = None
         self._next_beat = 0.0  # the first heartbeat right after connecting
-        self._thread = threading.Thread(target=self._run, args=(self._stop,), name="hub",
-                                        daemon=True)
+        self._ready_sent = False
+        # What READY=1 carries if the first attempt has no outcome within ready_timeout (the
+        # runtime sends the last status given; any outcome replaces this one).
+        where = f"{self.identity.connect_host}:{self.settings.hub_port}"
+        self._status(f"retrying: hub unreachable (timeout: no answer from {where} "
+                     f"within {self.ready_timeout:g} s)")
+        self._thread = threading.Thread(target=self._run, args=(self._stop, self._link),
+                                        name="hub", daemon=True)
         self._thread.start()
-        if not self._outcome.wait(self.ready_timeout):
-            where = f"{self.identity.connect_host}:{self.settings.hub_port}"
-            self._status(f"retrying: hub unreachable (timeout: no answer from {where} "
-                         f"within {self.ready_timeout:g} s)")
 
     def stop(self) -> None:
         self._stop.set()
+        if self._link is not None:
+            self._link.abort()  # wakes a blocked connect, proxy, TLS handshake or upgrade
         if self._thread is not None:
-            self._thread.join(timeout=5)
+            # Bounded: a thread still blocked (in name resolution, which nothing interrupts)
+            # is a daemon thread with its own stop event: it ends on its own, or with us.
+            self._thread.join(timeout=STOP_WITHIN)
             self._thread = None
         if self.state != "rejected":
             self.state = "stopped"
@@ -202,25 +213,32 @@ class HubConnector:
     def _status(self, text: str) -> None:
         self._notify.status(text)
 
-    def _run(self, stop: threading.Event) -> None:
+    def _outcome(self) -> None:
+        """The first attempt has an outcome: the runtime may send READY=1 now."""
+        if not self._ready_sent:
+            self._ready_sent = True
+            ready = getattr(self._notify, "ready", None)
+            if ready is not None:
+                ready()
+
+    def _run(self, stop: threading.Event, link) -> None:
         try:
-            self._retry_loop(stop)
+            self._retry_loop(stop, link)
         except Exception as err:  # a bug: one line with its location, never a traceback
             import traceback
 
             where = traceback.extract_tb(err.__traceback__)[-1]
             self.state = "rejected"
-            self._outcome.set()
             self._notify.fail(EX_SOFTWARE, f"internal error in the hub connection: "
                                            f"{type(err).__name__} at "
                                            f"{Path(where.filename).name}:{where.lineno}")
 
-    def _retry_loop(self, stop: threading.Event) -> None:
+    def _retry_loop(self, stop: threading.Event, link) -> None:
         while not stop.is_set():
-            result = self._session(stop)
+            self._up_since = None
+            result = self._session(stop, link)
             if stop.is_set():
                 return  # stopped during the attempt: its outcome is nobody's business now
-            self._outcome.set()
             if result.kind == "rejected":
                 self.state = "rejected"
                 self._notify.fail(EX_REJECTED, result.text)
@@ -229,29 +247,30 @@ class HubConnector:
                 continue  # straight back in with a fresh token
             if result.kind == "stopped":
                 return
-            if result.kind == "lost":
+            if self._up_since is not None and time.monotonic() - self._up_since >= STABLE_AFTER:
                 self._backoff.reset()
             self.state = "retrying"
             self._status(f"retrying: hub unreachable ({result.text})")
+            self._outcome()
             if result.text != self._last_reason:  # one line per distinct reason, not per try
                 self._notify.log(f"hub unreachable ({result.text}); retrying", WARNING)
                 self._last_reason = result.text
             stop.wait(self._backoff.next())
 
-    def _session(self, stop: threading.Event) -> hubnet.Result:
+    def _session(self, stop: threading.Event, link) -> hubnet.Result:
         token = None
         if self.identity.key is not None:
             token = sas.new_token(self.identity.resource, self.identity.key, self.sas_lifetime,
                                   now=self._clock())
-        session = self._hubnet.open(token, self._clock, timeout=self.ready_timeout)
+        session = link.open(token, self._clock, timeout=self.ready_timeout)
         if session.result is not None:
             return session.result
         self.connections += 1
-        self._backoff.reset()
+        self._up_since = time.monotonic()
         self._last_reason = None
         previous, self.state = self.state, "connected"
         self._status(f"connected to {self.identity.name}")
-        self._outcome.set()
+        self._outcome()
         if previous != "connected":  # not after a token renewal: that is routine
             self._notify.log(f"connected to {self.identity.name} via "
                              f"{self.identity.connect_host}:{self.settings.hub_port} "
@@ -270,7 +289,7 @@ class HubConnector:
                     self._next_beat = now + self.heartbeat_interval
                 session.publish_from(self._queue, self.identity.topic)
                 if stop.is_set():
-                    session.close(drain=1.0)
+                    session.close(drain=STOP_DRAIN)
                     return hubnet.Result("stopped")
                 if renew_at is not None and now >= renew_at:
                     # wait for outstanding acks, but well before the old token expires

@@ -9,13 +9,18 @@ Interface (used by :mod:`defender_setup.agent.hub`)::
     session.publish_from(queue, topic); session.pump(seconds) -> Result | None
     session.close(drain=seconds); session.requeue(queue)
 
+    link.abort()          # from another thread: ends the attempt in progress, and any later
+
 ``Result.kind`` is ``unreachable`` (text ``KIND: reason``, KIND in DNS, TCP, TLS, proxy,
 WebSocket, MQTT), ``rejected`` (text: the journal line naming the likely cause; ``answer`` is
 the hub's answer alone, e.g. ``CONNACK 5, not authorized``, and ``cause`` the likely causes
-alone, for callers that phrase their own line), ``lost``, ``renew`` or ``stopped``.
-paho is imported here, lazily, and driven with ``loop()`` from the caller's thread: paho
-starts no thread of its own. Both paho 1.x and 2.x (CallbackAPIVersion) are handled;
-callbacks take ``*args`` because the two APIs differ only after the third one.
+alone, for callers that phrase their own line), ``lost``, ``renew`` or ``stopped``. An attempt (TCP, proxy, TLS, WebSocket upgrade, CONNACK) is over
+within ``timeout`` seconds, name resolution aside (glibc's own timeouts). A hub that breaks the
+protocol (malformed or oversized packets, a flood) is ``unreachable`` with ``MQTT: <reason>``,
+never an exception: see :mod:`defender_setup.agent.mqttclient`, which holds paho. paho is
+driven with ``loop()`` from the caller's thread and starts no thread of its own. Both paho 1.x
+and 2.x (CallbackAPIVersion) are handled; callbacks take ``*args`` because the two APIs differ
+only after the third one.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ import ssl
 import time
 from dataclasses import dataclass
 
+from defender_setup.agent.mqttclient import Aborter, TlsContext, client_class, load_paho
 from defender_setup.errors import SetupError
 
 CONNACK_TEXT = {
@@ -51,6 +57,9 @@ CERT_ALERTS = {
 WS_PATH = "/$iothub/websocket"
 KEEPALIVE = 60
 INFLIGHT_MAX = 20
+# Answers (PUBACKs, PINGRESPs) paho may queue for a hub that does not read them: the agent
+# itself has at most INFLIGHT_MAX messages out, so anything near this is a flood.
+BACKLOG_MAX = 1000
 
 
 @dataclass(frozen=True)
@@ -61,109 +70,9 @@ class Result:
     cause: str = ""   # rejected: the likely causes, as in ``text`` after its head
 
 
-class _RecordingSocket(ssl.SSLSocket):
-    """Remembers the TLS error paho swallows (a TLS 1.3 server rejects a client certificate
-    only after the handshake, so its alert arrives on the first read) and bounds the
-    handshake, which paho would otherwise wait for as long as the keep-alive."""
-
-    def recv(self, buflen=1024, flags=0):
-        try:
-            return super().recv(buflen, flags)
-        except (ssl.SSLWantReadError, ssl.SSLWantWriteError):
-            raise
-        except (ssl.SSLError, OSError) as err:
-            self.context.last_error = err
-            raise
-
-    def do_handshake(self, block=False):
-        previous = self.gettimeout()
-        limit = self.context.handshake_timeout
-        if limit and (previous is None or previous > limit):
-            self.settimeout(limit)
-        try:
-            super().do_handshake(block)
-        except (ssl.SSLError, OSError) as err:
-            self.context.last_error = err
-            raise
-        finally:
-            self.settimeout(previous)
-
-
-class _Context(ssl.SSLContext):
-    sslsocket_class = _RecordingSocket
-    last_error: BaseException | None = None
-    handshake_timeout: float | None = None
-    tcp_connected = False
-
-    def wrap_socket(self, *args, **kwargs):
-        self.tcp_connected = True  # paho wraps right after the TCP (or proxy) connect
-        return super().wrap_socket(*args, **kwargs)
-
-
 def _no_password(*_):
     # An encrypted key would otherwise make OpenSSL prompt on the (absent) terminal.
     raise ValueError("the private key is encrypted; the agent needs an unencrypted key")
-
-
-def _load_paho():
-    """Import paho without what it only needs for features the agent does not use.
-
-    paho imports ``urllib.request`` just to read an ``mqtt_proxy`` environment variable, and
-    that drags in http.client, email, bz2, lzma, tempfile...: about 3 MB resident of a 20 MB
-    budget. The agent takes its proxy from conf.json only, so paho gets a two-function
-    stand-in saying "bypass environment proxies", and no ``dns`` (dnspython, for connect_srv).
-    Both are removed from ``sys.modules`` again, so nobody else ever sees them.
-    """
-    import sys
-    import types
-
-    stub = None
-    if "urllib.request" not in sys.modules:
-        stub = types.ModuleType("urllib.request", "paho's view: no environment proxies")
-        stub.proxy_bypass = lambda host: True
-        stub.getproxies = dict
-        sys.modules["urllib.request"] = stub
-    no_dns = "dns" not in sys.modules
-    if no_dns:
-        sys.modules["dns"] = None  # makes "import dns.resolver" raise ImportError
-    try:
-        import paho.mqtt.client as mqtt
-    except ImportError:
-        raise SetupError("python3-paho-mqtt is not installed") from None
-    finally:
-        if stub is not None and sys.modules.get("urllib.request") is stub:
-            del sys.modules["urllib.request"]
-            import urllib
-
-            if getattr(urllib, "request", None) is stub:
-                del urllib.request
-        if no_dns and "dns" in sys.modules and sys.modules["dns"] is None:
-            del sys.modules["dns"]
-    return mqtt
-
-
-_CLIENT_CLASS = None
-
-
-def _client_class(mqtt):
-    """paho's Client, remembering the raw CONNACK return code: with reconnect_on_failure off
-    paho turns code 1 into a bare protocol error without calling on_connect."""
-    global _CLIENT_CLASS
-    if _CLIENT_CLASS is None:
-        class Client(mqtt.Client):
-            raw_connack = None
-
-            def _handle_connack(self):
-                try:
-                    packet = self._in_packet["packet"]
-                    if len(packet) >= 2:
-                        self.raw_connack = packet[1]
-                except (AttributeError, KeyError, TypeError):  # another paho layout
-                    pass
-                return super()._handle_connack()
-
-        _CLIENT_CLASS = Client
-    return _CLIENT_CLASS
 
 
 def _reason(err: BaseException) -> str:
@@ -182,27 +91,22 @@ class Link:
 
     def __init__(self, identity, settings):
         self.identity, self.settings = identity, settings
-        self.mqtt = _load_paho()
+        self.mqtt = load_paho()
         self.host, self.port = identity.connect_host, settings.hub_port
-        self.proxy_args = None
+        self.aborter = Aborter()
         if settings.proxy is not None:
             try:
-                import socks
+                import socks  # noqa: F401  (used by mqttclient.open_tcp)
             except ImportError:
                 raise SetupError(
                     f"conf.json: proxy {settings.proxy.describe()} needs python3-socks "
                     "(apt install python3-socks)") from None
-            kinds = {"http": socks.HTTP, "socks5": socks.SOCKS5, "socks4": socks.SOCKS4}
-            p = settings.proxy
-            self.proxy_args = dict(proxy_type=kinds[p.scheme], proxy_addr=p.host,
-                                   proxy_port=p.port, proxy_username=p.username,
-                                   proxy_password=p.password)
         # One context for the link's life: loading the CA store once saves CPU and ~2 MB of
         # duplicate certificates; it also fails early, as a settings error, on a bad file.
         self.ctx = self.context()
 
-    def context(self) -> _Context:
-        ctx = _Context(ssl.PROTOCOL_TLS_CLIENT)
+    def context(self) -> TlsContext:
+        ctx = TlsContext(ssl.PROTOCOL_TLS_CLIENT)
         ctx.minimum_version = ssl.TLSVersion.TLSv1_2
         ca_file = self.settings.ca_file
         try:
@@ -233,7 +137,7 @@ class Link:
         transport = "websockets" if self.settings.transport == "websocket" else "tcp"
         kwargs = dict(client_id=self.identity.client_id, clean_session=True,
                       protocol=mqtt.MQTTv311, transport=transport)
-        cls = _client_class(mqtt)
+        cls = client_class(mqtt)
         version = getattr(mqtt, "CallbackAPIVersion", None)
         if version is not None:  # paho 2.x
             return cls(version.VERSION2, reconnect_on_failure=False, **kwargs)
@@ -243,15 +147,19 @@ class Link:
             kwargs["reconnect_on_failure"] = False
         return cls(**kwargs)
 
+    def abort(self) -> None:
+        """Thread-safe: end the attempt in progress now, and refuse every later one."""
+        self.aborter.fire()
+
     def open(self, token, clock, timeout: float) -> Session:
+        deadline = time.monotonic() + timeout
         ctx = self.ctx
-        ctx.last_error, ctx.tcp_connected, ctx.handshake_timeout = None, False, timeout
+        ctx.begin(deadline)
         client = self._client()
+        client.attempt = (self.settings.proxy, deadline, self.aborter)
         client.tls_set_context(ctx)
         if self.settings.transport == "websocket":
             client.ws_set_options(path=WS_PATH)
-        if self.proxy_args:
-            client.proxy_set(**self.proxy_args)
         client.username_pw_set(self.identity.username, token.text if token else None)
         session = Session(self, client, ctx, token, clock)
         session.connect(timeout)
@@ -261,7 +169,7 @@ class Link:
 class Session:
     """One paho client from CONNECT to close; see the module docstring."""
 
-    def __init__(self, link: Link, client, ctx: _Context, token, clock):
+    def __init__(self, link: Link, client, ctx: TlsContext, token, clock):
         self.link, self.client, self.ctx, self.token, self.clock = link, client, ctx, token, clock
         self.result: Result | None = None
         self.connack: int | None = None
@@ -271,15 +179,24 @@ class Session:
         client.on_publish = self._on_publish
         client.on_disconnect = self._on_disconnect
 
+    @property
+    def where(self) -> str:
+        return f"{self.link.host}:{self.link.port}"
+
     def _loop(self, seconds: float) -> int:
         """paho's loop(); paho lets a TLS error (e.g. an alert) escape from it: keep it."""
         try:
-            return self.client.loop(seconds)
+            rc = self.client.loop(seconds)
         except (OSError, ValueError) as err:  # ssl.SSLError is an OSError
             if self.ctx.last_error is None:
                 self.ctx.last_error = err
             self.disconnected = True
             return self.link.mqtt.MQTT_ERR_CONN_LOST
+        if rc == 0 and self.client.backlog() > BACKLOG_MAX:
+            self.client.refuse("flood", f"over {BACKLOG_MAX} answers not read by the hub")
+            self.disconnected = True
+            return self.link.mqtt.MQTT_ERR_CONN_LOST
+        return rc
 
     # paho callbacks: (client, userdata, flags, rc[, properties]) / (client, userdata, mid, ...)
     def _on_connect(self, *args):
@@ -298,32 +215,40 @@ class Session:
         self.disconnected = True
 
     def connect(self, timeout: float) -> None:
-        where = f"{self.link.host}:{self.link.port}"
+        try:
+            self._connect(timeout)
+        finally:
+            self.link.aborter.release()  # the blocking steps are over
+            self.ctx.end()
+        if self.result is not None:
+            self.close()
+
+    def _connect(self, timeout: float) -> None:
+        where = self.where
         try:
             self.client.connect(self.link.host, self.link.port, keepalive=KEEPALIVE)
         except Exception as err:  # every failure becomes one classified line, never a traceback
             self.result = self._connect_error(err, where, timeout)
-            self.close()
             return
-        deadline = time.monotonic() + timeout
         while self.connack is None:
             rc = self._loop(0.2)
             if self.connack is not None:
                 break
+            if self.link.aborter.fired:
+                self.result = Result("stopped")
+                return
             if rc != 0 or self.disconnected:
                 self.result = self._closed_before_connack(where)
                 break
-            if time.monotonic() > deadline:
+            if time.monotonic() > self.ctx.deadline:
                 self.result = Result("unreachable", f"MQTT: no answer to CONNECT from {where} "
                                                     f"within {timeout:g} s")
                 break
         if self.connack is None and getattr(self.client, "raw_connack", None):
-            self.result = None
+            self.result = None  # paho 1 reports CONNACK 1 as a bare protocol error
             self.connack = self.client.raw_connack
         if self.result is None and self.connack != 0:
             self.result = self._refused(self.connack)
-        if self.result is not None:
-            self.close()
 
     def _connect_error(self, err, where, timeout) -> Result:
         host = self.link.host
@@ -337,20 +262,26 @@ class Session:
             return Result("unreachable", f"TLS: {host}: {_reason(err)}")
         if isinstance(err, ssl.SSLError):
             return self._tls_failure(err, where)
-        if type(err).__name__ == "WebsocketConnectionError":
+        phase = self.ctx.phase
+        upgrade = phase == "upgrade" and self.link.settings.transport == "websocket"
+        if type(err).__name__ == "WebsocketConnectionError" or (
+                upgrade and isinstance(err, OSError)):
+            if isinstance(err, (socket.timeout, TimeoutError)):
+                return Result("unreachable", f"WebSocket: no answer to the upgrade from "
+                                             f"{where}{WS_PATH} within {timeout:g} s")
             return Result("unreachable", f"WebSocket: {where}{WS_PATH}: {_reason(err)}")
         if isinstance(err, (socket.timeout, TimeoutError)):
-            if self.ctx.tcp_connected:
+            if phase != "tcp":
                 return Result("unreachable", f"TLS: no answer to the TLS handshake from "
                                              f"{where} within {timeout:g} s")
             return Result("unreachable", f"TCP: timed out connecting to {where}")
         if isinstance(err, ConnectionRefusedError):
             return Result("unreachable", f"TCP: connection refused by {where}")
-        if isinstance(err, ConnectionError) and self.ctx.tcp_connected:
+        if isinstance(err, ConnectionError) and phase != "tcp":
             # a reset is how a peer closes with our ClientHello still unread: same as an EOF
             return Result("unreachable",
                           f"TLS: {where} closed the connection during the TLS handshake")
-        if isinstance(err, OSError) and self.ctx.tcp_connected:
+        if isinstance(err, OSError) and phase != "tcp":
             return Result("unreachable", f"TLS: {where}: {_reason(err)}")
         if isinstance(err, OSError):
             return Result("unreachable", f"TCP: {where}: {_reason(err)}")
@@ -366,7 +297,19 @@ class Session:
                           f"TLS: {where} closed the connection during the TLS handshake")
         return Result("unreachable", f"TLS: {where}: {_reason(err)}")
 
+    def _protocol_error(self) -> Result | None:
+        """The hub broke MQTT (see mqttclient): a network condition, never a rejection."""
+        error = getattr(self.client, "protocol_error", None)
+        if error is None:
+            return None
+        reason, detail = error
+        return Result("unreachable", f"MQTT: {reason} from {self.where}"
+                                     + (f" ({detail})" if detail else ""))
+
     def _closed_before_connack(self, where: str) -> Result:
+        broken = self._protocol_error()
+        if broken is not None:
+            return broken
         err = self.ctx.last_error
         if isinstance(err, ssl.SSLError):
             return self._tls_failure(err, where)
@@ -375,15 +318,17 @@ class Session:
 
     def _refused(self, code: int) -> Result:
         ident = self.link.identity
-        text = CONNACK_TEXT.get(code, "unknown return code")
+        if code not in CONNACK_TEXT:  # MQTT 3.1.1 defines 0-5: not an answer about us
+            return Result("unreachable", f"MQTT: invalid CONNACK return code {code} from "
+                                         f"{self.where} (MQTT 3.1.1 defines 0 to 5)")
+        text = CONNACK_TEXT[code]
         head = f"hub rejected {ident.name}: {text} (CONNACK {code})"
         now = self.clock()
         if code == 3:
             return Result("unreachable", f"MQTT: hub unavailable ({text}, CONNACK 3)")
 
-        def rejected(cause: str = "") -> Result:
-            return Result("rejected", f"{head}: {cause}" if cause else head,
-                          f"CONNACK {code}, {text}", cause)
+        def rejected(cause: str) -> Result:
+            return Result("rejected", f"{head}: {cause}", f"CONNACK {code}, {text}", cause)
 
         if code == 2:
             return rejected(f"check DeviceId '{ident.device_id}' and ModuleId "
@@ -391,8 +336,6 @@ class Session:
         if code == 1:
             return rejected(f"{self.link.host} does not speak MQTT 3.1.1 as IoT Hub does; "
                             "check HostName/GatewayHostName")
-        if code not in (4, 5):
-            return rejected()
         from defender_setup.agent import sas
 
         clock_hint = sas.clock_looks_wrong(now)
@@ -425,6 +368,9 @@ class Session:
         rc = self._loop(seconds)
         if rc == 0 and not self.disconnected:
             return None
+        broken = self._protocol_error()
+        if broken is not None:
+            return broken
         err = self.ctx.last_error
         why = _reason(err) if err is not None else self.link.mqtt.error_string(rc).rstrip(".")
         return Result("lost", f"MQTT: connection to {self.link.host}:{self.link.port} lost: "

@@ -12,10 +12,11 @@ Interface::
   does not crash-loop on a configuration error);
 - otherwise it starts the connector, sends ``READY=1`` with a ``STATUS=`` naming the identity
   (hub/device/module, method) and waits for signals: ``SIGTERM``/``SIGINT`` stop the connector
-  and exit 0; ``SIGHUP`` re-reads and re-validates the files and restarts the connector with
-  them (an invalid set on reload is logged and the running identity is kept, like nginx does,
-  so a bad edit never takes a healthy agent down; ``defender-setup restart`` is what proves a
-  new set).
+  and exit 0, in every state (before ``READY=1`` too: the main thread never blocks on the
+  network, it only waits on a pipe that signals and connectors write to); ``SIGHUP`` re-reads
+  and re-validates the files and restarts the connector with them (an invalid set on reload
+  is logged and the running identity is kept, like nginx does, so a bad edit never takes a
+  healthy agent down; ``defender-setup restart`` is what proves a new set).
 
 The connector seam (the IoT Hub connection plugs in here)
 ----------------------------------------------------------
@@ -23,22 +24,26 @@ A connector is any object with::
 
     start(creds: credentials.Validated, notify: Notifier) -> None
     stop() -> None
+    ready_timeout: float      # optional: wait up to this long for notify.ready()
 
-``start`` is called once the credentials are valid, before ``READY=1``. It may block for a
-short, bounded time so that ``READY=1`` means "the first connection attempt has an outcome";
-it should do its network work in its own thread(s) and return. It reports through ``notify``
-(thread-safe, callable from any thread):
+``start`` is called once the credentials are valid. It must return promptly, doing its network
+work in its own thread(s). Without ``ready_timeout``, ``READY=1`` is sent as soon as ``start``
+returns. With it, ``READY=1`` means "the first connection attempt has an outcome": it is sent
+when the connector calls ``notify.ready()``, or after ``ready_timeout`` (+ 0.5) s at the latest.
+The connector reports through ``notify`` (thread-safe, callable from any thread):
 
 - ``notify.status(text)``: the unit's ``STATUS=`` (e.g. ``connected``, ``retrying: DNS …``);
   before ``READY=1`` the last text given is sent with it;
+- ``notify.ready()``: the first attempt has an outcome;
 - ``notify.log(line, level=INFO)``: one journal line (the connector must not log secrets);
 - ``notify.fail(exit_code, line)``: a fatal, credential-related failure (e.g. CONNACK
   "not authorized"): the runtime logs ``line`` at error priority, calls ``stop()`` and exits
   with ``exit_code``, which makes ``defender-setup restart`` roll back. Usable before or after
   ``start`` returned.
 
-``stop`` must return promptly (it runs on SIGTERM within systemd's stop timeout) and is also
-called before a SIGHUP reload restarts the connector with the new credentials. The default
+``stop`` must return within about 1.5 s whatever the network does (it runs on SIGTERM, and the
+agent must end within 2 s of it, well inside systemd's stop timeout); it is also called before
+a SIGHUP reload restarts the connector with the new credentials. The default
 connector (``NullConnector``) only reports the identity; it is what runs until a hub connector
 is configured.
 
@@ -51,9 +56,11 @@ certificate method through ``credentials``) to keep the resident memory small.
 from __future__ import annotations
 
 import os
+import select
 import signal
 import sys
 import threading
+import time
 from pathlib import Path
 from typing import Callable
 
@@ -63,9 +70,13 @@ from defender_setup.errors import EX_CONFIG, EX_OK, SetupError, ValidationError
 # syslog priorities, understood by journald in "<N>" line prefixes (SyslogLevelPrefix=yes)
 ERR, WARNING, NOTICE, INFO = 3, 4, 5, 6
 
-# Byte written to the wake-up pipe when a connector reports a fatal failure; signal numbers
-# are written by Python's own wake-up fd mechanism and never collide with 0.
+# Bytes written to the wake-up pipe by connectors (a fatal failure; the first outcome); signal
+# numbers are written by Python's own wake-up fd mechanism and never collide with these.
 _WAKE_FAIL = 0
+_WAKE_READY = 255
+# READY=1 waits this much beyond a connector's ready_timeout, so that a connector whose first
+# attempt is bounded by that same timeout gets to report its own, more precise outcome.
+READY_GRACE = 0.5
 
 CONNECTION_STRING = "connection_string.txt"
 CERTIFICATE = "certificate_public.pem"
@@ -106,6 +117,9 @@ class Notifier:
 
     def fail(self, exit_code: int, line: str) -> None:
         self._runtime._fail(exit_code, line)
+
+    def ready(self) -> None:
+        self._runtime._wake(_WAKE_READY)
 
 
 class NullConnector:
@@ -174,6 +188,7 @@ class Runtime:
         self._ready = False
         self._failure: tuple | None = None
         self._wake_w: int | None = None
+        self._ready_by: float | None = None  # monotonic time READY=1 is due at the latest
         self.creds = None
 
     # -- reporting (any thread) -------------------------------------------------------------
@@ -188,10 +203,13 @@ class Runtime:
         with self._lock:
             if self._failure is None:
                 self._failure = (int(exit_code), line)
+        self._wake(_WAKE_FAIL)
+
+    def _wake(self, byte: int) -> None:
         if self._wake_w is not None:
             try:
-                os.write(self._wake_w, bytes([_WAKE_FAIL]))
-            except OSError:
+                os.write(self._wake_w, bytes([byte]))
+            except OSError:  # full (the main loop is behind, and will look anyway) or closed
                 pass
 
     # -- main thread ------------------------------------------------------------------------
@@ -223,7 +241,11 @@ class Runtime:
         if not self._start():
             return self._exit_failed()
         while True:
-            for byte in os.read(wake_r, 64):
+            timeout = None
+            if self._ready_by is not None:
+                timeout = max(0.0, self._ready_by - time.monotonic())
+            readable, _, _ = select.select([wake_r], [], [], timeout)
+            for byte in os.read(wake_r, 64) if readable else b"":
                 if byte in (signal.SIGTERM, signal.SIGINT):
                     self._sd_notify("STOPPING=1")
                     self._log("stopping", INFO)
@@ -231,21 +253,35 @@ class Runtime:
                     return EX_OK
                 if byte == signal.SIGHUP:
                     self._reload()
+                elif byte == _WAKE_READY:
+                    self._send_ready()
             if self._failure is not None:
                 return self._exit_failed()
+            if self._ready_by is not None and time.monotonic() >= self._ready_by:
+                self._send_ready()
 
     def _start(self) -> bool:
         """Start the connector; False if it reported a fatal failure."""
         self._log(f"starting as {identity(self.creds)}", INFO)
+        wait = getattr(self.connector, "ready_timeout", None)
+        self._ready_by = time.monotonic() + wait + READY_GRACE if wait is not None else None
         self.connector.start(self.creds, Notifier(self))
         if self._failure is not None:
             return False
+        if self._ready_by is None:
+            self._send_ready()
+        return True
+
+    def _send_ready(self) -> None:
+        """READY=1 with the last status, once per start (a late notify.ready() is a no-op)."""
         with self._lock:
+            if self._ready:
+                return
             self._ready = True
+            self._ready_by = None
             status = self._status or identity(self.creds)
         self._sd_notify(f"READY=1\nSTATUS={status}")
         self._log(f"ready: {status}", INFO)
-        return True
 
     def _reload(self) -> None:
         self._sd_notify("RELOADING=1")

@@ -148,6 +148,53 @@ def test_connector_failure_after_ready_from_a_thread(tmp_path):
     assert conn.events[-1] == ("stop",)
 
 
+class SlowConnector(ListConnector):
+    """Its first attempt takes ``outcome_after`` seconds (None: never ends)."""
+
+    ready_timeout = 1.0
+
+    def __init__(self, outcome_after=None):
+        super().__init__()
+        self.outcome_after = outcome_after
+
+    def start(self, creds, notify):
+        self.events.append(("start", creds.connection_string.device_id))
+        notify.status("retrying: hub unreachable (timeout: no answer within 1 s)")
+        if self.outcome_after is not None:
+            def outcome():
+                notify.status("connected")
+                notify.ready()
+            threading.Timer(self.outcome_after, outcome).start()
+
+
+def test_ready_waits_for_the_first_outcome(tmp_path):
+    rec, conn = Recorder(), SlowConnector(outcome_after=0.2)
+    signals_later((0.5, signal.SIGTERM))
+    assert runtime(tmp_path, rec, conn).run() == 0
+    assert rec.notified[0] == "READY=1\nSTATUS=connected"
+
+
+def test_ready_after_ready_timeout_with_the_status_left_for_it(tmp_path):
+    rec, conn = Recorder(), SlowConnector(outcome_after=None)
+    signals_later((2.0, signal.SIGTERM))
+    assert runtime(tmp_path, rec, conn).run() == 0
+    assert rec.notified[0] == ("READY=1\nSTATUS=retrying: hub unreachable (timeout: no answer "
+                               "within 1 s)")
+
+
+def test_sigterm_before_the_first_outcome_stops_at_once(tmp_path):
+    # The main thread never waits on the network: a signal is served while the connector's
+    # first attempt hangs.
+    rec, conn = Recorder(), SlowConnector(outcome_after=None)
+    conn.ready_timeout = 30.0
+    signals_later((0.2, signal.SIGTERM))
+    started = time.monotonic()
+    assert runtime(tmp_path, rec, conn).run() == 0
+    assert time.monotonic() - started < 1.0
+    assert not any(s.startswith("READY=1") for s in rec.notified)
+    assert conn.events[-1] == ("stop",)
+
+
 def test_identity_defaults_module():
     assert identity(fake_creds(module=None)) == (
         "hub.example.net/dev-1/DefenderIotMicroAgent (connection-string)"

@@ -29,7 +29,13 @@ class Notify:
 
     def __init__(self):
         self.statuses, self.lines, self.failed = [], [], None
+        self.readied = False
         self.cond = threading.Condition()
+
+    def ready(self):
+        with self.cond:
+            self.readied = True
+            self.cond.notify_all()
 
     def status(self, text):
         with self.cond:
@@ -81,22 +87,30 @@ def sas_hub(pki, hub_name="localhost", clock=time.time, **kw):
     return broker, auth
 
 
+def started(connector, ident) -> Notify:
+    """``connector.start``, then wait as the runtime does: READY=1 is sent once the first
+    attempt has an outcome (``notify.ready()``), or after ``ready_timeout`` at the latest with
+    the status the connector left for that case."""
+    notify = Notify()
+    connector.start(ident, notify)
+    notify.wait(lambda: notify.readied or notify.failed, connector.ready_timeout + 1)
+    return notify
+
+
 @pytest.fixture
 def run():
     """Start connectors and always stop them (and their brokers) at the end."""
-    started = []
+    running = []
 
     def start(ident, conf, broker=None, **kw):
         kw.setdefault("ready_timeout", 5.0)
         kw.setdefault("backoff", (0.1, 0.5))
         connector = hub.HubConnector(settings=conf, **kw)
-        notify = Notify()
-        started.append((connector, broker))
-        connector.start(ident, notify)
-        return connector, notify
+        running.append((connector, broker))
+        return connector, started(connector, ident)
 
     yield start
-    for connector, broker in started:
+    for connector, broker in running:
         connector.stop()
         if broker is not None:
             broker.stop()
@@ -173,7 +187,8 @@ def test_token_renewed_during_long_connection_without_losing_messages(pki, run):
     assert broker.wait_for(lambda: {p for _, _, p in broker.messages} >= set(sent), 10)
     tokens = {conn.password for conn in broker.accepted()}
     assert len(broker.accepted()) >= 3 and len(tokens) == len(broker.accepted())
-    assert not any(s.startswith("retrying") for s in n.statuses), n.statuses
+    # statuses[0] is what READY=1 would have carried had the first attempt timed out
+    assert not any(s.startswith("retrying") for s in n.statuses[1:]), n.statuses
     assert n.failed is None
 
 
@@ -259,7 +274,7 @@ def test_broker_that_never_answers_connect(pki, run):
     (3, False, "hub unavailable (server unavailable, CONNACK 3)"),
     (4, True, "bad user name or password (CONNACK 4)"),
     (5, True, "not authorized (CONNACK 5)"),
-    (6, True, "unknown return code (CONNACK 6)"),
+    (6, False, "invalid CONNACK return code 6 from localhost:"),  # not MQTT 3.1.1
 ])
 def test_every_connack_failure_code(pki, run, code, rejected, words):
     broker, auth = sas_hub(pki, connack=code)
@@ -269,6 +284,26 @@ def test_every_connack_failure_code(pki, run, code, rejected, words):
     else:
         assert n.failed is None and words in n.statuses[-1]
         assert n.statuses[-1].startswith("retrying: hub unreachable (MQTT: ")
+
+
+@pytest.mark.parametrize("mode", ["random", "random-after"])
+def test_random_bytes_from_the_hub_never_end_the_connector(pki, run, mode):
+    # Every connection gets other random bytes (seeded by its number): dozens of shapes of
+    # garbage, before and after CONNACK. Each is a network condition, never an exception.
+    from tests.hubsim.hostile import HostileHub
+
+    hostile = HostileHub(mode, tls=(pki.server_cert, pki.server_key))
+    hostile.start()
+    try:
+        c, n = run(identity(), conf(pki, port=hostile.port), backoff=(0.01, 0.02),
+                   ready_timeout=1.0)
+        hostile.wait_for(lambda: hostile.connections >= 40 or n.failed, 30)
+        assert n.failed is None, n.failed
+        assert hostile.connections >= 40
+        reasons = {s for s in n.statuses[1:] if not s.startswith("connected")}
+        assert reasons and all(s.startswith("retrying: hub unreachable (") for s in reasons)
+    finally:
+        hostile.stop()
 
 
 def test_backoff_is_capped_exponential_with_jitter():

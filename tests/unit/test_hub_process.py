@@ -2,25 +2,16 @@
 credentials written through AgentDir, conf.json with the test CA, a real NOTIFY_SOCKET."""
 
 import base64
-import json
 import signal
-import socket
-import subprocess
-import sys
 import time
-from pathlib import Path
 
 import pytest
 
 from defender_setup.agent import settings
+from tests.agentproc import DEVICE, HUB, KEY, MODULE, Agent, configure
 from tests.hubsim.broker import Broker
 from tests.hubsim.pki import Pki
 from tests.hubsim.sasauth import SasAuth
-
-REPO = Path(__file__).resolve().parents[2]
-HUB = "testhub.azure-devices.net"
-DEVICE, MODULE = "dev-1", "DefenderIotMicroAgent"
-KEY = base64.b64encode(b"process-test-key-0123456789abcdef").decode()
 
 pytestmark = pytest.mark.allow_subprocess
 
@@ -30,30 +21,10 @@ def pki(tmp_path_factory):
     return Pki(tmp_path_factory.mktemp("pki-proc"))
 
 
-def configure(root: Path, pki, port: int, key: str = KEY, extra=None):
-    from defender_setup import credentials
-    from defender_setup.agentdir import AgentDir
-
-    text = (f"HostName={HUB};DeviceId={DEVICE};ModuleId={MODULE};SharedAccessKey={key};"
-            "GatewayHostName=localhost")
-    AgentDir(root).write(credentials.validate("connection-string", text.encode()).files)
-    conf = root / settings.CONF_PATH
-    conf.parent.mkdir(parents=True, exist_ok=True)
-    # ca_file is looked up under the root, like conf.json itself
-    (conf.parent / "hub-ca.pem").write_bytes(pki.ca_file.read_bytes())
-    conf.write_text(json.dumps({"ca_file": "/etc/defender_iot_micro_agent/hub-ca.pem",
-                                "port": port, **(extra or {})}))
-
-
-def start(root: Path, tmp_path: Path):
-    sock_path = str(tmp_path / "notify.sock")
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-    sock.bind(sock_path)
-    sock.settimeout(15)
-    env = {"PATH": "/usr/bin:/bin", "NOTIFY_SOCKET": sock_path, "PYTHONPATH": str(REPO)}
-    proc = subprocess.Popen([sys.executable, "-m", "defender_setup.agent", "--root", str(root)],
-                            env=env, stderr=subprocess.PIPE, text=True)
-    return proc, sock
+def start(root, tmp_path):
+    agent = Agent.start(root, tmp_path)
+    agent.sock.settimeout(15)
+    return agent.proc, agent.sock
 
 
 @pytest.fixture

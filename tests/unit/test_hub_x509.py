@@ -8,7 +8,7 @@ import pytest
 from defender_setup.agent import hub, settings
 from tests.hubsim.mosquitto import MOSQUITTO, Mosquitto
 from tests.hubsim.pki import Pki
-from tests.unit.test_hub import DEVICE, MODULE, Notify
+from tests.unit.test_hub import DEVICE, MODULE, started
 
 pytestmark = [
     pytest.mark.allow_subprocess,
@@ -32,9 +32,7 @@ def connect(pki, broker, cert, key, **kw):
     connector = hub.HubConnector(settings=settings.Settings(ca_file=pki.ca_file,
                                                             port=broker.port),
                                  ready_timeout=5.0, backoff=(0.1, 0.5), **kw)
-    notify = Notify()
-    connector.start(ident, notify)
-    return connector, notify
+    return connector, started(connector, ident)
 
 
 def test_accepted_certificate(pki, broker):

@@ -1,0 +1,217 @@
+"""A hub that misbehaves on purpose, to prove the agent stays up, bounded and stoppable.
+
+Interface::
+
+    hub = HostileHub(mode, tls=(cert_file, key_file))   # tls=None: plain TCP (a stalling proxy)
+    port = hub.start()          # 127.0.0.1 only
+    hub.connections             # TCP connections accepted so far
+    hub.sent                    # bytes written to the agent so far (all connections)
+    hub.wait_for(predicate, timeout) -> bool
+    hub.stop()
+
+Modes (each is one way a broken hub or a middlebox in front of it can behave):
+
+=================== ======================================================================
+``malformed``       answers CONNECT with ``30 01 00``: a PUBLISH too short for its topic
+``random``          answers CONNECT with 64 random bytes (seeded per connection)
+``random-after``    accepts (CONNACK 0), then sends 64 random bytes (seeded per connection)
+``garbage-connack`` answers CONNECT with a CONNACK whose flags and code are garbage
+``bad-after``       accepts (CONNACK 0), then sends ``30 01 00``
+``huge``            answers CONNECT with a PUBLISH header announcing 256 MiB, then streams
+                    zeros as fast as the agent reads them
+``qos2``            accepts, then sends QoS 2 PUBLISHes with ever new packet ids
+``flood``           accepts, then sends QoS 1 PUBLISHes as fast as it can and never reads
+``stall-accept``    never accepts TCP: its listen backlog is kept full, so SYNs are dropped
+``stall-tls``       accepts TCP, never answers the TLS ClientHello (with ``tls=None``: a
+                    proxy that never answers)
+``stall-ws``        completes TLS, never answers the WebSocket upgrade request
+``stall-connack``   completes TLS, reads CONNECT, never answers
+``stall-after``     accepts (CONNACK 0), then never reads or answers again
+=================== ======================================================================
+
+Blocking sockets and one thread per connection: a stall is simply a thread that waits.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import socket
+import ssl
+import struct
+import threading
+import time
+
+MODES = ("malformed", "random", "random-after", "garbage-connack", "bad-after", "huge", "qos2",
+         "flood", "stall-accept", "stall-tls", "stall-ws", "stall-connack", "stall-after")
+HUGE = 256 * 1024 * 1024
+CONNACK_OK = b"\x20\x02\x00\x00"
+
+
+def remaining_length(n: int) -> bytes:
+    """MQTT's variable-length encoding of a remaining length."""
+    out = bytearray()
+    while True:
+        n, digit = divmod(n, 128)
+        out.append(digit | (0x80 if n else 0))
+        if not n:
+            return bytes(out)
+
+
+def publish(topic: bytes, payload: bytes, qos: int = 0, mid: int = 1) -> bytes:
+    body = struct.pack("!H", len(topic)) + topic + (struct.pack("!H", mid) if qos else b"")
+    body += payload
+    return bytes([0x30 | qos << 1]) + remaining_length(len(body)) + body
+
+
+class HostileHub:
+    def __init__(self, mode: str, tls=None):
+        if mode not in MODES:
+            raise ValueError(f"unknown mode {mode!r}; one of {', '.join(MODES)}")
+        self.mode, self.tls = mode, tls
+        self.connections = 0
+        self.sent = 0
+        self.port = None
+        self._cond = threading.Condition()
+        self._stop = threading.Event()
+        self._socks: list[socket.socket] = []
+        self._listener = None
+        self._ctx = None
+        if tls:
+            self._ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            self._ctx.load_cert_chain(*tls)
+
+    # -- control (test thread) --------------------------------------------------------------
+    def start(self) -> int:
+        self._listener = socket.socket()
+        self._listener.bind(("127.0.0.1", 0))
+        self.port = self._listener.getsockname()[1]
+        if self.mode == "stall-accept":
+            self._listener.listen(0)
+            for _ in range(3):  # fill the backlog: the kernel then drops further SYNs
+                sock = socket.socket()
+                sock.setblocking(False)
+                try:
+                    sock.connect(("127.0.0.1", self.port))
+                except BlockingIOError:
+                    pass
+                self._socks.append(sock)
+        else:
+            self._listener.listen(16)
+            threading.Thread(target=self._accept, daemon=True).start()
+        return self.port
+
+    def stop(self) -> None:
+        self._stop.set()
+        for sock in [self._listener, *self._socks]:
+            try:
+                sock.close()
+            except OSError:
+                pass
+
+    def wait_for(self, predicate, timeout: float = 10.0) -> bool:
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while not predicate():
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                self._cond.wait(min(left, 0.1))
+        return True
+
+    # -- server threads ---------------------------------------------------------------------
+    def _accept(self) -> None:
+        while not self._stop.is_set():
+            try:
+                sock, _ = self._listener.accept()
+            except OSError:
+                return
+            self._socks.append(sock)
+            with self._cond:
+                self.connections += 1
+                number = self.connections
+                self._cond.notify_all()
+            threading.Thread(target=self._serve, args=(sock, number), daemon=True).start()
+
+    def _serve(self, sock: socket.socket, number: int) -> None:
+        try:
+            if self._ctx is not None and self.mode not in ("stall-tls",):
+                sock = self._ctx.wrap_socket(sock, server_side=True)
+                self._socks.append(sock)
+            self._session(sock, number)
+        except (OSError, ValueError):
+            pass  # the agent hung up: that is its right
+        finally:
+            if not self.mode.startswith("stall"):
+                sock.close()  # said what it had to say (a stall holds until stop())
+
+    def _send(self, sock, data: bytes) -> None:
+        sock.sendall(data)
+        with self._cond:
+            self.sent += len(data)
+            self._cond.notify_all()
+
+    def _hold(self) -> None:
+        self._stop.wait()
+
+    def _session(self, sock, number: int) -> None:
+        if self.mode == "stall-tls" or self._ctx is None:
+            return self._hold()
+        if self.mode == "stall-ws":
+            return self._hold()
+        self._read_packet(sock)  # CONNECT
+        mode = self.mode
+        if mode == "stall-connack":
+            return self._hold()
+        if mode == "malformed":
+            return self._send(sock, b"\x30\x01\x00")
+        if mode == "random":
+            return self._send(sock, random.Random(number).randbytes(64))
+        if mode == "garbage-connack":
+            return self._send(sock, b"\x20\x02\xff\xfe")
+        if mode == "huge":
+            self._send(sock, b"\x30" + remaining_length(HUGE - 1) + b"\x00\x05topic")
+            chunk = bytes(64 * 1024)
+            while not self._stop.is_set():
+                self._send(sock, chunk)
+            return None
+        self._send(sock, CONNACK_OK)
+        if mode == "stall-after":
+            return self._hold()
+        if mode == "bad-after":
+            return self._send(sock, b"\x30\x01\x00")
+        if mode == "random-after":
+            return self._send(sock, random.Random(number).randbytes(64))
+        if mode == "qos2":
+            for mid in range(1, 65536):
+                if self._stop.is_set():
+                    break
+                self._send(sock, publish(b"devices/x/messages/devicebound/", bytes(512), 2, mid))
+            return None
+        if mode == "flood":
+            packet = publish(b"devices/x/messages/devicebound/", os.urandom(1024), 1)
+            while not self._stop.is_set():
+                self._send(sock, packet * 16)
+        return None
+
+    @staticmethod
+    def _read_packet(sock) -> bytes:
+        first = sock.recv(1)
+        if not first:
+            raise ConnectionError("closed")
+        length, mult = 0, 1
+        for _ in range(4):
+            byte = sock.recv(1)
+            if not byte:
+                raise ConnectionError("closed")
+            length += (byte[0] & 0x7F) * mult
+            mult *= 128
+            if not byte[0] & 0x80:
+                break
+        body = b""
+        while len(body) < length:
+            chunk = sock.recv(length - len(body))
+            if not chunk:
+                raise ConnectionError("closed")
+            body += chunk
+        return first + body

@@ -1,0 +1,155 @@
+"""The agent as a real process against a hub that misbehaves (tests/hubsim/hostile.py).
+
+Whatever the peer does (malformed packets, a huge announced length, a flood, a stall at any
+step), the agent stays up, says ``retrying: hub unreachable (…)``, keeps its memory bounded
+and ends within 2 s of SIGTERM. Each test prints its measurements (``pytest -s`` shows them).
+"""
+
+import time
+
+import pytest
+
+from tests.agentproc import Agent, configure
+from tests.hubsim.hostile import HostileHub
+from tests.hubsim.pki import Pki
+
+pytestmark = pytest.mark.allow_subprocess
+
+STOP_WITHIN = 2.0  # seconds from SIGTERM to exit, well inside the unit's TimeoutStopSec=10
+RSS_LIMIT_KIB = 60 * 1024  # the agent idles at 24-30 MB; a hub announcing 256 MB must not count
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory):
+    return Pki(tmp_path_factory.mktemp("pki-hostile"))
+
+
+@pytest.fixture
+def hostile(pki):
+    hubs = []
+
+    def make(mode, tls=True):
+        hub = HostileHub(mode, tls=(pki.server_cert, pki.server_key) if tls else None)
+        hub.start()
+        hubs.append(hub)
+        return hub
+
+    yield make
+    for hub in hubs:
+        hub.stop()
+
+
+def run_agent(root, tmp_path, pki, port, extra=None) -> Agent:
+    configure(root, pki, port, extra=extra)
+    return Agent.start(root, tmp_path)
+
+
+def stop_and_check(agent: Agent, what: str):
+    code, took, err = agent.terminate()
+    print(f"\n{what}: stopped {took:.2f} s after SIGTERM")
+    assert code == 0, err
+    assert took < STOP_WITHIN, f"{what}: {took:.2f} s from SIGTERM to exit"
+    assert "Traceback" not in err and "internal error" not in err, err
+    return err
+
+
+@pytest.mark.parametrize("mode,reason", [
+    ("malformed", "MQTT: "),
+    ("random", "MQTT: "),
+    ("garbage-connack", "MQTT: "),
+    ("bad-after", "MQTT: "),
+    ("qos2", "MQTT: "),
+])
+def test_malformed_mqtt_is_unreachable_and_retried(mode, reason, hostile, pki, tmp_path):
+    hub = hostile(mode)
+    agent = run_agent(tmp_path / "root", tmp_path, pki, hub.port)
+    try:
+        status = agent.wait_status(lambda s: s.startswith("retrying: hub unreachable ("))
+        assert status is not None, (agent.messages, agent.proc.poll())
+        assert status.startswith(f"retrying: hub unreachable ({reason}"), status
+        assert hub.wait_for(lambda: hub.connections >= 2, 10), "no second attempt"
+        assert agent.proc.poll() is None, "the agent ended"
+        print(f"\n{mode}: {status}; VmRSS {agent.rss_kib() // 1024} MB")
+    finally:
+        err = stop_and_check(agent, mode)
+    assert err.count("hub unreachable") <= 2  # one line per distinct reason, not per attempt
+
+
+def test_huge_announced_length_is_refused_before_it_is_held(hostile, pki, tmp_path):
+    hub = hostile("huge")
+    agent = run_agent(tmp_path / "root", tmp_path, pki, hub.port)
+    try:
+        status = agent.wait_status(lambda s: s.startswith("retrying: hub unreachable ("))
+        assert status is not None, (agent.messages, agent.proc.poll())
+        assert "MQTT: " in status and "too large" in status, status
+        assert hub.wait_for(lambda: hub.connections >= 2, 10), "no second attempt"
+        peak = 0
+        for _ in range(20):  # while the hub goes on announcing and streaming
+            peak = max(peak, agent.rss_kib())
+            time.sleep(0.1)
+        print(f"\nhuge: {status}; peak VmRSS {peak / 1024:.1f} MB, hub sent "
+              f"{hub.sent / 1e6:.1f} MB")
+        assert peak < RSS_LIMIT_KIB, f"VmRSS {peak} KiB"
+        assert agent.proc.poll() is None
+    finally:
+        stop_and_check(agent, "huge")
+
+
+def test_flood_keeps_memory_bounded_and_stop_prompt(hostile, pki, tmp_path):
+    hub = hostile("flood")
+    agent = run_agent(tmp_path / "root", tmp_path, pki, hub.port)
+    try:
+        assert agent.next_message() is not None  # READY=1
+        peak = 0
+        for _ in range(30):
+            peak = max(peak, agent.rss_kib())
+            time.sleep(0.1)
+        print(f"\nflood: peak VmRSS {peak / 1024:.1f} MB, hub sent {hub.sent / 1e6:.1f} MB, "
+              f"{hub.connections} connections")
+        assert peak < RSS_LIMIT_KIB, f"VmRSS {peak} KiB"
+        assert agent.proc.poll() is None
+    finally:
+        stop_and_check(agent, "flood")
+
+
+@pytest.mark.parametrize("mode,extra", [
+    ("stall-accept", None),
+    ("stall-tls", None),
+    ("stall-ws", {"transport": "websocket"}),
+    ("stall-connack", None),
+    ("stall-after", None),
+])
+def test_sigterm_while_the_hub_stalls_ends_within_2_s(mode, extra, hostile, pki, tmp_path):
+    hub = hostile(mode)
+    agent = run_agent(tmp_path / "root", tmp_path, pki, hub.port, extra)
+    try:
+        if mode != "stall-accept":
+            assert hub.wait_for(lambda: hub.connections >= 1, 10)
+        time.sleep(1.0)  # well into the stalled step
+        assert agent.proc.poll() is None
+    finally:
+        stop_and_check(agent, mode)
+
+
+def test_sigterm_while_the_proxy_stalls_ends_within_2_s(hostile, pki, tmp_path):
+    pytest.importorskip("socks")  # python3-socks: a proxy needs it (tools/install-deps)
+    proxy = hostile("stall-tls", tls=False)
+    agent = run_agent(tmp_path / "root", tmp_path, pki, 8883,
+                      {"proxy": f"http://127.0.0.1:{proxy.port}"})
+    try:
+        assert proxy.wait_for(lambda: proxy.connections >= 1, 10)
+        time.sleep(1.0)
+        assert agent.proc.poll() is None
+    finally:
+        stop_and_check(agent, "stall-proxy")
+
+
+def test_stalled_connack_is_reported_and_retried(hostile, pki, tmp_path):
+    hub = hostile("stall-connack")
+    agent = run_agent(tmp_path / "root", tmp_path, pki, hub.port)
+    try:
+        status = agent.wait_status(lambda s: s.startswith("retrying: hub unreachable ("), 20)
+        assert status is not None and "no answer to CONNECT" in status, agent.messages
+        assert agent.proc.poll() is None
+    finally:
+        stop_and_check(agent, "stall-connack (after READY)")
