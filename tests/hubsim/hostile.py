@@ -21,6 +21,7 @@ Modes (each is one way a broken hub or a middlebox in front of it can behave):
                     zeros as fast as the agent reads them
 ``qos2``            accepts, then sends QoS 2 PUBLISHes with ever new packet ids
 ``flood``           accepts, then sends QoS 1 PUBLISHes as fast as it can and never reads
+                    (with a small receive window, so the PUBACKs it asks for pile up)
 ``stall-accept``    never accepts TCP: its listen backlog is kept full, so SYNs are dropped
 ``stall-tls``       accepts TCP, never answers the TLS ClientHello (with ``tls=None``: a
                     proxy that never answers)
@@ -34,7 +35,6 @@ Blocking sockets and one thread per connection: a stall is simply a thread that 
 
 from __future__ import annotations
 
-import os
 import random
 import socket
 import ssl
@@ -97,6 +97,8 @@ class HostileHub:
                     pass
                 self._socks.append(sock)
         else:
+            if self.mode == "flood":  # a small window: what the agent answers piles up soon
+                self._listener.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
             self._listener.listen(16)
             threading.Thread(target=self._accept, daemon=True).start()
         return self.port
@@ -188,10 +190,10 @@ class HostileHub:
                     break
                 self._send(sock, publish(b"devices/x/messages/devicebound/", bytes(512), 2, mid))
             return None
-        if mode == "flood":
-            packet = publish(b"devices/x/messages/devicebound/", os.urandom(1024), 1)
+        if mode == "flood":  # small QoS 1 PUBLISHes, each asking for a PUBACK
+            burst = publish(b"d", b"", 1) * 512
             while not self._stop.is_set():
-                self._send(sock, packet * 16)
+                self._send(sock, burst)
         return None
 
     @staticmethod
