@@ -17,14 +17,27 @@ The file is a JSON object; every key is optional and none is needed for the defa
       "port": 8883                            # only for test hubs and unusual gateways
     }
 
-Unknown keys are errors (a typo such as ``"transprot"`` would otherwise be ignored silently).
-Errors name the file, the key and what is accepted, never more than one line. A proxy user and
-password are accepted in the URL but never repeated in messages or ``repr``.
+Unknown keys are errors (a typo such as ``"transprot"`` would otherwise be ignored silently),
+and so are keys given twice. Errors name the file, the key and what is accepted, never more than
+one line. A proxy user and password are accepted in the URL but never repeated in messages or
+``repr``.
+
+Hostile or broken files end in such a line too, never in an exception: conf.json is read only if
+it is a regular file of at most 64 KiB (a FIFO would block the agent, ``/dev/zero`` would fill
+it), and ``ca_file`` likewise up to 1 MiB. The JSON object is decoded one value at a time:
+every accepted value is a string or a number, so a list or an object is refused by its key
+without being decoded (Python's decoder recurses, and 5,000 nested brackets exhaust its
+stack), and a number of more than 18 digits is refused as text (Python refuses to convert one
+of over 4,300 digits). Control characters in ``ca_file`` and a proxy host that is neither a
+DNS name nor an IP address (an unclosed ``[`` included) are refused naming the key.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import re
+import stat
 import urllib.parse
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,7 +52,15 @@ PROXY_SCHEMES = ("http", "socks5", "socks4")
 # Bounds keep a typo (ms instead of s) from flooding the hub or making tokens live for years.
 HEARTBEAT_RANGE = (5, 86400)
 SAS_LIFETIME_RANGE = (5, 7 * 86400)
-MAX_CONF_BYTES = 64 * 1024
+MAX_CONF_BYTES = 64 * 1024  # the largest sensible file is under 1 KiB
+MAX_CA_BYTES = 1024 * 1024  # a bundle of all of Debian's ~140 roots is about 220 KiB
+MAX_DIGITS = 18  # every accepted number has at most 6 digits
+KNOWN = ("transport", "proxy", "ca_file", "heartbeat_interval", "sas_lifetime", "port")
+_KINDS = ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO (named pipe)"),
+          (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+          (stat.S_ISSOCK, "a socket"))
+_SPACE = re.compile(r"[ \t\n\r]*")
+_HOST = re.compile(r"[A-Za-z0-9]([A-Za-z0-9.-]*[A-Za-z0-9])?|[0-9A-Fa-f:.]*:[0-9A-Fa-f:.]*")
 
 
 class SettingsError(SetupError):
@@ -75,18 +96,45 @@ class Settings:
         return self.port or DEFAULT_PORTS[self.transport]
 
 
+class _Refused(Exception):
+    """A file that must not be read: a FIFO, a device, a directory, or too large."""
+
+
+def _read_regular(path: Path, limit: int) -> bytes:
+    """At most ``limit`` bytes of the regular file ``path``, without ever blocking.
+
+    :raises _Refused: not a regular file, or larger than ``limit``.
+    :raises OSError: missing or unreadable.
+    """
+    # O_NONBLOCK: a FIFO opens at once (and is refused below) instead of waiting for a writer
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
+    try:
+        mode = os.fstat(fd).st_mode
+        if stat.S_ISDIR(mode):
+            raise IsADirectoryError(21, "Is a directory")
+        if not stat.S_ISREG(mode):
+            kind = next((name for test, name in _KINDS if test(mode)), "not a regular file")
+            raise _Refused(f"is {kind}, not a regular file")
+        data = os.read(fd, limit + 1)
+    finally:
+        os.close(fd)
+    if len(data) > limit:
+        shown = f"{limit // (1024 * 1024)} MiB" if limit >= 1024 * 1024 else f"{limit // 1024} KiB"
+        raise _Refused(f"is larger than {shown} ({limit} bytes)")
+    return data
+
+
 def load(root: Path = Path("/")) -> Settings:
     """Read ``conf.json`` under ``root``; a missing file means the defaults."""
     path = Path(root) / CONF_PATH
     try:
-        with open(path, "rb") as handle:
-            data = handle.read(MAX_CONF_BYTES + 1)
+        data = _read_regular(path, MAX_CONF_BYTES)
     except FileNotFoundError:
         return Settings()
+    except _Refused as err:
+        raise SettingsError(f"{path}: {err}, not a settings file") from None
     except OSError as err:
         raise SettingsError(f"{path}: cannot read: {err.strerror}") from None
-    if len(data) > MAX_CONF_BYTES:
-        raise SettingsError(f"{path}: larger than {MAX_CONF_BYTES} bytes, not a settings file")
     return parse(data, source=str(path), root=Path(root))
 
 
@@ -94,29 +142,27 @@ def parse(text, source: str = "conf.json", root: Path = Path("/")) -> Settings:
     """Validate the JSON text; ``root`` is where ``ca_file`` paths are looked up (tests)."""
     if isinstance(text, bytes):
         try:
-            text = text.decode("utf-8")
+            text = text.decode("utf-8-sig")  # a BOM, as Windows editors write it, is fine
         except UnicodeDecodeError:
             raise SettingsError(f"{source}: not UTF-8 text") from None
+    text = text.lstrip("\ufeff")
     if not text.strip():
         return Settings()  # an empty file is as good as none
-    try:
-        obj = json.loads(text)
-    except json.JSONDecodeError as err:
-        raise SettingsError(
-            f"{source}: invalid JSON at line {err.lineno} column {err.colno}: {err.msg}"
-        ) from None
-    if not isinstance(obj, dict):
-        raise SettingsError(f"{source}: expected a JSON object {{...}}, got {_kind(obj)}")
-
-    known = {"transport", "proxy", "ca_file", "heartbeat_interval", "sas_lifetime", "port"}
-    unknown = sorted(set(obj) - known)
-    if unknown:
-        raise SettingsError(
-            f"{source}: unknown setting {unknown[0]!r} (known: {', '.join(sorted(known))})"
-        )
 
     def err(key: str, message: str) -> SettingsError:
         return SettingsError(f"{source}: {key}: {message}")
+
+    try:
+        obj = _members(text, source, err)
+    except json.JSONDecodeError as error:
+        raise SettingsError(
+            f"{source}: invalid JSON at line {error.lineno} column {error.colno}: {error.msg}"
+        ) from None
+
+    unknown = sorted(set(obj) - set(KNOWN))
+    if unknown:
+        raise SettingsError(f"{source}: unknown setting {_short(unknown[0])} "
+                            f"(known: {', '.join(sorted(KNOWN))})")
 
     transport = obj.get("transport", "mqtt")
     if transport not in TRANSPORTS:
@@ -136,23 +182,89 @@ def parse(text, source: str = "conf.json", root: Path = Path("/")) -> Settings:
     return Settings(transport, proxy, ca_file, heartbeat, lifetime, port)
 
 
+class _Opaque:
+    """A value refused unseen: a list or object (never decoded), or a number too long."""
+
+    def __init__(self, kind: str, number: bool = False):
+        self.kind, self.number = kind, number
+
+
+def _number(digits: str):
+    if len(digits.lstrip("-")) > MAX_DIGITS:
+        return _Opaque(f"a number of {len(digits.lstrip('-'))} digits", number=True)
+    return int(digits)
+
+
+_SCALARS = json.JSONDecoder(parse_int=_number)
+
+
+def _members(text: str, source: str, err) -> dict:
+    """The top-level object's members, decoded one value at a time (see the module docstring).
+
+    Raises json.JSONDecodeError (with its position) for invalid JSON, SettingsError for a key
+    given twice. Decoding stops at the first list or object: its key's check refuses it.
+    """
+    pos = _SPACE.match(text).end()
+    if text[pos:pos + 1] != "{":
+        if text[pos:pos + 1] in ("[", ""):
+            kind = "a list" if text[pos:pos + 1] == "[" else "nothing"
+        else:
+            kind = _kind(_SCALARS.raw_decode(text, pos)[0])
+        raise SettingsError(f"{source}: expected a JSON object {{...}}, got {kind}")
+    members: dict = {}
+    pos = _SPACE.match(text, pos + 1).end()
+    if text[pos:pos + 1] == "}":
+        return _end(text, pos + 1, members)
+    while True:
+        if text[pos:pos + 1] != '"':
+            raise json.JSONDecodeError("Expecting property name enclosed in double quotes",
+                                       text, pos)
+        key, pos = json.decoder.scanstring(text, pos + 1)
+        pos = _SPACE.match(text, pos).end()
+        if text[pos:pos + 1] != ":":
+            raise json.JSONDecodeError("Expecting ':' delimiter", text, pos)
+        pos = _SPACE.match(text, pos + 1).end()
+        if key in members:
+            raise err(_short(key, quote=False), "given twice")
+        if text[pos:pos + 1] in ("[", "{"):
+            members[key] = _Opaque("a list" if text[pos] == "[" else "an object")
+            return members
+        members[key], pos = _SCALARS.raw_decode(text, pos)
+        pos = _SPACE.match(text, pos).end()
+        if text[pos:pos + 1] == "}":
+            return _end(text, pos + 1, members)
+        if text[pos:pos + 1] != ",":
+            raise json.JSONDecodeError("Expecting ',' delimiter", text, pos)
+        pos = _SPACE.match(text, pos + 1).end()
+
+
+def _end(text: str, pos: int, members: dict) -> dict:
+    pos = _SPACE.match(text, pos).end()
+    if pos != len(text):
+        raise json.JSONDecodeError("Extra data", text, pos)
+    return members
+
+
 def _proxy(value, err) -> Proxy:
     if not isinstance(value, str):
         raise err("proxy", f'must be a URL such as "http://proxy:3128", got {_kind(value)}')
-    url = urllib.parse.urlsplit(value)
     try:
+        url = urllib.parse.urlsplit(value)
         port = url.port
-    except ValueError:
-        port = -1
-    if url.scheme not in PROXY_SCHEMES or not url.hostname or port == -1:
+        host = url.hostname
+    except ValueError:  # an unclosed "[", a port out of range or not a number
+        url, port, host = None, -1, None
+    if url is None or url.scheme not in PROXY_SCHEMES or not host or port == -1:
         # The URL may hold a password: describe its shape, not its text.
         raise err("proxy", "must look like http://host:port (or socks5://, socks4://)")
     if url.path not in ("", "/") or url.query:
         raise err("proxy", "must be scheme://[user:password@]host:port without a path")
+    if not _HOST.fullmatch(host):
+        raise err("proxy", "the host must be a DNS name or an IP address")
     default = 1080 if url.scheme.startswith("socks") else 3128
     return Proxy(
         url.scheme,
-        url.hostname,
+        host,
         port or default,
         urllib.parse.unquote(url.username) if url.username else None,
         urllib.parse.unquote(url.password) if url.password else None,
@@ -162,10 +274,15 @@ def _proxy(value, err) -> Proxy:
 def _ca_file(value, root: Path, err) -> Path:
     if not isinstance(value, str) or not value.startswith("/"):
         raise err("ca_file", f"must be an absolute path, got {_show(value)}")
+    bad = next((i for i, c in enumerate(value) if ord(c) < 32 or c == "\x7f"), None)
+    if bad is not None:
+        raise err("ca_file", f"must not contain control characters (U+{ord(value[bad]):04X} "
+                             f"at position {bad + 1})")
     path = Path(root) / value.lstrip("/")
     try:
-        with open(path, "rb") as handle:
-            head = handle.read(MAX_CONF_BYTES * 16)
+        head = _read_regular(path, MAX_CA_BYTES)
+    except _Refused as error:
+        raise err("ca_file", f"{_short(value, quote=False)} {error}") from None
     except OSError as error:
         raise err("ca_file", f"cannot read {value}: {error.strerror}") from None
     if b"-----BEGIN CERTIFICATE-----" not in head:
@@ -177,18 +294,22 @@ def _int(obj, key, default, bounds, err, zero_ok=False):
     if key not in obj or obj[key] is None:
         return default
     value = obj[key]
+    low, high = bounds
+    extra = " (or 0 to turn it off)" if zero_ok else ""
+    if isinstance(value, _Opaque) and value.number:
+        raise err(key, f"must be between {low} and {high}{extra}, got {value.kind}")
     if isinstance(value, bool) or not isinstance(value, int):
         raise err(key, f"must be a whole number of seconds, got {_show(value)}")
-    low, high = bounds
     if zero_ok and value == 0:
         return 0
     if not low <= value <= high:
-        extra = " (or 0 to turn it off)" if zero_ok else ""
         raise err(key, f"must be between {low} and {high}{extra}, got {value}")
     return value
 
 
 def _kind(value) -> str:
+    if isinstance(value, _Opaque):
+        return value.kind
     return {dict: "an object", list: "a list", str: "a string", bool: "true/false",
             int: "a number", float: "a number", type(None): "null"}.get(type(value), "a value")
 
@@ -197,3 +318,10 @@ def _show(value) -> str:
     if isinstance(value, str):
         return json.dumps(value[:40])
     return _kind(value)
+
+
+def _short(text: str, quote: bool = True) -> str:
+    """A key or path for a message: at most 40 characters, control characters escaped."""
+    shown = text[:40] + ("…" if len(text) > 40 else "")
+    shown = "".join(c if c.isprintable() else f"\\x{ord(c):02x}" for c in shown)
+    return f"'{shown}'" if quote else shown

@@ -88,6 +88,25 @@ def test_process_broken_conf_json_exits_78(pki, hub, tmp_path):
     assert "Traceback" not in err
 
 
+@pytest.mark.parametrize("text,key", [
+    ('{"proxy": ' + ("[" * 5000 + "]" * 5000) + '}', "proxy: "),
+    ('{"port": ' + ("7" * 5000) + '}', "port: "),
+    ('{"proxy": "http://[::1:8080"}', "proxy: "),
+    ('{"ca_file": "/etc/hub\\u0000ca.pem"}', "ca_file: "),
+    ('{"proxy": "' + ("x" * 70000) + '"}', "larger than 64 KiB"),
+], ids=["deep", "5000-digits", "unclosed-ipv6-proxy", "nul-in-ca-file", "70-kb"])
+def test_process_hostile_conf_json_exits_78_in_one_line(pki, tmp_path, text, key):
+    root = tmp_path / "root"
+    configure(root, pki, 8883)
+    (root / settings.CONF_PATH).write_text(text)
+    proc, sock = start(root, tmp_path)
+    _, err = proc.communicate(timeout=20)
+    sock.close()
+    errors = [line for line in err.splitlines() if line.startswith("not starting: ")]
+    assert proc.returncode == 78, err
+    assert len(errors) == 1 and key in errors[0] and len(errors[0]) < 400, err
+
+
 def test_process_unreachable_stays_up_and_says_why(pki, tmp_path):
     from tests.hubsim.mosquitto import free_port
 

@@ -76,6 +76,69 @@ def test_bad_input_one_clear_line(tmp_path, text, expected):
     assert err.value.exit_code == EX_CONFIG
 
 
+DEEP = "[" * 5000 + "]" * 5000
+
+
+@pytest.mark.parametrize("text,expected", [
+    # each of these once ended the agent with an internal error (exit 70)
+    ('{"proxy": ' + DEEP + '}', 'proxy: must be a URL such as "http://proxy:3128", got a list'),
+    ('{"port": {"a": ' + DEEP + '}}', "port: must be a whole number of seconds, got an object"),
+    ('{"heartbeat_interval": ' + ("9" * 5000) + '}',
+     "heartbeat_interval: must be between 5 and 86400 (or 0 to turn it off), got a number of "
+     "5000 digits"),
+    ('{"proxy": "http://[::1:8080"}', "proxy: must look like http://host:port"),
+    ('{"ca_file": "/etc/hub\\u0000ca.pem"}', "ca_file: must not contain control characters "
+                                               "(U+0000 at position 9)"),
+    # and their neighbours
+    (DEEP, "expected a JSON object {...}, got a list"),
+    ('{"transprot": ' + DEEP + '}', "unknown setting 'transprot'"),
+    ('{"port": 8883, "port": 443}', "port: given twice"),
+    ('{"proxy": "http://pro\\u0000xy:3128"}', "proxy: the host must be a DNS name or an IP "
+                                                "address"),
+    ('{"port": 1} x', "invalid JSON at line 1 column 13: Extra data"),
+    ('{"port" 1}', "invalid JSON at line 1 column 9: Expecting ':' delimiter"),
+    ('{"' + ("k" * 1000) + '": 1}', "unknown setting 'kkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkk…'"),
+], ids=["deep-list", "deep-object", "5000-digits", "unclosed-ipv6-proxy", "nul-in-ca-file",
+        "deep-top-level", "deep-unknown-key", "duplicate-key", "nul-in-proxy", "extra-data",
+        "no-colon", "long-key"])
+def test_hostile_conf_json_is_one_line_naming_the_key(tmp_path, text, expected):
+    path = write_conf(tmp_path, text)
+    with pytest.raises(SettingsError) as err:
+        load(tmp_path)
+    message = str(err.value)
+    assert message.startswith(f"{path}: ") and expected in message, message
+    assert "\n" not in message and len(message) < 400
+
+
+def test_conf_json_over_64_kib_is_refused_naming_the_limit(tmp_path):
+    write_conf(tmp_path, json.dumps({"proxy": "x" * (64 * 1024)}))
+    with pytest.raises(SettingsError, match=r"larger than 64 KiB \(65536 bytes\)"):
+        load(tmp_path)
+
+
+def test_conf_json_or_ca_file_as_a_fifo_never_blocks(tmp_path):
+    path = tmp_path / settings.CONF_PATH
+    path.parent.mkdir(parents=True)
+    os.mkfifo(path)
+    with pytest.raises(SettingsError, match="conf.json: is a FIFO"):
+        load(tmp_path)
+    os.mkfifo(tmp_path / "ca.pem")
+    with pytest.raises(SettingsError, match="ca_file: /ca.pem is a FIFO"):
+        parse('{"ca_file": "/ca.pem"}', root=tmp_path)
+
+
+def test_ca_file_device_or_too_large(tmp_path):
+    with pytest.raises(SettingsError, match="ca_file: /dev/zero is a character device"):
+        parse('{"ca_file": "/dev/zero"}')
+    (tmp_path / "ca.pem").write_bytes(PEM * (1024 * 1024 // len(PEM) + 1))
+    with pytest.raises(SettingsError, match=r"ca_file: /ca.pem is larger than 1 MiB"):
+        parse('{"ca_file": "/ca.pem"}', root=tmp_path)
+
+
+def test_bom_is_accepted():
+    assert parse("\ufeff{\"port\": 8884}".encode()).port == 8884
+
+
 def test_ca_file_without_certificate(tmp_path):
     (tmp_path / "ca.pem").write_text("hello")
     with pytest.raises(SettingsError, match="holds no PEM certificate"):
