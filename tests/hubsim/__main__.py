@@ -28,6 +28,13 @@ from tests.hubsim.pki import Pki
 from tests.hubsim.sasauth import SasAuth
 
 
+def connect_line(conn) -> str:
+    """One log line for a CONNECT, with the reason of that very CONNECT."""
+    why = conn.reason or ("accepted" if conn.code == 0 else "refused")
+    return (f"{time.strftime('%H:%M:%S', time.localtime(conn.opened))} CONNECT "
+            f"{conn.client_id} -> CONNACK {conn.code} ({why})")
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python3 -m tests.hubsim", description=__doc__)
     parser.add_argument("--dir", type=Path, required=True)
@@ -68,9 +75,7 @@ def main(argv=None) -> int:
     try:
         while not done.wait(0.2):
             for conn in hub.connections[seen_conns:]:
-                why = auth.last_reason if conn.code else "accepted"
-                print(f"{time.strftime('%H:%M:%S')} CONNECT {conn.client_id} -> CONNACK "
-                      f"{conn.code} ({why})", flush=True)
+                print(connect_line(conn), flush=True)
             seen_conns = len(hub.connections)
             for client_id, topic, payload in hub.messages[seen_msgs:]:
                 print(f"{time.strftime('%H:%M:%S')} {client_id} {topic}: "

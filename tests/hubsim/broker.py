@@ -43,6 +43,7 @@ class Conn:
     username: str | None = None
     password: bytes | None = field(default=None, repr=False)
     code: int | None = None
+    reason: str = ""  # why this CONNECT got its code (the auth's last_reason, taken at once)
     sni: str | None = None
     transport: str = "mqtt"
     opened: float = field(default_factory=time.time)
@@ -262,6 +263,7 @@ class Broker:
             code = self.connack
         else:
             code = self.auth(conn.client_id, username, password)
+            conn.reason = getattr(self.auth, "last_reason", "")
         expiry = getattr(self.auth, "last_expiry", None) if code == 0 else None
         self._record(lambda: (setattr(conn, "code", code), self.connections.append(conn)))
         stream.write(bytes([0x20, 2, 0, code]))
