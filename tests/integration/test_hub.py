@@ -148,7 +148,8 @@ def test_broken_conf_json_is_one_line_and_no_crash_loop(ct, pki, preseed):
 RELEASE_PACKAGES = ("python3-paho-mqtt", "python3-pytest", "python3-cryptography",
                     "python3-hypothesis", "python3-systemd", "mosquitto", "openssl")
 HUB_TESTS = ("tests/unit/test_hub.py", "tests/unit/test_hub_x509.py", "tests/unit/test_sas.py",
-             "tests/unit/test_settings.py", "tests/unit/test_hub_process.py")
+             "tests/unit/test_settings.py", "tests/unit/test_hub_process.py",
+             "tests/unit/test_hub_hostile.py", "tests/unit/test_agent.py")
 
 
 def release_image(suite: str):
@@ -212,3 +213,68 @@ def test_certificate_identity_connects_to_mosquitto(ct, preseed, tmp_path):
         assert s["StatusText"] == f"connected to {preseed.HUB} as dev1/{MODULE}", out + str(s)
         assert f"as dev1/{MODULE}" in mosq.log_text()
         assert "BEGIN" not in ct.run(["journalctl", "-u", UNIT, "-o", "cat"]).stdout
+
+
+# -- a hostile hub against the installed unit: its limits hold and it stops in time ----------
+# The container's cgroup controllers are read-only here (nspawn on a cgroup v1 host), so the
+# unit's MemoryMax= is checked as configured, and what it has to cover is measured directly:
+# the agent's peak resident memory (VmHWM) and the kernel's buffers of its hub socket (seen
+# from the host: the container shares its network).
+
+def socket_memory(port: int) -> int:
+    """Bytes the kernel holds for the agent's connection to ``port`` (receive + send queue)."""
+    import re
+    import subprocess
+
+    out = subprocess.run(["ss", "-tmnH", "dst", f"127.0.0.1:{port}"], capture_output=True,
+                         text=True, check=True).stdout
+    found = re.findall(r"skmem:\(r(\d+),rb\d+,t(\d+),tb\d+,f\d+,w(\d+)", out)
+    return sum(int(r) + int(w) for r, _, w in found)
+
+
+def vm(ct, pid: str, field: str) -> int:
+    return int(ct.sh(f"grep {field}: /proc/{pid}/status").stdout.split()[1]) * 1024
+
+
+@pytest.mark.parametrize("mode", ["huge", "flood"])
+def test_installed_agent_against_a_hostile_hub_stays_bounded_and_stops(ct, pki, preseed, mode):
+    import time
+
+    from tests.hubsim.hostile import HostileHub
+
+    hostile = HostileHub(mode, tls=(pki.server_cert, pki.server_key))
+    hostile.start()
+    try:
+        point_at_hub(ct, pki, hostile)
+        text = connection_string(preseed, "good-dev", preseed.sas_key(1))
+        r = ct.install_deb(preseed=preseed.for_connection_string(text))
+        out = r.stdout + r.stderr
+        assert "VERIFICATION FAILED" not in out, out
+        pid = ct.show(UNIT, "MainPID")["MainPID"]
+        sockets = 0
+        deadline = time.monotonic() + (30 if mode == "flood" else 5)
+        while time.monotonic() < deadline:  # the flood is cut off after about 16 s
+            sockets = max(sockets, socket_memory(hostile.port))
+            time.sleep(0.5)
+        peak = vm(ct, pid, "VmHWM")
+        log = ct.run(["journalctl", "-u", UNIT, "-o", "cat"]).stdout
+        s = ct.show(UNIT, "ActiveState", "SubState", "StatusText", "NRestarts", "MainPID",
+                    "MemoryMax", "MemoryHigh", "TasksMax")
+        before = time.monotonic()
+        ct.run(["systemctl", "stop", UNIT])
+        took = time.monotonic() - before
+    finally:
+        hostile.stop()
+    print(f"\n{mode}: {s['StatusText']}; agent VmHWM {peak / 2**20:.1f} MiB, socket buffers "
+          f"up to {sockets / 2**20:.1f} MiB; 'systemctl stop' {took:.2f} s; hub sent "
+          f"{hostile.sent / 1e6:.1f} MB")
+    assert (s["ActiveState"], s["SubState"], s["NRestarts"]) == ("active", "running", "0"), s
+    assert s["MainPID"] == pid  # never restarted
+    reason = {"huge": "MQTT: packet too large from", "flood": "MQTT: flood from"}[mode]
+    assert f"hub unreachable ({reason}" in log, log  # once per distinct reason
+    assert (s["MemoryHigh"], s["MemoryMax"], s["TasksMax"]) == (
+        str(64 * 2**20), str(96 * 2**20), "16"), s
+    assert peak + sockets < 64 * 2**20  # inside MemoryHigh, let alone MemoryMax
+    assert took < 3.0  # the agent itself ends within 2 s of SIGTERM; systemctl adds its own
+    stopped = ct.show(UNIT, "Result", "ExecMainStatus")
+    assert (stopped["Result"], stopped["ExecMainStatus"]) == ("success", "0"), stopped
