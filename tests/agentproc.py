@@ -4,6 +4,7 @@ Interface::
 
     configure(root, pki, port, key=KEY, extra=None)   # SAS credentials through AgentDir,
                                                       # conf.json trusting the test CA
+                                                      # (tests/unit/hubroot.py's identity)
     agent = Agent.start(root, tmp_path)               # a real NOTIFY_SOCKET datagram socket
     agent.next_message(timeout) -> str | None         # one sd_notify datagram
     agent.wait_status(predicate, timeout) -> str | None   # the first STATUS= matching
@@ -14,35 +15,22 @@ Interface::
 
 from __future__ import annotations
 
-import base64
-import json
 import signal
 import socket
 import subprocess
 import time
 from pathlib import Path
 
+from tests.unit import hubroot
+from tests.unit.hubroot import DEVICE, HUB, KEY, MODULE  # noqa: F401  (for the tests)
+
 REPO = Path(__file__).resolve().parents[1]
 PYTHON = "/usr/bin/python3"  # Debian's interpreter, as the unit runs it
-HUB = "testhub.azure-devices.net"
-DEVICE, MODULE = "dev-1", "DefenderIotMicroAgent"
-KEY = base64.b64encode(b"process-test-key-0123456789abcdef").decode()
 
 
 def configure(root: Path, pki, port: int, key: str = KEY, extra=None) -> None:
-    from defender_setup import credentials
-    from defender_setup.agent import settings
-    from defender_setup.agentdir import AgentDir
-
-    text = (f"HostName={HUB};DeviceId={DEVICE};ModuleId={MODULE};SharedAccessKey={key};"
-            "GatewayHostName=localhost")
-    AgentDir(root).write(credentials.validate("connection-string", text.encode()).files)
-    conf = root / settings.CONF_PATH
-    conf.parent.mkdir(parents=True, exist_ok=True)
-    # ca_file is looked up under the root, like conf.json itself
-    (conf.parent / "hub-ca.pem").write_bytes(pki.ca_file.read_bytes())
-    conf.write_text(json.dumps({"ca_file": "/etc/defender_iot_micro_agent/hub-ca.pem",
-                                "port": port, **(extra or {})}))
+    hubroot.store(root, hubroot.validated(hubroot.sas_text(key=key)))
+    hubroot.configure(root, pki, port=port, **(extra or {}))
 
 
 class Agent:

@@ -14,13 +14,15 @@ Interface (used by :mod:`defender_setup.agent.hub`)::
 ``Result.kind`` is ``unreachable`` (text ``KIND: reason``, KIND in DNS, TCP, TLS, proxy,
 WebSocket, MQTT), ``rejected`` (text: the journal line naming the likely cause; ``answer`` is
 the hub's answer alone, e.g. ``CONNACK 5, not authorized``, and ``cause`` the likely causes
-alone, for callers that phrase their own line), ``lost``, ``renew`` or ``stopped``. An attempt (TCP, proxy, TLS, WebSocket upgrade, CONNACK) is over
-within ``timeout`` seconds, name resolution aside (glibc's own timeouts). A hub that breaks the
-protocol (malformed or oversized packets, a flood) is ``unreachable`` with ``MQTT: <reason>``,
-never an exception: see :mod:`defender_setup.agent.mqttclient`, which holds paho. paho is
-driven with ``loop()`` from the caller's thread and starts no thread of its own. Both paho 1.x
-and 2.x (CallbackAPIVersion) are handled; callbacks take ``*args`` because the two APIs differ
-only after the third one.
+alone, for callers that phrase their own line), ``lost``, ``renew`` or ``stopped``.
+
+An attempt (TCP, proxy, TLS, WebSocket upgrade, CONNACK) is over within ``timeout`` seconds,
+name resolution aside (glibc's own timeouts). A hub that breaks the protocol (malformed or
+oversized packets, a flood) is ``unreachable`` with ``MQTT: <reason>``, never an exception:
+see :mod:`defender_setup.agent.mqttclient`, which holds paho. paho is driven with ``loop()``
+from the caller's thread and starts no thread of its own. Both paho 1.x and 2.x
+(CallbackAPIVersion) are handled; callbacks take ``*args`` because the two APIs differ only
+after the third one.
 """
 
 from __future__ import annotations
@@ -28,46 +30,27 @@ from __future__ import annotations
 import socket
 import ssl
 import time
-from dataclasses import dataclass
 
 from defender_setup.agent.mqttclient import Aborter, TlsContext, client_class, load_paho
+
+# Result and the refusal texts live in verdicts; named here too, where callers look for them.
+from defender_setup.agent.verdicts import (  # noqa: F401
+    CERT_ALERTS,
+    Result,
+    certificate_refused,
+    connack_verdict,
+)
 from defender_setup.errors import SetupError
 
-CONNACK_TEXT = {
-    1: "unacceptable protocol version",
-    2: "identifier rejected",
-    3: "server unavailable",
-    4: "bad user name or password",
-    5: "not authorized",
-}
 # paho 2.x reports MQTT 3.1.1 return codes converted to MQTT 5 reason codes.
 # (paho 2 maps every code above 5 to 128 "Unspecified error": the raw code is kept first.)
 _V5_TO_V311 = {132: 1, 133: 2, 134: 4, 135: 5, 136: 3, 137: 3, 140: 5, 159: 3}
-# TLS alerts a server sends about the client's certificate: the hub refuses this identity.
-CERT_ALERTS = {
-    "SSLV3_ALERT_BAD_CERTIFICATE": "bad certificate",
-    "SSLV3_ALERT_UNSUPPORTED_CERTIFICATE": "unsupported certificate",
-    "SSLV3_ALERT_CERTIFICATE_REVOKED": "certificate revoked",
-    "SSLV3_ALERT_CERTIFICATE_EXPIRED": "certificate expired",
-    "SSLV3_ALERT_CERTIFICATE_UNKNOWN": "certificate unknown",
-    "TLSV1_ALERT_UNKNOWN_CA": "unknown CA",
-    "TLSV1_ALERT_ACCESS_DENIED": "access denied",
-    "TLSV13_ALERT_CERTIFICATE_REQUIRED": "certificate required",
-}
 WS_PATH = "/$iothub/websocket"
 KEEPALIVE = 60
 INFLIGHT_MAX = 20
 # Answers (PUBACKs, PINGRESPs) paho may queue for a hub that does not read them: the agent
 # itself has at most INFLIGHT_MAX messages out, so anything near this is a flood.
 BACKLOG_MAX = 1000
-
-
-@dataclass(frozen=True)
-class Result:
-    kind: str
-    text: str = ""
-    answer: str = ""  # rejected: what the hub said ("CONNACK 5, not authorized")
-    cause: str = ""   # rejected: the likely causes, as in ``text`` after its head
 
 
 def _no_password(*_):
@@ -317,38 +300,8 @@ class Session:
                       f"MQTT: {where} closed the connection before answering CONNECT")
 
     def _refused(self, code: int) -> Result:
-        ident = self.link.identity
-        if code not in CONNACK_TEXT:  # MQTT 3.1.1 defines 0-5: not an answer about us
-            return Result("unreachable", f"MQTT: invalid CONNACK return code {code} from "
-                                         f"{self.where} (MQTT 3.1.1 defines 0 to 5)")
-        text = CONNACK_TEXT[code]
-        head = f"hub rejected {ident.name}: {text} (CONNACK {code})"
-        now = self.clock()
-        if code == 3:
-            return Result("unreachable", f"MQTT: hub unavailable ({text}, CONNACK 3)")
-
-        def rejected(cause: str) -> Result:
-            return Result("rejected", f"{head}: {cause}", f"CONNACK {code}, {text}", cause)
-
-        if code == 2:
-            return rejected(f"check DeviceId '{ident.device_id}' and ModuleId "
-                            f"'{ident.module_id}' (IDs are case-sensitive)")
-        if code == 1:
-            return rejected(f"{self.link.host} does not speak MQTT 3.1.1 as IoT Hub does; "
-                            "check HostName/GatewayHostName")
-        from defender_setup.agent import sas
-
-        clock_hint = sas.clock_looks_wrong(now)
-        if clock_hint:
-            return rejected(f"most likely clock skew: {clock_hint}")
-        ids = f"DeviceId '{ident.device_id}', ModuleId '{ident.module_id}' (IDs are case-sensitive)"
-        if self.token is not None:
-            return rejected(f"likely a wrong SharedAccessKey, no module identity {ids}, or clock "
-                            f"skew (token valid until {_iso(self.token.expiry)}, local time "
-                            f"{_iso(now)})")
-        thumb = f" {ident.thumbprint}" if ident.thumbprint else ""
-        return rejected(f"likely the certificate thumbprint{thumb} is not registered for {ids}, "
-                        f"or the certificate is not valid at the local time {_iso(now)}")
+        return connack_verdict(code, self.link.identity, self.link.host, self.where,
+                               self.token, self.clock())
 
     # -- connected -------------------------------------------------------------------------
     def publish_from(self, queue, topic: str) -> None:
@@ -404,17 +357,3 @@ class Session:
         for mid in sorted(self.inflight, reverse=True):
             queue.appendleft(self.inflight[mid])
         self.inflight.clear()
-
-
-def certificate_refused(identity, alert: str, now: float) -> Result:
-    """The hub refused ``identity``'s client certificate with a TLS ``alert`` (a value of
-    :data:`CERT_ALERTS`); also for callers that hear the alert on a connection of their own."""
-    thumb = f" (SHA-1 thumbprint {identity.thumbprint})" if identity.thumbprint else ""
-    cause = (f"the certificate{thumb} or its CA is not registered with the hub, or it is not "
-             f"valid at the local time {_iso(now)}")
-    return Result("rejected", f"hub rejected the client certificate of {identity.name} during "
-                              f"TLS ({alert}): {cause}", f"TLS alert: {alert}", cause)
-
-
-def _iso(stamp: float) -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(stamp))

@@ -149,7 +149,7 @@ RELEASE_PACKAGES = ("python3-paho-mqtt", "python3-pytest", "python3-cryptography
                     "python3-hypothesis", "python3-systemd", "mosquitto", "openssl")
 HUB_TESTS = ("tests/unit/test_hub.py", "tests/unit/test_hub_x509.py", "tests/unit/test_sas.py",
              "tests/unit/test_settings.py", "tests/unit/test_hub_process.py",
-             "tests/unit/test_hub_hostile.py", "tests/unit/test_agent.py")
+             "tests/functional/test_hub_hostile.py", "tests/unit/test_agent.py")
 
 
 def release_image(suite: str):

@@ -4,24 +4,17 @@ line gives the reason of that CONNECT, not of the latest one."""
 import base64
 import time
 
-import pytest
-
 from defender_setup.agent import hub, settings
 from tests.hubsim.__main__ import connect_line
 from tests.hubsim.broker import Broker
-from tests.hubsim.pki import Pki
 from tests.hubsim.sasauth import SasAuth
 
 KEY = base64.b64encode(b"k" * 32).decode()
 WRONG = base64.b64encode(b"w" * 32).decode()
 
 
-@pytest.fixture(scope="module")
-def pki(tmp_path_factory):
-    return Pki(tmp_path_factory.mktemp("pki-hubsim"))
-
-
-def test_refusal_then_acceptance_each_logged_with_its_own_reason(pki):
+def test_refusal_then_acceptance_each_logged_with_its_own_reason(hub_pki):
+    pki = hub_pki
     auth = SasAuth("localhost", {("dev-1", "DefenderIotMicroAgent"): KEY})
     broker = Broker(auth=auth, tls=(pki.server_cert, pki.server_key))
     broker.start()
