@@ -53,6 +53,15 @@ def stop_and_check(agent: Agent, what: str):
     return err
 
 
+def retrying(agent: Agent, hub: HostileHub, timeout: float = 15.0) -> str:
+    """The first ``retrying: hub unreachable`` status, once the agent also tried again."""
+    status = agent.wait_status(lambda s: s.startswith("retrying: hub unreachable ("), timeout)
+    assert status is not None, (agent.messages, agent.proc.poll())
+    assert hub.wait_for(lambda: hub.connections >= 2, 10), "no second attempt"
+    assert agent.proc.poll() is None, "the agent ended"
+    return status
+
+
 @pytest.mark.parametrize("mode,reason", [
     ("malformed", "MQTT: "),
     ("random", "MQTT: "),
@@ -64,11 +73,8 @@ def test_malformed_mqtt_is_unreachable_and_retried(mode, reason, hostile, pki, t
     hub = hostile(mode)
     agent = run_agent(tmp_path / "root", tmp_path, pki, hub.port)
     try:
-        status = agent.wait_status(lambda s: s.startswith("retrying: hub unreachable ("))
-        assert status is not None, (agent.messages, agent.proc.poll())
+        status = retrying(agent, hub)
         assert status.startswith(f"retrying: hub unreachable ({reason}"), status
-        assert hub.wait_for(lambda: hub.connections >= 2, 10), "no second attempt"
-        assert agent.proc.poll() is None, "the agent ended"
         print(f"\n{mode}: {status}; VmRSS {agent.rss_kib() // 1024} MB")
     finally:
         err = stop_and_check(agent, mode)
@@ -79,10 +85,8 @@ def test_huge_announced_length_is_refused_before_it_is_held(hostile, pki, tmp_pa
     hub = hostile("huge")
     agent = run_agent(tmp_path / "root", tmp_path, pki, hub.port)
     try:
-        status = agent.wait_status(lambda s: s.startswith("retrying: hub unreachable ("))
-        assert status is not None, (agent.messages, agent.proc.poll())
+        status = retrying(agent, hub)
         assert "MQTT: " in status and "too large" in status, status
-        assert hub.wait_for(lambda: hub.connections >= 2, 10), "no second attempt"
         peak = 0
         for _ in range(20):  # while the hub goes on announcing and streaming
             peak = max(peak, agent.rss_kib())
@@ -116,36 +120,24 @@ def test_flood_is_cut_off_with_memory_bounded(hostile, pki, tmp_path):
         stop_and_check(agent, "flood")
 
 
-@pytest.mark.parametrize("mode,extra", [
-    ("stall-accept", None),
-    ("stall-tls", None),
-    ("stall-ws", {"transport": "websocket"}),
-    ("stall-connack", None),
-    ("stall-after", None),
-])
-def test_sigterm_while_the_hub_stalls_ends_within_2_s(mode, extra, hostile, pki, tmp_path):
-    hub = hostile(mode)
-    agent = run_agent(tmp_path / "root", tmp_path, pki, hub.port, extra)
+@pytest.mark.parametrize("step", ["stall-accept", "stall-tls", "stall-ws", "stall-connack",
+                                  "stall-after", "stall-proxy"])
+def test_sigterm_while_a_step_stalls_ends_within_2_s(step, hostile, pki, tmp_path):
+    if step == "stall-proxy":  # a proxy that accepts TCP and never answers CONNECT
+        pytest.importorskip("socks")  # python3-socks: a proxy needs it (tools/install-deps)
+        peer = hostile("stall-tls", tls=False)
+        port, extra = 8883, {"proxy": f"http://127.0.0.1:{peer.port}"}
+    else:
+        peer = hostile(step)
+        port, extra = peer.port, {"transport": "websocket"} if step == "stall-ws" else None
+    agent = run_agent(tmp_path / "root", tmp_path, pki, port, extra)
     try:
-        if mode != "stall-accept":
-            assert hub.wait_for(lambda: hub.connections >= 1, 10)
+        if step != "stall-accept":
+            assert peer.wait_for(lambda: peer.connections >= 1, 10)
         time.sleep(1.0)  # well into the stalled step
         assert agent.proc.poll() is None
     finally:
-        stop_and_check(agent, mode)
-
-
-def test_sigterm_while_the_proxy_stalls_ends_within_2_s(hostile, pki, tmp_path):
-    pytest.importorskip("socks")  # python3-socks: a proxy needs it (tools/install-deps)
-    proxy = hostile("stall-tls", tls=False)
-    agent = run_agent(tmp_path / "root", tmp_path, pki, 8883,
-                      {"proxy": f"http://127.0.0.1:{proxy.port}"})
-    try:
-        assert proxy.wait_for(lambda: proxy.connections >= 1, 10)
-        time.sleep(1.0)
-        assert agent.proc.poll() is None
-    finally:
-        stop_and_check(agent, "stall-proxy")
+        stop_and_check(agent, step)
 
 
 def test_stalled_connack_is_reported_and_retried(hostile, pki, tmp_path):

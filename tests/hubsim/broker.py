@@ -126,6 +126,18 @@ class _Raw:
         self.writer.write(data)
 
 
+def wait_until(cond: threading.Condition, predicate, timeout: float) -> bool:
+    """Wait on ``cond`` until ``predicate()`` holds (True) or ``timeout`` passes (False)."""
+    deadline = time.monotonic() + timeout
+    with cond:
+        while not predicate():
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return False
+            cond.wait(min(left, 0.1))
+    return True
+
+
 def _str(buf: bytes, pos: int):
     (n,) = struct.unpack_from("!H", buf, pos)
     return buf[pos + 2:pos + 2 + n], pos + 2 + n
@@ -166,14 +178,7 @@ class Broker:
         self._thread.join(10)
 
     def wait_for(self, predicate, timeout: float = 10.0) -> bool:
-        deadline = time.monotonic() + timeout
-        with self._cond:
-            while not predicate():
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    return False
-                self._cond.wait(min(left, 0.1))
-        return True
+        return wait_until(self._cond, predicate, timeout)
 
     def accepted(self):
         return [c for c in self.connections if c.code == 0]

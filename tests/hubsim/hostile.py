@@ -40,12 +40,20 @@ import socket
 import ssl
 import struct
 import threading
-import time
+
+from tests.hubsim.broker import wait_until
 
 MODES = ("malformed", "random", "random-after", "garbage-connack", "bad-after", "huge", "qos2",
          "flood", "stall-accept", "stall-tls", "stall-ws", "stall-connack", "stall-after")
 HUGE = 256 * 1024 * 1024
 CONNACK_OK = b"\x20\x02\x00\x00"
+MALFORMED = b"\x30\x01\x00"  # a PUBLISH of one byte: too short for its topic's length
+# what a mode answers CONNECT with, or sends after CONNACK 0, for connection number N
+INSTEAD_OF_CONNACK = {"malformed": lambda n: MALFORMED,
+                      "random": lambda n: random.Random(n).randbytes(64),
+                      "garbage-connack": lambda n: b"\x20\x02\xff\xfe"}
+AFTER_CONNACK = {"bad-after": lambda n: MALFORMED,
+                 "random-after": lambda n: random.Random(n).randbytes(64)}
 
 
 def remaining_length(n: int) -> bytes:
@@ -112,14 +120,7 @@ class HostileHub:
                 pass
 
     def wait_for(self, predicate, timeout: float = 10.0) -> bool:
-        deadline = time.monotonic() + timeout
-        with self._cond:
-            while not predicate():
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    return False
-                self._cond.wait(min(left, 0.1))
-        return True
+        return wait_until(self._cond, predicate, timeout)
 
     # -- server threads ---------------------------------------------------------------------
     def _accept(self) -> None:
@@ -157,20 +158,14 @@ class HostileHub:
         self._stop.wait()
 
     def _session(self, sock, number: int) -> None:
-        if self.mode == "stall-tls" or self._ctx is None:
-            return self._hold()
-        if self.mode == "stall-ws":
+        mode = self.mode
+        if mode in ("stall-tls", "stall-ws") or self._ctx is None:
             return self._hold()
         self._read_packet(sock)  # CONNECT
-        mode = self.mode
         if mode == "stall-connack":
             return self._hold()
-        if mode == "malformed":
-            return self._send(sock, b"\x30\x01\x00")
-        if mode == "random":
-            return self._send(sock, random.Random(number).randbytes(64))
-        if mode == "garbage-connack":
-            return self._send(sock, b"\x20\x02\xff\xfe")
+        if mode in INSTEAD_OF_CONNACK:
+            return self._send(sock, INSTEAD_OF_CONNACK[mode](number))
         if mode == "huge":
             self._send(sock, b"\x30" + remaining_length(HUGE - 1) + b"\x00\x05topic")
             chunk = bytes(64 * 1024)
@@ -178,12 +173,10 @@ class HostileHub:
                 self._send(sock, chunk)
             return None
         self._send(sock, CONNACK_OK)
+        if mode in AFTER_CONNACK:
+            return self._send(sock, AFTER_CONNACK[mode](number))
         if mode == "stall-after":
             return self._hold()
-        if mode == "bad-after":
-            return self._send(sock, b"\x30\x01\x00")
-        if mode == "random-after":
-            return self._send(sock, random.Random(number).randbytes(64))
         if mode == "qos2":
             for mid in range(1, 65536):
                 if self._stop.is_set():

@@ -15,7 +15,7 @@ from types import SimpleNamespace
 import pytest
 
 from defender_setup.agent import hub, settings
-from tests.hubsim.broker import Broker
+from tests.hubsim.broker import Broker, wait_until
 from tests.hubsim.pki import Pki
 from tests.hubsim.sasauth import SasAuth
 
@@ -53,14 +53,7 @@ class Notify:
             self.cond.notify_all()
 
     def wait(self, predicate, timeout=15.0):
-        deadline = time.monotonic() + timeout
-        with self.cond:
-            while not predicate():
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    return False
-                self.cond.wait(left)
-        return True
+        return wait_until(self.cond, predicate, timeout)
 
     def everything(self):
         return "\n".join(self.statuses + [line for _, line in self.lines]
