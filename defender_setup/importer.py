@@ -168,9 +168,9 @@ class _Run:
     def find(self, environ, decrypt) -> Offer | None:
         try:
             offer = find_offer(self.root, environ, decrypt)
-        except SetupError as exc:
+        except SetupError as exc:  # unreadable, too large, cannot be decrypted
             self._fail({"time": _now(), "source": None, "from": {}, "identity": None},
-                       "failed", exc)
+                       "invalid" if isinstance(exc, ValidationError) else "failed", exc)
         if offer is None:
             self.say(f"nothing offered (looked for {searched(self.root)}); nothing to do")
             return None

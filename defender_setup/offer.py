@@ -27,8 +27,9 @@ Where an offer is looked for, first match wins:
    ``/boot/defender-setup/``, holding files named as in the agent directory.
 
 Nothing here validates content (that is :mod:`defender_setup.credentials`) and nothing writes
-the agent directory. Every input is a regular file read without following links, with a size
-limit; messages name the credential and path, never the content.
+the agent directory. Every input is read by :func:`defender_setup.inputs.read_file`: a
+regular file (a FIFO never blocks the boot), at most the field's limit; messages name the
+path, never the content.
 """
 
 from __future__ import annotations
@@ -41,7 +42,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .credentials import CERTIFICATE_FILE, CONNECTION_STRING_FILE, PRIVATE_KEY_FILE
-from .errors import InputError, WriteError
+from .errors import CERTIFICATE, CONNECTION_STRING, PRIVATE_KEY, InputError, WriteError
+from .inputs import LIMITS, read_file
 
 # Credential name (DESIGN: fixed) -> the agent directory file it becomes.
 CREDENTIALS = {
@@ -55,10 +57,9 @@ CREDSTORES = ("etc/credstore", "run/credstore")
 ENCRYPTED_CREDSTORES = ("etc/credstore.encrypted", "run/credstore.encrypted")
 DROP_FOLDERS = ("boot/firmware/defender-setup", "boot/defender-setup")
 REJECTED_NOTE = "defender-setup.rejected.txt"
-# A connection string is well under 1 KiB and a PEM chain under 1 MiB; the limits leave room
-# for comments and CRLF, and keep a mistaken huge file from filling memory at boot.
-LIMITS = {CONNECTION_STRING_FILE: 16 * 1024, CERTIFICATE_FILE: 1024 * 1024,
-          PRIVATE_KEY_FILE: 1024 * 1024}
+# The field each file is validated as; inputs.LIMITS bounds what is read for it.
+FIELD_OF = {CONNECTION_STRING_FILE: CONNECTION_STRING, CERTIFICATE_FILE: CERTIFICATE,
+            PRIVATE_KEY_FILE: PRIVATE_KEY}
 DECRYPT_TIMEOUT = 30
 SOURCE_CREDENTIAL = "credential"
 SOURCE_DROP_FOLDER = "drop-folder"
@@ -83,25 +84,6 @@ class Offer:
             places = sorted({str(Path(path).parent) for path in self.where.values()})
             return f"systemd credentials ({', '.join(places)})"
         return f"the drop folder {self.folder}"
-
-
-def read_bounded(path: Path, what: str, limit: int) -> bytes:
-    """A regular file's content, not following links, refusing more than ``limit`` bytes."""
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
-    except FileNotFoundError:
-        raise InputError(f"{what}: {path} disappeared while being read") from None
-    except OSError as exc:
-        raise InputError(f"{what}: cannot read {path}: {exc.strerror} (a symbolic link "
-                         "is not followed)") from None
-    with os.fdopen(fd, "rb") as handle:
-        if not stat.S_ISREG(os.fstat(handle.fileno()).st_mode):
-            raise InputError(f"{what}: {path} is not a regular file")
-        data = handle.read(limit + 1)
-    if len(data) > limit:
-        raise InputError(f"{what}: {path} is larger than {limit} bytes; it cannot be a "
-                         "credential, give the right file")
-    return data
 
 
 def _present(path: Path) -> bool:
@@ -146,7 +128,7 @@ def _find_credentials(root: Path, environ, decrypt) -> Offer | None:
         for directory in _credential_dirs(root, environ):
             path = directory / name
             if _present(path):
-                files[file] = read_bounded(path, f"credential {name}", LIMITS[file])
+                files[file] = read_file(str(path), FIELD_OF[file])
                 where[file] = str(path)
                 break
         else:
@@ -157,9 +139,9 @@ def _find_credentials(root: Path, environ, decrypt) -> Offer | None:
                         raise InputError(f"credential {name}: {path} is encrypted and can only "
                                          "be decrypted on the running system (--root /)")
                     data = decrypt(name, path)
-                    if len(data) > LIMITS[file]:
+                    if len(data) > LIMITS[FIELD_OF[file]]:
                         raise InputError(f"credential {name}: {path} is larger than "
-                                         f"{LIMITS[file]} bytes once decrypted")
+                                         f"{LIMITS[FIELD_OF[file]]} bytes once decrypted")
                     files[file], where[file] = data, str(path)
                     break
     if not files:
@@ -176,7 +158,7 @@ def _find_folder(root: Path) -> Offer | None:
         for file in CREDENTIALS.values():
             path = folder / file
             if _present(path):
-                files[file] = read_bounded(path, str(path), LIMITS[file])
+                files[file] = read_file(str(path), FIELD_OF[file])
                 where[file] = str(path)
         if files:
             return Offer(SOURCE_DROP_FOLDER, files, where, folder=folder)

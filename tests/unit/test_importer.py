@@ -352,3 +352,11 @@ def test_status_and_check_show_the_origin_and_the_last_import(root, importer, ca
     assert checks["last-import"]["status"] == "error"
     assert "credential defender-setup.connection-string" in checks["last-import"]["message"]
     assert checks["credentials-valid"]["status"] == "ok"  # the configured set is untouched
+
+
+def test_an_oversized_credential_is_refused_and_recorded_without_reading_it_all(root, importer):
+    offer_credential(root, NAMES[CS], b"HostName=" + b"x" * 2_000_000)
+    code, out = importer("boot")
+    assert code == 65 and "at most" in out and out.count("\n") == 1
+    assert last_import(root)["result"] == "invalid"
+    assert not (root / "var/defender_iot_micro_agent" / CS).exists()
