@@ -50,7 +50,15 @@ from .credentials import (
     method_of,
     validate,
 )
-from .errors import EX_OK, EX_UNAVAILABLE, ServiceError, SetupError, ValidationError
+from .errors import (
+    CERTIFICATE,
+    EX_OK,
+    EX_UNAVAILABLE,
+    PRIVATE_KEY,
+    ServiceError,
+    SetupError,
+    ValidationError,
+)
 from .offer import (
     Offer,
     clear_folder,
@@ -64,7 +72,7 @@ RECORD = "import.json"
 PENDING = "import.pending"  # defender-setup-import-verify.service's ConditionPathExists=
 VERIFY_UNIT = "defender-setup-import-verify.service"
 # ValidationError.field -> the input it is about; every other field is the connection string's.
-_FILE_OF_FIELD = {"certificate": CERTIFICATE_FILE, "private key": PRIVATE_KEY_FILE}
+_FILE_OF_FIELD = {CERTIFICATE: CERTIFICATE_FILE, PRIVATE_KEY: PRIVATE_KEY_FILE}
 # Results after which an unchanged set need not be recorded again (no write at every boot).
 _SETTLED = ("verified", "unchanged", "written")
 MODES = ("manual", "no-restart", "boot", "boot-verify")
