@@ -10,6 +10,8 @@ errors name the key instead (``HostName``, ``SharedAccessKey``...; see
 :mod:`defender_setup.connection_string`).
 """
 
+from __future__ import annotations
+
 EX_OK = 0
 EX_USAGE = 2
 EX_DATAERR = 65
