@@ -360,3 +360,18 @@ def test_an_oversized_credential_is_refused_and_recorded_without_reading_it_all(
     assert code == 65 and "at most" in out and out.count("\n") == 1
     assert last_import(root)["result"] == "invalid"
     assert not (root / "var/defender_iot_micro_agent" / CS).exists()
+
+
+def test_a_failed_import_superseded_by_a_later_apply_is_a_warning(root, importer, capsys):
+    import json
+    import time
+
+    from defender_setup import cli
+
+    offer_credential(root, NAMES[CS], b"garbage")
+    assert importer("boot")[0] == 65
+    time.sleep(1.1)  # the records have one-second resolution
+    AgentDir(root).write(check_offer(offered(sas()), {}).files, origin="apply")
+    assert cli.main(["check", "--json", "--offline", "--root", str(root)]) == 0
+    check = {c["id"]: c for c in json.loads(capsys.readouterr().out)}["last-import"]
+    assert check["status"] == "warning" and "since configured by apply" in check["message"]
