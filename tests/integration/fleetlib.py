@@ -3,9 +3,9 @@ the questions asked of a booted device.
 
 Interface::
 
-    Fleet(stack, deb, work, registered={device: key}, extra=())   # hubs + golden image
-        .credentials(connection_string=..., certificate=..., private_key=...) -> {id: file}
-        .device(name, credentials) -> harness.Container (its own disk, not started)
+    with running(deb, work, registered={device: key}, extra=()) as fleet:   # hubs + image
+        fleet.credentials(connection_string=..., certificate=..., private_key=...) -> {id: file}
+        fleet.device(name, credentials) -> harness.Container (its own disk, not started)
     boot_all(containers); status_text(ct); failed_units(ct); status_json(ct); checks(ct)
     journal(ct, *journalctl args); agent_starts(ct); files_state(ct); assert_no_secret(ct, ...)
     put(disk, guest path, text); wait_for(predicate, timeout)
@@ -30,7 +30,7 @@ import json
 import os
 import time
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import ExitStack
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 import harness
@@ -119,6 +119,13 @@ class Fleet:
         self.stack.callback(container.stop)
         return container
 
+
+
+@contextmanager
+def running(deb: Path, work: Path, registered: dict, extra: tuple[str, ...] = ()):
+    """A :class:`Fleet` for the length of a ``with`` block (a module fixture's life)."""
+    with ExitStack() as stack:
+        yield Fleet(stack, deb, work, registered, extra)
 
 
 def boot_all(containers) -> None:

@@ -10,7 +10,6 @@ with the import run again while the agent runs, the boot partition's drop folder
 from __future__ import annotations
 
 import re
-from contextlib import ExitStack
 
 import pytest
 from fleetlib import (
@@ -21,7 +20,6 @@ from fleetlib import (
     MODULE,
     UNIT,
     VERIFY,
-    Fleet,
     agent_starts,
     assert_no_secret,
     boot_all,
@@ -31,6 +29,7 @@ from fleetlib import (
     journal,
     key,
     put,
+    running,
     sas_string,
     status_json,
     status_text,
@@ -45,8 +44,8 @@ REGISTERED = {"sas-1": key(1), "sas-2": key(2), "wrong-1": key(3), "rekeyed-1": 
 
 @pytest.fixture(scope="module")
 def fleet(deb, tmp_path_factory):
-    with ExitStack() as stack:
-        yield Fleet(stack, deb, tmp_path_factory.mktemp("fleet"), REGISTERED)
+    with running(deb, tmp_path_factory.mktemp("fleet"), REGISTERED) as the_fleet:
+        yield the_fleet
 
 
 @pytest.fixture(scope="module")

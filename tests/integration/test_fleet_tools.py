@@ -15,29 +15,11 @@ The image is the fleet tests' golden image (fleetlib) on a base that also carrie
 
 from __future__ import annotations
 
-from contextlib import ExitStack
-
+import fleetlib as fl
 import pytest
-from fleetlib import (
-    HUB,
-    IMPORT,
-    MODULE,
-    UNIT,
-    VERIFY,
-    Fleet,
-    assert_no_secret,
-    boot_all,
-    failed_units,
-    journal,
-    key,
-    put,
-    sas_string,
-    status_json,
-    status_text,
-)
 
 TOOLS = ("cloud-init", "ansible-core")
-REGISTERED = {"ci-1": key(21), "ans-1": key(22)}
+REGISTERED = {"ci-1": fl.key(21), "ans-1": fl.key(22)}
 
 USER_DATA = """\
 #cloud-config
@@ -79,56 +61,56 @@ PLAYBOOK = """\
 
 @pytest.fixture(scope="module")
 def fleet(deb, tmp_path_factory):
-    with ExitStack() as stack:
-        yield Fleet(stack, deb, tmp_path_factory.mktemp("fleet-tools"), REGISTERED,
-                    extra=TOOLS)
+    work = tmp_path_factory.mktemp("fleet-tools")
+    with fl.running(deb, work, REGISTERED, extra=TOOLS) as the_fleet:
+        yield the_fleet
 
 
 @pytest.fixture(scope="module")
 def devices(fleet):
     found = {"ci-1": fleet.device("ci-1"), "ans-1": fleet.device("ans-1")}
     seed = "/var/lib/cloud/seed/nocloud"
-    put(found["ci-1"].rootfs, f"{seed}/meta-data", "instance-id: ci-1\nlocal-hostname: ci-1\n",
-        mode=0o600)
-    put(found["ci-1"].rootfs, f"{seed}/user-data", USER_DATA.format(
-        connection_string=sas_string("ci-1", REGISTERED["ci-1"])), mode=0o600)
-    boot_all(list(found.values()))
+    fl.put(found["ci-1"].rootfs, f"{seed}/meta-data",
+           "instance-id: ci-1\nlocal-hostname: ci-1\n", mode=0o600)
+    fl.put(found["ci-1"].rootfs, f"{seed}/user-data", USER_DATA.format(
+        connection_string=fl.sas_string("ci-1", REGISTERED["ci-1"])), mode=0o600)
+    fl.boot_all(list(found.values()))
     return found
 
 
 def test_cloud_init_write_files_gives_the_device_its_identity_at_first_boot(devices):
     ct = devices["ci-1"]
-    assert status_text(ct) == f"connected to {HUB} as ci-1/{MODULE}", \
-        journal(ct, "-u", "cloud-init", "-u", IMPORT, "-u", VERIFY)
+    assert fl.status_text(ct) == f"connected to {fl.HUB} as ci-1/{fl.MODULE}", \
+        fl.journal(ct, "-u", "cloud-init", "-u", fl.IMPORT, "-u", fl.VERIFY)
     status = ct.run(["cloud-init", "status", "--long"], check=False).stdout
     assert "status: done" in status, status
-    assert failed_units(ct) == []
+    assert fl.failed_units(ct) == []
     assert ct.run(["stat", "-c", "%a %U", "/run/credstore/defender-setup.connection-string"]
                   ).stdout.strip() == "600 root"
-    report = status_json(ct)
+    report = fl.status_json(ct)
     assert report["origin"]["source"] == "credential"
     assert report["last_import"]["result"] == "verified"
     # the import ran after cloud-init.service had written the file
-    after = ct.run(["systemctl", "show", "-p", "After", IMPORT]).stdout
+    after = ct.run(["systemctl", "show", "-p", "After", fl.IMPORT]).stdout
     assert "cloud-init.service" in after
-    assert_no_secret(ct, REGISTERED["ci-1"])
+    fl.assert_no_secret(ct, REGISTERED["ci-1"])
 
 
 def test_ansible_debconf_password_then_dpkg_reconfigure(devices):
     ct = devices["ans-1"]
     secret = REGISTERED["ans-1"]
     ct.copy_in(PLAYBOOK, "/root/play.yml", mode=0o644)
-    ct.copy_in(f'defender_connection_string: "{sas_string("ans-1", secret)}"\n',
+    ct.copy_in(f'defender_connection_string: "{fl.sas_string("ans-1", secret)}"\n',
                "/root/device-secrets.yml")
     run = ct.run(["ansible-playbook", "-i", "localhost,", "/root/play.yml"], check=False,
                  timeout=300, env={"ANSIBLE_NOCOLOR": "1"})
     out = run.stdout + run.stderr
     assert run.returncode == 0, out
     assert secret not in out  # no_log
-    assert status_text(ct) == f"connected to {HUB} as ans-1/{MODULE}", out
-    assert status_json(ct)["origin"]["source"] == "debconf"
+    assert fl.status_text(ct) == f"connected to {fl.HUB} as ans-1/{fl.MODULE}", out
+    assert fl.status_json(ct)["origin"]["source"] == "debconf"
     for db in ("/var/cache/debconf/config.dat", "/var/cache/debconf/passwords.dat"):
         assert secret not in ct.read(db), db  # password type, cleared once written
-    assert failed_units(ct) == []
-    assert ct.show(UNIT, "NRestarts")["NRestarts"] == "0"
-    assert_no_secret(ct, secret)
+    assert fl.failed_units(ct) == []
+    assert ct.show(fl.UNIT, "NRestarts")["NRestarts"] == "0"
+    fl.assert_no_secret(ct, secret)
