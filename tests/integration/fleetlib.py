@@ -128,9 +128,13 @@ def running(deb: Path, work: Path, registered: dict, extra: tuple[str, ...] = ()
         yield Fleet(stack, deb, work, registered, extra)
 
 
+BOOT_TIMEOUT = 240  # s; six devices booting at once on a 2-core machine others share too
+
+
 def boot_all(containers) -> None:
+    """Start the devices in parallel; each boot (import and verification included) is bounded."""
     with ThreadPoolExecutor(max_workers=len(containers)) as pool:
-        for future in [pool.submit(c.start) for c in containers]:
+        for future in [pool.submit(c.start, BOOT_TIMEOUT) for c in containers]:
             future.result()
 
 

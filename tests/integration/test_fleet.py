@@ -14,6 +14,7 @@ import re
 import pytest
 from fleetlib import (
     AGENT_DIR,
+    BOOT_TIMEOUT,
     CS,
     HUB,
     IMPORT,
@@ -153,7 +154,7 @@ def test_reboot_with_the_same_credential_writes_and_restarts_nothing(fleet, devi
     before = files_state(ct)
     accepted = len(fleet.hub.accepted())
     ct.stop()
-    ct.start()
+    ct.start(BOOT_TIMEOUT)
     assert "nothing written, nothing restarted" in journal(ct, "-u", IMPORT)
     assert files_state(ct) == before  # no credential, no record rewritten
     assert agent_starts(ct) == 1
@@ -168,7 +169,7 @@ def test_reboot_with_a_new_credential_rekeys_the_device(fleet, devices):
     ct.stop()
     ct.credentials = fleet.credentials(
         connection_string=sas_string("rekeyed-1", REGISTERED["rekeyed-1"]))
-    ct.start()
+    ct.start(BOOT_TIMEOUT)
     assert status_text(ct) == f"connected to {HUB} as rekeyed-1/{MODULE}", \
         journal(ct, "-u", IMPORT, "-u", VERIFY)
     report = status_json(ct)
