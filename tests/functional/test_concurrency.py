@@ -33,7 +33,7 @@ import pytest
 
 from tests import certfactory
 
-pytestmark = pytest.mark.allow_subprocess
+pytestmark = pytest.mark.allow_subprocess("python3", "unshare")
 
 REPO = Path(__file__).resolve().parents[2]
 # Run until TARGET_OPERATIONS commands ran (about 20 s on 2 idle cores) or MIXED_SECONDS

@@ -17,7 +17,9 @@ from types import SimpleNamespace
 
 import pytest
 
+from defender_setup import credentials
 from defender_setup.agent.runtime import ERR, Runtime, identity
+from defender_setup.agentdir import AgentDir
 from defender_setup.errors import EX_CONFIG, ValidationError
 
 REPO = Path(__file__).resolve().parents[2]
@@ -207,10 +209,8 @@ KEY = "c2VjcmV0LWtleS1mb3ItdGVzdHMtb25seS0xMjM0NTY="  # test-only, base64 of a d
 
 
 def write_connection_string(root, text):
-    agentdir = pytest.importorskip("defender_setup.agentdir")
-    credentials = pytest.importorskip("defender_setup.credentials")
     validated = credentials.validate("connection-string", text.encode(), None, None)
-    agentdir.AgentDir(root).write(validated.files)
+    AgentDir(root).write(validated.files)
 
 
 def start_agent(root, tmp_path):
@@ -228,7 +228,7 @@ def start_agent(root, tmp_path):
     return proc, sock
 
 
-@pytest.mark.allow_subprocess
+@pytest.mark.allow_subprocess("python3")
 def test_process_ready_reload_and_stop(tmp_path):
     write_connection_string(
         tmp_path,
@@ -253,10 +253,8 @@ def test_process_ready_reload_and_stop(tmp_path):
     assert KEY not in err and "Traceback" not in err
 
 
-@pytest.mark.allow_subprocess
+@pytest.mark.allow_subprocess("python3")
 def test_process_unconfigured_exits_78_in_one_line(tmp_path):
-    pytest.importorskip("defender_setup.agentdir")
-    pytest.importorskip("defender_setup.credentials")
     proc, sock = start_agent(tmp_path, tmp_path)
     _, err = proc.communicate(timeout=10)
     sock.close()

@@ -200,6 +200,11 @@ def root(tmp_path) -> Path:
     return path
 
 
+# What the debconf fixture runs: perl and debconf's tools, then our scripts under the frontend.
+DEBCONF = ("perl", "debconf-set-selections", "debconf-show", "defender-setup.config",
+           "defender-setup.postinst")
+
+
 @pytest.fixture
 def debconf(root, tmp_path):
     """A private debconf database under ``root`` (DPKG_ROOT) with the package's templates."""
@@ -279,7 +284,7 @@ def _seed(question, kind, value):
     return f"defender-setup defender-setup/{question} {kind} {value}"
 
 
-@pytest.mark.allow_subprocess
+@pytest.mark.allow_subprocess(*DEBCONF)
 def test_apply_writes_and_clears_the_secret(debconf, root):
     debconf.preseed([_seed("auth-method", "select", "connection-string"),
                      _seed("connection-string", "password", CS)])
@@ -294,7 +299,7 @@ def test_apply_writes_and_clears_the_secret(debconf, root):
     assert debconf.get("device-id") == "dev1"  # identity synced for dpkg-reconfigure
 
 
-@pytest.mark.allow_subprocess
+@pytest.mark.allow_subprocess(*DEBCONF)
 def test_check_reports_question_field_and_reason_without_the_secret(debconf, root):
     bad = CS.replace(KEY, "“" + KEY[:-4] + "!!!”")
     debconf.preseed([_seed("auth-method", "select", "connection-string"),
@@ -307,7 +312,7 @@ def test_check_reports_question_field_and_reason_without_the_secret(debconf, roo
     assert not (root / "var").exists()
 
 
-@pytest.mark.allow_subprocess
+@pytest.mark.allow_subprocess(*DEBCONF)
 def test_apply_failure_changes_nothing_and_still_clears_the_secret(debconf, root):
     debconf.preseed([_seed("auth-method", "select", "connection-string"),
                      _seed("connection-string", "password", CS.replace("DeviceId=", "Dev="))])
@@ -319,7 +324,7 @@ def test_apply_failure_changes_nothing_and_still_clears_the_secret(debconf, root
     assert KEY.encode() not in debconf.database()
 
 
-@pytest.mark.allow_subprocess
+@pytest.mark.allow_subprocess(*DEBCONF)
 def test_config_noninteractive_invalid_preseed_leaves_it_to_the_postinst(debconf):
     """The real config script before unpacking (no helper): it cannot show the error, so it
     finishes quietly; failing would make debconf drop its changes and keep the secret."""
@@ -338,7 +343,7 @@ def test_config_noninteractive_invalid_preseed_leaves_it_to_the_postinst(debconf
     assert KEY.encode() not in debconf.database()
 
 
-@pytest.mark.allow_subprocess
+@pytest.mark.allow_subprocess(*DEBCONF)
 def test_config_empties_the_error_it_could_not_show(debconf):
     config = debconf.dir / "defender-setup.config"
     shutil.copy(REPO / "debian" / "defender-setup.config", config)
@@ -348,7 +353,7 @@ def test_config_empties_the_error_it_could_not_show(debconf):
     assert set(debconf.variables("defender-setup/invalid").values()) <= {""}
 
 
-@pytest.mark.allow_subprocess
+@pytest.mark.allow_subprocess(*DEBCONF)
 def test_config_shows_the_error_then_empties_it(debconf):
     """Teletype: a wrong answer is re-asked with the error, which is not kept in config.dat
     (the strict-verify question is below debconf's default priority here, so not asked)."""
@@ -366,7 +371,7 @@ def test_config_shows_the_error_then_empties_it(debconf):
     assert token[:8].encode() not in dump and KEY.encode() not in dump
 
 
-@pytest.mark.allow_subprocess
+@pytest.mark.allow_subprocess(*DEBCONF)
 def test_config_without_answers_succeeds(debconf):
     config = debconf.dir / "defender-setup.config"
     shutil.copy(REPO / "debian" / "defender-setup.config", config)
@@ -375,7 +380,7 @@ def test_config_without_answers_succeeds(debconf):
     assert debconf.get("auth-method") == "later"
 
 
-@pytest.mark.allow_subprocess
+@pytest.mark.allow_subprocess(*DEBCONF)
 def test_config_loads_current_identity(debconf, root):
     agent = root / "var" / "defender_iot_micro_agent"
     agent.mkdir(parents=True, mode=0o700)
@@ -415,7 +420,7 @@ def _sas_answers(key: str, probe: str = "true"):
             _seed("probe-hub", "boolean", probe)]
 
 
-@pytest.mark.allow_subprocess
+@pytest.mark.allow_subprocess(*DEBCONF)
 def test_check_reasks_a_key_the_hub_refuses_with_its_answer(debconf, root, test_hub):
     from .hubroot import WRONG_KEY
 
@@ -431,7 +436,7 @@ def test_check_reasks_a_key_the_hub_refuses_with_its_answer(debconf, root, test_
     assert not (root / "var").exists()
 
 
-@pytest.mark.allow_subprocess
+@pytest.mark.allow_subprocess(*DEBCONF)
 def test_apply_of_a_refused_key_fails_before_writing(debconf, root, test_hub):
     from .hubroot import WRONG_KEY
 
@@ -448,7 +453,7 @@ def test_apply_of_a_refused_key_fails_before_writing(debconf, root, test_hub):
     assert WRONG_KEY.encode() not in debconf.database()  # cleared all the same
 
 
-@pytest.mark.allow_subprocess
+@pytest.mark.allow_subprocess(*DEBCONF)
 def test_apply_of_an_accepted_key_writes_it(debconf, root, test_hub):
     from .hubroot import KEY as HUB_KEY
 
@@ -459,7 +464,7 @@ def test_apply_of_an_accepted_key_writes_it(debconf, root, test_hub):
     assert HUB_KEY.encode() in AgentDir(root).current()[CONNECTION_STRING_FILE]
 
 
-@pytest.mark.allow_subprocess
+@pytest.mark.allow_subprocess(*DEBCONF)
 def test_probe_hub_false_writes_without_asking_the_hub(debconf, root, test_hub):
     from .hubroot import WRONG_KEY
 
@@ -472,7 +477,7 @@ def test_probe_hub_false_writes_without_asking_the_hub(debconf, root, test_hub):
     assert WRONG_KEY.encode() in AgentDir(root).current()[CONNECTION_STRING_FILE]
 
 
-@pytest.mark.allow_subprocess
+@pytest.mark.allow_subprocess(*DEBCONF)
 def test_unchanged_credentials_are_not_tried_again(debconf, root, test_hub):
     # a second connection as the same identity would knock the running agent off the hub
     from .hubroot import KEY as HUB_KEY

@@ -330,7 +330,7 @@ def test_os_release(tmp_path):
     assert hub.os_release(tmp_path / "nothing") == "unknown"
 
 
-@pytest.mark.allow_subprocess
+@pytest.mark.allow_subprocess("openssl")
 def test_default_trust_is_the_system_ca_directory(pki, run, tmp_path, monkeypatch):
     # No ca_file: the hub's CA is found through the hashed CA directory, read lazily
     # (SSL_CERT_DIR points OpenSSL's default directory at a test copy).

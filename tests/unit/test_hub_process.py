@@ -13,7 +13,7 @@ from tests.hubsim.broker import Broker
 from tests.hubsim.pki import Pki
 from tests.hubsim.sasauth import SasAuth
 
-pytestmark = pytest.mark.allow_subprocess
+pytestmark = pytest.mark.allow_subprocess("python3")
 
 
 @pytest.fixture(scope="module")

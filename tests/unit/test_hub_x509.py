@@ -11,7 +11,7 @@ from tests.hubsim.pki import Pki
 from tests.unit.test_hub import DEVICE, MODULE, started
 
 pytestmark = [
-    pytest.mark.allow_subprocess,
+    pytest.mark.allow_subprocess("mosquitto"),
     pytest.mark.skipif(not shutil.which(MOSQUITTO), reason="mosquitto is not installed"),
 ]
 

@@ -159,7 +159,7 @@ def importer(root, tmp_path, monkeypatch):
     return Importer(root, tmp_path, monkeypatch)
 
 
-pytestmark = pytest.mark.allow_subprocess  # the fake systemctl is a process
+pytestmark = pytest.mark.allow_subprocess("systemctl")  # the fake systemctl is a process
 
 
 def test_nothing_offered_does_nothing(root, importer):

@@ -27,6 +27,7 @@ def test_exclusive_creates_a_private_file_with_our_pid_and_is_reentrant(path):
         pass
 
 
+@pytest.mark.allow_subprocess("fork")
 def test_a_second_process_waits_a_bounded_time_and_learns_who_holds_it(path):
     with Holder(path) as pid:
         started = time.monotonic()
@@ -39,6 +40,7 @@ def test_a_second_process_waits_a_bounded_time_and_learns_who_holds_it(path):
     assert f"pid {pid}" in str(err.value) and "--lock-timeout" in str(err.value)
 
 
+@pytest.mark.allow_subprocess("fork")
 def test_readers_wait_for_a_writer_and_writers_for_readers(path):
     with Holder(path, "exclusive"):
         with pytest.raises(BusyError):
@@ -58,6 +60,7 @@ def test_shared_never_creates_the_file(path):
     assert not path.exists()
 
 
+@pytest.mark.allow_subprocess("fork")
 def test_a_killed_holder_leaves_no_stale_lock(path):
     holder = Holder(path)
     with holder:
@@ -95,6 +98,7 @@ def test_a_fifo_as_lock_file_is_refused_without_hanging(path):
             pass
 
 
+@pytest.mark.allow_subprocess("fork")
 def test_a_waiting_writer_is_not_starved_by_new_readers(path):
     import threading
 

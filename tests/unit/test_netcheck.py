@@ -13,7 +13,6 @@ import shutil
 import socket
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from pathlib import Path
@@ -24,6 +23,7 @@ from defender_setup import checks, netcheck
 from tests.hubsim.mosquitto import MOSQUITTO, Mosquitto, free_port
 from tests.hubsim.pki import Pki
 from tests.hubsim.proxy import ConnectProxy
+from tests.nobody import run_as_nobody, shared_tmpdir
 
 from .hubroot import (
     DEVICE,
@@ -292,7 +292,7 @@ def test_unconfigured_skips_the_network_checks(root):
 
 # -- X.509 against mosquitto ------------------------------------------------------------------
 @pytest.mark.parametrize("registered", [True, False])
-@pytest.mark.allow_subprocess
+@pytest.mark.allow_subprocess("mosquitto")
 @pytest.mark.skipif(not shutil.which(MOSQUITTO), reason="mosquitto is not installed")
 def test_certificate_identity(hub_pki, root, tmp_path, registered):
     cert, key = (hub_pki.client if registered else hub_pki.stranger)(f"{DEVICE}/{MODULE}")
@@ -311,20 +311,15 @@ def test_certificate_identity(hub_pki, root, tmp_path, registered):
 
 
 # -- the command line --------------------------------------------------------------------------
-@pytest.mark.allow_subprocess
+@pytest.mark.allow_subprocess("setpriv", "python3")
 def test_check_as_another_user_says_it_needs_root(hub_pki):
-    if os.geteuid() != 0 or not shutil.which("setpriv"):
-        pytest.skip("needs root to drop to nobody")
-    top = Path(tempfile.mkdtemp(prefix="check-nonroot-"))
+    if os.geteuid() != 0:
+        pytest.skip("needs root: the agent directory must be root's")
+    top = shared_tmpdir()
     try:
-        top.chmod(0o755)
         store(top, validated(sas_text()))   # the agent directory is root's, 0700
         before = snapshot(top)
-        r = subprocess.run(["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups",
-                            sys.executable, "-m", "defender_setup", "check", "--root", str(top)],
-                           cwd=REPO, env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(REPO),
-                                          "PYTHONDONTWRITEBYTECODE": "1"},
-                           capture_output=True, text=True, timeout=30)
+        r = run_as_nobody([sys.executable, "-m", "defender_setup", "check", "--root", str(top)])
         assert r.returncode == 77, r
         assert r.stderr.startswith("defender-setup: check needs root: the credentials in "), r
         assert "sudo defender-setup check" in r.stderr
@@ -349,7 +344,7 @@ def test_cli_check_exit_code_and_json_shape(hub_pki, sas_broker, root, capsys):
     assert "no check named hub-nonsense" in err
 
 
-@pytest.mark.allow_subprocess
+@pytest.mark.allow_subprocess("unshare")
 def test_silent_name_server_is_bounded(hub_pki, root, tmp_path):
     # glibc alone waits 20 s and more for a name server that never answers; a private mount
     # namespace gives `check` a resolv.conf naming a UDP socket that never does

@@ -139,7 +139,7 @@ def certificate_set(cert_path, key_path):
 
 
 @x509
-@pytest.mark.allow_subprocess
+@pytest.mark.allow_subprocess("mosquitto")
 def test_registered_certificate_is_accepted_from_memory(hub_pki, mosquitto, root):
     configure(root, hub_pki, port=mosquitto.port)
     before = snapshot(root)
@@ -149,7 +149,7 @@ def test_registered_certificate_is_accepted_from_memory(hub_pki, mosquitto, root
 
 
 @x509
-@pytest.mark.allow_subprocess
+@pytest.mark.allow_subprocess("mosquitto")
 def test_unknown_certificate_is_refused_naming_the_certificate(hub_pki, mosquitto, root):
     configure(root, hub_pki, port=mosquitto.port)
     cert, key = hub_pki.stranger(f"{DEVICE}/{MODULE}")

@@ -11,7 +11,7 @@ from defender_setup.errors import ServiceError
 from defender_setup.service import Service, UnitState
 from tests.unit.fake_systemd import FakeSystemd, failed, running
 
-pytestmark = pytest.mark.allow_subprocess
+pytestmark = pytest.mark.allow_subprocess("systemctl")
 
 
 def test_parse_and_describe():

@@ -16,7 +16,7 @@ from defender_setup.service import Service
 from defender_setup.verify import STABILITY_WINDOW, restart_and_verify
 from tests.unit.fake_systemd import FakeSystemd, failed, running
 
-pytestmark = pytest.mark.allow_subprocess
+pytestmark = pytest.mark.allow_subprocess("systemctl", "policy-rc.d")
 
 KEY_A = "QUFBQUFBQUFBQUFBQUFBQUFBQUFBQUFBQUFBQUFBQUE="  # test-only dummy keys
 KEY_B = "QkJCQkJCQkJCQkJCQkJCQkJCQkJCQkJCQkJCQkJCQkI="
