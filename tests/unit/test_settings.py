@@ -1,6 +1,7 @@
 """defender_setup.agent.settings: conf.json defaults, validation, one-line errors."""
 
 import json
+import os
 import shutil
 import sys
 
