@@ -84,7 +84,7 @@ def test_apply_then_status_shows_identity_thumbprints_and_modes(run, cert_inputs
     code, out, err = run("apply", "--no-restart", *run.inputs(cert_inputs))
     assert code == 0, err
     thumbprint = cert_inputs.validated().certificate.sha1_thumbprint
-    assert f"\nSHA-1 thumbprint: {thumbprint}\n" in out
+    assert f"\n  SHA-1 thumbprint: {thumbprint}\n" in out
     code, out, err = run("status")
     assert code == 0
     assert f"module:          {MODULE}" in out and "method:          certificate" in out
