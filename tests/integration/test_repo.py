@@ -139,9 +139,11 @@ def test_upgrade_with_the_agent_failing_does_not_fail_the_dpkg_run(
     use_repository(ct, repo, suite)
     apt_update(ct)
     point_at_hub(ct, pki, hub)
-    # A key the hub refuses: the agent exits 76 and is not restarted (bad credentials).
+    # A key the hub refuses: the agent exits 76 and is not restarted (bad credentials). The
+    # pre-flight probe, which would refuse the key before writing it, is turned off.
     ct.preseed(preseed.for_connection_string(
-        connection_string(preseed, "good-dev", preseed.sas_key(7))))
+        connection_string(preseed, "good-dev", preseed.sas_key(7)))
+        + [preseed.line("probe-hub", "boolean", "false")])
     result = apt(ct, "install", "--no-install-recommends", "defender-setup")
     assert "VERIFICATION FAILED" in result.stdout + result.stderr
     assert ct.show(UNIT, "ActiveState")["ActiveState"] == "failed"
