@@ -4,7 +4,7 @@ PY      := /usr/bin/python3
 SHELL   := /bin/bash
 
 .DEFAULT_GOAL := help
-.PHONY: help deps deb repo test test-unit test-integration lint bench demo clean
+.PHONY: help deps deb repo test test-full test-unit test-integration lint bench demo clean
 
 help: ## show this help
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-17s %s\n", $$1, $$2}'
@@ -19,6 +19,9 @@ repo: deb ## signed apt repository in repo/ (reprepro; REPO_KEY=<fingerprint>, e
 	tools/make-repo --out repo $(if $(REPO_KEY),--key $(REPO_KEY)) deb_dist/defender-setup_*_all.deb
 
 test: deps test-unit test-functional test-integration ## run all tests (unit, real-process, then the .deb in booted containers)
+
+test-full: deps test-unit test-functional deb ## all tests, the booted ones on Debian 11, 12 and 13 each
+	DEFENDER_SETUP_SUITES="bullseye bookworm trixie" tools/integration-test
 
 test-unit: ## unit tests only (seconds, no root needed)
 	$(PY) -m pytest -q tests/unit

@@ -4,7 +4,8 @@
                $DEFENDER_SETUP_DEB)
     deb_dir    (session) a host directory holding only that .deb (bound at /srv/deb)
     deb_next   (session) the same package built as Debian revision -2 (upgrade tests)
-    base       (session) the cached base rootfs (harness.base_image())
+    suite      (session) the Debian release of the booted tests, one of ``SUITES``
+    base       (session) the cached base rootfs of that release (harness.base_image())
     booted     a started Container of ``base`` (volatile overlay) with the .deb at /srv/deb,
                not yet installed: ``booted.install_deb(preseed=[...])``
     boot       a factory: ``boot(rootfs, volatile=True)`` -> started Container, stopped at
@@ -36,6 +37,11 @@ import aptrepo  # noqa: E402
 import harness  # noqa: E402
 
 UNIT = "defender-iot-micro-agent.service"
+ALL_SUITES = ("bullseye", "bookworm", "trixie")
+# The releases the booted tests run on: bookworm (make test), or all three (make test-full
+# sets DEFENDER_SETUP_SUITES="bullseye bookworm trixie"). Tests that use ``base``, ``booted``
+# or ``suite`` follow it.
+SUITES = tuple(os.environ.get("DEFENDER_SETUP_SUITES", harness.SUITE).split())
 AGENT_DIR = "/var/defender_iot_micro_agent"
 
 
@@ -71,9 +77,14 @@ def deb_next(deb, tmp_path_factory) -> Path:
     return harness.build_deb(revision=2, dist_dir=tmp_path_factory.mktemp("next") / "dist")
 
 
+@pytest.fixture(scope="session", params=SUITES)
+def suite(request) -> str:
+    return request.param
+
+
 @pytest.fixture(scope="session")
-def base() -> Path:
-    return harness.base_image()
+def base(suite) -> Path:
+    return harness.base_image(suite=suite)
 
 
 @pytest.fixture

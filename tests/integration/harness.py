@@ -4,7 +4,7 @@ Interface (the fixtures in ``conftest.py`` wrap these; see docs/testing.md)::
 
     build_deb(revision=None, dist_dir=None) -> Path   # tools/build-deb, or $DEFENDER_SETUP_DEB
     base_image(extra=(), suite="bookworm") -> Path    # cached rootfs: systemd + dependencies
-    build_image(dest, deb, preseed=(), files={}, extra=()) -> CompletedProcess
+    build_image(dest, deb, preseed=(), files={}, extra=(), suite="bookworm")
     device_disk(layers, name) -> context manager yielding a copy-on-write rootfs (overlayfs)
     install_layer(base, deb, dest) -> CompletedProcess   # the .deb as an image layer
         # Recipe A: mmdebstrap installs the .deb in a chroot (no systemd, policy-rc.d 101)
@@ -122,7 +122,7 @@ def _mmdebstrap(dest: Path, options: list[str], suite: str = SUITE
 
 
 def build_image(dest: Path, deb: Path, preseed=(), files: dict | None = None,
-                extra: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
+                extra: tuple[str, ...] = (), suite: str = SUITE) -> subprocess.CompletedProcess:
     """Recipe A: an image with the .deb installed unattended in a chroot.
 
     :param preseed: debconf-set-selections lines, applied before the package is installed.
@@ -149,7 +149,7 @@ def build_image(dest: Path, deb: Path, preseed=(), files: dict | None = None,
         # --verbose: the maintainer scripts' messages are part of what the tests check.
         return _mmdebstrap(Path(dest), ["--verbose", f"--include={packages},{deb}",
                                         "--hook-dir=/usr/share/mmdebstrap/hooks/"
-                                        "file-mirror-automount", *hooks])
+                                        "file-mirror-automount", *hooks], suite)
 
 
 @contextmanager

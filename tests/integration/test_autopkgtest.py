@@ -12,13 +12,11 @@ import re
 import subprocess
 
 import harness
-import pytest
 from aptrepo import DEBIAN_SOURCES
 
 TESTS = ("unconfigured-install", "hub-lifecycle")
 
 
-@pytest.mark.parametrize("suite", ["bookworm"])
 def test_autopkgtest_null_in_a_booted_container(suite, deb, boot, tmp_path):
     dsc = next(deb.parent.glob("defender-setup_*.dsc"))
     source = tmp_path / "source"

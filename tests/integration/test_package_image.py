@@ -44,11 +44,11 @@ def assert_first_boot_healthy(ct) -> None:
     assert "dev1" in status
 
 
-def test_image_with_connection_string(deb, image_dir, boot, preseed):
+def test_image_with_connection_string(deb, image_dir, boot, preseed, suite):
     key = preseed.sas_key(11)
     result = harness.build_image(image_dir, deb,
                                  preseed=preseed.for_connection_string(
-                                     preseed.connection_string(key=key)))
+                                     preseed.connection_string(key=key)), suite=suite)
     assert "restart skipped" in result.stdout + result.stderr
     assert key not in result.stdout + result.stderr
     assert (image_dir / AGENT_DIR.lstrip("/") / "connection_string.txt").exists()
@@ -56,10 +56,11 @@ def test_image_with_connection_string(deb, image_dir, boot, preseed):
     assert_first_boot_healthy(boot(image_dir))
 
 
-def test_image_with_certificate(deb, image_dir, boot, preseed, identity):
+def test_image_with_certificate(deb, image_dir, boot, preseed, identity, suite):
     cert, key = identity(cn="dev1")
     result = harness.build_image(image_dir, deb, preseed=preseed.for_certificate(),
-                                 files={"/root/device.pem": cert, "/root/device.key": key})
+                                 files={"/root/device.pem": cert, "/root/device.key": key},
+                                 suite=suite)
     assert "restart skipped" in result.stdout + result.stderr
     agent = image_dir / AGENT_DIR.lstrip("/")
     assert (agent / "certificate_private.pem").read_bytes().strip() == key.strip()

@@ -51,7 +51,6 @@ def test_shellcheck_maintainer_scripts():
 
 
 @needs("piuparts")
-@pytest.mark.parametrize("suite", ["bookworm"])
 def test_piuparts_install_purge_and_upgrade_from_the_previous_revision(
         suite, deb, deb_next, apt_repo, public_dir):
     """The previous revision (-1) is in a signed repository; the new one (-2) is tested.

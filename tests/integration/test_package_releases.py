@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import harness
 import pytest
-from conftest import AGENT_DIR
+from conftest import AGENT_DIR, SUITES
 from test_package import VERDICT, journal_cursor, put_identity, reconfigure, starts_since, state
 
 
-@pytest.mark.parametrize("suite", ["bullseye", "trixie"])
+# The full matrix (make test-full) runs every booted test there already.
+@pytest.mark.parametrize("suite", [s for s in ("bullseye", "trixie") if s not in SUITES])
 def test_install_reconfigure_purge(suite, boot, preseed, identity):
     ct = boot(harness.base_image(suite=suite))
     result = ct.install_deb(preseed.for_connection_string())
