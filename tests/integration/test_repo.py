@@ -87,7 +87,7 @@ class Upgrade:
         assert status(ct)["StatusText"].startswith("connected to"), status(ct)
 
 
-def test_install_from_repository_then_apt_upgrade_stays_connected(
+def test_install_from_repository_apt_upgrade_then_remove_and_install_keep_the_identity(
         suite, base, boot, apt_repo, deb, deb_next, pki, hub, preseed):
     repo = apt_repo()
     repo.publish(deb)
@@ -102,6 +102,14 @@ def test_install_from_repository_then_apt_upgrade_stays_connected(
     assert VERDICT in result.stdout + result.stderr
     upgrade.check(installed_version(ct))
     assert installed_version(ct).endswith("-2")
+
+    # apt remove keeps the credentials; installing again, with no answers, uses them.
+    apt(ct, "remove", "defender-setup")
+    assert ct.show(UNIT, "ActiveState")["ActiveState"] in ("inactive", "failed")
+    reinstall = Upgrade(ct, hub)
+    result = apt(ct, "install", "--no-install-recommends", "defender-setup")
+    assert VERDICT in result.stdout + result.stderr
+    reinstall.check(installed_version(ct))
 
 
 def test_unattended_upgrades_installs_the_new_revision_once_allowed(
@@ -151,21 +159,6 @@ def test_upgrade_with_the_agent_failing_does_not_fail_the_dpkg_run(
                   ).stdout == "install ok installed"
     assert ct.run(["dpkg", "--audit"]).stdout == ""
     assert preseed.sas_key(7) not in out
-
-
-def test_remove_then_install_keeps_the_identity(suite, base, boot, apt_repo, deb, pki, hub,
-                                                preseed):
-    repo = apt_repo()
-    repo.publish(deb)
-    ct = boot(base)
-    install_connected(ct, repo, suite, pki, hub, preseed)
-    apt(ct, "remove", "defender-setup")
-    assert ct.show(UNIT, "ActiveState")["ActiveState"] in ("inactive", "failed")
-
-    reinstall = Upgrade(ct, hub)
-    result = apt(ct, "install", "--no-install-recommends", "defender-setup")  # no answers
-    assert VERDICT in result.stdout + result.stderr
-    reinstall.check(installed_version(ct))
 
 
 @pytest.mark.parametrize("suite", ALL_SUITES)  # cheap: no install
