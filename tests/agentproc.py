@@ -4,7 +4,7 @@ Interface::
 
     configure(root, pki, port, key=KEY, extra=None)   # SAS credentials through AgentDir,
                                                       # conf.json trusting the test CA
-                                                      # (tests/unit/hubroot.py's identity)
+                                                      # (tests/hubroot.py's identity)
     agent = Agent.start(root, tmp_path)               # a real NOTIFY_SOCKET datagram socket
     agent.next_message(timeout) -> str | None         # one sd_notify datagram
     agent.wait_status(predicate, timeout) -> str | None   # the first STATUS= matching
@@ -21,8 +21,8 @@ import subprocess
 import time
 from pathlib import Path
 
-from tests.unit import hubroot
-from tests.unit.hubroot import DEVICE, HUB, KEY, MODULE  # noqa: F401  (for the tests)
+from tests import hubroot
+from tests.hubroot import DEVICE, HUB, KEY, MODULE  # noqa: F401  (for the tests)
 
 REPO = Path(__file__).resolve().parents[1]
 PYTHON = "/usr/bin/python3"  # Debian's interpreter, as the unit runs it

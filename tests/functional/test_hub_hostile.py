@@ -11,7 +11,6 @@ import pytest
 
 from tests.agentproc import Agent, configure
 from tests.hubsim.hostile import HostileHub
-from tests.hubsim.pki import Pki
 
 pytestmark = pytest.mark.allow_subprocess("python3")
 
@@ -19,17 +18,12 @@ STOP_WITHIN = 2.0  # seconds from SIGTERM to exit, well inside the unit's Timeou
 RSS_LIMIT_KIB = 60 * 1024  # the agent idles at 24-30 MB; a hub announcing 256 MB must not count
 
 
-@pytest.fixture(scope="module")
-def pki(tmp_path_factory):
-    return Pki(tmp_path_factory.mktemp("pki-hostile"))
-
-
 @pytest.fixture
-def hostile(pki):
+def hostile(hub_pki):
     hubs = []
 
     def make(mode, tls=True):
-        hub = HostileHub(mode, tls=(pki.server_cert, pki.server_key) if tls else None)
+        hub = HostileHub(mode, tls=(hub_pki.server_cert, hub_pki.server_key) if tls else None)
         hub.start()
         hubs.append(hub)
         return hub
@@ -39,8 +33,8 @@ def hostile(pki):
         hub.stop()
 
 
-def run_agent(root, tmp_path, pki, port, extra=None) -> Agent:
-    configure(root, pki, port, extra=extra)
+def run_agent(root, tmp_path, hub_pki, port, extra=None) -> Agent:
+    configure(root, hub_pki, port, extra=extra)
     return Agent.start(root, tmp_path)
 
 
@@ -69,9 +63,9 @@ def retrying(agent: Agent, hub: HostileHub, timeout: float = 15.0) -> str:
     ("bad-after", "MQTT: "),
     ("qos2", "MQTT: "),
 ])
-def test_malformed_mqtt_is_unreachable_and_retried(mode, reason, hostile, pki, tmp_path):
+def test_malformed_mqtt_is_unreachable_and_retried(mode, reason, hostile, hub_pki, tmp_path):
     hub = hostile(mode)
-    agent = run_agent(tmp_path / "root", tmp_path, pki, hub.port)
+    agent = run_agent(tmp_path / "root", tmp_path, hub_pki, hub.port)
     try:
         status = retrying(agent, hub)
         assert status.startswith(f"retrying: hub unreachable ({reason}"), status
@@ -81,9 +75,9 @@ def test_malformed_mqtt_is_unreachable_and_retried(mode, reason, hostile, pki, t
     assert err.count("hub unreachable") <= 2  # one line per distinct reason, not per attempt
 
 
-def test_huge_announced_length_is_refused_before_it_is_held(hostile, pki, tmp_path):
+def test_huge_announced_length_is_refused_before_it_is_held(hostile, hub_pki, tmp_path):
     hub = hostile("huge")
-    agent = run_agent(tmp_path / "root", tmp_path, pki, hub.port)
+    agent = run_agent(tmp_path / "root", tmp_path, hub_pki, hub.port)
     try:
         status = retrying(agent, hub)
         assert "MQTT: " in status and "too large" in status, status
@@ -99,11 +93,11 @@ def test_huge_announced_length_is_refused_before_it_is_held(hostile, pki, tmp_pa
         stop_and_check(agent, "huge")
 
 
-def test_flood_is_cut_off_with_memory_bounded(hostile, pki, tmp_path):
+def test_flood_is_cut_off_with_memory_bounded(hostile, hub_pki, tmp_path):
     # Each small QoS 1 PUBLISH makes paho queue a PUBACK the hub never reads: first the
     # kernel's send buffer fills (about 15 s here), then paho's queue would grow without end.
     hub = hostile("flood")
-    agent = run_agent(tmp_path / "root", tmp_path, pki, hub.port)
+    agent = run_agent(tmp_path / "root", tmp_path, hub_pki, hub.port)
     try:
         assert agent.next_message() is not None  # READY=1
         peak, status, deadline = 0, None, time.monotonic() + 60
@@ -122,7 +116,7 @@ def test_flood_is_cut_off_with_memory_bounded(hostile, pki, tmp_path):
 
 @pytest.mark.parametrize("step", ["stall-accept", "stall-tls", "stall-ws", "stall-connack",
                                   "stall-after", "stall-proxy"])
-def test_sigterm_while_a_step_stalls_ends_within_2_s(step, hostile, pki, tmp_path):
+def test_sigterm_while_a_step_stalls_ends_within_2_s(step, hostile, hub_pki, tmp_path):
     if step == "stall-proxy":  # a proxy that accepts TCP and never answers CONNECT
         pytest.importorskip("socks")  # python3-socks: a proxy needs it (tools/install-deps)
         peer = hostile("stall-tls", tls=False)
@@ -130,7 +124,7 @@ def test_sigterm_while_a_step_stalls_ends_within_2_s(step, hostile, pki, tmp_pat
     else:
         peer = hostile(step)
         port, extra = peer.port, {"transport": "websocket"} if step == "stall-ws" else None
-    agent = run_agent(tmp_path / "root", tmp_path, pki, port, extra)
+    agent = run_agent(tmp_path / "root", tmp_path, hub_pki, port, extra)
     try:
         if step != "stall-accept":
             assert peer.wait_for(lambda: peer.connections >= 1, 10)
@@ -140,9 +134,9 @@ def test_sigterm_while_a_step_stalls_ends_within_2_s(step, hostile, pki, tmp_pat
         stop_and_check(agent, step)
 
 
-def test_stalled_connack_is_reported_and_retried(hostile, pki, tmp_path):
+def test_stalled_connack_is_reported_and_retried(hostile, hub_pki, tmp_path):
     hub = hostile("stall-connack")
-    agent = run_agent(tmp_path / "root", tmp_path, pki, hub.port)
+    agent = run_agent(tmp_path / "root", tmp_path, hub_pki, hub.port)
     try:
         status = agent.wait_status(lambda s: s.startswith("retrying: hub unreachable ("), 20)
         assert status is not None and "no answer to CONNECT" in status, agent.messages

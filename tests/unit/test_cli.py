@@ -10,21 +10,8 @@ import pytest
 
 from defender_setup import cli
 from tests import certfactory
-
-from .conftest import DEVICE, HUB, MODULE
-from .holder import Holder
-
-
-def snapshot(root):
-    """Every path under root with its mode and content: 'nothing changed' made checkable."""
-    seen = {}
-    for base, dirs, files in os.walk(root):
-        for name in dirs + files:
-            path = os.path.join(base, name)
-            st = os.lstat(path)
-            data = open(path, "rb").read() if os.path.isfile(path) else None
-            seen[os.path.relpath(path, root)] = (st.st_mode, data)
-    return seen
+from tests.conftest import DEVICE, HUB, MODULE, snapshot
+from tests.holder import Holder
 
 
 class Run:
@@ -381,7 +368,7 @@ def test_closed_stdin_and_stdout_in_a_real_process(run, sas_inputs):
 
 def test_status_of_another_root_runs_nothing_from_it_nor_asks_systemd(run, sas_inputs,
                                                                       tmp_path, monkeypatch):
-    from .fake_systemd import FakeSystemd, running
+    from tests.fakes import FakeSystemd, running
 
     run("apply", "--no-restart", *run.inputs(sas_inputs))
     (run.root / "run/systemd/system").mkdir(parents=True)

@@ -404,7 +404,7 @@ def test_helper_is_pinned_to_debians_python():
 @pytest.fixture
 def test_hub(hub_pki, root):
     """The SAS test hub, and conf.json under the root (DPKG_ROOT) pointing the agent at it."""
-    from .hubroot import configure, sas_hub
+    from tests.hubroot import configure, sas_hub
 
     broker = sas_hub(hub_pki)
     configure(root, hub_pki, port=broker.port)
@@ -413,7 +413,7 @@ def test_hub(hub_pki, root):
 
 
 def _sas_answers(key: str, probe: str = "true"):
-    from .hubroot import sas_text
+    from tests.hubroot import sas_text
 
     return [_seed("auth-method", "select", "connection-string"),
             _seed("connection-string", "password", sas_text(key=key).decode()),
@@ -422,7 +422,7 @@ def _sas_answers(key: str, probe: str = "true"):
 
 @pytest.mark.allow_subprocess(*DEBCONF)
 def test_check_reasks_a_key_the_hub_refuses_with_its_answer(debconf, root, test_hub):
-    from .hubroot import WRONG_KEY
+    from tests.hubroot import WRONG_KEY
 
     debconf.preseed(_sas_answers(WRONG_KEY))
     result = debconf.helper("check", "--root", str(root))
@@ -438,7 +438,7 @@ def test_check_reasks_a_key_the_hub_refuses_with_its_answer(debconf, root, test_
 
 @pytest.mark.allow_subprocess(*DEBCONF)
 def test_apply_of_a_refused_key_fails_before_writing(debconf, root, test_hub):
-    from .hubroot import WRONG_KEY
+    from tests.hubroot import WRONG_KEY
 
     debconf.preseed(_sas_answers(WRONG_KEY))
     result = debconf.helper("apply", "--root", str(root))
@@ -455,7 +455,7 @@ def test_apply_of_a_refused_key_fails_before_writing(debconf, root, test_hub):
 
 @pytest.mark.allow_subprocess(*DEBCONF)
 def test_apply_of_an_accepted_key_writes_it(debconf, root, test_hub):
-    from .hubroot import KEY as HUB_KEY
+    from tests.hubroot import KEY as HUB_KEY
 
     debconf.preseed(_sas_answers(HUB_KEY))
     result = debconf.helper("apply", "--root", str(root))
@@ -466,7 +466,7 @@ def test_apply_of_an_accepted_key_writes_it(debconf, root, test_hub):
 
 @pytest.mark.allow_subprocess(*DEBCONF)
 def test_probe_hub_false_writes_without_asking_the_hub(debconf, root, test_hub):
-    from .hubroot import WRONG_KEY
+    from tests.hubroot import WRONG_KEY
 
     debconf.preseed(_sas_answers(WRONG_KEY, probe="false"))
     assert debconf.helper("check", "--root", str(root)).returncode == 0
@@ -480,8 +480,8 @@ def test_probe_hub_false_writes_without_asking_the_hub(debconf, root, test_hub):
 @pytest.mark.allow_subprocess(*DEBCONF)
 def test_unchanged_credentials_are_not_tried_again(debconf, root, test_hub):
     # a second connection as the same identity would knock the running agent off the hub
-    from .hubroot import KEY as HUB_KEY
-    from .hubroot import sas_text, store, validated
+    from tests.hubroot import KEY as HUB_KEY
+    from tests.hubroot import sas_text, store, validated
 
     store(root, validated(sas_text(key=HUB_KEY)))
     debconf.preseed(_sas_answers(HUB_KEY))

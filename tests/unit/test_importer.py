@@ -1,7 +1,7 @@
 """defender_setup.importer: validate an offered set, write it once, verify it, go back if refused.
 
 The pure part (check_offer) is tested with offers built in memory; run() works on a
-throw-away root with real files and a fake systemctl first on PATH (tests/unit/fake_systemd.py)
+throw-away root with real files and a fake systemctl first on PATH (tests/fakes.py)
 and a fake clock, so the verdicts cost no time.
 """
 
@@ -17,11 +17,8 @@ from defender_setup.importer import PENDING, RECORD, check_offer, last_import, r
 from defender_setup.offer import REJECTED_NOTE, Offer
 from defender_setup.service import Service
 from tests import certfactory
-from tests.unit.fake_systemd import FakeSystemd, failed, running
-
-from .conftest import DEVICE, HUB, MODULE
-from .test_cli import snapshot
-from .test_verify import FakeClock, FakeJournal
+from tests.conftest import DEVICE, HUB, MODULE, snapshot
+from tests.fakes import FakeClock, FakeJournal, FakeSystemd, failed, running
 
 CS, CERT, KEY = "connection_string.txt", "certificate_public.pem", "certificate_private.pem"
 CRED = "run/credentials/@system"

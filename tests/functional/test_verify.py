@@ -1,6 +1,6 @@
 """defender_setup.verify: the restart verdict and the roll-back, against a fake systemctl.
 
-The fake systemctl (tests/unit/fake_systemd.py) is first on PATH and walks through scripted
+The fake systemctl (tests/fakes.py) is first on PATH and walks through scripted
 unit states; the credential files are real (written with AgentDir in a throw-away root). The
 clock is a fake that advances when the verifier sleeps, so the 1.5 s window costs nothing.
 """
@@ -14,23 +14,12 @@ from defender_setup.agentdir import AgentDir
 from defender_setup.credentials import validate
 from defender_setup.service import Service
 from defender_setup.verify import STABILITY_WINDOW, restart_and_verify
-from tests.unit.fake_systemd import FakeSystemd, failed, running
+from tests.fakes import FakeClock, FakeJournal, FakeSystemd, failed, running
 
 pytestmark = pytest.mark.allow_subprocess("systemctl", "policy-rc.d")
 
 KEY_A = "QUFBQUFBQUFBQUFBQUFBQUFBQUFBQUFBQUFBQUFBQUE="  # test-only dummy keys
 KEY_B = "QkJCQkJCQkJCQkJCQkJCQkJCQkJCQkJCQkJCQkJCQkI="
-
-
-class FakeClock:
-    def __init__(self):
-        self.now = 1000.0
-
-    def __call__(self):
-        return self.now
-
-    def sleep(self, seconds):
-        self.now += seconds
 
 
 def write_set(root, device, key):
@@ -43,13 +32,6 @@ def device_on_disk(root):
     return AgentDir(root).current()["connection_string.txt"].decode()
 
 
-@pytest.fixture
-def root(tmp_path):
-    r = tmp_path / "root"
-    (r / "run/systemd/system").mkdir(parents=True)
-    return r
-
-
 def verify(root, fake, monkeypatch, strict=False, environ=None, timeout=30):
     fake.path_env(monkeypatch)
     out, clock = io.StringIO(), FakeClock()
@@ -60,28 +42,11 @@ def verify(root, fake, monkeypatch, strict=False, environ=None, timeout=30):
     return code, out.getvalue()
 
 
-class FakeJournal:
-    """Stands in for systemd.journal.Reader (python-systemd is exercised in integration)."""
-
-    def add_match(self, **kw):
-        pass
-
-    def add_disjunction(self):
-        pass
-
-    def __iter__(self):
-        yield {"SYSLOG_IDENTIFIER": "defender-iot-micro-agent", "_PID": 42,
-               "MESSAGE": "hub rejected the identity: not authorized"}
-
-    def close(self):
-        pass
-
-
-def test_healthy_single_restart(root, tmp_path, monkeypatch):
-    write_set(root, "dev-1", KEY_A)
+def test_healthy_single_restart(booted_root, tmp_path, monkeypatch):
+    write_set(booted_root, "dev-1", KEY_A)
     fake = FakeSystemd(tmp_path, [running("inv-0")],
                        [{"states": [running("inv-1", status="hub.example.net/dev-1")]}])
-    code, out = verify(root, fake, monkeypatch)
+    code, out = verify(booted_root, fake, monkeypatch)
     assert code == 0
     assert out.strip() == (
         f"defender-iot-micro-agent.service: active (running), stable for "
@@ -94,85 +59,85 @@ def test_healthy_single_restart(root, tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("strict,expected", [(False, 0), (True, 69)])
-def test_crash_after_ready_rolls_back(root, tmp_path, monkeypatch, strict, expected):
-    write_set(root, "good", KEY_A)
-    write_set(root, "bad", KEY_B)
+def test_crash_after_ready_rolls_back(booted_root, tmp_path, monkeypatch, strict, expected):
+    write_set(booted_root, "good", KEY_A)
+    write_set(booted_root, "bad", KEY_B)
     crash = [running("inv-1", pid=100), running("inv-1", pid=100),
              {**running("inv-1", pid=0), "SubState": "auto-restart", "ActiveState": "activating"}]
     fake = FakeSystemd(tmp_path, [running("inv-0")],
                        [{"states": crash}, {"states": [running("inv-2", pid=200)]}])
-    code, out = verify(root, fake, monkeypatch, strict=strict)
+    code, out = verify(booted_root, fake, monkeypatch, strict=strict)
     assert code == expected
     assert "VERIFICATION FAILED: defender-iot-micro-agent.service stopped after" in out
     assert "hub rejected the identity: not authorized" in out  # the journal excerpt
     assert "rolled back to the previous credentials" in out
     assert "service healthy" in out
-    assert "DeviceId=good" in device_on_disk(root)
+    assert "DeviceId=good" in device_on_disk(booted_root)
     assert len(fake.restarts()) == 2  # the failed one, then the rolled-back set
     assert KEY_A not in out and KEY_B not in out
 
 
-def test_start_failure_without_previous_set_is_69(root, tmp_path, monkeypatch):
-    write_set(root, "only", KEY_A)
+def test_start_failure_without_previous_set_is_69(booted_root, tmp_path, monkeypatch):
+    write_set(booted_root, "only", KEY_A)
     fake = FakeSystemd(tmp_path, [running("inv-0")], [{"states": [failed("inv-1")], "rc": 1}])
-    code, out = verify(root, fake, monkeypatch)
+    code, out = verify(booted_root, fake, monkeypatch)
     assert code == 69
     assert "did not start: failed (failed), result exit-code, exit status 76" in out
     assert "no roll-back possible" in out
     assert len(fake.restarts()) == 1
 
 
-def test_rolled_back_set_failing_too_is_69(root, tmp_path, monkeypatch):
-    write_set(root, "good", KEY_A)
-    write_set(root, "bad", KEY_B)
+def test_rolled_back_set_failing_too_is_69(booted_root, tmp_path, monkeypatch):
+    write_set(booted_root, "good", KEY_A)
+    write_set(booted_root, "bad", KEY_B)
     fake = FakeSystemd(tmp_path, [running("inv-0")],
                        [{"states": [failed("inv-1")], "rc": 1}])
-    code, out = verify(root, fake, monkeypatch)
+    code, out = verify(booted_root, fake, monkeypatch)
     assert code == 69
     assert "the previous credentials fail too" in out
 
 
-def test_systemd_restarting_it_counts_as_failure(root, tmp_path, monkeypatch):
-    write_set(root, "good", KEY_A)
-    write_set(root, "bad", KEY_B)
+def test_systemd_restarting_it_counts_as_failure(booted_root, tmp_path, monkeypatch):
+    write_set(booted_root, "good", KEY_A)
+    write_set(booted_root, "bad", KEY_B)
     flapping = [running("inv-1", pid=100), running("inv-1", pid=100, restarts=1)]
     fake = FakeSystemd(tmp_path, [running("inv-0")],
                        [{"states": flapping}, {"states": [running("inv-2")]}])
-    code, out = verify(root, fake, monkeypatch)
+    code, out = verify(booted_root, fake, monkeypatch)
     assert code == 0
     assert "NRestarts 0 -> 1" in out
 
 
-def test_same_invocation_means_no_restart_happened(root, tmp_path, monkeypatch):
-    write_set(root, "good", KEY_A)
+def test_same_invocation_means_no_restart_happened(booted_root, tmp_path, monkeypatch):
+    write_set(booted_root, "good", KEY_A)
     fake = FakeSystemd(tmp_path, [running("inv-0")], [{"states": [running("inv-0")]}])
-    code, out = verify(root, fake, monkeypatch, strict=True)
+    code, out = verify(booted_root, fake, monkeypatch, strict=True)
     assert code == 69
     assert "same InvocationID" in out
 
 
-def test_timeout_bounds_the_wait(root, tmp_path, monkeypatch):
-    write_set(root, "good", KEY_A)
+def test_timeout_bounds_the_wait(booted_root, tmp_path, monkeypatch):
+    write_set(booted_root, "good", KEY_A)
     fake = FakeSystemd(tmp_path, [running("inv-0")], [{"states": [running("inv-1")]}])
-    code, out = verify(root, fake, monkeypatch, strict=True, timeout=0.5)
+    code, out = verify(booted_root, fake, monkeypatch, strict=True, timeout=0.5)
     assert code == 69
     assert "not stable within the 0.5 s timeout" in out
 
 
-def test_unconfigured_is_reported_and_not_restarted(root, tmp_path, monkeypatch):
+def test_unconfigured_is_reported_and_not_restarted(booted_root, tmp_path, monkeypatch):
     fake = FakeSystemd(tmp_path, [running("inv-0")], [{}])
-    code, out = verify(root, fake, monkeypatch)
+    code, out = verify(booted_root, fake, monkeypatch)
     assert code == 0
     assert "not configured" in out
     assert fake.calls() == []
 
 
-def test_condition_not_met_is_not_configured(root, tmp_path, monkeypatch):
-    write_set(root, "good", KEY_A)
+def test_condition_not_met_is_not_configured(booted_root, tmp_path, monkeypatch):
+    write_set(booted_root, "good", KEY_A)
     dead = {**running("inv-0", pid=0), "ActiveState": "inactive", "SubState": "dead",
             "ConditionResult": "no"}
     fake = FakeSystemd(tmp_path, [dead], [{"states": [dead]}])
-    code, out = verify(root, fake, monkeypatch)
+    code, out = verify(booted_root, fake, monkeypatch)
     assert code == 0
     assert "not configured (start condition not met)" in out
 
@@ -182,11 +147,11 @@ def test_condition_not_met_is_not_configured(root, tmp_path, monkeypatch):
     (lambda r: os.rmdir(r / "run/systemd/system"), {}, "systemd is not running"),
     (lambda r: policy_rc_d(r, 101), {}, "policy-rc.d forbids it (exit 101)"),
 ])
-def test_no_running_systemd_skips(root, tmp_path, monkeypatch, setup, environ, reason):
-    write_set(root, "good", KEY_A)
-    setup(root)
+def test_no_running_systemd_skips(booted_root, tmp_path, monkeypatch, setup, environ, reason):
+    write_set(booted_root, "good", KEY_A)
+    setup(booted_root)
     fake = FakeSystemd(tmp_path, [running("inv-0")], [{}])
-    code, out = verify(root, fake, monkeypatch, environ=environ)
+    code, out = verify(booted_root, fake, monkeypatch, environ=environ)
     assert code == 0
     assert out.startswith("restart skipped: ")
     assert reason in out
@@ -194,16 +159,16 @@ def test_no_running_systemd_skips(root, tmp_path, monkeypatch, setup, environ, r
     assert fake.calls() == []
 
 
-def test_policy_rc_d_allowing_restarts(root, tmp_path, monkeypatch):
-    write_set(root, "good", KEY_A)
-    policy_rc_d(root, 0)
+def test_policy_rc_d_allowing_restarts(booted_root, tmp_path, monkeypatch):
+    write_set(booted_root, "good", KEY_A)
+    policy_rc_d(booted_root, 0)
     fake = FakeSystemd(tmp_path, [running("inv-0")], [{"states": [running("inv-1")]}])
-    code, out = verify(root, fake, monkeypatch)
+    code, out = verify(booted_root, fake, monkeypatch)
     assert code == 0 and "active (running)" in out
 
 
-def policy_rc_d(root, code):
-    path = root / "usr/sbin/policy-rc.d"
+def policy_rc_d(booted_root, code):
+    path = booted_root / "usr/sbin/policy-rc.d"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(f"#!/bin/sh\nexit {code}\n")
     path.chmod(0o755)
@@ -213,11 +178,12 @@ def policy_rc_d(root, code):
     ("masked", 0, "restart skipped: defender-iot-micro-agent.service is masked"),
     ("not-found", 69, "not installed"),
 ])
-def test_masked_or_missing_unit_is_not_restarted(root, tmp_path, monkeypatch, load, code, text):
-    write_set(root, "good", KEY_A)
-    write_set(root, "other", KEY_B)
+def test_masked_or_missing_unit_is_not_restarted(booted_root, tmp_path, monkeypatch, load, code,
+                                                 text):
+    write_set(booted_root, "good", KEY_A)
+    write_set(booted_root, "other", KEY_B)
     fake = FakeSystemd(tmp_path, [{**running("inv-0"), "LoadState": load}], [{}])
-    got, out = verify(root, fake, monkeypatch)
+    got, out = verify(booted_root, fake, monkeypatch)
     assert (got, text in out) == (code, True), out
     assert fake.restarts() == []
-    assert "DeviceId=other" in device_on_disk(root)  # no roll-back
+    assert "DeviceId=other" in device_on_disk(booted_root)  # no roll-back

@@ -7,8 +7,8 @@ import pytest
 
 from defender_setup.agent import hub, settings
 from tests.hubsim.mosquitto import MOSQUITTO, Mosquitto
-from tests.hubsim.pki import Pki
-from tests.unit.test_hub import DEVICE, MODULE, started
+
+from .test_hub import DEVICE, MODULE, started
 
 pytestmark = [
     pytest.mark.allow_subprocess("mosquitto"),
@@ -16,28 +16,23 @@ pytestmark = [
 ]
 
 
-@pytest.fixture(scope="module")
-def pki(tmp_path_factory):
-    return Pki(tmp_path_factory.mktemp("pki-x509"))
-
-
 @pytest.fixture
-def broker(pki, tmp_path):
-    with Mosquitto(pki, tmp_path) as running:
+def broker(hub_pki, tmp_path):
+    with Mosquitto(hub_pki, tmp_path) as running:
         yield running
 
 
-def connect(pki, broker, cert, key, **kw):
+def connect(hub_pki, broker, cert, key, **kw):
     ident = hub.Identity("localhost", DEVICE, MODULE, None, None, cert, key, "0A1B2C")
-    connector = hub.HubConnector(settings=settings.Settings(ca_file=pki.ca_file,
+    connector = hub.HubConnector(settings=settings.Settings(ca_file=hub_pki.ca_file,
                                                             port=broker.port),
                                  ready_timeout=5.0, backoff=(0.1, 0.5), **kw)
     return connector, started(connector, ident)
 
 
-def test_accepted_certificate(pki, broker):
-    cert, key = pki.client(f"{DEVICE}/{MODULE}")
-    c, n = connect(pki, broker, cert, key)
+def test_accepted_certificate(hub_pki, broker):
+    cert, key = hub_pki.client(f"{DEVICE}/{MODULE}")
+    c, n = connect(hub_pki, broker, cert, key)
     try:
         assert n.failed is None, n.failed
         assert n.statuses[-1] == f"connected to localhost as {DEVICE}/{MODULE}"
@@ -46,9 +41,9 @@ def test_accepted_certificate(pki, broker):
         c.stop()
 
 
-def test_unknown_certificate_is_a_rejection_naming_the_thumbprint(pki, broker):
-    cert, key = pki.stranger(f"{DEVICE}/{MODULE}")
-    c, n = connect(pki, broker, cert, key)
+def test_unknown_certificate_is_a_rejection_naming_the_thumbprint(hub_pki, broker):
+    cert, key = hub_pki.stranger(f"{DEVICE}/{MODULE}")
+    c, n = connect(hub_pki, broker, cert, key)
     # With TLS 1.3 the alert races paho's first write: about one attempt in 15 sees only an
     # EOF, which is retried as "unreachable" (never a rollback without evidence); the next
     # attempt reads the alert.
@@ -62,22 +57,22 @@ def test_unknown_certificate_is_a_rejection_naming_the_thumbprint(pki, broker):
     assert "-----BEGIN" not in n.everything()
 
 
-def test_unreadable_client_key_is_a_config_failure(pki, broker, tmp_path):
-    cert, _ = pki.client(f"{DEVICE}/{MODULE}")
+def test_unreadable_client_key_is_a_config_failure(hub_pki, broker, tmp_path):
+    cert, _ = hub_pki.client(f"{DEVICE}/{MODULE}")
     missing = tmp_path / "missing.key"
-    c, n = connect(pki, broker, cert, missing)
+    c, n = connect(hub_pki, broker, cert, missing)
     assert n.failed is not None
     assert n.failed[0] == 78
     assert n.failed[1].startswith("not starting: cannot load the client certificate and key")
 
 
-def test_encrypted_key_never_prompts(pki, broker, tmp_path):
+def test_encrypted_key_never_prompts(hub_pki, broker, tmp_path):
     from tests import certfactory
 
     ident = certfactory.make_identity("x", key=certfactory.private_key("p256", 3),
-                                      issuer=pki.ca)
+                                      issuer=hub_pki.ca)
     cert, key = tmp_path / "c.pem", tmp_path / "k.pem"
     cert.write_bytes(ident.cert_pem)
     key.write_bytes(certfactory.encrypted_pem(ident.key))
-    c, n = connect(pki, broker, cert, key)
+    c, n = connect(hub_pki, broker, cert, key)
     assert n.failed[0] == 78 and "cannot load the client certificate" in n.failed[1]

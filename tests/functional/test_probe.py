@@ -13,9 +13,8 @@ import pytest
 
 from defender_setup import probe
 from tests import certfactory
-from tests.hubsim.mosquitto import MOSQUITTO, Mosquitto, free_port
-
-from .hubroot import (
+from tests.conftest import snapshot
+from tests.hubroot import (
     DEVICE,
     MODULE,
     WRONG_KEY,
@@ -25,7 +24,7 @@ from .hubroot import (
     validated,
     x509_text,
 )
-from .test_cli import snapshot
+from tests.hubsim.mosquitto import MOSQUITTO, Mosquitto, free_port
 
 
 def connections_to(port: int) -> list:

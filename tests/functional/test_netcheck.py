@@ -20,12 +20,8 @@ from pathlib import Path
 import pytest
 
 from defender_setup import checks, netcheck
-from tests.hubsim.mosquitto import MOSQUITTO, Mosquitto, free_port
-from tests.hubsim.pki import Pki
-from tests.hubsim.proxy import ConnectProxy
-from tests.nobody import run_as_nobody, shared_tmpdir
-
-from .hubroot import (
+from tests.conftest import snapshot
+from tests.hubroot import (
     DEVICE,
     HUB,
     MODULE,
@@ -37,7 +33,10 @@ from .hubroot import (
     validated,
     x509_text,
 )
-from .test_cli import snapshot
+from tests.hubsim.mosquitto import MOSQUITTO, Mosquitto, free_port
+from tests.hubsim.pki import Pki
+from tests.hubsim.proxy import ConnectProxy
+from tests.nobody import run_as_nobody, shared_tmpdir
 
 REPO = Path(__file__).resolve().parents[2]
 

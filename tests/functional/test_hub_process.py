@@ -10,15 +10,9 @@ import pytest
 from defender_setup.agent import settings
 from tests.agentproc import DEVICE, HUB, KEY, MODULE, Agent, configure
 from tests.hubsim.broker import Broker
-from tests.hubsim.pki import Pki
 from tests.hubsim.sasauth import SasAuth
 
 pytestmark = pytest.mark.allow_subprocess("python3")
-
-
-@pytest.fixture(scope="module")
-def pki(tmp_path_factory):
-    return Pki(tmp_path_factory.mktemp("pki-proc"))
 
 
 def start(root, tmp_path):
@@ -28,17 +22,17 @@ def start(root, tmp_path):
 
 
 @pytest.fixture
-def hub(pki):
+def hub(hub_pki):
     broker = Broker(auth=SasAuth(HUB, {(DEVICE, MODULE): KEY}),
-                    tls=(pki.server_cert, pki.server_key))
+                    tls=(hub_pki.server_cert, hub_pki.server_key))
     broker.start()
     yield broker
     broker.stop()
 
 
-def test_process_connects_and_reports_ready(pki, hub, tmp_path):
+def test_process_connects_and_reports_ready(hub_pki, hub, tmp_path):
     root = tmp_path / "root"
-    configure(root, pki, hub.port)
+    configure(root, hub_pki, hub.port)
     proc, sock = start(root, tmp_path)
     try:
         msg = sock.recv(4096).decode()
@@ -59,10 +53,10 @@ def test_process_connects_and_reports_ready(pki, hub, tmp_path):
     assert f"connected to {HUB} as {DEVICE}/{MODULE} via localhost:{hub.port} (mqtt)" in err
 
 
-def test_process_rejected_exits_76_with_one_error_line(pki, hub, tmp_path):
+def test_process_rejected_exits_76_with_one_error_line(hub_pki, hub, tmp_path):
     root = tmp_path / "root"
     wrong = base64.b64encode(b"wrong-key-0123456789abcdef0123456").decode()
-    configure(root, pki, hub.port, key=wrong)
+    configure(root, hub_pki, hub.port, key=wrong)
     proc, sock = start(root, tmp_path)
     try:
         _, err = proc.communicate(timeout=20)
@@ -76,9 +70,9 @@ def test_process_rejected_exits_76_with_one_error_line(pki, hub, tmp_path):
     assert wrong not in err and "Traceback" not in err
 
 
-def test_process_broken_conf_json_exits_78(pki, hub, tmp_path):
+def test_process_broken_conf_json_exits_78(hub_pki, hub, tmp_path):
     root = tmp_path / "root"
-    configure(root, pki, hub.port)
+    configure(root, hub_pki, hub.port)
     (root / settings.CONF_PATH).write_text('{"transport": "carrier-pigeon"}')
     proc, sock = start(root, tmp_path)
     _, err = proc.communicate(timeout=20)
@@ -95,9 +89,9 @@ def test_process_broken_conf_json_exits_78(pki, hub, tmp_path):
     ('{"ca_file": "/etc/hub\\u0000ca.pem"}', "ca_file: "),
     ('{"proxy": "' + ("x" * 70000) + '"}', "larger than 64 KiB"),
 ], ids=["deep", "5000-digits", "unclosed-ipv6-proxy", "nul-in-ca-file", "70-kb"])
-def test_process_hostile_conf_json_exits_78_in_one_line(pki, tmp_path, text, key):
+def test_process_hostile_conf_json_exits_78_in_one_line(hub_pki, tmp_path, text, key):
     root = tmp_path / "root"
-    configure(root, pki, 8883)
+    configure(root, hub_pki, 8883)
     (root / settings.CONF_PATH).write_text(text)
     proc, sock = start(root, tmp_path)
     _, err = proc.communicate(timeout=20)
@@ -107,12 +101,12 @@ def test_process_hostile_conf_json_exits_78_in_one_line(pki, tmp_path, text, key
     assert len(errors) == 1 and key in errors[0] and len(errors[0]) < 400, err
 
 
-def test_process_unreachable_stays_up_and_says_why(pki, tmp_path):
+def test_process_unreachable_stays_up_and_says_why(hub_pki, tmp_path):
     from tests.hubsim.mosquitto import free_port
 
     root = tmp_path / "root"
     port = free_port()
-    configure(root, pki, port)
+    configure(root, hub_pki, port)
     proc, sock = start(root, tmp_path)
     try:
         msg = sock.recv(4096).decode()

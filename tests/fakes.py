@@ -1,0 +1,176 @@
+"""The test doubles, in one place.
+
+Interface::
+
+    FakeSystemd(tmp_path, states, restart_plan)   # a fake systemctl first on PATH
+    plant_policy_rc_d(root) -> Path               # a policy-rc.d leaving a mark when run
+        .path_env(monkeypatch); .calls(); .restarts()
+    running(...) / failed(...) -> dict            # unit states for its scenario
+    FakeJournal(entries=None)                     # stands in for systemd.journal.Reader
+    FakeClock()                                   # clock() and sleep() without waiting
+    Notify()                                      # a connector's Notifier, recorded
+
+The fake ``systemctl`` (unattended-upgrades style: a real executable first on PATH, so the
+wrapper's subprocess handling is exercised) is a small script driven by a JSON "scenario"
+file: a list of unit states that ``systemctl show`` walks through (one per call, the last one
+sticks), and per restart a step of ``restart_plan`` (``rc``, new ``states``). Each call is
+appended to ``calls.log`` so tests can count restarts. Tests that use it allow
+``systemctl``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+from pathlib import Path
+
+from tests.hubsim.broker import wait_until
+
+SCRIPT = """#!/usr/bin/python3
+import json, os, sys
+here = os.path.dirname(os.path.abspath(__file__))
+with open(os.path.join(here, "calls.log"), "a") as log:
+    log.write(" ".join(sys.argv[1:]) + "\\n")
+path = os.path.join(here, "scenario.json")
+scenario = json.load(open(path))
+cmd = sys.argv[1]
+if cmd == "show":
+    i = min(scenario.get("pos", 0), len(scenario["states"]) - 1)
+    for k, v in scenario["states"][i].items():
+        print(f"{k}={v}")
+    scenario["pos"] = i + 1
+elif cmd == "restart":
+    scenario["restarts"] = scenario.get("restarts", 0) + 1
+    plan = scenario.get("restart_plan", [{}])
+    step = plan[min(scenario["restarts"] - 1, len(plan) - 1)]
+    scenario["states"] = step.get("states", scenario["states"])
+    scenario["pos"] = 0
+    rc = step.get("rc", 0)
+    json.dump(scenario, open(path, "w"))
+    if rc:
+        print("Job for unit failed.", file=sys.stderr)
+    sys.exit(rc)
+json.dump(scenario, open(path, "w"))
+"""
+
+
+def running(inv="inv-1", pid=100, restarts=0, status="ready"):
+    return {
+        "InvocationID": inv, "MainPID": pid, "NRestarts": restarts, "ActiveState": "active",
+        "SubState": "running", "StatusText": status, "ExecMainStatus": 0, "Result": "success",
+        "ConditionResult": "yes",
+    }
+
+
+def failed(inv="inv-2", status=76):
+    return {
+        "InvocationID": inv, "MainPID": 0, "NRestarts": 0, "ActiveState": "failed",
+        "SubState": "failed", "StatusText": "", "ExecMainStatus": status,
+        "Result": "exit-code", "ConditionResult": "yes",
+    }
+
+
+class FakeSystemd:
+    """A bin directory with the fake systemctl; ``env`` puts it first on PATH."""
+
+    def __init__(self, tmp_path: Path, states, restart_plan):
+        self.bin = tmp_path / "fakebin"
+        self.bin.mkdir()
+        exe = self.bin / "systemctl"
+        exe.write_text(SCRIPT)
+        exe.chmod(0o755)
+        (self.bin / "scenario.json").write_text(
+            json.dumps({"states": states, "restart_plan": restart_plan})
+        )
+
+    def calls(self):
+        log = self.bin / "calls.log"
+        return log.read_text().splitlines() if log.exists() else []
+
+    def restarts(self):
+        return [c for c in self.calls() if c.startswith("restart")]
+
+    def path_env(self, monkeypatch):
+        monkeypatch.setenv("PATH", f"{self.bin}{os.pathsep}{os.environ['PATH']}")
+
+
+class FakeJournal:
+    """Stands in for ``systemd.journal.Reader`` (python-systemd is exercised in the
+    container tests); records the matches it was given and whether it was closed."""
+
+    DEFAULT = ({"SYSLOG_IDENTIFIER": "defender-iot-micro-agent", "_PID": 42,
+                "MESSAGE": "hub rejected the identity: not authorized"},)
+
+    def __init__(self, entries=DEFAULT):
+        self.entries, self.matches, self.closed = list(entries), [], False
+
+    def add_match(self, **kw):
+        self.matches.append(kw)
+
+    def add_disjunction(self):
+        self.matches.append("OR")
+
+    def __iter__(self):
+        return iter(self.entries)
+
+    def close(self):
+        self.closed = True
+
+
+class FakeClock:
+    """``clock()`` and ``sleep(seconds)`` for code that takes both: sleeping advances it."""
+
+    def __init__(self, now: float = 1000.0):
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        self.now += seconds
+
+
+class Notify:
+    """Records what a connector reports through the runtime's Notifier interface."""
+
+    def __init__(self):
+        self.statuses, self.lines, self.failed = [], [], None
+        self.readied = False
+        self.cond = threading.Condition()
+
+    def ready(self):
+        with self.cond:
+            self.readied = True
+            self.cond.notify_all()
+
+    def status(self, text):
+        with self.cond:
+            self.statuses.append(text)
+            self.cond.notify_all()
+
+    def log(self, line, level=6):
+        with self.cond:
+            self.lines.append((level, line))
+            self.cond.notify_all()
+
+    def fail(self, code, line):
+        with self.cond:
+            self.failed = (code, line)
+            self.cond.notify_all()
+
+    def wait(self, predicate, timeout=15.0):
+        return wait_until(self.cond, predicate, timeout)
+
+    def everything(self):
+        return "\n".join(self.statuses + [line for _, line in self.lines]
+                         + ([self.failed[1]] if self.failed else []))
+
+
+def plant_policy_rc_d(root):
+    """An executable policy-rc.d in the tree that leaves a mark when it runs."""
+    policy = root / "usr/sbin/policy-rc.d"
+    policy.parent.mkdir(parents=True)
+    policy.write_text(f"#!/bin/sh\ntouch {root}/RAN\nexit 0\n")
+    policy.chmod(0o755)
+    return root / "RAN"
