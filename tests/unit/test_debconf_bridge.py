@@ -192,6 +192,13 @@ printf '%s' "$out" > "$RESULT"
 exit $rc
 """
 
+INSTALLED_HELPER = "/usr/lib/defender-setup/debconf-helper"
+HELPER = """\
+#!/bin/sh
+exec /usr/bin/python3 -c 'import sys; from defender_setup.debconf_bridge import main; \
+sys.exit(main(sys.argv[1:]))' "$@"
+"""
+
 
 @pytest.fixture
 def root(tmp_path) -> Path:
@@ -256,6 +263,22 @@ def debconf(root, tmp_path):
                                   env={**env, "DEBCONF_PACKAGE": "defender-setup",
                                        **(extra_env or {})},
                                   text=True, capture_output=True, input=input, timeout=60)
+
+        def config(self, *args, unpacked=False, **kwargs):
+            """The real config script: as before unpacking (no helper installed), or with
+            ``unpacked`` as debconf runs it again from the postinst, the helper installed
+            (here: the bridge from this tree, in place of /usr/lib/defender-setup's)."""
+            text = (REPO / "debian" / "defender-setup.config").read_text()
+            if unpacked:
+                wrapper = db / "debconf-helper"
+                wrapper.write_text(HELPER)
+                wrapper.chmod(0o755)
+                text = text.replace(f"HELPER={INSTALLED_HELPER}\n", f"HELPER={wrapper}\n")
+                assert str(wrapper) in text
+            config = db / "defender-setup.config"
+            config.write_text(text)
+            config.chmod(0o755)
+            return self.script(config, *args, **kwargs)
 
         def variables(self, question) -> dict:
             """The substitution variables debconf saved for a question in config.dat."""
@@ -328,11 +351,9 @@ def test_apply_failure_changes_nothing_and_still_clears_the_secret(debconf, root
 def test_config_noninteractive_invalid_preseed_leaves_it_to_the_postinst(debconf):
     """The real config script before unpacking (no helper): it cannot show the error, so it
     finishes quietly; failing would make debconf drop its changes and keep the secret."""
-    config = debconf.dir / "defender-setup.config"
-    shutil.copy(REPO / "debian" / "defender-setup.config", config)
     debconf.preseed([_seed("auth-method", "select", "connection-string"),
                      _seed("connection-string", "password", "HostName=x;" + KEY)])
-    result = debconf.script(config, "configure", "")
+    result = debconf.config("configure", "")
     assert result.returncode == 0, result.stderr
     assert KEY not in result.stderr + result.stdout
     # ...and the postinst's apply then fails with one line and clears the secret:
@@ -345,23 +366,24 @@ def test_config_noninteractive_invalid_preseed_leaves_it_to_the_postinst(debconf
 
 @pytest.mark.allow_subprocess(*DEBCONF)
 def test_config_empties_the_error_it_could_not_show(debconf):
-    config = debconf.dir / "defender-setup.config"
-    shutil.copy(REPO / "debian" / "defender-setup.config", config)
+    """Run from the postinst (the helper installed), noninteractive: the error cannot be
+    shown, so none of it stays in config.dat, and the postinst's apply reports it."""
     debconf.preseed([_seed("auth-method", "select", "connection-string"),
                      _seed("connection-string", "password", "HostName=x;" + KEY)])
-    assert debconf.script(config, "configure", "").returncode == 0
+    result = debconf.config("configure", "", unpacked=True)
+    assert result.returncode == 0, result.stderr
     assert set(debconf.variables("defender-setup/invalid").values()) <= {""}
 
 
 @pytest.mark.allow_subprocess(*DEBCONF)
 def test_config_shows_the_error_then_empties_it(debconf):
-    """Teletype: a wrong answer is re-asked with the error, which is not kept in config.dat
-    (the strict-verify question is below debconf's default priority here, so not asked)."""
-    config = debconf.dir / "defender-setup.config"
-    shutil.copy(REPO / "debian" / "defender-setup.config", config)
+    """Teletype, run from the postinst (the helper installed): a wrong answer is re-asked with
+    the error, which is not kept in config.dat (the strict-verify question is below debconf's
+    default priority here, so not asked)."""
     token = "TKOxREbXrjk6v8BC2aFKRg=="
     bad = f"HostName=h.azure-devices.net;DeviceId=d;ModuleId=m;{token}"
-    result = debconf.script(config, "configure", "", input=f"1\n{bad}\n{CS}\n",
+    debconf.preseed([_seed("probe-hub", "boolean", "false")])  # no network here
+    result = debconf.config("configure", "", input=f"1\n{bad}\n{CS}\n", unpacked=True,
                             extra_env={"DEBIAN_FRONTEND": "teletype"})
     assert result.returncode == 0, result.stderr
     assert result.stdout.count("Invalid connection string") == 1, result.stdout
@@ -373,9 +395,7 @@ def test_config_shows_the_error_then_empties_it(debconf):
 
 @pytest.mark.allow_subprocess(*DEBCONF)
 def test_config_without_answers_succeeds(debconf):
-    config = debconf.dir / "defender-setup.config"
-    shutil.copy(REPO / "debian" / "defender-setup.config", config)
-    result = debconf.script(config, "configure", "")
+    result = debconf.config("configure", "")
     assert result.returncode == 0, result.stderr
     assert debconf.get("auth-method") == "later"
 
@@ -385,9 +405,7 @@ def test_config_loads_current_identity(debconf, root):
     agent = root / "var" / "defender_iot_micro_agent"
     agent.mkdir(parents=True, mode=0o700)
     (agent / CONNECTION_STRING_FILE).write_text(CS.replace("dev1", "dev7") + "\n")
-    config = debconf.dir / "defender-setup.config"
-    shutil.copy(REPO / "debian" / "defender-setup.config", config)
-    result = debconf.script(config, "configure", "0.1.0")
+    result = debconf.config("configure", "0.1.0")
     assert result.returncode == 0, result.stderr
     assert debconf.get("auth-method") == "connection-string"
     assert debconf.get("device-id") == "dev7"
