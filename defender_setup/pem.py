@@ -40,6 +40,8 @@ def shown_label(label: str) -> str:
 
 @dataclass(frozen=True)
 class Block:
+    """One PEM block: its label (``CERTIFICATE``...), headers and the decoded DER."""
+
     label: str
     headers: tuple[str, ...]
     der: bytes

@@ -108,6 +108,14 @@ class Aborter:
             self._dup = None
 
 
+def _ascii(name: str):
+    """An ASCII host name as bytes: given a str, getaddrinfo and the TLS layer encode it with
+    the IDNA codec first, which loads encodings.idna, stringprep and unicodedata (0.4 MB
+    resident) for nothing. Host names are ASCII (connection_string checks them); anything
+    else is passed on as it is."""
+    return name.encode("ascii") if name.isascii() else name
+
+
 def open_tcp(host: str, port: int, proxy, deadline: float | None, aborter: Aborter | None):
     """A TCP connection to ``host:port``, through ``proxy`` (settings.Proxy) if given.
 
@@ -122,7 +130,8 @@ def open_tcp(host: str, port: int, proxy, deadline: float | None, aborter: Abort
     aborter = aborter or Aborter()
     error: OSError | None = None
     target = (proxy.host, proxy.port) if proxy is not None else (host, port)
-    for family, kind, proto, _, address in socket.getaddrinfo(*target, type=socket.SOCK_STREAM):
+    for family, kind, proto, _, address in socket.getaddrinfo(_ascii(target[0]), target[1],
+                                                              type=socket.SOCK_STREAM):
         new = socks.socksocket if proxy is not None else socket.socket
         sock = new(family, kind, proto)
         try:
@@ -198,6 +207,12 @@ class TlsContext(ssl.SSLContext):
         """The attempt's blocking steps are over: no deadline for other users of the context
         (``check`` makes TLS connections of its own with it)."""
         self.deadline = None
+
+    def _encode_hostname(self, hostname):
+        # SNI and the certificate check take the name as given: see _ascii
+        if isinstance(hostname, str) and hostname.isascii():
+            return hostname
+        return super()._encode_hostname(hostname)
 
     def wrap_socket(self, *args, **kwargs):
         self.phase = "tls"  # paho wraps right after the TCP (or proxy) connect

@@ -71,6 +71,8 @@ class SettingsError(SetupError):
 
 @dataclass(frozen=True)
 class Proxy:
+    """The proxy of conf.json; its user name and password stay out of ``repr``."""
+
     scheme: str
     host: str
     port: int
@@ -84,6 +86,8 @@ class Proxy:
 
 @dataclass(frozen=True)
 class Settings:
+    """What conf.json says, defaults filled in (see the module docstring)."""
+
     transport: str = "mqtt"
     proxy: Proxy | None = None
     ca_file: Path | None = None

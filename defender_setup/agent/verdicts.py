@@ -42,6 +42,8 @@ CERT_ALERTS = {
 
 @dataclass(frozen=True)
 class Result:
+    """How one attempt ended: ``kind`` and the one-line ``text`` (see the module docstring)."""
+
     kind: str
     text: str = ""
     answer: str = ""  # rejected: what the hub said ("CONNACK 5, not authorized")
