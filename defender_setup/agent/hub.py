@@ -59,9 +59,6 @@ STOP_WITHIN = 1.5  # seconds stop() waits for the connection thread (TimeoutStop
 STOP_DRAIN = 0.5  # of which: waiting for the hub to ack messages already sent
 STABLE_AFTER = 60.0  # a connection that lasted this long resets the back-off
 API_VERSION = "2021-04-12"
-WS_PATH = "/$iothub/websocket"
-KEEPALIVE = 60
-INFLIGHT_MAX = 20
 QUEUE_MAX = 1000
 WARNING, INFO = 4, 6
 
