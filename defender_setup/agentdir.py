@@ -69,6 +69,7 @@ PREVIOUS_NEW = "previous.new"
 JOURNAL = "txn"
 LOCK = "lock"
 ORIGIN = "origin.json"        # where the current set came from (never a secret)
+IMPORT_RECORD = "import.json"  # the last boot-time import's outcome (importer.py writes it)
 STATE_DIRS = (STAGING, PREVIOUS, PREVIOUS_NEW)
 STATE_FILES = (JOURNAL, JOURNAL + ".tmp", LOCK, ORIGIN)
 DIR_MODE = 0o700

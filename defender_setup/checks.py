@@ -18,7 +18,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from .agentdir import AgentDir
+from .agentdir import IMPORT_RECORD, AgentDir
 from .credentials import CERTIFICATE_FILE, CONNECTION_STRING_FILE, PRIVATE_KEY_FILE, method_of
 from .errors import EX_CONFIG, EX_NOPERM, EX_OK, EX_UNAVAILABLE, BusyError, SetupError
 
@@ -118,9 +118,6 @@ def _check_credentials(files: dict, add) -> None:
 def _check_last_import(agent: AgentDir, add) -> None:
     """The last boot-time import (defender-setup import): a refused or invalid offer stays
     visible here until a later import, or another way of configuring, succeeds."""
-    from .errors import EX_CONFIG
-    from .status import IMPORT_RECORD
-
     description = "the last credentials offered at boot were imported"
     last = agent.record(IMPORT_RECORD)
     if last is None:

@@ -38,6 +38,7 @@ from pathlib import Path
 from . import UNIT
 from . import connection_string as cs
 from .agentdir import (
+    IMPORT_RECORD,
     WRITE_WAIT,
     AgentDir,
     _now,  # the same UTC format as the origin record: comparable
@@ -68,7 +69,7 @@ from .offer import (
     waiting_folder,
 )
 
-RECORD = "import.json"
+RECORD = IMPORT_RECORD
 PENDING = "import.pending"  # defender-setup-import-verify.service's ConditionPathExists=
 VERIFY_UNIT = "defender-setup-import-verify.service"
 # ValidationError.field -> the input it is about; every other field is the connection string's.

@@ -14,7 +14,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from . import UNIT
-from .agentdir import AgentDir
+from .agentdir import IMPORT_RECORD, AgentDir
 from .credentials import (
     CERTIFICATE_FILE,
     CONNECTION_STRING_FILE,
@@ -27,7 +27,6 @@ from .errors import BusyError, SetupError
 INTERRUPTED = ("an interrupted credential update is pending (the files may mix two sets); "
                "run 'defender-setup repair', or restart the service, to complete it")
 
-IMPORT_RECORD = "import.json"  # defender_setup.importer.RECORD (importer pulls in more)
 
 
 def _certificate(info) -> dict:
