@@ -4,7 +4,7 @@ PY      := /usr/bin/python3
 SHELL   := /bin/bash
 
 .DEFAULT_GOAL := help
-.PHONY: help deps deb repo test test-full test-unit test-integration lint bench demo clean
+.PHONY: help deps deb repo test test-full test-unit test-functional test-integration lint bench demo clean
 
 help: ## show this help
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-17s %s\n", $$1, $$2}'
@@ -18,15 +18,15 @@ deb: ## build deb_dist/defender-setup_<version>-1_all.deb with stdeb
 repo: deb ## signed apt repository in repo/ (reprepro; REPO_KEY=<fingerprint>, else a local key)
 	tools/make-repo --out repo $(if $(REPO_KEY),--key $(REPO_KEY)) deb_dist/defender-setup_*_all.deb
 
-test: deps test-unit test-functional test-integration ## run all tests (unit, real-process, then the .deb in booted containers)
+test: deps test-unit test-functional test-integration ## all tests: unit, functional, then the .deb in booted containers
 
 test-full: deps test-unit test-functional deb ## all tests, the booted ones on Debian 11, 12 and 13 each
 	DEFENDER_SETUP_SUITES="bullseye bookworm trixie" tools/integration-test
 
-test-unit: ## unit tests only (seconds, no root needed)
+test-unit: ## unit tests only: pure, in one process (seconds, no root needed)
 	$(PY) -m pytest -q tests/unit
 
-test-functional: ## real processes on throw-away roots: writers, readers and an agent at once (~30 s)
+test-functional: ## processes and sockets: the agent against test hubs, fake systemctl, debconf, kills
 	$(PY) -m pytest -q tests/functional
 
 test-integration: deb ## install the built .deb into mmdebstrap images booted with systemd-nspawn
