@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from .agentdir import IMPORT_RECORD, AgentDir
-from .credentials import CERTIFICATE_FILE, CONNECTION_STRING_FILE, PRIVATE_KEY_FILE, method_of
+from .credentials import CONNECTION_STRING_FILE, PRIVATE_KEY_FILE, load, method_of
 from .errors import EX_CONFIG, EX_NOPERM, EX_OK, EX_UNAVAILABLE, BusyError, SetupError
 
 OK, WARNING, ERROR, SKIPPED = "ok", "warning", "error", "skipped"
@@ -67,7 +67,7 @@ def run_checks(root: Path, service_state: dict | None = None,
                        EX_CONFIG)
         else:
             add("no-interrupted-update", "no credential update was left half done", OK)
-    present = CONNECTION_STRING_FILE in files
+    present = method_of(files) is not None
     if not safe:
         add("credentials-present", "connection_string.txt exists", SKIPPED)
     elif not present:
@@ -76,7 +76,7 @@ def run_checks(root: Path, service_state: dict | None = None,
     else:
         add("credentials-present", "connection_string.txt exists", OK)
         _check_modes(agent, seen.modes, add)
-        _check_credentials(files, add)
+        _check_credentials(files, agent.path, add)
     _check_last_import(agent, add)
     if service_state is not None:
         active = service_state.get("active")
@@ -96,13 +96,10 @@ def _check_modes(agent: AgentDir, modes: dict, add) -> None:
         add("secret-file-modes", "secret files are readable by root only", OK)
 
 
-def _check_credentials(files: dict, add) -> None:
-    from .credentials import validate
-
+def _check_credentials(files: dict, where: Path, add) -> None:
     method = method_of(files)
     try:
-        validated = validate(method, files[CONNECTION_STRING_FILE], files.get(CERTIFICATE_FILE),
-                             files.get(PRIVATE_KEY_FILE))
+        validated = load(files, where)
     except SetupError as exc:
         add("credentials-valid", f"stored {method} credentials pass validation", ERROR,
             str(exc), exc.exit_code)

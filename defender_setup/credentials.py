@@ -4,6 +4,7 @@ Interface::
 
     validate(method, connection_string, certificate=None, private_key=None, now=None)
         -> Validated        # raises ValidationError
+    load(files, where) -> Validated    # a stored set: raises NotConfigured, ValidationError
 
 ``Validated.files`` maps each file name of the agent directory to ``(content, mode)``; it is
 exactly the set :meth:`defender_setup.agentdir.AgentDir.write` replaces atomically.
@@ -12,10 +13,9 @@ exactly the set :meth:`defender_setup.agentdir.AgentDir.write` replaces atomical
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from datetime import datetime
 
 from . import connection_string as cs
-from .errors import AUTH_METHOD, CERTIFICATE, PRIVATE_KEY, ValidationError
+from .errors import AUTH_METHOD, CERTIFICATE, PRIVATE_KEY, NotConfigured, ValidationError
 
 CONNECTION_STRING_FILE = "connection_string.txt"
 CERTIFICATE_FILE = "certificate_public.pem"
@@ -71,7 +71,7 @@ def method_of(names) -> str | None:
 
 
 def validate(method: str, connection_string: bytes | str, certificate: bytes | None = None,
-             private_key: bytes | None = None, now: datetime | None = None) -> Validated:
+             private_key: bytes | None = None, now=None, check=None) -> Validated:
     """Validate everything the chosen method needs.
 
     :param method: ``connection-string`` or ``certificate``.
@@ -79,6 +79,9 @@ def validate(method: str, connection_string: bytes | str, certificate: bytes | N
     :param certificate: PEM bytes of the certificate (chain allowed, leaf first).
     :param private_key: PEM bytes of the unencrypted private key.
     :param now: the time to check validity against (tests); defaults to the clock.
+    :param check: what checks a certificate and its key, in place of
+        :func:`defender_setup.certificates.check` (same signature and result); the agent
+        passes :func:`defender_setup.agent.certcheck.check`, which runs it in a child process.
     """
     if method not in METHODS:
         raise ValidationError(AUTH_METHOD, f"must be one of {', '.join(METHODS)}")
@@ -94,9 +97,30 @@ def validate(method: str, connection_string: bytes | str, certificate: bytes | N
             raise ValidationError(PRIVATE_KEY, "is required for the certificate method; "
                                   "give the PEM private key file")
         from . import certificates  # cryptography is only loaded when a certificate is involved
-        info = certificates.check(certificate, private_key, device_id=parsed.device_id,
-                                  module_id=parsed.module_id, now=now)
+        info = (check or certificates.check)(certificate, private_key, now=now,
+                                             device_id=parsed.device_id,
+                                             module_id=parsed.module_id)
         # Written re-encoded from the parsed blocks: no BOM, CRLF or stray text reaches the agent.
         files[CERTIFICATE_FILE] = (certificates.normalize_certificate(certificate), 0o644)
         files[PRIVATE_KEY_FILE] = (certificates.normalize_private_key(private_key), 0o600)
     return Validated(method=method, connection_string=parsed, certificate=info, files=files)
+
+
+def load(files: dict, where="the agent directory", check=None) -> Validated:
+    """The one reader of a stored set: decide its method from the files present
+    (:func:`method_of`) and validate it with the rules for new input.
+
+    :param files: name -> content as stored (``AgentDir.current()``, a snapshot's files, or
+        the service's credentials directory), sealed files already decrypted.
+    :param where: where they were read, for the message of an unconfigured device.
+    :param check: as for :func:`validate`.
+    :raises NotConfigured: no connection string: the device is not configured.
+    :raises ValidationError: the stored set breaks a rule (nothing is repaired here).
+    """
+    method = method_of(files)
+    if method is None:
+        raise NotConfigured(f"not configured: no {CONNECTION_STRING_FILE} in {where}; "
+                            "configure with 'dpkg-reconfigure defender-setup' or "
+                            "'defender-setup apply'")
+    return validate(method, files[CONNECTION_STRING_FILE], files.get(CERTIFICATE_FILE),
+                    files.get(PRIVATE_KEY_FILE), check=check)

@@ -62,6 +62,12 @@ class SetupError(Exception):
         return f"{self.field}: {self.message}" if self.field else self.message
 
 
+class NotConfigured(SetupError):
+    """No credential set is stored (no connection string): the device is not configured."""
+
+    exit_code = EX_CONFIG
+
+
 class ValidationError(SetupError):
     """Invalid credentials: ``field`` names what is wrong (e.g. ``SharedAccessKey``)."""
 

@@ -15,14 +15,8 @@ from pathlib import Path
 
 from . import UNIT
 from .agentdir import IMPORT_RECORD, AgentDir
-from .credentials import (
-    CERTIFICATE_FILE,
-    CONNECTION_STRING_FILE,
-    PRIVATE_KEY_FILE,
-    method_of,
-    validate,
-)
-from .errors import BusyError, SetupError
+from .credentials import load, method_of
+from .errors import BusyError, NotConfigured, SetupError
 
 INTERRUPTED = ("an interrupted credential update is pending (the files may mix two sets); "
                "run 'defender-setup repair', or restart the service, to complete it")
@@ -68,16 +62,13 @@ def collect(root: Path, service_state: dict | None = None, lock_timeout: float =
         report["interrupted_update"] = True
         report["problem"] = INTERRUPTED
         return report
-    if CONNECTION_STRING_FILE not in files:
+    report["method"] = method_of(files)
+    try:
+        validated = load(files, agent.path)  # with the same rules as new input
+    except NotConfigured:
         report["problem"] = ("not configured: run 'dpkg-reconfigure defender-setup' or "
                              "'defender-setup apply'")
         return report
-    method = method_of(files)
-    report["method"] = method
-    try:
-        # The stored files are checked with the same rules as new input.
-        validated = validate(method, files[CONNECTION_STRING_FILE], files.get(CERTIFICATE_FILE),
-                             files.get(PRIVATE_KEY_FILE))
     except SetupError as exc:
         report["problem"] = f"stored credentials are invalid: {exc}"
         return report

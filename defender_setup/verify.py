@@ -45,7 +45,6 @@ from .service import Service, UnitState
 STABILITY_WINDOW = 1.5  # seconds; see the module docstring
 POLL_INTERVAL = 0.1  # systemctl show costs ~5 ms; 10 polls/s keeps the verdict prompt
 JOURNAL_LINES = 15
-CONNECTION_STRING = "connection_string.txt"
 
 
 class Verdict:
@@ -58,7 +57,7 @@ class Verdict:
 def _configured(root: Path) -> bool:
     from .agentdir import AgentDir
 
-    return (AgentDir(root).path / CONNECTION_STRING).exists()
+    return AgentDir(root).method() is not None
 
 
 def restart_once(svc: Service, timeout: float, *, clock=time.monotonic, sleep=time.sleep):
