@@ -43,10 +43,8 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import stat
 from dataclasses import dataclass
-from datetime import datetime, timezone
 from pathlib import Path
 
 from . import AGENT_DIR, lock
@@ -79,6 +77,8 @@ READ_WAIT = 5.0               # seconds a reader waits for a writer
 
 
 def _now() -> str:
+    from datetime import datetime, timezone  # lazy: readers (the agent) never need it
+
     return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
@@ -262,6 +262,8 @@ class AgentDir:
             self._repair()
 
     def _stage(self, files: dict, record: dict) -> None:
+        import shutil  # lazy: 0.4 MB with bz2 and lzma, which readers (the agent) never need
+
         staging, previous_new = self.state / STAGING, self.state / PREVIOUS_NEW
         try:
             for leftover in (staging, previous_new):
@@ -300,6 +302,8 @@ class AgentDir:
             return self._repair()
 
     def _repair(self) -> bool:
+        import shutil  # lazy: 0.4 MB with bz2 and lzma, which readers (the agent) never need
+
         if not self._check_dir(self.path) or not self._check_state():
             return False
         journal_path = self.state / JOURNAL
