@@ -348,15 +348,11 @@ class AgentDir:
         :returns: the restored files.
         :raises InputError: when there is no previous generation (66).
         :raises ValidationError: when it does not pass validation (65); nothing is changed.
+        :raises NotConfigured: it holds no connection string (78); nothing is changed.
         :raises UnsafeTargetError: for a file there that is linked elsewhere, not a regular
             file or not ours (77); nothing is changed.
         """
-        from .credentials import (
-            CERTIFICATE_FILE,
-            CONNECTION_STRING_FILE,
-            PRIVATE_KEY_FILE,
-            validate,
-        )
+        from .credentials import load
 
         with self.lock():
             self._repair()
@@ -370,9 +366,7 @@ class AgentDir:
             for name in files:
                 check_restorable(previous / name)
             try:
-                validated = validate(method_of(files) or "connection-string",
-                                     files.get(CONNECTION_STRING_FILE, b""),
-                                     files.get(CERTIFICATE_FILE), files.get(PRIVATE_KEY_FILE))
+                validated = load(files, previous)
             except ValidationError as exc:
                 raise ValidationError(exc.field, f"{exc.message} (in the previous set, "
                                       f"{previous}); nothing was restored") from None
