@@ -278,8 +278,11 @@ def test_teletype_reasks_a_bad_answer_with_the_error(booted, preseed, kind):
     # method 1 (connection string), the bad string, strict verification "no", the hub probe
     # "yes"; the error is shown and only the connection string is asked again: the good one.
     answers = f"1\n{bad}\nno\nyes\n{good}\n"
-    result = booted.run(["dpkg-reconfigure", "-fteletype", "defender-setup"], input=answers,
-                        env={"DEBIAN_FRONTEND": "teletype"}, timeout=180)
+    # Debian 13's teletype frontend wants a controlling terminal: script(1) gives it one,
+    # with echo off so that the output holds only what the frontend prints.
+    result = booted.run(["script", "-q", "--echo", "never", "-ec",
+                         "dpkg-reconfigure -fteletype defender-setup", "/dev/null"],
+                        input=answers, env={"DEBIAN_FRONTEND": "teletype"}, timeout=180)
     out = result.stdout + result.stderr
     said = " ".join(out.split())  # the frontend wraps lines
     assert "Invalid connection string" in said, out
