@@ -41,12 +41,15 @@ def _root(argv: list[str]) -> Path:
 def main(argv=None) -> int:
     root = _root(sys.argv[1:] if argv is None else list(argv))
 
-    from defender_setup.agent.runtime import ERR, Runtime, journal_log
+    from defender_setup.agent.runtime import ERR, Runtime, journal_log, load_credentials
+
+    def load(root: Path):
+        return load_credentials(root, isolate=True)  # no cryptography in this process
 
     try:
         from defender_setup.agent.hub import HubConnector  # the IoT Hub connection
 
-        return Runtime(root, connector=HubConnector(root)).run()
+        return Runtime(root, connector=HubConnector(root), loader=load).run()
     except Exception as err:  # one line, no traceback, no message (see the docstring)
         import traceback
 

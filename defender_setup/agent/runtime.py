@@ -49,8 +49,9 @@ is configured.
 
 Logging goes to stderr with ``<N>`` syslog priority prefixes when systemd's journal is
 attached (``JOURNAL_STREAM``), plain lines otherwise: no journal client library is loaded.
-Imports are lazy (``systemd.daemon`` at the first notification, ``cryptography`` only for the
-certificate method through ``credentials``) to keep the resident memory small.
+Imports are lazy (``cryptography`` only for the certificate method through ``credentials``)
+and notifications are plain datagrams (:func:`systemd_notify`), to keep the resident memory
+small.
 """
 
 from __future__ import annotations
@@ -61,8 +62,8 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from defender_setup import DEFAULT_MODULE_ID
 from defender_setup.errors import EX_CONFIG, EX_OK, SetupError, ValidationError
@@ -95,12 +96,18 @@ def journal_log(line: str, level: int = INFO) -> None:
 
 
 def systemd_notify(state: str) -> None:
-    """sd_notify through python-systemd; a no-op outside systemd (no NOTIFY_SOCKET)."""
-    if not os.environ.get("NOTIFY_SOCKET"):
+    """sd_notify(3): one datagram to ``$NOTIFY_SOCKET`` (``@`` names an abstract socket); a
+    no-op outside systemd. Written out rather than through python-systemd, whose library
+    (libsystemd and what it links) would add 0.7 MB resident for these few lines."""
+    address = os.environ.get("NOTIFY_SOCKET")
+    if not address:
         return
-    from systemd import daemon  # lazy: only under systemd
+    import socket
 
-    daemon.notify(state)
+    if address.startswith("@"):
+        address = "\0" + address[1:]
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
+        sock.sendto(state.encode(), address)
 
 
 class Notifier:
@@ -139,8 +146,12 @@ def identity(creds) -> str:
     return f"{cs.host_name}/{cs.device_id}/{module} ({creds.method})"
 
 
-def load_credentials(root: Path):
-    """Read and validate the current set. Raises SetupError (never containing a secret)."""
+def load_credentials(root: Path, *, isolate: bool = False):
+    """Read and validate the current set. Raises SetupError (never containing a secret).
+
+    :param isolate: check a certificate in a child process (:mod:`.certcheck`): what the
+        agent's own process does, so that cryptography never loads into it.
+    """
     from defender_setup import credentials
     from defender_setup.agentdir import AgentDir
 
@@ -152,8 +163,14 @@ def load_credentials(root: Path):
             f"not configured: no {CONNECTION_STRING} in {agentdir.path}; configure with "
             "'dpkg-reconfigure defender-setup' or 'defender-setup apply'"
         )
+    check = None
+    if isolate:
+        from defender_setup.agent import certcheck
+
+        check = certcheck.check
     return credentials.validate(
-        method, files[CONNECTION_STRING], files.get(CERTIFICATE), files.get(PRIVATE_KEY)
+        method, files[CONNECTION_STRING], files.get(CERTIFICATE), files.get(PRIVATE_KEY),
+        check=check,
     )
 
 

@@ -260,3 +260,18 @@ def test_process_unconfigured_exits_78_in_one_line(tmp_path):
     sock.close()
     assert proc.returncode == EX_CONFIG
     assert len(err.splitlines()) == 1 and "not configured" in err, err
+
+
+@pytest.mark.parametrize("abstract", [False, True])
+def test_systemd_notify_sends_one_datagram(tmp_path, monkeypatch, abstract):
+    from defender_setup.agent.runtime import systemd_notify
+
+    name = f"@defender-setup-test-{os.getpid()}" if abstract else str(tmp_path / "notify")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+        sock.bind("\0" + name[1:] if abstract else name)
+        sock.settimeout(5)
+        monkeypatch.setenv("NOTIFY_SOCKET", name)
+        systemd_notify("READY=1\nSTATUS=connected")
+        assert sock.recv(4096) == b"READY=1\nSTATUS=connected"
+    monkeypatch.delenv("NOTIFY_SOCKET")
+    systemd_notify("READY=1")  # outside systemd: nothing, and no error
