@@ -9,6 +9,7 @@ Interface::
     FakeJournal(entries=None)                     # stands in for systemd.journal.Reader
     FakeClock()                                   # clock() and sleep() without waiting
     Notify()                                      # a connector's Notifier, recorded
+    Recorder()                                    # the runtime's sd_notify and log, recorded
 
 The fake ``systemctl`` (unattended-upgrades style: a real executable first on PATH, so the
 wrapper's subprocess handling is exercised) is a small script driven by a JSON "scenario"
@@ -174,3 +175,16 @@ def plant_policy_rc_d(root):
     policy.write_text(f"#!/bin/sh\ntouch {root}/RAN\nexit 0\n")
     policy.chmod(0o755)
     return root / "RAN"
+
+
+class Recorder:
+    """The runtime's ``sd_notify`` and ``log`` callables, recording what they are given."""
+
+    def __init__(self):
+        self.notified, self.lines = [], []
+
+    def notify(self, state):
+        self.notified.append(state)
+
+    def log(self, line, level):
+        self.lines.append((level, line))

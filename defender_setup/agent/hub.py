@@ -50,9 +50,10 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from defender_setup import AGENT_DIR, DEFAULT_MODULE_ID, __version__
+from defender_setup import AGENT_DIR, __version__
 from defender_setup.agent import hubnet, sas
 from defender_setup.agent import settings as settings_mod
+from defender_setup.credentials import CERTIFICATE_FILE, PRIVATE_KEY_FILE
 from defender_setup.errors import EX_CONFIG, EX_REJECTED, EX_SOFTWARE, SetupError
 
 STOP_WITHIN = 1.5  # seconds stop() waits for the connection thread (TimeoutStopSec is 10)
@@ -108,17 +109,16 @@ class Identity:
             return creds
         cs = creds.connection_string
         agent_dir = Path(root) / AGENT_DIR
-        info = getattr(creds, "certificate", None)
         x509 = creds.method == "certificate"
         return cls(
             cs.host_name,
             cs.device_id,
-            cs.module_id or DEFAULT_MODULE_ID,
-            cs.gateway_host_name or None,
+            cs.module_id,
+            cs.gateway_host_name,
             None if x509 else cs.shared_access_key,
-            agent_dir / "certificate_public.pem" if x509 else None,
-            agent_dir / "certificate_private.pem" if x509 else None,
-            getattr(info, "sha1_thumbprint", None),
+            agent_dir / CERTIFICATE_FILE if x509 else None,
+            agent_dir / PRIVATE_KEY_FILE if x509 else None,
+            creds.certificate.sha1_thumbprint if x509 else None,
         )
 
 

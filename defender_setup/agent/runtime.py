@@ -65,7 +65,6 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from defender_setup import DEFAULT_MODULE_ID
 from defender_setup.errors import EX_CONFIG, EX_OK, SetupError, ValidationError
 
 # syslog priorities, understood by journald in "<N>" line prefixes (SyslogLevelPrefix=yes)
@@ -78,10 +77,6 @@ _WAKE_READY = 255
 # READY=1 waits this much beyond a connector's ready_timeout, so that a connector whose first
 # attempt is bounded by that same timeout gets to report its own, more precise outcome.
 READY_GRACE = 0.5
-
-CONNECTION_STRING = "connection_string.txt"
-CERTIFICATE = "certificate_public.pem"
-PRIVATE_KEY = "certificate_private.pem"
 
 
 def journal_log(line: str, level: int = INFO) -> None:
@@ -142,8 +137,7 @@ class NullConnector:
 def identity(creds) -> str:
     """``hub/device/module (method)`` of a ``credentials.Validated``; never a secret."""
     cs = creds.connection_string
-    module = cs.module_id or DEFAULT_MODULE_ID
-    return f"{cs.host_name}/{cs.device_id}/{module} ({creds.method})"
+    return f"{cs.host_name}/{cs.device_id}/{cs.module_id} ({creds.method})"
 
 
 def load_credentials(root: Path, *, isolate: bool = False):
@@ -156,31 +150,16 @@ def load_credentials(root: Path, *, isolate: bool = False):
     from defender_setup.agentdir import AgentDir
 
     agentdir = AgentDir(root)
-    files = {name: _content(value) for name, value in agentdir.current().items()}
-    method = agentdir.method()
-    if method is None or CONNECTION_STRING not in files:
-        raise SetupError(
-            f"not configured: no {CONNECTION_STRING} in {agentdir.path}; configure with "
-            "'dpkg-reconfigure defender-setup' or 'defender-setup apply'"
-        )
     check = None
     if isolate:
         from defender_setup.agent import certcheck
 
         check = certcheck.check
-    return credentials.validate(
-        method, files[CONNECTION_STRING], files.get(CERTIFICATE), files.get(PRIVATE_KEY),
-        check=check,
-    )
+    return credentials.load(agentdir.current(), agentdir.path, check=check)
 
 
 def _describe(err: SetupError) -> str:
     return f"invalid credentials: {err}" if isinstance(err, ValidationError) else str(err)
-
-
-def _content(value) -> bytes:
-    # AgentDir.current() maps names to bytes; accept (bytes, mode) pairs as .write() takes.
-    return value[0] if isinstance(value, tuple) else value
 
 
 class Runtime:

@@ -1,5 +1,6 @@
-"""The agent as a real process (``python3 -m defender_setup.agent``) against the test hub:
-credentials written through AgentDir, conf.json with the test CA, a real NOTIFY_SOCKET."""
+"""The agent as a real process (``python3 -m defender_setup.agent``), against the test hub or
+unconfigured: credentials written through AgentDir, conf.json with the test CA, a real
+NOTIFY_SOCKET."""
 
 import base64
 import signal
@@ -8,6 +9,7 @@ import time
 import pytest
 
 from defender_setup.agent import settings
+from defender_setup.errors import EX_CONFIG
 from tests.agentproc import DEVICE, HUB, KEY, MODULE, Agent, configure
 from tests.hubsim.broker import Broker
 from tests.hubsim.sasauth import SasAuth
@@ -120,3 +122,16 @@ def test_process_unreachable_stays_up_and_says_why(hub_pki, tmp_path):
         proc.kill()
         sock.close()
     assert proc.returncode == 0 and "Traceback" not in err
+
+
+def test_process_unconfigured_exits_78_in_one_line(tmp_path):
+    root = tmp_path / "root"
+    agent = Agent.start(root, tmp_path)
+    try:
+        code, err = agent.proc.wait(10), agent.proc.stderr.read()
+    finally:
+        agent.close()
+    assert code == EX_CONFIG
+    assert err == (f"not starting: not configured: no connection_string.txt in {root}/"
+                   "var/defender_iot_micro_agent; configure with 'dpkg-reconfigure "
+                   "defender-setup' or 'defender-setup apply'\n")

@@ -1,44 +1,34 @@
-"""defender_setup.agent: the runtime's lifecycle, in process and as a real process.
+"""defender_setup.agent.runtime: the lifecycle, in this process.
 
-In process: the Runtime runs in the test's main thread (signals need it) with an injected
-loader, and a timer thread sends the signals. As a process: ``python3 -m defender_setup.agent``
-with a real NOTIFY_SOCKET datagram socket, real credential files written through AgentDir.
+The Runtime runs in the test's main thread (signals need it) with an injected loader and
+connector, and a timer thread sends the signals. The agent as a process is in
+tests/functional/test_hub_process.py.
 """
 
 import os
 import signal
 import socket
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 
 from defender_setup import credentials
 from defender_setup.agent.runtime import ERR, Runtime, identity
-from defender_setup.agentdir import AgentDir
 from defender_setup.errors import EX_CONFIG, ValidationError
+from tests.fakes import Recorder
 
 REPO = Path(__file__).resolve().parents[2]
 
 
-def fake_creds(device="dev-1", module="DefenderIotMicroAgent", method="connection-string"):
-    cs = SimpleNamespace(host_name="hub.example.net", device_id=device, module_id=module)
-    return SimpleNamespace(method=method, connection_string=cs)
+KEY = "c2VjcmV0LWtleS1mb3ItdGVzdHMtb25seS0xMjM0NTY="  # test-only, base64 of a dummy
 
 
-class Recorder:
-    def __init__(self):
-        self.notified, self.lines = [], []
-
-    def notify(self, state):
-        self.notified.append(state)
-
-    def log(self, line, level):
-        self.lines.append((level, line))
+def creds(device="dev-1"):
+    """Real validated credentials, as the runtime's loader gives them."""
+    return credentials.validate("connection-string", f"HostName=hub.example.net;DeviceId="
+                                f"{device};ModuleId=DefenderIotMicroAgent;SharedAccessKey={KEY}")
 
 
 def signals_later(*steps):
@@ -73,7 +63,7 @@ class ListConnector:
 
 def test_ready_with_identity_then_clean_exit_on_sigterm(tmp_path):
     rec = Recorder()
-    rt = Runtime(tmp_path, sd_notify=rec.notify, log=rec.log, loader=lambda root: fake_creds())
+    rt = Runtime(tmp_path, sd_notify=rec.notify, log=rec.log, loader=lambda root: creds())
     signals_later((0.2, signal.SIGTERM))
     assert rt.run() == 0
     assert rec.notified[0].startswith("READY=1\nSTATUS=hub.example.net/dev-1/DefenderIotMicroAgent")
@@ -101,7 +91,7 @@ def test_sighup_reloads_and_restarts_the_connector(tmp_path):
         connector=conn,
         sd_notify=rec.notify,
         log=rec.log,
-        loader=lambda root: fake_creds(device=next(devices)),
+        loader=lambda root: creds(device=next(devices)),
     )
     signals_later((0.2, signal.SIGHUP), (0.2, signal.SIGTERM))
     assert rt.run() == 0
@@ -117,7 +107,7 @@ def test_invalid_set_on_reload_keeps_running_identity(tmp_path):
         calls.append(1)
         if len(calls) > 1:
             raise ValidationError("HostName", "is missing")
-        return fake_creds()
+        return creds()
 
     rec, conn = Recorder(), ListConnector()
     rt = Runtime(tmp_path, connector=conn, sd_notify=rec.notify, log=rec.log, loader=loader)
@@ -130,7 +120,7 @@ def test_invalid_set_on_reload_keeps_running_identity(tmp_path):
 def runtime(root, rec, conn) -> Runtime:
     """A Runtime with valid credentials, recording what it notifies and logs."""
     return Runtime(root, connector=conn, sd_notify=rec.notify, log=rec.log,
-                   loader=lambda _root: fake_creds())
+                   loader=lambda _root: creds())
 
 
 def test_connector_failure_before_ready_exits_with_its_code(tmp_path):
@@ -197,69 +187,8 @@ def test_sigterm_before_the_first_outcome_stops_at_once(tmp_path):
     assert conn.events[-1] == ("stop",)
 
 
-def test_identity_defaults_module():
-    assert identity(fake_creds(module=None)) == (
-        "hub.example.net/dev-1/DefenderIotMicroAgent (connection-string)"
-    )
-
-
-# -- as a real process -----------------------------------------------------------------------
-
-KEY = "c2VjcmV0LWtleS1mb3ItdGVzdHMtb25seS0xMjM0NTY="  # test-only, base64 of a dummy
-
-
-def write_connection_string(root, text):
-    validated = credentials.validate("connection-string", text.encode(), None, None)
-    AgentDir(root).write(validated.files)
-
-
-def start_agent(root, tmp_path):
-    sock_path = str(tmp_path / "notify.sock")
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-    sock.bind(sock_path)
-    sock.settimeout(10)
-    env = {"PATH": "/usr/bin:/bin", "NOTIFY_SOCKET": sock_path, "PYTHONPATH": str(REPO)}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "defender_setup.agent", "--root", str(root)],
-        env=env,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    return proc, sock
-
-
-@pytest.mark.allow_subprocess("python3")
-def test_process_ready_reload_and_stop(tmp_path):
-    write_connection_string(
-        tmp_path,
-        f"HostName=hub.example.net;DeviceId=dev-1;ModuleId=DefenderIotMicroAgent;"
-        f"SharedAccessKey={KEY}",
-    )
-    proc, sock = start_agent(tmp_path, tmp_path)
-    try:
-        msg = sock.recv(4096).decode()
-        # The hub connector runs: hub.example.net does not resolve, so READY=1 comes with
-        # "retrying: hub unreachable (DNS: ...)" (tests/unit/test_hub*.py cover the texts).
-        assert "READY=1" in msg and "hub.example.net" in msg
-        proc.send_signal(signal.SIGHUP)
-        assert sock.recv(4096) == b"RELOADING=1"
-        assert "READY=1" in sock.recv(4096).decode()
-        proc.send_signal(signal.SIGTERM)
-        _, err = proc.communicate(timeout=10)
-    finally:
-        proc.kill()
-        sock.close()
-    assert proc.returncode == 0
-    assert KEY not in err and "Traceback" not in err
-
-
-@pytest.mark.allow_subprocess("python3")
-def test_process_unconfigured_exits_78_in_one_line(tmp_path):
-    proc, sock = start_agent(tmp_path, tmp_path)
-    _, err = proc.communicate(timeout=10)
-    sock.close()
-    assert proc.returncode == EX_CONFIG
-    assert len(err.splitlines()) == 1 and "not configured" in err, err
+def test_identity_names_hub_device_module_and_method_never_the_key():
+    assert identity(creds()) == "hub.example.net/dev-1/DefenderIotMicroAgent (connection-string)"
 
 
 @pytest.mark.parametrize("abstract", [False, True])
