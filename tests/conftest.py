@@ -8,6 +8,7 @@ autouse fixture makes every process start fail unless the test names the program
 
 The refusal is a :class:`SubprocessForbidden`, a ``BaseException``: code under test that
 catches ``Exception`` (to turn an ``OSError`` into a one-line message, say) cannot swallow it.
+Unit tests may name none: a test that starts a program belongs in tests/functional.
 Integration tests, which exist to run real things, are exempt as a whole.
 
 The fixtures shared by the unit and functional tiers live here too: credential inputs made at
@@ -47,6 +48,9 @@ def _no_subprocess(request, monkeypatch):
         return
     allowed = set()
     for marker in request.node.iter_markers("allow_subprocess"):
+        if "unit" in request.node.nodeid.split("/"):
+            raise pytest.UsageError(f"{request.node.nodeid}: unit tests start no program; "
+                                    "a test that does belongs in tests/functional")
         if not marker.args:
             raise pytest.UsageError(f"{request.node.nodeid}: allow_subprocess needs the "
                                     "programs it allows, e.g. allow_subprocess('systemctl')")

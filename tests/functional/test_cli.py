@@ -1,0 +1,76 @@
+"""The command line with other processes: writers and readers kept waiting by a forked lock
+holder, and the real command with its standard streams closed."""
+
+import os
+import time
+
+import pytest
+
+from tests.conftest import snapshot
+from tests.holder import Holder
+from tests.unit.test_cli import Run, agent_path, pending_update
+
+
+@pytest.fixture
+def run(root, tmp_path, capsys, monkeypatch):
+    return Run(root, tmp_path, capsys, monkeypatch)
+
+
+def _real_cli(*argv, **kw):
+    import subprocess
+    from pathlib import Path
+
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[2]))
+    kw.setdefault("stdout", subprocess.PIPE)
+    return subprocess.run(["/usr/bin/python3", "-m", "defender_setup", *argv], env=env,
+                          stderr=subprocess.PIPE, **kw)
+
+
+@pytest.mark.allow_subprocess("fork")
+def test_a_writer_waits_for_another_then_exits_75_naming_it(run, sas_inputs, cert_inputs):
+    assert run("apply", "--no-restart", *run.inputs(sas_inputs))[0] == 0
+    with Holder(agent_path(run) / ".defender-setup/lock") as pid:
+        before = snapshot(run.root)
+        for argv in (["apply", "--no-restart", *run.inputs(cert_inputs)],
+                     ["rollback", "--no-restart"], ["restart"]):
+            code, out, err = run(*argv, "--lock-timeout", "0.2")
+            assert code == 75, (argv, err)
+            assert f"pid {pid}" in err and err.count("\n") == 1
+            assert snapshot(run.root) == before
+    assert run("apply", "--no-restart", *run.inputs(cert_inputs))[0] == 0
+
+
+@pytest.mark.allow_subprocess("fork")
+def test_readers_wait_for_a_writer_then_exit_75(run, sas_inputs):
+    run("apply", "--no-restart", *run.inputs(sas_inputs))
+    with Holder(agent_path(run) / ".defender-setup/lock") as pid:
+        code, out, err = run("status", "--lock-timeout", "0.1")
+        assert code == 75 and f"pid {pid}" in err
+    with Holder(agent_path(run) / ".defender-setup/lock", "shared"):
+        assert run("status", "--lock-timeout", "0")[0] == 0  # readers share the lock
+
+
+@pytest.mark.allow_subprocess("fork")
+def test_repair_does_not_wait_for_a_writer(run, sas_inputs, cert_inputs):
+    agent = pending_update(run, sas_inputs, cert_inputs)
+    with Holder(agent.state / "lock"):
+        started = time.monotonic()
+        code, out, _ = run("repair", "--lock-timeout", "0.2")
+        assert time.monotonic() - started < 2
+    assert code == 0 and "repair skipped" in out and agent.pending()
+
+
+@pytest.mark.allow_subprocess("python3")
+def test_closed_stdin_and_stdout_in_a_real_process(run, sas_inputs):
+    r = _real_cli("validate", "--connection-string-file", "-", stdin=None,
+                  pass_fds=(), close_fds=True, preexec_fn=lambda: os.close(0))
+    assert r.returncode == 66 and r.stderr.count(b"\n") == 1, r.stderr
+    run("apply", "--no-restart", *run.inputs(sas_inputs))
+    # status | head -0: the reader of the pipe is gone before status writes
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    r = _real_cli("status", "--root", str(run.root), stdout=write_end)
+    os.close(write_end)
+    assert r.returncode == 74, r.stderr
+    assert r.stderr.count(b"\n") == 1 and b"Traceback" not in r.stderr
+    assert b"standard output is closed" in r.stderr

@@ -1,0 +1,267 @@
+"""defender_setup.importer's run(): the offered files written, recorded, restarted and
+verified on a throw-away root that looks booted (``root``), with a fake systemctl
+first on PATH (tests/fakes.py)."""
+
+import io
+import os
+
+import pytest
+
+from defender_setup.agentdir import AgentDir
+from defender_setup.errors import SetupError
+from defender_setup.importer import PENDING, RECORD, check_offer, last_import, run
+from defender_setup.offer import REJECTED_NOTE
+from defender_setup.service import Service
+from tests.conftest import DEVICE, HUB, MODULE, snapshot
+from tests.fakes import FakeClock, FakeJournal, FakeSystemd, failed, running
+from tests.unit.test_importer import CERT, CRED, CS, NAMES, X509, key_of, offered, sas
+
+
+# -- run(): files, records and systemctl ---------------------------------------------------
+def offer_credential(root, name, data: bytes):
+    path = root / CRED / name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data)
+
+
+class Importer:
+    def __init__(self, root, tmp_path, monkeypatch, states=None, restart_plan=None):
+        self.root = root
+        self.fake = FakeSystemd(tmp_path, states or [dict(running(), LoadState="loaded")],
+                                restart_plan or [{}])
+        self.fake.path_env(monkeypatch)
+
+    def __call__(self, mode="no-restart"):
+        out, clock = io.StringIO(), FakeClock()
+        svc = Service(self.root, environ={}, journal=lambda: FakeJournal(), manages_root=True)
+        try:
+            code = run(self.root, mode, timeout=30, out=out, environ={}, service=svc,
+                       clock=clock, sleep=clock.sleep)
+        except SetupError as exc:
+            out.write(f"error: {exc}\n")
+            code = exc.exit_code
+        return code, out.getvalue()
+
+
+@pytest.fixture
+def importer(booted_root, tmp_path, monkeypatch):
+    return Importer(booted_root, tmp_path, monkeypatch)
+
+
+pytestmark = pytest.mark.allow_subprocess("systemctl")  # the fake systemctl is a process
+
+
+def test_nothing_offered_does_nothing(booted_root, importer):
+    code, out = importer("boot")
+    assert code == 0 and "nothing offered" in out
+    assert not (booted_root / "var").exists() and importer.fake.calls() == []
+
+
+def test_new_credential_is_written_with_its_origin_and_recorded(booted_root, importer):
+    offer_credential(booted_root, NAMES[CS], sas())
+    code, out = importer("no-restart")
+    assert code == 0, out
+    agent = AgentDir(booted_root)
+    assert key_of(sas()).encode() in agent.current()[CS]
+    assert agent.origin()["source"] == "credential"
+    record = last_import(booted_root)
+    assert record["result"] == "written" and record["source"] == "credential"
+    assert record["identity"] == {"method": "connection-string", "hub": HUB,
+                                  "device": DEVICE, "module": MODULE}
+    assert record["from"] == {CS: str(booted_root / CRED / NAMES[CS])}
+    assert key_of(sas()) not in out + str(record)
+
+
+def test_equal_set_writes_and_restarts_nothing(booted_root, importer):
+    offer_credential(booted_root, NAMES[CS], sas())
+    importer("no-restart")
+    before = snapshot(booted_root / "var")
+    offer_credential(booted_root, NAMES[CS], b"\xef\xbb\xbf  " + sas() + b"\r\n")  # same, as pasted
+    code, out = importer("boot")
+    assert code == 0 and "nothing written, nothing restarted" in out
+    assert snapshot(booted_root / "var") == before  # not even the record
+    assert importer.fake.calls() == []
+
+
+def test_invalid_credential_changes_nothing_and_is_recorded(booted_root, importer):
+    offer_credential(booted_root, NAMES[CS], sas(1))
+    importer("no-restart")
+    files_before = AgentDir(booted_root).current()
+    wrong = sas(2).replace(b"SharedAccessKey=", b"SharedAccessKey=!")
+    offer_credential(booted_root, NAMES[CS], wrong)
+    code, out = importer("boot")
+    assert code == 65
+    assert out.count("\n") == 1 and "credential defender-setup.connection-string: " \
+        "SharedAccessKey: is not valid base64" in out and "nothing was changed" in out
+    assert AgentDir(booted_root).current() == files_before and importer.fake.calls() == []
+    record = last_import(booted_root)
+    assert record["result"] == "invalid" and "SharedAccessKey" in record["message"]
+    assert key_of(wrong)[1:] not in out + str(record)
+
+
+def test_boot_mode_queues_the_restart_and_never_waits_for_it(booted_root, importer):
+    offer_credential(booted_root, NAMES[CS], sas())
+    code, out = importer("boot")
+    assert code == 0, out
+    calls = importer.fake.calls()
+    assert "--no-block restart defender-iot-micro-agent.service" in calls
+    assert not any(c.startswith("restart") for c in calls)  # a synchronous restart deadlocks
+    assert AgentDir(booted_root).record(PENDING) is not None
+    assert "defender-setup-import-verify.service verifies" in out
+
+
+def test_boot_verify_without_a_pending_import_does_nothing(booted_root, importer):
+    assert importer("boot-verify") == (0, "")
+    assert importer.fake.calls() == []
+
+
+def test_boot_verify_keeps_a_healthy_set_and_clears_the_drop_folder(booted_root, importer):
+    folder = booted_root / "boot/firmware/defender-setup"
+    folder.mkdir(parents=True)
+    (folder / CS).write_bytes(sas())
+    assert importer("boot")[0] == 0
+    assert (folder / CS).exists()  # kept until the agent has accepted it
+    code, out = importer("boot-verify")
+    assert code == 0, out
+    assert "active (running), stable for" in out
+    assert not (folder / CS).exists() and "removed connection_string.txt" in out
+    assert last_import(booted_root)["result"] == "verified"
+    assert AgentDir(booted_root).record(PENDING) is None
+    assert not any(c.startswith("restart") for c in importer.fake.calls())  # watched only
+
+
+def test_boot_verify_rolls_back_a_refused_set(booted_root, tmp_path, monkeypatch):
+    offer_credential(booted_root, NAMES[CS], sas(1))
+    (tmp_path / "a").mkdir()
+    Importer(booted_root, tmp_path / "a", monkeypatch)("no-restart")
+    offer_credential(booted_root, NAMES[CS], sas(2))
+    (tmp_path / "b").mkdir()
+    imp = Importer(booted_root, tmp_path / "b", monkeypatch,
+                   states=[dict(failed(status=76), LoadState="loaded")],
+                   restart_plan=[{"states": [dict(running(inv="inv-3"), LoadState="loaded")]}])
+    assert imp("boot")[0] == 0
+    code, out = imp("boot-verify")
+    assert code == 69, out
+    assert "VERIFICATION FAILED" in out and "rolled back to the previous credentials" in out
+    assert key_of(sas(1)).encode() in AgentDir(booted_root).current()[CS]
+    assert len(imp.fake.restarts()) == 1  # the roll-back's one restart
+    assert last_import(booted_root)["result"] == "rejected"
+    assert key_of(sas(2)) not in out
+
+
+def test_a_refused_first_set_leaves_the_device_unconfigured(booted_root, importer, monkeypatch,
+                                                            tmp_path):
+    folder = booted_root / "boot/defender-setup"
+    folder.mkdir(parents=True)
+    (folder / CS).write_bytes(sas(3))
+    (tmp_path / "c").mkdir()
+    imp = Importer(booted_root, tmp_path / "c", monkeypatch,
+                   states=[dict(failed(status=76), LoadState="loaded")])
+    assert imp("boot")[0] == 0
+    code, out = imp("boot-verify")
+    assert code == 69, out
+    assert AgentDir(booted_root).current() == {}
+    assert "reset-failed defender-iot-micro-agent.service" in imp.fake.calls()
+    assert imp.fake.restarts() == []
+    note = (folder / REJECTED_NOTE).read_text()
+    assert "refused" in note and key_of(sas(3)) not in note
+    assert (folder / CS).exists()  # a rejected set stays where it was put
+
+
+def test_invalid_drop_folder_gets_a_note_and_keeps_its_files(booted_root, importer):
+    folder = booted_root / "boot/firmware/defender-setup"
+    folder.mkdir(parents=True)
+    (folder / CS).write_bytes(X509)
+    code, out = importer("boot")
+    assert code == 65
+    assert f"{folder / CERT}: is missing" in out
+    assert (folder / CS).exists() and "is missing" in (folder / REJECTED_NOTE).read_text()
+    assert not (booted_root / "var/defender_iot_micro_agent" / CS).exists()
+
+
+def test_equal_drop_folder_set_is_removed_from_the_boot_partition(booted_root, importer):
+    offer_credential(booted_root, NAMES[CS], sas())
+    importer("no-restart")
+    os.unlink(booted_root / CRED / NAMES[CS])
+    folder = booted_root / "boot/firmware/defender-setup"
+    folder.mkdir(parents=True)
+    (folder / CS).write_bytes(sas())
+    code, out = importer("boot")
+    assert code == 0 and not (folder / CS).exists(), out
+
+
+def test_manual_import_restarts_once_and_verifies(booted_root, tmp_path, monkeypatch):
+    offer_credential(booted_root, NAMES[CS], sas())
+    imp = Importer(booted_root, tmp_path, monkeypatch,
+                   restart_plan=[{"states": [dict(running(inv="inv-2"), LoadState="loaded")]}])
+    code, out = imp("manual")
+    assert code == 0, out
+    assert len(imp.fake.restarts()) == 1
+    assert last_import(booted_root)["result"] == "verified"
+
+
+def test_masked_agent_is_not_restarted_nor_rolled_back(booted_root, tmp_path, monkeypatch):
+    offer_credential(booted_root, NAMES[CS], sas())
+    imp = Importer(booted_root, tmp_path, monkeypatch, states=[{"LoadState": "masked"}])
+    code, out = imp("manual")
+    assert code == 0 and "is masked" in out
+    assert imp.fake.restarts() == [] and AgentDir(booted_root).current()
+
+
+def test_no_systemd_writes_only(booted_root, importer):
+    os.rmdir(booted_root / "run/systemd/system")
+    offer_credential(booted_root, NAMES[CS], sas())
+    code, out = importer("boot")
+    assert code == 0 and "restart skipped: systemd is not running" in out
+    assert importer.fake.calls() == [] and AgentDir(booted_root).current()
+
+
+def test_record_is_private(booted_root, importer):
+    offer_credential(booted_root, NAMES[CS], b"")
+    importer("boot")
+    path = booted_root / "var/defender_iot_micro_agent/.defender-setup" / RECORD
+    assert oct(path.stat().st_mode & 0o777) == "0o600"
+
+
+def test_status_and_check_show_the_origin_and_the_last_import(booted_root, importer, capsys):
+    import json
+
+    from defender_setup import cli
+
+    offer_credential(booted_root, NAMES[CS], sas())
+    importer("no-restart")
+    offer_credential(booted_root, NAMES[CS], b"HostName=x")
+    importer("boot")
+    assert cli.main(["status", "--json", "--root", str(booted_root)]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["origin"]["source"] == "credential"
+    assert report["last_import"]["result"] == "invalid"
+    assert cli.main(["check", "--json", "--offline", "--root", str(booted_root)]) == 65
+    checks = {c["id"]: c for c in json.loads(capsys.readouterr().out)}
+    assert checks["last-import"]["status"] == "error"
+    assert "credential defender-setup.connection-string" in checks["last-import"]["message"]
+    assert checks["credentials-valid"]["status"] == "ok"  # the configured set is untouched
+
+
+def test_an_oversized_credential_is_refused_and_recorded_without_reading_it_all(booted_root,
+                                                                              importer):
+    offer_credential(booted_root, NAMES[CS], b"HostName=" + b"x" * 2_000_000)
+    code, out = importer("boot")
+    assert code == 65 and "at most" in out and out.count("\n") == 1
+    assert last_import(booted_root)["result"] == "invalid"
+    assert not (booted_root / "var/defender_iot_micro_agent" / CS).exists()
+
+
+def test_a_failed_import_superseded_by_a_later_apply_is_a_warning(booted_root, importer, capsys):
+    import json
+    import time
+
+    from defender_setup import cli
+
+    offer_credential(booted_root, NAMES[CS], b"garbage")
+    assert importer("boot")[0] == 65
+    time.sleep(1.1)  # the records have one-second resolution
+    AgentDir(booted_root).write(check_offer(offered(sas()), {}).files, origin="apply")
+    assert cli.main(["check", "--json", "--offline", "--root", str(booted_root)]) == 0
+    check = {c["id"]: c for c in json.loads(capsys.readouterr().out)}["last-import"]
+    assert check["status"] == "warning" and "since configured by apply" in check["message"]
