@@ -48,7 +48,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import AGENT_DIR, lock
-from .credentials import ALL_FILES, method_of
+from .credentials import ALL_FILES, SEALED_NAMES, method_of
 from .errors import InputError, SetupError, UnsafeTargetError, ValidationError, WriteError
 from .safefs import (
     check_file,
@@ -74,6 +74,16 @@ DIR_MODE = 0o700
 PARENT_MODE = 0o755           # var/ and the like, when we have to create them
 WRITE_WAIT = 30.0             # seconds a writer waits for another one
 READ_WAIT = 5.0               # seconds a reader waits for a writer
+
+
+def _unsealed(files: dict, where: Path) -> dict:
+    """``files`` with sealed ones decrypted (:mod:`.sealing`), to be validated."""
+    from .sealing import SealingError, open_set
+
+    plain, how = open_set(files)
+    if how.error:
+        raise SealingError(f"{how.error} (in the previous set, {where}); nothing was restored")
+    return plain
 
 
 def _now() -> str:
@@ -365,12 +375,18 @@ class AgentDir:
                                  "unconfigured before); nothing to roll back to")
             for name in files:
                 check_restorable(previous / name)
+            plain = _unsealed(files, previous)
             try:
-                validated = load(files, previous)
+                validated = load(plain, previous)
             except ValidationError as exc:
                 raise ValidationError(exc.field, f"{exc.message} (in the previous set, "
                                       f"{previous}); nothing was restored") from None
-            self.write(validated.files, origin="rollback")
+            restored = dict(validated.files)
+            for name, sealed in SEALED_NAMES.items():  # a sealed file is restored sealed
+                if sealed in files:
+                    restored.pop(name, None)
+                    restored[sealed] = (files[sealed], 0o600)
+            self.write(restored, origin="rollback")
             return files
 
     def unconfigure(self) -> None:

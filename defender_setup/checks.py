@@ -19,11 +19,11 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from .agentdir import IMPORT_RECORD, AgentDir
-from .credentials import CONNECTION_STRING_FILE, PRIVATE_KEY_FILE, load, method_of
+from .credentials import CONNECTION_STRING_FILE, PRIVATE_KEY_FILE, SEALED_NAMES, load, method_of
 from .errors import EX_CONFIG, EX_NOPERM, EX_OK, EX_UNAVAILABLE, BusyError, SetupError
 
 OK, WARNING, ERROR, SKIPPED = "ok", "warning", "error", "skipped"
-_SECRETS = (CONNECTION_STRING_FILE, PRIVATE_KEY_FILE)
+_SECRETS = (CONNECTION_STRING_FILE, PRIVATE_KEY_FILE, *SEALED_NAMES.values())
 
 
 @dataclass(frozen=True)
@@ -67,7 +67,7 @@ def run_checks(root: Path, service_state: dict | None = None,
                        EX_CONFIG)
         else:
             add("no-interrupted-update", "no credential update was left half done", OK)
-    present = method_of(files) is not None
+    present = method_of(files) is not None  # a connection string, plain or sealed
     if not safe:
         add("credentials-present", "connection_string.txt exists", SKIPPED)
     elif not present:
@@ -76,7 +76,11 @@ def run_checks(root: Path, service_state: dict | None = None,
     else:
         add("credentials-present", "connection_string.txt exists", OK)
         _check_modes(agent, seen.modes, add)
-        _check_credentials(files, agent.path, add)
+        files = _check_sealed(agent, files, add)
+        if files is None:
+            add("credentials-valid", "stored credentials pass validation", SKIPPED)
+        else:
+            _check_credentials(files, agent.path, add)
     _check_last_import(agent, add)
     if service_state is not None:
         active = service_state.get("active")
@@ -94,6 +98,28 @@ def _check_modes(agent: AgentDir, modes: dict, add) -> None:
             f"{', '.join(loose)} readable by others: chmod 0600 them", EX_NOPERM)
     else:
         add("secret-file-modes", "secret files are readable by root only", OK)
+
+
+def _check_sealed(agent: AgentDir, files: dict, add) -> dict | None:
+    """Sealed files decrypt here (with this machine's host key / TPM2): the plain view of
+    ``files``, or None when they do not."""
+    from .sealing import PENDING, SEAL_UNIT, open_set
+
+    description = "sealed secret files decrypt with this machine's key"
+    plain, how = open_set(files)
+    if how.error:
+        add("sealed-credentials", description, ERROR,
+            f"{how.error}: the set was sealed on another machine (or its key changed); apply "
+            "the credentials again", EX_CONFIG)
+        return None
+    if agent.record(PENDING) is not None:
+        add("sealed-credentials", description, WARNING, "sealing is deferred to the first "
+            f"boot ({SEAL_UNIT}); run 'defender-setup seal' to seal now")
+    elif how.sealed:
+        add("sealed-credentials", description, OK, how.describe())
+    else:
+        add("sealed-credentials", description, SKIPPED, "not sealed (plain root-only files)")
+    return plain
 
 
 def _check_credentials(files: dict, where: Path, add) -> None:

@@ -128,14 +128,46 @@ def cmd_apply(args, out) -> int:
         if outcome.error is not None:
             raise outcome.error  # reported once, as the error
         print(outcome.line, file=out)
+    if args.seal:  # before the lock, which creates the agent directory
+        from .sealing import require
+
+        require(args.root)
     with _Writing(args, out) as agent:
-        agent.write(validated.files, origin="apply")
-        print(f"written: {', '.join(sorted(validated.files))} in {agent.path} "
-              "(previous set kept for 'defender-setup rollback')", file=out)
-        if args.no_restart:
-            print("restart skipped (--no-restart)", file=out)
+        from .sealing import kept_sealed, store
+
+        # A sealed set stays sealed (defender-setup unseal turns it back into plain files).
+        _print_stored(store(agent, validated.files, validated.method,
+                            args.seal or kept_sealed(agent), origin="apply"), out)
+        return _after_write(args, out)
+
+
+def cmd_seal(args, out) -> int:
+    """``seal`` / ``unseal``: store the current set sealed, or as plain files again."""
+    from . import sealing
+
+    want = args.command == "seal"
+    if want:  # before the lock, which writes to the agent directory
+        sealing.require(args.root)
+    with _Writing(args, out) as agent:
+        files, method, how = sealing.plain_set(agent)
+        if bool(how.sealed) == want and agent.record(sealing.PENDING) is None:
+            print(f"nothing to do: the credentials are {how.describe()}", file=out)
             return EX_OK
-        return _restart(args, out)
+        _print_stored(sealing.store(agent, files, method, want, origin=args.command), out)
+        return _after_write(args, out)
+
+
+def _print_stored(lines: list[str], out) -> None:
+    print(f"{lines[0]} (previous set kept for 'defender-setup rollback')", file=out)
+    for line in lines[1:]:
+        print(line, file=out)
+
+
+def _after_write(args, out) -> int:
+    if args.no_restart:
+        print("restart skipped (--no-restart)", file=out)
+        return EX_OK
+    return _restart(args, out)
 
 
 def _restart(args, out) -> int:
@@ -312,6 +344,15 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("apply", cmd_apply, [creds, *writer], "validate, write atomically (keeping the "
             "previous set), then restart and verify the service")
     p.add_argument("--no-restart", action="store_true", help="write the files only")
+    p.add_argument("--seal", action="store_true", help="store the secret files sealed with "
+                   "this machine's key (systemd-creds: TPM2 and host key, or host key); a "
+                   "sealed set stays sealed without it")
+    for name, what in (("seal", "store the current secret files sealed with this machine's "
+                                "key (deferred to the first boot in a chroot)"),
+                       ("unseal", "store the current sealed secret files as plain root-only "
+                                  "files again")):
+        q = add(name, cmd_seal, writer, f"{what}, then restart and verify")
+        q.add_argument("--no-restart", action="store_true", help="change the files only")
     p.add_argument("--probe", action="store_true",
                    help="first try the new credentials against the hub (one CONNECT); write "
                    "nothing when the hub refuses them")

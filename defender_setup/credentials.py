@@ -8,6 +8,10 @@ Interface::
 
 ``Validated.files`` maps each file name of the agent directory to ``(content, mode)``; it is
 exactly the set :meth:`defender_setup.agentdir.AgentDir.write` replaces atomically.
+
+A secret file may be stored sealed instead (:mod:`defender_setup.sealing`): ``NAME.cred``,
+encrypted by ``systemd-creds``, in place of ``NAME``. ``SEALED_NAMES`` maps each plain name
+to its sealed one; ``ALL_FILES`` holds both, so every writer and reader knows them.
 """
 
 from __future__ import annotations
@@ -20,7 +24,14 @@ from .errors import AUTH_METHOD, CERTIFICATE, PRIVATE_KEY, NotConfigured, Valida
 CONNECTION_STRING_FILE = "connection_string.txt"
 CERTIFICATE_FILE = "certificate_public.pem"
 PRIVATE_KEY_FILE = "certificate_private.pem"
-ALL_FILES = (CONNECTION_STRING_FILE, CERTIFICATE_FILE, PRIVATE_KEY_FILE)
+SEALED_SUFFIX = ".cred"
+# The files holding a secret, by method: what sealing encrypts (the connection string of the
+# certificate method ends in x509=true and holds none).
+SECRET_FILES = {cs.METHOD_CONNECTION_STRING: (CONNECTION_STRING_FILE,),
+                cs.METHOD_CERTIFICATE: (PRIVATE_KEY_FILE,)}
+SEALED_NAMES = {name: name + SEALED_SUFFIX for name in (CONNECTION_STRING_FILE, PRIVATE_KEY_FILE)}
+PLAIN_FILES = (CONNECTION_STRING_FILE, CERTIFICATE_FILE, PRIVATE_KEY_FILE)
+ALL_FILES = PLAIN_FILES + tuple(SEALED_NAMES.values())
 METHODS = (cs.METHOD_CONNECTION_STRING, cs.METHOD_CERTIFICATE)
 
 
@@ -32,6 +43,8 @@ class Validated:
     connection_string: cs.ConnectionString
     certificate: object = None  # certificates.CertificateInfo (imported lazily)
     files: dict = field(default_factory=dict, repr=False)
+    # Where each file can be read again, when loaded from storage (the agent's TLS files).
+    sources: dict = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def warnings(self) -> tuple[str, ...]:
@@ -60,9 +73,11 @@ def method_of(names) -> str | None:
 
     The one place that decides it (status, check, the debconf bridge and AgentDir use it):
     no connection string means unconfigured; any certificate file means the certificate
-    method, whose connection string carries ``x509=true``.
+    method, whose connection string carries ``x509=true``. A sealed file counts as its plain
+    name.
     """
-    names = set(names)
+    sealed = {v: k for k, v in SEALED_NAMES.items()}
+    names = {sealed.get(name, name) for name in names}
     if CONNECTION_STRING_FILE not in names:
         return None
     if names & {CERTIFICATE_FILE, PRIVATE_KEY_FILE}:

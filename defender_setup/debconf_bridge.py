@@ -15,7 +15,7 @@ and ``debian/*.postinst`` call it after sourcing the shell confmodule)::
 Pure core, used by both and by the tests::
 
     Answers(method, connection_string, hub_hostname, device_id, module_id,
-            certificate_file, private_key_file)      # Answers.read(db) fills it over debconf
+            certificate_file, private_key_file, seal)   # Answers.read(db) fills it over debconf
     resolve(answers, current, read=read_input) -> Inputs | None   # None: keep what is there
     question_for(error, answers) -> str                # which question to re-ask (by field)
 
@@ -51,6 +51,8 @@ from .errors import (
     printable,
 )
 from .inputs import read_file
+from .sealing import FIELD as SEALING
+from .sealing import PENDING, deferral, kept_sealed, open_set, plain_set, require, store
 
 PREFIX = "defender-setup/"
 METHOD_LATER = "later"
@@ -63,6 +65,7 @@ QUESTIONS = {
     HUB_HOSTNAME: "hub-hostname",
     DEVICE_ID: "device-id",
     MODULE_ID: "module-id",
+    SEALING: "seal-credentials",
     **{key: "connection-string" for key in cs.KNOWN_KEYS},
 }
 # When the certificate method's identity comes from its own questions (no connection string
@@ -85,6 +88,7 @@ class Answers:
     module_id: str = DEFAULT_MODULE_ID
     certificate_file: str = ""
     private_key_file: str = ""
+    seal: bool = False
 
     @classmethod
     def read(cls, db) -> Answers:
@@ -98,7 +102,8 @@ class Answers:
                    device_id=get("device-id").strip(),
                    module_id=get("module-id").strip() or DEFAULT_MODULE_ID,
                    certificate_file=get("certificate-file").strip(),
-                   private_key_file=get("private-key-file").strip())
+                   private_key_file=get("private-key-file").strip(),
+                   seal=get("seal-credentials") == "true")
 
 
 @dataclass(frozen=True)
@@ -233,7 +238,7 @@ def check(db, root: Path) -> tuple[int, str]:
 
     answers = Answers.read(db)
     try:
-        current = AgentDir(root).current()
+        current = open_set(AgentDir(root).current())[0]  # sealed files decrypted
         inputs = resolve(answers, current)
         if inputs is not None:
             _probe(db, _validate(inputs), root, current)
@@ -267,6 +272,17 @@ def _same(validated, current: dict) -> bool:
     return {name: data for name, (data, _) in validated.files.items()} == current
 
 
+def _stored_as_asked(agent, how, seal: bool) -> bool:
+    """Whether the set is stored as defender-setup/seal-credentials asks. False asks for
+    nothing: a sealed set stays sealed until "defender-setup unseal" (so a default answer
+    never writes a secret back in plain text)."""
+    if not seal:
+        return True
+    # Sealed already, or still waiting for the first boot where sealing cannot happen yet.
+    return bool(how.sealed) or (agent.record(PENDING) is not None
+                                and deferral(agent.root) is not None)
+
+
 def _clear_one_shot(db) -> None:
     for name in ONE_SHOT:
         db.set(PREFIX + name, "")
@@ -280,28 +296,37 @@ def apply(db, root: Path, out) -> int:
     answers = None
     try:
         answers = Answers.read(db)
-        current = agent.current()
+        current, how = open_set(agent.current())  # sealed files decrypted: "keep" needs them
         inputs = resolve(answers, current)
         if inputs is None:
             state = method_of(current)
-            if state:  # unconfigured: the postinst says how to configure
-                print(f"defender-setup: credentials unchanged ({state})", file=out)
+            if state and not _stored_as_asked(agent, how, answers.seal):
+                with agent.lock():  # only the storage changes: sealed, or plain again
+                    files, method, _ = plain_set(agent)
+                    for line in store(agent, files, method, answers.seal, origin="debconf"):
+                        print(f"defender-setup: {line}", file=out)
+            elif state:  # unconfigured: the postinst says how to configure
+                print(f"defender-setup: credentials unchanged ({state}, {how.describe()})",
+                      file=out)
             return EX_OK
         validated = _validate(inputs)
         for line in validated.summary_lines():
             print(f"  {line}", file=out)
         for warning in validated.warnings:
             print(f"defender-setup: warning: {warning}", file=out)
+        if answers.seal:
+            require(root)  # one line naming the question, before anything is written
         # before the lock (the hub may take seconds); a refusal raises: nothing is written
         _probe(db, validated, root, current, out)
         with agent.lock():  # the writers' lock (exit 75 if another keeps it for 30 s)
-            if _same(validated, agent.current()):
+            now, how = open_set(agent.current())
+            if _same(validated, now) and _stored_as_asked(agent, how, answers.seal):
                 print("defender-setup: credentials unchanged (same as written before)",
                       file=out)
             else:
-                agent.write(validated.files, origin="debconf")
-                print(f"defender-setup: wrote {', '.join(sorted(validated.files))} in "
-                      f"{agent.path}", file=out)
+                for line in store(agent, validated.files, validated.method,
+                                  answers.seal or kept_sealed(agent), origin="debconf"):
+                    print(f"defender-setup: {line}", file=out)
         ident = validated.connection_string
         # Keep debconf showing what is configured now (dpkg-reconfigure starts from it).
         db.set(PREFIX + "auth-method", validated.method)

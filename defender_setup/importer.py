@@ -191,7 +191,9 @@ class _Run:
 
     def _judge(self, offer: Offer):
         """(record, validated, current) for an offer; raises ValidationError/SetupError."""
-        current = self.agent.current()
+        from .sealing import open_set
+
+        current = open_set(self.agent.current())[0]  # a sealed set is compared decrypted
         validated = check_offer(offer, current)
         record = {"time": _now(), "source": offer.source, "from": dict(offer.where),
                   "identity": _identity(validated)}
@@ -236,7 +238,10 @@ class _Run:
             self._keep(offer, record, validated)
             return record, False
         try:
-            self.agent.write(validated.files, origin=offer.source)
+            from .sealing import kept_sealed, store
+
+            store(self.agent, validated.files, validated.method, kept_sealed(self.agent),
+                  origin=offer.source)
         except SetupError as exc:
             self._fail(record, "failed", exc, offer)
         record = self.save(record, result="written", message="verification pending",

@@ -16,7 +16,8 @@ from pathlib import Path
 from . import UNIT
 from .agentdir import IMPORT_RECORD, AgentDir
 from .credentials import load, method_of
-from .errors import BusyError, NotConfigured, SetupError
+from .errors import BusyError, SetupError
+from .sealing import PENDING, open_set
 
 INTERRUPTED = ("an interrupted credential update is pending (the files may mix two sets); "
                "run 'defender-setup repair', or restart the service, to complete it")
@@ -46,7 +47,7 @@ def collect(root: Path, service_state: dict | None = None, lock_timeout: float =
                     "certificate": None, "problem": None, "warnings": [], "files": {},
                     "previous_generation": False, "interrupted_update": False,
                     "origin": None, "service": service_state,
-                    "last_import": agent.record(IMPORT_RECORD)}
+                    "last_import": agent.record(IMPORT_RECORD), "sealing": None}
     try:
         seen = agent.snapshot(lock_timeout)
     except BusyError:
@@ -62,13 +63,22 @@ def collect(root: Path, service_state: dict | None = None, lock_timeout: float =
         report["interrupted_update"] = True
         report["problem"] = INTERRUPTED
         return report
-    report["method"] = method_of(files)
-    try:
-        validated = load(files, agent.path)  # with the same rules as new input
-    except NotConfigured:
+    method = method_of(files)
+    if method is None:
         report["problem"] = ("not configured: run 'dpkg-reconfigure defender-setup' or "
                              "'defender-setup apply'")
         return report
+    report["method"] = method
+    files, how = open_set(files)  # sealed files decrypted (here, in memory only)
+    pending = agent.record(PENDING) is not None
+    report["sealing"] = {"sealed": list(how.sealed), "keys": how.keys, "pending": pending,
+                         "summary": how.describe() + ("; sealing deferred to the first boot"
+                                                      if pending else "")}
+    if how.error:
+        report["problem"] = f"the sealed credentials cannot be read: {how.error}"
+        return report
+    try:
+        validated = load(files, agent.path)  # with the same rules as new input
     except SetupError as exc:
         report["problem"] = f"stored credentials are invalid: {exc}"
         return report
@@ -99,6 +109,8 @@ def render(report: dict) -> list[str]:
                   f"SHA-1:           {cert['sha1_thumbprint']}",
                   f"SHA-256:         {cert['sha256_thumbprint']}",
                   f"key:             {cert['key']}"]
+    if report["sealing"]:
+        lines.append(f"secrets:         {report['sealing']['summary']}")
     for path, mode in report["files"].items():
         lines.append(f"file:            {mode} {path}")
     origin = report["origin"]

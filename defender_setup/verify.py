@@ -57,7 +57,7 @@ class Verdict:
 def _configured(root: Path) -> bool:
     from .agentdir import AgentDir
 
-    return AgentDir(root).method() is not None
+    return AgentDir(root).method() is not None  # a connection string, plain or sealed
 
 
 def restart_once(svc: Service, timeout: float, *, clock=time.monotonic, sleep=time.sleep):

@@ -5,7 +5,7 @@ Interface::
     configure(root, pki, port, key=KEY, extra=None)   # SAS credentials through AgentDir,
                                                       # conf.json trusting the test CA
                                                       # (tests/hubroot.py's identity)
-    agent = Agent.start(root, tmp_path)               # a real NOTIFY_SOCKET datagram socket
+    agent = Agent.start(root, tmp_path, **env)        # a real NOTIFY_SOCKET datagram socket
     agent.next_message(timeout) -> str | None         # one sd_notify datagram
     agent.wait_status(predicate, timeout) -> str | None   # the first STATUS= matching
     agent.rss_kib() -> int                            # VmRSS from /proc/PID/status
@@ -39,11 +39,12 @@ class Agent:
         self.messages: list[str] = []
 
     @classmethod
-    def start(cls, root: Path, tmp_path: Path) -> Agent:
+    def start(cls, root: Path, tmp_path: Path, **more_env: str) -> Agent:
         sock_path = str(tmp_path / "notify.sock")
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         sock.bind(sock_path)
-        env = {"PATH": "/usr/bin:/bin", "NOTIFY_SOCKET": sock_path, "PYTHONPATH": str(REPO)}
+        env = {"PATH": "/usr/bin:/bin", "NOTIFY_SOCKET": sock_path, "PYTHONPATH": str(REPO),
+               **more_env}
         proc = subprocess.Popen([PYTHON, "-m", "defender_setup.agent", "--root", str(root)],
                                 env=env, stderr=subprocess.PIPE, text=True)
         return cls(proc, sock)

@@ -10,6 +10,8 @@ Interface::
     FakeClock()                                   # clock() and sleep() without waiting
     Notify()                                      # a connector's Notifier, recorded
     Recorder()                                    # the runtime's sd_notify and log, recorded
+    FakeCreds(tmp_path)                           # a fake systemd-creds first on PATH
+        .path_env(monkeypatch); .machine(key); .kind(HOST | HOST_AND_TPM2); .calls()
 
 The fake ``systemctl`` (unattended-upgrades style: a real executable first on PATH, so the
 wrapper's subprocess handling is exercised) is a small script driven by a JSON "scenario"
@@ -188,3 +190,77 @@ class Recorder:
 
     def log(self, line, level):
         self.lines.append((level, line))
+
+
+# -- systemd-creds ---------------------------------------------------------------------------
+# It speaks the subset defender-setup uses (``encrypt --name=N --with-key=auto - -`` and
+# ``decrypt --name=N - -``) and behaves like the real one where the tests look: base64 text
+# starting with systemd's 16-byte header of the key kind, the content scrambled with the
+# "machine key" (a file next to it: changing it is moving the set to another machine) and the
+# name, and a wrong machine or name fails with "Decryption failed (incorrect key?)". Each
+# call's argv goes to calls.log, so tests can prove no secret was on it. Not cryptography: a
+# stand-in for the real tool, which the integration tests use. Tests allow "systemd-creds".
+HOST = "5a1c6a86df9d4096b1d5a65e0862f19a"            # systemd's CRED_AES256_GCM_BY_HOST
+HOST_AND_TPM2 = "93a894094874449090caf2fc93cab553"   # ..._BY_HOST_AND_TPM2_HMAC
+
+CREDS_SCRIPT = r"""#!/usr/bin/python3
+import base64, hashlib, os, sys
+here = os.path.dirname(os.path.abspath(__file__))
+with open(os.path.join(here, "calls.log"), "a") as log:
+    log.write(" ".join(sys.argv[1:]) + "\n")
+verb, args = sys.argv[1], sys.argv[2:]
+name = next(a.split("=", 1)[1] for a in args if a.startswith("--name="))
+machine = open(os.path.join(here, "machine.key"), "rb").read()
+kind = bytes.fromhex(open(os.path.join(here, "kind")).read().strip())
+def stream(n):
+    out, i = b"", 0
+    while len(out) < n:
+        out += hashlib.sha256(machine + name.encode() + i.to_bytes(4, "big")).digest()
+        i += 1
+    return out[:n]
+tag = hashlib.sha256(b"tag" + machine + name.encode()).digest()[:8]
+data = sys.stdin.buffer.read()
+if verb == "encrypt":
+    blob = kind + tag + bytes(a ^ b for a, b in zip(data, stream(len(data))))
+    text = base64.b64encode(blob)
+    sys.stdout.buffer.write(b"\n".join(text[i:i + 64] for i in range(0, len(text), 64)) + b"\n")
+elif verb == "decrypt":
+    blob = base64.b64decode(b"".join(data.split()))
+    if blob[16:24] != tag:
+        print("Credential secret file is not located on encrypted media, using anyway.",
+              file=sys.stderr)
+        print("Decryption failed (incorrect key?): error:00000000:lib(0)::reason(0)",
+              file=sys.stderr)
+        sys.exit(1)
+    body = blob[24:]
+    sys.stdout.buffer.write(bytes(a ^ b for a, b in zip(body, stream(len(body)))))
+else:
+    sys.exit(2)
+"""
+
+
+class FakeCreds:
+    """A bin directory with the fake systemd-creds; ``path_env`` puts it first on PATH."""
+
+    def __init__(self, tmp_path: Path):
+        self.bin = tmp_path / "fakecreds"
+        self.bin.mkdir()
+        exe = self.bin / "systemd-creds"
+        exe.write_text(CREDS_SCRIPT)
+        exe.chmod(0o755)
+        self.machine(b"machine one")
+        self.kind(HOST)
+
+    def machine(self, key: bytes) -> None:
+        """Become another machine: what the old key sealed no longer decrypts."""
+        (self.bin / "machine.key").write_bytes(key)
+
+    def kind(self, header_hex: str) -> None:
+        (self.bin / "kind").write_text(header_hex)
+
+    def calls(self) -> list[str]:
+        log = self.bin / "calls.log"
+        return log.read_text().splitlines() if log.exists() else []
+
+    def path_env(self, monkeypatch) -> None:
+        monkeypatch.setenv("PATH", f"{self.bin}{os.pathsep}{os.environ['PATH']}")

@@ -51,7 +51,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from defender_setup import AGENT_DIR, __version__
-from defender_setup.agent import hubnet, sas
+from defender_setup.agent import credsdir, hubnet, sas
 from defender_setup.agent import settings as settings_mod
 from defender_setup.credentials import CERTIFICATE_FILE, PRIVATE_KEY_FILE
 from defender_setup.errors import EX_CONFIG, EX_REJECTED, EX_SOFTWARE, SetupError
@@ -104,20 +104,26 @@ class Identity:
     @classmethod
     def from_credentials(cls, creds, root: Path = Path("/")) -> Identity:
         """From a ``credentials.Validated`` (an Identity passes through); certificate files
-        are used in place, where AgentDir keeps them (0600)."""
+        are used where they were loaded from (``creds.sources``: the service's credentials
+        directory), else in the agent directory."""
         if isinstance(creds, cls):
             return creds
         cs = creds.connection_string
         agent_dir = Path(root) / AGENT_DIR
+        sources = creds.sources
         x509 = creds.method == "certificate"
+
+        def where(name):
+            return sources.get(name, agent_dir / name) if x509 else None
+
         return cls(
             cs.host_name,
             cs.device_id,
             cs.module_id,
             cs.gateway_host_name,
             None if x509 else cs.shared_access_key,
-            agent_dir / CERTIFICATE_FILE if x509 else None,
-            agent_dir / PRIVATE_KEY_FILE if x509 else None,
+            where(CERTIFICATE_FILE),
+            where(PRIVATE_KEY_FILE),
             creds.certificate.sha1_thumbprint if x509 else None,
         )
 
@@ -167,7 +173,7 @@ class HubConnector:
         # resolution) keeps seeing its own, set event and aborted link, and ends.
         self._stop = threading.Event()
         try:
-            self.settings = self._settings or settings_mod.load(self.root)
+            self.settings = self._settings or settings_mod.load(self.root, credsdir.directory())
             self.identity = Identity.from_credentials(creds, self.root)
             self._link = hubnet.Link(self.identity, self.settings)
         except SetupError as err:

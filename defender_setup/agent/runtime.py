@@ -65,6 +65,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from defender_setup import AGENT_DIR
+from defender_setup.agent import credsdir
 from defender_setup.errors import EX_CONFIG, EX_OK, SetupError, ValidationError
 
 # syslog priorities, understood by journald in "<N>" line prefixes (SyslogLevelPrefix=yes)
@@ -77,6 +79,8 @@ _WAKE_READY = 255
 # READY=1 waits this much beyond a connector's ready_timeout, so that a connector whose first
 # attempt is bounded by that same timeout gets to report its own, more precise outcome.
 READY_GRACE = 0.5
+
+AGENT_DIR_PATH = "/" + AGENT_DIR
 
 
 def journal_log(line: str, level: int = INFO) -> None:
@@ -140,22 +144,86 @@ def identity(creds) -> str:
     return f"{cs.host_name}/{cs.device_id}/{cs.module_id} ({creds.method})"
 
 
-def load_credentials(root: Path, *, isolate: bool = False):
+def load_credentials(root: Path, credentials_dir: Path | None = None, *, isolate: bool = False):
     """Read and validate the current set. Raises SetupError (never containing a secret).
+
+    Under systemd the files come from ``$CREDENTIALS_DIRECTORY`` (:mod:`.credsdir`), each
+    one plain or decrypted by systemd from its sealed ``.cred`` form: the agent runs
+    unprivileged and cannot open the agent directory. Without it (tests, ``check``, a run by
+    hand as root) they are read from the agent directory under ``root``, sealed ones
+    decrypted through ``systemd-creds``. The result's ``sources`` say where each file can be
+    read again (the TLS client certificate and key; a decrypted one in a memory file).
 
     :param isolate: check a certificate in a child process (:mod:`.certcheck`): what the
         agent's own process does, so that cryptography never loads into it.
     """
-    from defender_setup import credentials
-    from defender_setup.agentdir import AgentDir
+    import dataclasses
 
-    agentdir = AgentDir(root)
+    from defender_setup import credentials
+
+    directory = credentials_dir or credsdir.directory()
+    if directory is not None:
+        files, sources = _from_credentials_directory(Path(directory))
+        where = f"the service's credentials (loaded from {AGENT_DIR_PATH})"
+    else:
+        files, sources, where = _from_agent_dir(root)
     check = None
     if isolate:
         from defender_setup.agent import certcheck
 
         check = certcheck.check
-    return credentials.load(agentdir.current(), agentdir.path, check=check)
+    validated = credentials.load(files, where, check=check)
+    return dataclasses.replace(validated, sources=sources)
+
+
+def _from_credentials_directory(directory: Path):
+    from defender_setup.credentials import PLAIN_FILES, SEALED_NAMES
+
+    files, sources = {}, {}
+    for name in PLAIN_FILES:
+        for candidate in (name, SEALED_NAMES.get(name)):  # plain, else sealed
+            if candidate is None:
+                continue
+            try:
+                data = credsdir.read(directory, candidate)
+            except (OSError, ValueError) as err:
+                reason = err.strerror if isinstance(err, OSError) else str(err)
+                raise SetupError(f"cannot read the credential {candidate}: {reason}") from None
+            if data is not None:
+                files[name], sources[name] = data, directory / candidate
+                break
+    return files, sources
+
+
+def _from_agent_dir(root: Path):
+    from defender_setup.agentdir import AgentDir
+    from defender_setup.credentials import SEALED_NAMES
+
+    agentdir = AgentDir(root)
+    files = agentdir.current()
+    sources = {name: agentdir.path / name for name in files if name not in
+               SEALED_NAMES.values()}
+    if set(files) & set(SEALED_NAMES.values()):
+        # As root (check's network checks, a run by hand): decrypted through systemd-creds,
+        # and a sealed file TLS must open is handed over in anonymous memory, never on disk.
+        from defender_setup.sealing import SealingError, open_set
+
+        files, how = open_set(files)
+        if how.error:
+            raise SealingError(how.error)
+        for name in SEALED_NAMES:
+            if name in files and name not in sources:
+                sources[name] = _memory_file(name, files[name])
+    return files, sources, str(agentdir.path)
+
+
+def _memory_file(name: str, data: bytes) -> Path:
+    """``data`` in an anonymous memory file, open for the life of this process."""
+    fd = os.memfd_create(f"defender-setup-{name}", os.MFD_CLOEXEC)
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+    return Path(f"/proc/self/fd/{fd}")
 
 
 def _describe(err: SetupError) -> str:

@@ -42,6 +42,7 @@ import urllib.parse
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from defender_setup.agent.credsdir import ABSENT
 from defender_setup.errors import EX_CONFIG, SetupError
 
 CONF_PATH = "etc/defender_iot_micro_agent/conf.json"  # relative to a root
@@ -128,18 +129,28 @@ def _read_regular(path: Path, limit: int) -> bytes:
     return data
 
 
-def load(root: Path = Path("/")) -> Settings:
-    """Read ``conf.json`` under ``root``; a missing file means the defaults."""
-    path = Path(root) / CONF_PATH
+def load(root: Path = Path("/"), credentials_dir: Path | None = None) -> Settings:
+    """Read ``conf.json`` under ``root``; a missing file means the defaults.
+
+    :param credentials_dir: the service's ``$CREDENTIALS_DIRECTORY``. The unit hands the file
+        over as the credential ``conf.json`` (it may hold a proxy password and be root-only,
+        and the agent runs unprivileged); messages still name the real file.
+    """
+    path = source = Path(root) / CONF_PATH
+    copy = Path(credentials_dir) / "conf.json" if credentials_dir is not None else None
+    if copy is not None and copy.exists():
+        path = copy
     try:
         data = _read_regular(path, MAX_CONF_BYTES)
     except FileNotFoundError:
         return Settings()
     except _Refused as err:
-        raise SettingsError(f"{path}: {err}, not a settings file") from None
+        raise SettingsError(f"{source}: {err}, not a settings file") from None
     except OSError as err:
-        raise SettingsError(f"{path}: cannot read: {err.strerror}") from None
-    return parse(data, source=str(path), root=Path(root))
+        raise SettingsError(f"{source}: cannot read: {err.strerror}") from None
+    if path == copy and data == ABSENT:  # the unit's stand-in: there is no conf.json
+        return Settings()
+    return parse(data, source=str(source), root=Path(root))
 
 
 def parse(text, source: str = "conf.json", root: Path = Path("/")) -> Settings:
@@ -287,6 +298,11 @@ def _ca_file(value, root: Path, err) -> Path:
         head = _read_regular(path, MAX_CA_BYTES)
     except _Refused as error:
         raise err("ca_file", f"{_short(value, quote=False)} {error}") from None
+    except PermissionError:
+        # The agent runs as an unprivileged user; a CA certificate is public.
+        raise err("ca_file", f"cannot read {value}: permission denied; the agent runs "
+                  "unprivileged: make the CA file (and its directory) readable by all, "
+                  "e.g. chmod 0644") from None
     except OSError as error:
         raise err("ca_file", f"cannot read {value}: {error.strerror}") from None
     if b"-----BEGIN CERTIFICATE-----" not in head:

@@ -1,14 +1,16 @@
 """The command line with other processes: writers and readers kept waiting by a forked lock
 holder, and the real command with its standard streams closed."""
 
+import json
 import os
 import time
 
 import pytest
 
-from tests.conftest import snapshot
+from tests.conftest import DEVICE, snapshot
+from tests.fakes import FakeCreds
 from tests.holder import Holder
-from tests.unit.test_cli import Run, agent_path, pending_update
+from tests.unit.test_cli import Run, agent_path, assert_no_secret, pending_update
 
 
 @pytest.fixture
@@ -74,3 +76,54 @@ def test_closed_stdin_and_stdout_in_a_real_process(run, sas_inputs):
     assert r.returncode == 74, r.stderr
     assert r.stderr.count(b"\n") == 1 and b"Traceback" not in r.stderr
     assert b"standard output is closed" in r.stderr
+
+
+# -- sealed sets (the fake systemd-creds) ---------------------------------------------------
+@pytest.mark.allow_subprocess("systemd-creds")
+def test_status_and_check_of_a_sealed_set_here_and_on_another_machine(run, sas_inputs,
+                                                                      tmp_path, monkeypatch):
+    from defender_setup import sealing
+    from defender_setup.agentdir import AgentDir
+
+    creds = FakeCreds(tmp_path)
+    creds.path_env(monkeypatch)
+    (run.root / "usr/bin").mkdir(parents=True)
+    (run.root / "usr/bin/systemd-creds").touch()
+    validated = sas_inputs.validated()
+    sealing.store(AgentDir(run.root), validated.files, validated.method, True,
+                  defer=lambda root, environ: None)
+    code, out, _ = run("status")
+    assert "secrets:         sealed (host key)" in out and f"device:          {DEVICE}" in out
+    code, out, _ = run("check", "--offline", "--json")
+    sealed = next(c for c in json.loads(out) if c["id"] == "sealed-credentials")
+    assert (code, sealed["status"]) == (0, "ok")
+    assert_no_secret(sas_inputs, out)
+
+    creds.machine(b"another machine")  # the sealed set copied elsewhere
+    code, out, _ = run("check", "--offline")
+    assert code == 78
+    assert "[FAIL] sealed-credentials" in out and "does not decrypt on this machine" in out
+    assert "[skip] credentials-valid" in out
+    code, out, _ = run("status")
+    assert "problem: the sealed credentials cannot be read" in out
+    code, _, err = run("unseal", "--no-restart")
+    assert code == 78 and "give the credentials again" in err
+
+
+@pytest.mark.allow_subprocess("systemd-creds")
+def test_apply_without_seal_keeps_a_sealed_set_sealed(run, sas_inputs, cert_inputs, tmp_path,
+                                                      monkeypatch):
+    from defender_setup import sealing
+    from defender_setup.agentdir import AgentDir
+
+    FakeCreds(tmp_path).path_env(monkeypatch)
+    (run.root / "usr/bin").mkdir(parents=True)
+    (run.root / "usr/bin/systemd-creds").touch()
+    validated = sas_inputs.validated()
+    sealing.store(AgentDir(run.root), validated.files, validated.method, True,
+                  defer=lambda root, environ: None)
+    code, out, _ = run("apply", "--no-restart", *run.inputs(cert_inputs))
+    # sealed again; in this throw-away root (not the running system) at the "first boot"
+    assert code == 0 and "sealing deferred to the first boot" in out
+    assert AgentDir(run.root).record(sealing.PENDING) is not None
+

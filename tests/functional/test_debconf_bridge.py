@@ -365,3 +365,45 @@ def test_unchanged_credentials_are_not_tried_again(debconf, dpkg_root, test_hub)
     result = debconf.helper("apply", "--root", str(dpkg_root))
     assert result.returncode == 0 and "credentials unchanged" in result.stderr, result.stderr
     assert test_hub.connections == []
+
+
+@pytest.mark.allow_subprocess(*DEBCONF)
+def test_seal_credentials_answer_is_deferred_in_an_image_and_can_be_taken_back(debconf, dpkg_root):
+    """DPKG_ROOT is an image build: sealing waits for the first boot (a record). Answering
+    false later asks for nothing (a sealed set stays sealed); "defender-setup unseal" is the
+    way back to plain files."""
+    (dpkg_root / "usr/bin").mkdir(parents=True)
+    (dpkg_root / "usr/bin/systemd-creds").touch()
+    debconf.preseed([_seed("auth-method", "select", "connection-string"),
+                     _seed("connection-string", "password", CS),
+                     _seed("seal-credentials", "boolean", "true"),
+                     _seed("probe-hub", "boolean", "false")])
+    result = debconf.helper("apply", "--root", str(dpkg_root))
+    assert result.returncode == 0, result.stderr
+    assert "sealing deferred to the first boot (DPKG_ROOT is set" in result.stderr
+    agent = AgentDir(dpkg_root)
+    assert set(agent.current()) == {CONNECTION_STRING_FILE}
+    assert agent.record("seal-pending") is not None
+    debconf.preseed([_seed("seal-credentials", "boolean", "false")])
+    result = debconf.helper("apply", "--root", str(dpkg_root))
+    assert result.returncode == 0, result.stderr
+    assert agent.record("seal-pending") is not None
+    from defender_setup.cli import main
+
+    assert main(["unseal", "--no-restart", "--root", str(dpkg_root)]) == 0
+    assert agent.record("seal-pending") is None
+
+
+@pytest.mark.allow_subprocess(*DEBCONF)
+def test_seal_credentials_refused_below_systemd_250_names_the_question(debconf, dpkg_root):
+    debconf.preseed([_seed("auth-method", "select", "connection-string"),
+                     _seed("connection-string", "password", CS),
+                     _seed("seal-credentials", "boolean", "true"),
+                     _seed("probe-hub", "boolean", "false")])
+    result = debconf.helper("apply", "--root", str(dpkg_root))
+    assert result.returncode == 78
+    lines = [x for x in result.stderr.splitlines() if x.startswith("defender-setup")]
+    assert len(lines) == 1
+    assert lines[0].startswith("defender-setup: invalid credential sealing: needs systemd 250")
+    assert "(debconf question defender-setup/seal-credentials)" in lines[0]
+    assert not (dpkg_root / "var").exists() and KEY.encode() not in debconf.database()

@@ -13,7 +13,7 @@ from defender_setup.importer import PENDING, RECORD, check_offer, last_import, r
 from defender_setup.offer import REJECTED_NOTE
 from defender_setup.service import Service
 from tests.conftest import DEVICE, HUB, MODULE, snapshot
-from tests.fakes import FakeClock, FakeJournal, FakeSystemd, failed, running
+from tests.fakes import FakeClock, FakeCreds, FakeJournal, FakeSystemd, failed, running
 from tests.unit.test_importer import CERT, CRED, CS, NAMES, X509, key_of, offered, sas
 
 
@@ -265,3 +265,27 @@ def test_a_failed_import_superseded_by_a_later_apply_is_a_warning(booted_root, i
     assert cli.main(["check", "--json", "--offline", "--root", str(booted_root)]) == 0
     check = {c["id"]: c for c in json.loads(capsys.readouterr().out)}["last-import"]
     assert check["status"] == "warning" and "since configured by apply" in check["message"]
+
+
+@pytest.mark.allow_subprocess("systemd-creds")
+def test_a_sealed_set_is_compared_decrypted_and_stays_sealed(booted_root, importer,
+                                                              tmp_path, monkeypatch):
+    """An unchanged offer leaves a sealed set alone; a new one is sealed too (here, in a
+    throw-away root, that is deferred to the first boot like in an image)."""
+    from defender_setup import sealing
+    from defender_setup.credentials import validate
+
+    FakeCreds(tmp_path).path_env(monkeypatch)
+    (booted_root / "usr/bin").mkdir(parents=True)
+    (booted_root / "usr/bin/systemd-creds").touch()
+    sealing.store(AgentDir(booted_root), validate("connection-string", sas(1)).files,
+                  "connection-string", True, defer=lambda root, environ: None)
+    offer_credential(booted_root, NAMES[CS], sas(1))
+    for _boot in range(2):
+        code, out = importer("boot")
+        assert code == 0 and "nothing written" in out
+        assert set(AgentDir(booted_root).current()) == {CS + ".cred"}
+    offer_credential(booted_root, NAMES[CS], sas(2))
+    code, out = importer("no-restart")
+    assert code == 0, out
+    assert AgentDir(booted_root).record(sealing.PENDING) is not None

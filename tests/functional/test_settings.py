@@ -27,4 +27,6 @@ def test_unreadable_ca_file():
     finally:
         shutil.rmtree(top)
     assert (r.returncode, r.stdout, r.stderr) == (
-        0, "conf.json: ca_file: cannot read /ca.pem: Permission denied\n", "")
+        0, "conf.json: ca_file: cannot read /ca.pem: permission denied; the agent runs "
+           "unprivileged: make the CA file (and its directory) readable by all, e.g. chmod "
+           "0644\n", "")

@@ -10,6 +10,7 @@
                not yet installed: ``booted.install_deb(preseed=[...])``
     boot       a factory: ``boot(rootfs, volatile=True)`` -> started Container, stopped at
                the end of the test (for images from harness.build_image)
+    image_dir  a fresh path under the cache for harness.build_image, removed afterwards
     identity   factory: ``identity(cn="dev1", days=365, key="rsa2048")`` -> (cert_pem, key_pem)
     preseed    helpers building debconf-set-selections lines (see ``Preseed``)
     apt_repo   factory: ``apt_repo(key="main", directory=None)`` -> an empty
@@ -100,6 +101,14 @@ def boot(deb_dir):
     yield start
     for container in started:
         container.stop()
+
+
+@pytest.fixture
+def image_dir():
+    harness.CACHE.mkdir(parents=True, exist_ok=True)
+    path = Path(tempfile.mkdtemp(prefix="deb-image-", dir=harness.CACHE))
+    yield path / "rootfs"
+    shutil.rmtree(path, ignore_errors=True)
 
 
 @pytest.fixture

@@ -156,6 +156,8 @@ def test_dialog_reasks_a_key_the_hub_refuses_with_its_answer(boot, pki, hub, pre
         screen.keys("Enter")                             # strict verification: default (no)
         screen.wait_for("Try the new credentials")
         screen.keys("Enter")                             # the probe: default (yes)
+        screen.wait_for("Seal the secret files")
+        screen.keys("Enter")                             # sealing: default (no)
         text = screen.wait_for("Invalid")                # the hub's answer, before writing
         assert "the hub refused this key (CONNACK 5, not authorized)" in " ".join(text.split())
         assert not ct.exists(f"{AGENT_DIR}/connection_string.txt")

@@ -270,14 +270,16 @@ def test_fresh_install_with_invalid_preseed_fails_and_writes_nothing(booted, pre
 
 # -- interactive ----------------------------------------------------------------------------------
 @pytest.mark.parametrize("kind", ["mis-cased key", "bare key"])
-def test_teletype_reasks_a_bad_answer_with_the_error(booted, preseed, kind):
+def test_teletype_reasks_a_bad_answer_with_the_error(booted, preseed, kind, suite):
     booted.install_deb()
     good = preseed.connection_string(key=preseed.sas_key(5))
     bad = good.replace("HostName=", "Hostname=") if kind == "mis-cased key" \
         else bare_key_string(preseed)
     # method 1 (connection string), the bad string, strict verification "no", the hub probe
-    # "yes"; the error is shown and only the connection string is asked again: the good one.
-    answers = f"1\n{bad}\nno\nyes\n{good}\n"
+    # "yes", sealing "no" (asked from Debian 12 on); the error is shown and only the connection
+    # string is asked again: the good one.
+    sealing = "" if suite == "bullseye" else "no\n"
+    answers = f"1\n{bad}\nno\nyes\n{sealing}{good}\n"
     # Debian 13's teletype frontend wants a controlling terminal: script(1) gives it one,
     # with echo off so that the output holds only what the frontend prints.
     result = booted.run(["script", "-q", "--echo", "never", "-ec",

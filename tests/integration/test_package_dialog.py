@@ -88,6 +88,8 @@ def test_dialog_reasks_with_the_error_and_goes_back(boot, preseed):
         screen.keys("Enter")                             # strict verification: default (no)
         screen.wait_for("Try the new credentials")
         screen.keys("Enter")                             # the hub probe: default (yes)
+        screen.wait_for("Seal the secret files")
+        screen.keys("Enter")                             # sealing: default (no)
         text = screen.wait_for("Invalid")                # the error names part and fix
         assert "SharedAccessKey=" in text and key[:8] not in text, text
         screen.keys("Enter")
@@ -101,6 +103,8 @@ def test_dialog_reasks_with_the_error_and_goes_back(boot, preseed):
         screen.wait_for("Fail the installation")         # walking forward again
         screen.keys("Enter")
         screen.wait_for("Try the new credentials")
+        screen.keys("Enter")
+        screen.wait_for("Seal the secret files")
         screen.keys("Enter")
         text = screen.wait_for("EXIT=", timeout=90, history=True)
         assert "EXIT=0" in text and VERDICT in text, text

@@ -7,22 +7,10 @@ first boot must then start the agent with them.
 
 from __future__ import annotations
 
-import shutil
-import tempfile
 import time
-from pathlib import Path
 
 import harness
-import pytest
 from conftest import AGENT_DIR, UNIT
-
-
-@pytest.fixture
-def image_dir():
-    harness.CACHE.mkdir(parents=True, exist_ok=True)
-    path = Path(tempfile.mkdtemp(prefix="deb-image-", dir=harness.CACHE))
-    yield path / "rootfs"
-    shutil.rmtree(path, ignore_errors=True)
 
 
 def wait_active(ct, timeout=60) -> dict:

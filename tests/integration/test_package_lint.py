@@ -17,7 +17,8 @@ import pytest
 
 REPO = harness.REPO
 SCRIPTS = ["debian/defender-setup.config", "debian/defender-setup.postinst",
-           "debian/defender-setup.prerm", "debian/defender-setup.postrm"]
+           "debian/defender-setup.prerm", "debian/defender-setup.postrm",
+           "debian/generator/defender-setup-generator"]
 
 
 def needs(tool):

@@ -408,3 +408,25 @@ def test_repair_refuses_to_complete_through_a_planted_link(run, sas_inputs, cert
     code, _, err = run("repair")
     assert code == 77 and "previous.new" in err
     assert os.listdir(tmp_path / "elsewhere") == []
+
+
+# -- sealing ---------------------------------------------------------------------------------
+def test_apply_seal_is_refused_without_systemd_creds_and_changes_nothing(run, sas_inputs):
+    code, out, err = run("apply", "--seal", "--no-restart", *run.inputs(sas_inputs))
+    assert code == 78
+    assert err.count("\n") == 1 and "credential sealing: needs systemd 250 or later" in err
+    assert not run.root.exists()
+
+
+def test_apply_seal_in_an_image_tree_is_deferred_to_first_boot(run, sas_inputs):
+    (run.root / "usr/bin").mkdir(parents=True)
+    (run.root / "usr/bin/systemd-creds").touch()  # a Debian 12 tree, not the running system
+    code, out, _ = run("apply", "--seal", "--no-restart", *run.inputs(sas_inputs))
+    assert code == 0 and "sealing deferred to the first boot" in out
+    code, out, _ = run("status")
+    assert "secrets:         plain files (root-only); sealing deferred to the first boot" in out
+    code, out, _ = run("check", "--offline")
+    assert code == 0 and "[warn] sealed-credentials" in out
+    code, out, _ = run("unseal", "--no-restart")  # changing one's mind cancels it
+    assert code == 0
+    assert "[skip] sealed-credentials" in run("check", "--offline")[1]

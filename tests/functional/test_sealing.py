@@ -1,0 +1,112 @@
+"""defender_setup.sealing through systemd-creds (the fake in tests/fakes.py, first on PATH):
+both generations sealed, no key on argv, another machine cannot decrypt, switches, unseal."""
+
+from __future__ import annotations
+
+import pytest
+
+from defender_setup import sealing
+from defender_setup.agentdir import AgentDir
+from defender_setup.credentials import (
+    CERTIFICATE_FILE,
+    CONNECTION_STRING_FILE,
+    PRIVATE_KEY_FILE,
+    method_of,
+)
+from tests import certfactory
+from tests.fakes import HOST_AND_TPM2, FakeCreds
+from tests.unit.test_sealing import debian12, here
+
+CS_SEALED = CONNECTION_STRING_FILE + ".cred"
+KEY_SEALED = PRIVATE_KEY_FILE + ".cred"
+
+
+@pytest.fixture
+def creds(root, tmp_path, monkeypatch):
+    debian12(root)
+    fake = FakeCreds(tmp_path)
+    fake.path_env(monkeypatch)
+    return fake
+
+
+def secret_of(inputs) -> list[bytes]:
+    text = inputs.connection_string.decode()
+    found = [text.split("SharedAccessKey=")[1].encode()] if "SharedAccessKey=" in text else []
+    if inputs.private_key:
+        found += [line.encode() for line in certfactory.body(inputs.private_key)]
+    return found
+
+
+def everything_under(root) -> bytes:
+    return b"".join(p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file())
+
+
+def store(root, inputs, seal_it=True):
+    validated = inputs.validated()
+    return sealing.store(AgentDir(root), validated.files, validated.method, seal_it, defer=here)
+
+
+@pytest.mark.allow_subprocess("systemd-creds")
+def test_seal_keeps_no_plain_copy_in_either_generation(root, creds, sas_inputs):
+    AgentDir(root).write(sas_inputs.validated().files)  # a plain set first, as before sealing
+    lines = store(root, sas_inputs)
+    agent = AgentDir(root)
+    assert set(agent.current()) == {CS_SEALED}
+    assert set((agent.state / "previous").iterdir()) == {agent.state / "previous" / CS_SEALED}
+    assert lines[1] == "sealed with the host key; the previous set is sealed too"
+    for secret in secret_of(sas_inputs):
+        assert secret not in everything_under(root)
+        assert all(secret.decode() not in call for call in creds.calls())  # never on argv
+    plain, how = sealing.open_set(agent.current())
+    assert plain[CONNECTION_STRING_FILE] == sas_inputs.validated().files[
+        CONNECTION_STRING_FILE][0]
+    assert how.describe() == "sealed (host key)" and how.error is None
+
+
+@pytest.mark.allow_subprocess("systemd-creds")
+def test_certificate_method_seals_the_private_key_only(root, creds, cert_inputs):
+    creds.kind(HOST_AND_TPM2)
+    store(root, cert_inputs)
+    current = AgentDir(root).current()
+    assert set(current) == {CONNECTION_STRING_FILE, CERTIFICATE_FILE, KEY_SEALED}
+    assert method_of(current) == "certificate"
+    for secret in secret_of(cert_inputs):
+        assert secret not in everything_under(root)
+    assert sealing.open_set(current)[1].describe() == "sealed (TPM2 + host key)"
+
+
+@pytest.mark.allow_subprocess("systemd-creds")
+def test_another_machine_cannot_decrypt(root, creds, sas_inputs):
+    store(root, sas_inputs)
+    creds.machine(b"machine two")
+    plain, how = sealing.open_set(AgentDir(root).current())
+    assert CONNECTION_STRING_FILE not in plain
+    assert how.error == (f"{CS_SEALED} does not decrypt on this machine: Decryption failed "
+                         "(incorrect key?): error:00000000:lib(0)::reason(0)")
+    with pytest.raises(sealing.SealingError, match="give the credentials again"):
+        sealing.plain_set(AgentDir(root))
+
+
+@pytest.mark.allow_subprocess("systemd-creds")
+def test_switching_method_and_rollback_keep_the_sets_whole(root, creds, sas_inputs, cert_inputs):
+    store(root, sas_inputs)
+    store(root, cert_inputs)
+    agent = AgentDir(root)
+    assert set(agent.current()) == {CONNECTION_STRING_FILE, CERTIFICATE_FILE, KEY_SEALED}
+    agent.rollback()
+    assert set(agent.current()) == {CS_SEALED}
+    assert sealing.open_set(agent.current())[0][CONNECTION_STRING_FILE] == \
+        sas_inputs.validated().files[CONNECTION_STRING_FILE][0]
+
+
+@pytest.mark.allow_subprocess("systemd-creds")
+def test_unseal_goes_back_to_plain_files(root, creds, cert_inputs):
+    store(root, cert_inputs)
+    files, method, how = sealing.plain_set(AgentDir(root))
+    assert how.sealed == (KEY_SEALED,) and files[CERTIFICATE_FILE][1] == 0o644
+    sealing.store(AgentDir(root), files, method, False)
+    agent = AgentDir(root)
+    assert agent.current()[PRIVATE_KEY_FILE] == cert_inputs.validated().files[
+        PRIVATE_KEY_FILE][0]
+    assert (agent.path / PRIVATE_KEY_FILE).stat().st_mode & 0o777 == 0o600
+    assert KEY_SEALED in {p.name for p in (agent.state / "previous").iterdir()}
