@@ -63,6 +63,8 @@ def test_dialog_asks_in_german_and_configures(german, preseed):
         screen.keys("Enter")                            # strict verification: no
         screen.wait_for("Neue Anmeldedaten vor dem Schreiben am IoT Hub ausprobieren?")
         screen.keys("Enter")                            # the hub probe: yes
+        screen.wait_for("Die geheimen Dateien mit dem Schlüssel dieses Rechners versiegeln?")
+        screen.keys("Enter")                            # sealing: no
         text = screen.wait_for("EXIT=", timeout=90, history=True)
         assert "EXIT=0" in text and VERDICT in text, text
         assert preseed.sas_key(23) not in text
