@@ -76,16 +76,6 @@ WRITE_WAIT = 30.0             # seconds a writer waits for another one
 READ_WAIT = 5.0               # seconds a reader waits for a writer
 
 
-def _unsealed(files: dict, where: Path) -> dict:
-    """``files`` with sealed ones decrypted (:mod:`.sealing`), to be validated."""
-    from .sealing import SealingError, open_set
-
-    plain, how = open_set(files)
-    if how.error:
-        raise SealingError(f"{how.error} (in the previous set, {where}); nothing was restored")
-    return plain
-
-
 def _now() -> str:
     from datetime import datetime, timezone  # lazy: readers (the agent) never need it
 
@@ -375,7 +365,10 @@ class AgentDir:
                                  "unconfigured before); nothing to roll back to")
             for name in files:
                 check_restorable(previous / name)
-            plain = _unsealed(files, previous)
+            from .sealing import decrypted  # sealed files are validated decrypted
+
+            plain = decrypted(files, context=f" (in the previous set, {previous}); nothing "
+                              "was restored")[0]
             try:
                 validated = load(plain, previous)
             except ValidationError as exc:

@@ -86,15 +86,14 @@ def probe(validated, root: Path = Path("/"), timeout: float = PROBE_TIMEOUT,
 
 def _in_memory(identity, files: dict):
     """The identity with its certificate and key in anonymous memory files (``/proc/self/fd``)."""
+    from .safefs import memory_file
+
     fds, paths = [], []
     try:
         for name in (CERTIFICATE_FILE, PRIVATE_KEY_FILE):
-            fd = os.memfd_create(f"defender-setup-{name}", os.MFD_CLOEXEC)
+            fd, path = memory_file(name, files[name][0])
             fds.append(fd)
-            data = memoryview(files[name][0])
-            while data:
-                data = data[os.write(fd, data):]
-            paths.append(Path(f"/proc/self/fd/{fd}"))
+            paths.append(path)
     except OSError:
         for fd in fds:
             os.close(fd)

@@ -9,8 +9,10 @@ Interface::
     check_file(path)           # UnsafeTargetError (77): a link, not regular, writable by others
     check_restorable(path)     # ... and for roll-back: linked elsewhere, not ours
     not_ours(stat) -> str | None   # the reason behind both, for the lock file too
+    memory_file(name, data) -> (fd, Path)   # anonymous memory (memfd), never on a disk
 
-Used by :mod:`defender_setup.agentdir`, the only writer.
+Used by :mod:`defender_setup.agentdir`, the only writer; :func:`memory_file` by the probe and
+the agent, which hand a private key to OpenSSL (which takes a path) without writing it out.
 """
 
 from __future__ import annotations
@@ -36,12 +38,28 @@ def create(path: Path, data: bytes, mode: int) -> None:
                  mode)
     try:
         os.fchmod(fd, mode)  # the umask may have narrowed it; never widen it after writing
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view):]
+        _write_all(fd, data)
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+
+
+def memory_file(name: str, data: bytes) -> tuple[int, Path]:
+    """``data`` in an anonymous memory file: its descriptor (the caller closes it) and the
+    ``/proc/self/fd`` path this process can open it by. Only this process sees it."""
+    fd = os.memfd_create(f"defender-setup-{name}", os.MFD_CLOEXEC)
+    try:
+        _write_all(fd, data)
+    except OSError:
+        os.close(fd)
+        raise
+    return fd, Path(f"/proc/self/fd/{fd}")
 
 
 def chmod_dir(path: Path, mode: int) -> None:

@@ -8,6 +8,7 @@ Interface::
     deferral(root, environ=None) -> str | None   # why it must wait for the first boot
     seal(files, method, runner=None) -> files    # {name: (data, mode)}: NAME -> NAME.cred
     open_set(current, runner=None) -> (plain {name: bytes}, Sealing)   # what readers use
+    decrypted(current, runner=None, context="") -> (plain, Sealing)   # ... or SealingError
     key_kind(sealed: bytes) -> str | None        # "host key", "TPM2 + host key", ... (pure)
     store(agent, files, method, seal_it, *, environ=None, runner=None, defer=None)
         -> list[str]                             # the writer: plain or sealed, or deferred
@@ -205,6 +206,16 @@ def open_set(current: dict, runner: Runner | None = None) -> tuple[dict, Sealing
     return plain, Sealing(tuple(sorted(sealed)), keys, "; ".join(errors) or None)
 
 
+def decrypted(current: dict, runner: Runner | None = None, context: str = ""
+              ) -> tuple[dict, Sealing]:
+    """:func:`open_set`, for those that need every file: a file that does not decrypt raises
+    :class:`SealingError` (its message followed by ``context``)."""
+    plain, info = open_set(current, runner)
+    if info.error:
+        raise SealingError(info.error + context)
+    return plain, info
+
+
 def _plain_secrets(files) -> bool:
     method = method_of(files)
     return method is not None and any(name in files for name in SECRET_FILES[method])
@@ -266,10 +277,8 @@ def plain_set(agent, runner: Runner | None = None) -> tuple[dict, str, Sealing]:
     if method is None:
         raise SealingError(f"not configured: no credentials in {agent.path}; configure them "
                            "first ('defender-setup apply' or 'dpkg-reconfigure defender-setup')")
-    plain, info = open_set(current, runner)
-    if info.error:
-        raise SealingError(f"{info.error}; give the credentials again with "
-                           "'defender-setup apply'")
+    plain, info = decrypted(current, runner,
+                            "; give the credentials again with 'defender-setup apply'")
     modes = {Path(path).name: mode for path, mode in agent.modes().items()}
     default = {CERTIFICATE_FILE: 0o644}
     return ({name: (data, modes.get(name, default.get(name, 0o600))) for name, data

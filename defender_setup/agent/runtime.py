@@ -206,24 +206,14 @@ def _from_agent_dir(root: Path):
     if set(files) & set(SEALED_NAMES.values()):
         # As root (check's network checks, a run by hand): decrypted through systemd-creds,
         # and a sealed file TLS must open is handed over in anonymous memory, never on disk.
-        from defender_setup.sealing import SealingError, open_set
+        from defender_setup.safefs import memory_file
+        from defender_setup.sealing import decrypted
 
-        files, how = open_set(files)
-        if how.error:
-            raise SealingError(how.error)
+        files = decrypted(files)[0]
         for name in SEALED_NAMES:
             if name in files and name not in sources:
-                sources[name] = _memory_file(name, files[name])
+                sources[name] = memory_file(name, files[name])[1]  # open for the process's life
     return files, sources, str(agentdir.path)
-
-
-def _memory_file(name: str, data: bytes) -> Path:
-    """``data`` in an anonymous memory file, open for the life of this process."""
-    fd = os.memfd_create(f"defender-setup-{name}", os.MFD_CLOEXEC)
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view):]
-    return Path(f"/proc/self/fd/{fd}")
 
 
 def _describe(err: SetupError) -> str:
