@@ -395,6 +395,28 @@ def test_seal_credentials_answer_is_deferred_in_an_image_and_can_be_taken_back(d
 
 
 @pytest.mark.allow_subprocess(*DEBCONF)
+def test_unseal_is_not_undone_by_the_next_configure(debconf, dpkg_root):
+    """The answer true is acted on once: after "defender-setup unseal", a later configure
+    (an upgrade, a noninteractive dpkg-reconfigure) with nothing new to say keeps it plain."""
+    (dpkg_root / "usr/bin").mkdir(parents=True)
+    (dpkg_root / "usr/bin/systemd-creds").touch()
+    debconf.preseed([_seed("auth-method", "select", "connection-string"),
+                     _seed("connection-string", "password", CS),
+                     _seed("seal-credentials", "boolean", "true"),
+                     _seed("probe-hub", "boolean", "false")])
+    assert debconf.helper("apply", "--root", str(dpkg_root)).returncode == 0
+    agent = AgentDir(dpkg_root)
+    assert agent.record("seal-pending") is not None
+    from defender_setup.cli import main
+
+    assert main(["unseal", "--no-restart", "--root", str(dpkg_root)]) == 0
+    result = debconf.helper("apply", "--root", str(dpkg_root))
+    assert result.returncode == 0, result.stderr
+    assert "credentials unchanged" in result.stderr, result.stderr
+    assert agent.record("seal-pending") is None
+
+
+@pytest.mark.allow_subprocess(*DEBCONF)
 def test_seal_credentials_refused_below_systemd_250_names_the_question(debconf, dpkg_root):
     debconf.preseed([_seed("auth-method", "select", "connection-string"),
                      _seed("connection-string", "password", CS),
