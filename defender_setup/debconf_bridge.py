@@ -56,6 +56,7 @@ from .sealing import PENDING, deferral, kept_sealed, open_set, plain_set, requir
 
 PREFIX = "defender-setup/"
 METHOD_LATER = "later"
+SEAL_QUESTION = "seal-credentials"  # a boolean, acted on once (see _sealing_done)
 # The question that holds each field's answer (errors carry their field: see errors.py).
 QUESTIONS = {
     AUTH_METHOD: "auth-method",
@@ -65,7 +66,7 @@ QUESTIONS = {
     HUB_HOSTNAME: "hub-hostname",
     DEVICE_ID: "device-id",
     MODULE_ID: "module-id",
-    SEALING: "seal-credentials",
+    SEALING: SEAL_QUESTION,
     **{key: "connection-string" for key in cs.KNOWN_KEYS},
 }
 # When the certificate method's identity comes from its own questions (no connection string
@@ -103,7 +104,7 @@ class Answers:
                    module_id=get("module-id").strip() or DEFAULT_MODULE_ID,
                    certificate_file=get("certificate-file").strip(),
                    private_key_file=get("private-key-file").strip(),
-                   seal=get("seal-credentials") == "true")
+                   seal=get(SEAL_QUESTION) == "true")
 
 
 @dataclass(frozen=True)
@@ -288,6 +289,14 @@ def _clear_one_shot(db) -> None:
         db.set(PREFIX + name, "")
 
 
+def _sealing_done(db) -> None:
+    """The answer true is acted on once (sealed, or deferred to the first boot): left true,
+    it would seal the set again at the next configure after a "defender-setup unseal". The
+    config script shows true again while the set is sealed. Kept on failure, so that a retry
+    never writes the secrets plain."""
+    db.set(PREFIX + SEAL_QUESTION, "false")
+
+
 def apply(db, root: Path, out) -> int:
     """Validate and write the answers (``apply --no-restart``); always clear the secrets."""
     from .agentdir import AgentDir
@@ -308,6 +317,7 @@ def apply(db, root: Path, out) -> int:
             elif state:  # unconfigured: the postinst says how to configure
                 print(f"defender-setup: credentials unchanged ({state}, {how.describe()})",
                       file=out)
+            _sealing_done(db)
             return EX_OK
         validated = _validate(inputs)
         for line in validated.summary_lines():
@@ -333,6 +343,7 @@ def apply(db, root: Path, out) -> int:
         db.set(PREFIX + "hub-hostname", ident.host_name)
         db.set(PREFIX + "device-id", ident.device_id)
         db.set(PREFIX + "module-id", ident.module_id)
+        _sealing_done(db)
         return EX_OK
     except SetupError as exc:
         field_name, reason = _reason(exc)
