@@ -134,7 +134,9 @@ def key_kind(sealed: bytes) -> str | None:
 def refusal(root: Path | str = "/") -> str | None:
     """One line saying why sealing cannot work on the system under ``root``, or None."""
     root = Path(root)
-    if (root / "usr/bin" / SYSTEMD_CREDS).exists() or (root / "bin" / SYSTEMD_CREDS).exists():
+    # The same test as the config script (which asks the question) and the generator (which
+    # loads sealed files): systemd >= 250 installs it there.
+    if (root / "usr/bin" / SYSTEMD_CREDS).exists():
         return None
     versions = sorted(path.name.split("-")[-1].split(".")[0] for base in ("usr/lib", "lib")
                       for path in (root / base / "systemd").glob("libsystemd-shared-*.so"))

@@ -239,6 +239,27 @@ else:
 """
 
 
+def debian12(root: Path) -> None:
+    """Mark ``root`` as a tree with systemd-creds (systemd >= 250): sealing is possible there."""
+    (root / "usr/bin").mkdir(parents=True, exist_ok=True)
+    (root / "usr/bin/systemd-creds").touch()
+
+
+def seal_here(root, environ=None) -> None:
+    """``sealing.store``'s ``defer``: seal a throw-away root as if it were the running system."""
+    return None
+
+
+def seal_set(root: Path, validated) -> None:
+    """Store ``validated`` (a ``credentials.Validated``) sealed under ``root``, a Debian 12
+    tree, with whatever ``systemd-creds`` is first on PATH (a :class:`FakeCreds`)."""
+    from defender_setup import sealing
+    from defender_setup.agentdir import AgentDir
+
+    debian12(Path(root))
+    sealing.store(AgentDir(root), validated.files, validated.method, True, defer=seal_here)
+
+
 class FakeCreds:
     """A bin directory with the fake systemd-creds; ``path_env`` puts it first on PATH."""
 

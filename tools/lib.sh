@@ -11,3 +11,13 @@ outdated() {
     [ ! -f "$1" ] || [ -n "$(find defender_setup debian man setup.py stdeb.cfg MANIFEST.in \
         -newer "$1" -not -name '*.pyc' -print -quit)" ]
 }
+
+# The path of this tree's .deb: the one in deb_dist/ unless it is outdated, else built now.
+current_deb() {
+    local deb
+    deb=$PWD/deb_dist/defender-setup_$(package_version)-1_all.deb
+    if outdated "$deb"; then
+        deb=$(tools/build-deb | tail -n 1)
+    fi
+    echo "$deb"
+}

@@ -8,7 +8,7 @@ import time
 import pytest
 
 from tests.conftest import DEVICE, snapshot
-from tests.fakes import FakeCreds
+from tests.fakes import FakeCreds, seal_set
 from tests.holder import Holder
 from tests.unit.test_cli import Run, agent_path, assert_no_secret, pending_update
 
@@ -82,16 +82,10 @@ def test_closed_stdin_and_stdout_in_a_real_process(run, sas_inputs):
 @pytest.mark.allow_subprocess("systemd-creds")
 def test_status_and_check_of_a_sealed_set_here_and_on_another_machine(run, sas_inputs,
                                                                       tmp_path, monkeypatch):
-    from defender_setup import sealing
-    from defender_setup.agentdir import AgentDir
 
     creds = FakeCreds(tmp_path)
     creds.path_env(monkeypatch)
-    (run.root / "usr/bin").mkdir(parents=True)
-    (run.root / "usr/bin/systemd-creds").touch()
-    validated = sas_inputs.validated()
-    sealing.store(AgentDir(run.root), validated.files, validated.method, True,
-                  defer=lambda root, environ: None)
+    seal_set(run.root, sas_inputs.validated())
     code, out, _ = run("status")
     assert "secrets:         sealed (host key)" in out and f"device:          {DEVICE}" in out
     code, out, _ = run("check", "--offline", "--json")
@@ -117,11 +111,7 @@ def test_apply_without_seal_keeps_a_sealed_set_sealed(run, sas_inputs, cert_inpu
     from defender_setup.agentdir import AgentDir
 
     FakeCreds(tmp_path).path_env(monkeypatch)
-    (run.root / "usr/bin").mkdir(parents=True)
-    (run.root / "usr/bin/systemd-creds").touch()
-    validated = sas_inputs.validated()
-    sealing.store(AgentDir(run.root), validated.files, validated.method, True,
-                  defer=lambda root, environ: None)
+    seal_set(run.root, sas_inputs.validated())
     code, out, _ = run("apply", "--no-restart", *run.inputs(cert_inputs))
     # sealed again; in this throw-away root (not the running system) at the "first boot"
     assert code == 0 and "sealing deferred to the first boot" in out

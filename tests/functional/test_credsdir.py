@@ -7,7 +7,7 @@ import pytest
 
 from defender_setup.agent.runtime import load_credentials
 from tests.agentproc import Agent
-from tests.fakes import FakeCreds
+from tests.fakes import FakeCreds, seal_set
 from tests.unit.test_credsdir import handed_over
 
 
@@ -15,15 +15,11 @@ from tests.unit.test_credsdir import handed_over
 def test_a_sealed_set_read_as_root_is_decrypted_into_memory(tmp_path, monkeypatch, cert_inputs):
     """Without $CREDENTIALS_DIRECTORY (check's network checks, a run by hand as root) the
     sealed key is decrypted through systemd-creds and handed over in a memory file."""
-    from defender_setup import sealing
     from defender_setup.agentdir import AgentDir
 
     FakeCreds(tmp_path).path_env(monkeypatch)
-    (tmp_path / "usr/bin").mkdir(parents=True)
-    (tmp_path / "usr/bin/systemd-creds").touch()
     validated = cert_inputs.validated()
-    sealing.store(AgentDir(tmp_path), validated.files, validated.method, True,
-                  defer=lambda root, environ: None)
+    seal_set(tmp_path, validated)
     creds = load_credentials(tmp_path)
     key = creds.sources["certificate_private.pem"]
     assert str(key).startswith("/proc/self/fd/")

@@ -13,6 +13,7 @@ import pytest
 
 from defender_setup.agentdir import AgentDir
 from defender_setup.credentials import CONNECTION_STRING_FILE
+from tests.fakes import debian12
 from tests.unit.test_debconf_bridge import CS, KEY, REPO
 
 # -- the real debconf protocol ---------------------------------------------------------------
@@ -372,8 +373,7 @@ def test_seal_credentials_answer_is_deferred_in_an_image_and_can_be_taken_back(d
     """DPKG_ROOT is an image build: sealing waits for the first boot (a record). Answering
     false later asks for nothing (a sealed set stays sealed); "defender-setup unseal" is the
     way back to plain files."""
-    (dpkg_root / "usr/bin").mkdir(parents=True)
-    (dpkg_root / "usr/bin/systemd-creds").touch()
+    debian12(dpkg_root)
     debconf.preseed([_seed("auth-method", "select", "connection-string"),
                      _seed("connection-string", "password", CS),
                      _seed("seal-credentials", "boolean", "true"),
@@ -398,8 +398,7 @@ def test_seal_credentials_answer_is_deferred_in_an_image_and_can_be_taken_back(d
 def test_unseal_is_not_undone_by_the_next_configure(debconf, dpkg_root):
     """The answer true is acted on once: after "defender-setup unseal", a later configure
     (an upgrade, a noninteractive dpkg-reconfigure) with nothing new to say keeps it plain."""
-    (dpkg_root / "usr/bin").mkdir(parents=True)
-    (dpkg_root / "usr/bin/systemd-creds").touch()
+    debian12(dpkg_root)
     debconf.preseed([_seed("auth-method", "select", "connection-string"),
                      _seed("connection-string", "password", CS),
                      _seed("seal-credentials", "boolean", "true"),

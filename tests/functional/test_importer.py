@@ -13,7 +13,15 @@ from defender_setup.importer import PENDING, RECORD, check_offer, last_import, r
 from defender_setup.offer import REJECTED_NOTE
 from defender_setup.service import Service
 from tests.conftest import DEVICE, HUB, MODULE, snapshot
-from tests.fakes import FakeClock, FakeCreds, FakeJournal, FakeSystemd, failed, running
+from tests.fakes import (
+    FakeClock,
+    FakeCreds,
+    FakeJournal,
+    FakeSystemd,
+    failed,
+    running,
+    seal_set,
+)
 from tests.unit.test_importer import CERT, CRED, CS, NAMES, X509, key_of, offered, sas
 
 
@@ -276,10 +284,7 @@ def test_a_sealed_set_is_compared_decrypted_and_stays_sealed(booted_root, import
     from defender_setup.credentials import validate
 
     FakeCreds(tmp_path).path_env(monkeypatch)
-    (booted_root / "usr/bin").mkdir(parents=True)
-    (booted_root / "usr/bin/systemd-creds").touch()
-    sealing.store(AgentDir(booted_root), validate("connection-string", sas(1)).files,
-                  "connection-string", True, defer=lambda root, environ: None)
+    seal_set(booted_root, validate("connection-string", sas(1)))
     offer_credential(booted_root, NAMES[CS], sas(1))
     for _boot in range(2):
         code, out = importer("boot")

@@ -14,8 +14,7 @@ from defender_setup.credentials import (
     method_of,
 )
 from tests import certfactory
-from tests.fakes import HOST_AND_TPM2, FakeCreds
-from tests.unit.test_sealing import debian12, here
+from tests.fakes import HOST_AND_TPM2, FakeCreds, debian12, seal_here
 
 CS_SEALED = CONNECTION_STRING_FILE + ".cred"
 KEY_SEALED = PRIVATE_KEY_FILE + ".cred"
@@ -43,7 +42,8 @@ def everything_under(root) -> bytes:
 
 def store(root, inputs, seal_it=True):
     validated = inputs.validated()
-    return sealing.store(AgentDir(root), validated.files, validated.method, seal_it, defer=here)
+    return sealing.store(AgentDir(root), validated.files, validated.method, seal_it,
+                         defer=seal_here)
 
 
 @pytest.mark.allow_subprocess("systemd-creds")

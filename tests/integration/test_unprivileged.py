@@ -22,6 +22,7 @@ import pytest
 from conftest import AGENT_DIR, UNIT
 from test_package import VERDICT, key_body, put_identity, reconfigure
 from test_package_image import wait_active
+from test_service import exposure
 
 CREDS = f"/run/credentials/{UNIT}"
 SEAL = ("defender-setup defender-setup/seal-credentials boolean true",)
@@ -83,18 +84,13 @@ def agent_dir_bytes(ct) -> str:
     return ct.run(["sh", "-c", f"find {AGENT_DIR} -type f -exec cat {{}} +"]).stdout
 
 
-def exposure(ct) -> float:
-    text = ct.run(["systemd-analyze", "security", UNIT, "--no-pager"]).stdout
-    return float(re.search(r"Overall exposure level for \S+: (\d+\.\d)", text).group(1))
-
-
 def test_agent_runs_unprivileged_and_never_sees_the_files(suite, base, boot, preseed, identity):
     ct = boot(base, prefix="unpriv")
     key = preseed.sas_key(21)
     result = ct.install_deb(preseed.for_connection_string(preseed.connection_string(key=key)))
     assert VERDICT in out_of(result), out_of(result)
     assert_unprivileged(ct, [key])
-    assert exposure(ct) <= 1.5
+    assert exposure(ct)[0] <= 1.5
     # The certificate method: the key and certificate come through LoadCredential= as well.
     _, pem = put_identity(ct, identity)
     result = reconfigure(ct, preseed.for_certificate())

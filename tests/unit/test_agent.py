@@ -10,7 +10,6 @@ import signal
 import socket
 import threading
 import time
-from pathlib import Path
 
 import pytest
 
@@ -18,9 +17,6 @@ from defender_setup import credentials
 from defender_setup.agent.runtime import ERR, Runtime, identity
 from defender_setup.errors import EX_CONFIG, ValidationError
 from tests.fakes import Recorder
-
-REPO = Path(__file__).resolve().parents[2]
-
 
 KEY = "c2VjcmV0LWtleS1mb3ItdGVzdHMtb25seS0xMjM0NTY="  # test-only, base64 of a dummy
 

@@ -10,6 +10,7 @@ import pytest
 from defender_setup import cli
 from tests import certfactory
 from tests.conftest import DEVICE, HUB, MODULE, snapshot
+from tests.fakes import debian12
 
 
 class Run:
@@ -419,8 +420,7 @@ def test_apply_seal_is_refused_without_systemd_creds_and_changes_nothing(run, sa
 
 
 def test_apply_seal_in_an_image_tree_is_deferred_to_first_boot(run, sas_inputs):
-    (run.root / "usr/bin").mkdir(parents=True)
-    (run.root / "usr/bin/systemd-creds").touch()  # a Debian 12 tree, not the running system
+    debian12(run.root)  # a Debian 12 tree, not the running system
     code, out, _ = run("apply", "--seal", "--no-restart", *run.inputs(sas_inputs))
     assert code == 0 and "sealing deferred to the first boot" in out
     code, out, _ = run("status")

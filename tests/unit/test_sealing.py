@@ -13,17 +13,7 @@ import pytest
 from defender_setup import sealing
 from defender_setup.agentdir import AgentDir
 from defender_setup.credentials import CONNECTION_STRING_FILE
-from tests.fakes import HOST, HOST_AND_TPM2
-
-
-def here(root, environ=None):
-    return None  # seal as if the throw-away root were the running system
-
-
-def debian12(root):
-    """Mark ``root`` as a tree with systemd-creds (systemd >= 250)."""
-    (root / "usr/bin").mkdir(parents=True, exist_ok=True)
-    (root / "usr/bin/systemd-creds").touch()
+from tests.fakes import HOST, HOST_AND_TPM2, debian12, seal_here
 
 
 @pytest.mark.parametrize("header, kind", [
@@ -70,7 +60,7 @@ def test_deferred_sealing_writes_plain_files_and_a_record(root, sas_inputs):
 def test_refusal_changes_nothing(root, sas_inputs):
     validated = sas_inputs.validated()
     with pytest.raises(sealing.SealingError) as raised:
-        sealing.store(AgentDir(root), validated.files, validated.method, True, defer=here)
+        sealing.store(AgentDir(root), validated.files, validated.method, True, defer=seal_here)
     assert raised.value.exit_code == 78
     assert not root.exists()
 
