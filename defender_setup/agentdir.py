@@ -8,6 +8,8 @@ Interface::
         d.rollback()      # the previous set becomes current (and the current one previous)
         d.repair()        # finish a write that was interrupted
     d.snapshot(timeout=5) # readers: a consistent view under a shared lock; never writes
+    d.view()              # the same, for a caller holding a lock already
+    d.unconfigure()       # no credentials; the removed set becomes the previous one
     d.current()           # {name: bytes} of the credential files present
     d.method()            # "connection-string" | "certificate" | None
     d.origin()            # {"source": "apply", "time": "...Z"} of the current set, or None
@@ -76,10 +78,21 @@ WRITE_WAIT = 30.0             # seconds a writer waits for another one
 READ_WAIT = 5.0               # seconds a reader waits for a writer
 
 
-def _now() -> str:
+def now() -> str:
     from datetime import datetime, timezone  # lazy: readers (the agent) never need it
 
-    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def when(text) -> float | None:
+    """A record's time (:func:`now`'s format, or whole seconds as written before) as a POSIX
+    timestamp; None when absent or malformed. Records are compared as times, not strings."""
+    from datetime import datetime
+
+    try:
+        return datetime.fromisoformat(str(text).replace("Z", "+00:00")).timestamp()
+    except ValueError:
+        return None
 
 
 @dataclass(frozen=True)
@@ -205,7 +218,7 @@ class AgentDir:
         return self._files_in(self.path)
 
     def method(self) -> str | None:
-        return method_of(name for name in ALL_FILES if (self.path / name).exists())
+        return method_of(self.current())
 
     def modes(self) -> dict[str, int]:
         """Permission bits of the directory and each present file (for ``status``)."""
@@ -236,10 +249,14 @@ class AgentDir:
     def snapshot(self, timeout: float = READ_WAIT) -> Snapshot:
         """Everything a reader shows, read under the shared lock: a consistent view."""
         with self.read_lock(timeout):
-            self.check()
-            return Snapshot(files=self.current(), modes=self.modes(),
-                            previous=self.has_previous(), pending=self.pending(),
-                            origin=self.origin())
+            return self.view()
+
+    def view(self) -> Snapshot:
+        """:meth:`snapshot` for a caller that holds a lock already."""
+        self.check()
+        return Snapshot(files=self.current(), modes=self.modes(),
+                        previous=self.has_previous(), pending=self.pending(),
+                        origin=self.origin())
 
     # -- writing ----------------------------------------------------------------------------
     def write(self, files: dict[str, tuple[bytes, int]],
@@ -255,7 +272,7 @@ class AgentDir:
             raise SetupError(f"refusing to write an unexpected file set: {sorted(unknown)}")
         record = {"source": origin} if isinstance(origin, str) else dict(origin or {})
         record.setdefault("source", "unknown")
-        record.setdefault("time", _now())
+        record.setdefault("time", now())
         with self.lock():
             self._repair()
             self._stage(files, record)
@@ -382,15 +399,15 @@ class AgentDir:
             self.write(restored, origin="rollback")
             return files
 
-    def unconfigure(self) -> None:
-        """Remove every credential file (keeping the previous generation)."""
+    def unconfigure(self, origin: str = "unconfigured") -> None:
+        """Remove every credential file; they become the previous generation (nothing is
+        lost: ``rollback`` brings them back), through the same journal as :meth:`write`."""
         with self.lock():
-            for name in ALL_FILES:
-                path = self.path / name
-                if path.exists():
-                    path.unlink()
-            if self.path.exists():
-                fsync_dir(self.path)
+            self._repair()
+            if not any((self.path / name).exists() for name in ALL_FILES):
+                return
+            self._stage({}, {"source": origin, "time": now()})
+            self._repair()
 
     # -- records: small JSON facts beside the origin (never a secret) ---------------------
     def save_record(self, name: str, data: dict) -> None:

@@ -18,7 +18,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from .agentdir import IMPORT_RECORD, AgentDir
+from .agentdir import IMPORT_RECORD, AgentDir, when
 from .credentials import CONNECTION_STRING_FILE, PRIVATE_KEY_FILE, SEALED_NAMES, load, method_of
 from .errors import EX_CONFIG, EX_NOPERM, EX_OK, EX_UNAVAILABLE, BusyError, SetupError
 
@@ -151,7 +151,7 @@ def _check_last_import(agent: AgentDir, add) -> None:
         f"from {last.get('source')}: {last.get('message')}"
     if result in ("verified", "unchanged", "written"):
         add("last-import", description, OK, message)
-    elif str(origin.get("time", "")) > str(last.get("time", "")):
+    elif (when(origin.get("time")) or 0) > (when(last.get("time")) or 0):
         add("last-import", description, WARNING, f"{message} (since configured by "
             f"{origin.get('source')} at {origin.get('time')})")
     else:

@@ -22,6 +22,7 @@ from .errors import (
     EX_IOERR,
     EX_NOPERM,
     EX_OK,
+    EX_SOFTWARE,
     PRIVATE_KEY,
     InputError,
     SetupError,
@@ -30,9 +31,10 @@ from .inputs import read_file, read_stream
 
 EPILOG = """\
 exit codes: 0 success (warnings may be printed), 2 usage error, 65 invalid credentials,
-66 input file missing or unreadable, 69 service not active and stable, 73 cannot write,
-74 standard output closed (broken pipe), 75 busy: another defender-setup command holds the
-lock (try again), 77 unsafe target (symlink, writable by others), 78 configuration problem.
+66 input file missing or unreadable, 69 service not active and stable, 70 internal error (a
+bug), 73 cannot write, 74 standard output closed (broken pipe), 75 busy: another
+defender-setup command holds the lock (try again), 77 unsafe target (symlink, writable by
+others), 78 configuration problem.
 
 Commands that change the credentials wait up to 30 s for one another (status and check
 up to 5 s); --lock-timeout S changes that.
@@ -57,23 +59,19 @@ def _read_input(name: str | None, field: str, stdin_used: list) -> bytes | None:
     return read_file(name, field)
 
 
-def _validated(args):
-    from . import connection_string as cs
-    from .credentials import validate
+def _request(args, **kw):
+    """The credentials named on the command line as a provisioning request (read, not yet
+    validated). A certificate and key alone re-key the stored certificate identity."""
+    from .provision import Request
 
     used: list = []
     text = _read_input(args.connection_string_file, CONNECTION_STRING, used)
-    if text is None:
-        raise InputError("give --connection-string-file FILE (or - for standard input)",
-                         CONNECTION_STRING)
     cert = _read_input(args.certificate, CERTIFICATE, used)
     key = _read_input(args.private_key, PRIVATE_KEY, used)
-    method = args.method
-    if method is None:  # infer it: x509=true or a certificate means the certificate method
-        given = cert is not None or key is not None  # an empty file is given, and refused
-        method = cs.METHOD_CERTIFICATE if given or b"x509=true" in text \
-            else cs.METHOD_CONNECTION_STRING
-    return validate(method, text, cert, key)
+    if text is None and cert is None and key is None:
+        raise InputError("give --connection-string-file FILE (or - for standard input)",
+                         CONNECTION_STRING)
+    return Request(text, cert, key, method=args.method, **kw)
 
 
 def _print_found(validated, out) -> None:
@@ -84,7 +82,9 @@ def _print_found(validated, out) -> None:
 
 
 def cmd_validate(args, out) -> int:
-    validated = _validated(args)
+    from .provision import NOTHING_STORED, plan
+
+    validated = plan(_request(args), NOTHING_STORED).validated
     print("found:", file=out)
     _print_found(validated, out)
     print(f"valid: {validated.method} credentials for {validated.connection_string.device_id}/"
@@ -118,42 +118,63 @@ class _Writing:
 
 
 def cmd_apply(args, out) -> int:
-    validated = _validated(args)  # before the lock: reading standard input may take a while
+    from . import provision
+    from .agentdir import AgentDir
+
+    request = _request(args, seal=True if args.seal else None, probe=args.probe,
+                       origin="apply")  # before any lock: standard input may take a while
+    writing = _Writing(args, out)
+    p = provision.plan(request, provision.read(AgentDir(args.root), writing.timeout))
     print("found:", file=out)
-    _print_found(validated, out)
-    if args.probe:  # before the lock and before anything is written: a refusal changes nothing
+    _print_found(p.validated, out)
+    if p.probe:  # before the lock and before anything is written: a refusal changes nothing
         from .probe import probe
 
-        outcome = probe(validated, args.root)
+        outcome = probe(p.validated, args.root)
         if outcome.error is not None:
             raise outcome.error  # reported once, as the error
         print(outcome.line, file=out)
-    if args.seal:  # before the lock, which creates the agent directory
+    elif args.probe:
+        print("probe: not tried: these are the credentials stored now (a second connection "
+              "as the running identity would knock the agent off the hub)", file=out)
+    if p.seal and not p.unchanged:  # before the lock, which creates the agent directory
         from .sealing import require
 
         require(args.root)
-    with _Writing(args, out) as agent:
-        from .sealing import kept_sealed, store
-
-        # A sealed set stays sealed (defender-setup unseal turns it back into plain files).
-        _print_stored(store(agent, validated.files, validated.method,
-                            args.seal or kept_sealed(agent), origin="apply"), out)
+    with writing as agent:
+        lines = provision.commit(agent, p)
+        if not lines:
+            return _unchanged(p, out)
+        _print_stored(lines, out)
         return _after_write(args, out)
+
+
+def _unchanged(p, out) -> int:
+    ident = p.validated.connection_string
+    print(f"unchanged: the {p.validated.method} credentials for {ident.device_id}/"
+          f"{ident.module_id} are stored already; nothing written, nothing restarted "
+          "(defender-setup restart restarts the service)", file=out)
+    return EX_OK
 
 
 def cmd_seal(args, out) -> int:
     """``seal`` / ``unseal``: store the current set sealed, or as plain files again."""
-    from . import sealing
+    from . import provision, sealing
 
     want = args.command == "seal"
     if want:  # before the lock, which writes to the agent directory
         sealing.require(args.root)
     with _Writing(args, out) as agent:
-        files, method, how = sealing.plain_set(agent)
-        if bool(how.sealed) == want and agent.record(sealing.PENDING) is None:
-            print(f"nothing to do: the credentials are {how.describe()}", file=out)
+        stored = provision.read_locked(agent)
+        p = provision.plan(provision.Request.again(stored, seal=want, origin=args.command),
+                           stored)
+        lines = provision.commit(agent, p)
+        if not lines:
+            later = "; sealing deferred to the first boot" if stored.seal_pending else ""
+            print(f"nothing to do: the credentials are {stored.sealing.describe()}{later}",
+                  file=out)
             return EX_OK
-        _print_stored(sealing.store(agent, files, method, want, origin=args.command), out)
+        _print_stored(lines, out)
         return _after_write(args, out)
 
 
@@ -171,12 +192,9 @@ def _after_write(args, out) -> int:
 
 
 def _restart(args, out) -> int:
-    from pathlib import Path
+    from .verify import settle
 
-    from .verify import restart_and_verify
-
-    return restart_and_verify(Path(args.root), timeout=args.timeout, strict=args.strict,
-                              out=out)
+    return settle(args.root, timeout=args.timeout, strict=args.strict, out=out).code
 
 
 def cmd_restart(args, out) -> int:
@@ -432,6 +450,21 @@ def _error(text: str) -> None:
         pass
 
 
+def _where(exc: BaseException) -> str:
+    """``TypeError at defender_setup/x.py:12 (function)``: the type and innermost frame only;
+    the message is left out, as it could quote an input."""
+    import traceback
+
+    frames = traceback.extract_tb(exc.__traceback__)
+    if not frames:
+        return type(exc).__name__
+    last = frames[-1]
+    path = last.filename
+    cut = path.rfind("defender_setup/")
+    return f"{type(exc).__name__} at {path[cut:] if cut >= 0 else path}:{last.lineno} " \
+        f"({last.name})"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     try:
@@ -447,6 +480,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         _error("interrupted")
         return EX_INTERRUPTED
+    except Exception as exc:  # a bug: one line with where it happened, never a traceback
+        _error(f"internal error: {_where(exc)}; please report it")
+        code = EX_SOFTWARE
     out.flush()
     if out.broken:
         out.close_quietly()

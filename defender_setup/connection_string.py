@@ -26,6 +26,14 @@ from .errors import CONNECTION_STRING, ValidationError
 from .inputs import CONNECTION_STRING_MAX as MAX_BYTES
 
 FIELD = CONNECTION_STRING
+
+
+def _key_error(key: str, message: str) -> ValidationError:
+    """An error about one key of the connection string: routed as the connection string,
+    shown with the key's name."""
+    return ValidationError(FIELD, message, part=key)
+
+
 HOST_NAME = "HostName"
 DEVICE_ID = "DeviceId"
 MODULE_ID = "ModuleId"
@@ -141,9 +149,9 @@ def _split(text: str) -> dict[str, str]:
         if key not in KNOWN_KEYS:
             raise ValidationError(FIELD, _unknown_key_message(segment, key, where))
         if key in pairs:
-            raise ValidationError(key, "appears twice; keep exactly one")
+            raise _key_error(key, "appears twice; keep exactly one")
         if not value:
-            raise ValidationError(key, "is empty; fill in its value")
+            raise _key_error(key, "is empty; fill in its value")
         pairs[key] = value
     return pairs
 
@@ -170,24 +178,24 @@ def _bare_key_hint(segment: str) -> str:
 
 def _check_host(key: str, value: str, *, need_dot: bool) -> None:
     if "://" in value or "/" in value:
-        raise ValidationError(key, "must be a bare host name such as myhub.azure-devices.net "
+        raise _key_error(key, "must be a bare host name such as myhub.azure-devices.net "
                               "(no https:// or path)")
     labels = value.rstrip(".").split(".")
     if len(value) > 253 or not all(_LABEL_RE.fullmatch(label) for label in labels):
-        raise ValidationError(key, "is not a valid DNS host name (letters, digits, '-' and "
+        raise _key_error(key, "is not a valid DNS host name (letters, digits, '-' and "
                               "'.' only), e.g. myhub.azure-devices.net")
     if need_dot and len(labels) < 2:
-        raise ValidationError(key, "must be the hub's full host name, e.g. "
+        raise _key_error(key, "must be the hub's full host name, e.g. "
                               "myhub.azure-devices.net")
 
 
 def _check_id(key: str, value: str) -> None:
     if len(value) > _ID_MAX:
-        raise ValidationError(key, f"is {len(value)} characters long; IoT Hub allows at most "
+        raise _key_error(key, f"is {len(value)} characters long; IoT Hub allows at most "
                               f"{_ID_MAX}")
     if not _ID_RE.fullmatch(value):
         bad = next(pos for pos, char in enumerate(value, 1) if not _ID_RE.fullmatch(char))
-        raise ValidationError(key, f"character {bad} is not allowed; IDs use letters, digits "
+        raise _key_error(key, f"character {bad} is not allowed; IDs use letters, digits "
                               "and - . % _ * ? ! ( ) , : = @ $ '")
 
 
@@ -195,11 +203,11 @@ def _check_key(value: str) -> None:
     try:
         raw = base64.b64decode(value, validate=True)
     except (binascii.Error, ValueError):
-        raise ValidationError(SHARED_ACCESS_KEY, "is not valid base64 (did you paste it with "
+        raise _key_error(SHARED_ACCESS_KEY, "is not valid base64 (did you paste it with "
                               "quotes, cut it short or lose its trailing '='?)") from None
     low, high = _KEY_BYTES
     if not low <= len(raw) <= high:
-        raise ValidationError(SHARED_ACCESS_KEY, f"decodes to {len(raw)} bytes; IoT Hub keys "
+        raise _key_error(SHARED_ACCESS_KEY, f"decodes to {len(raw)} bytes; IoT Hub keys "
                               f"are {low}-{high} bytes (usually 44 base64 characters): copy "
                               "the whole primary key")
 
@@ -214,6 +222,16 @@ def _module_warnings(module_id: str) -> tuple[str, ...]:
             "identity; make sure this module exists on the hub",)
 
 
+def method_of(text: str | bytes) -> str:
+    """The method a connection string asks for, before (and whatever) validation says: a
+    ``x509`` key means the certificate method. A key, not a substring: a DeviceId holding
+    ``x509=true`` is still a SharedAccessKey string."""
+    if isinstance(text, bytes):
+        text = text.decode("utf-8", "replace")
+    keys = {part.split("=", 1)[0].strip().lower() for part in text.split(";")}
+    return METHOD_CERTIFICATE if X509 in keys else METHOD_CONNECTION_STRING
+
+
 def parse(text: str | bytes, *, method: str | None = None) -> ConnectionString:
     """Parse and validate a module connection string.
 
@@ -224,18 +242,18 @@ def parse(text: str | bytes, *, method: str | None = None) -> ConnectionString:
     """
     pairs = _split(normalise(text))
     if SHARED_ACCESS_KEY_NAME in pairs:
-        raise ValidationError(SHARED_ACCESS_KEY_NAME, "this is a hub-level policy connection "
+        raise _key_error(SHARED_ACCESS_KEY_NAME, "this is a hub-level policy connection "
                               "string, not a device identity; copy the connection string of "
                               f"the device's {DEFAULT_MODULE_ID} module identity instead")
     if SHARED_ACCESS_SIGNATURE in pairs:
-        raise ValidationError(SHARED_ACCESS_SIGNATURE, "a fixed SAS token expires and the "
+        raise _key_error(SHARED_ACCESS_SIGNATURE, "a fixed SAS token expires and the "
                               "agent cannot renew it; use the module's SharedAccessKey "
                               "connection string instead")
     for key in (HOST_NAME, DEVICE_ID, MODULE_ID):
         if key not in pairs:
             extra = " (the micro agent runs as a module identity, usually " \
                 f"{MODULE_ID}={DEFAULT_MODULE_ID})" if key == MODULE_ID else ""
-            raise ValidationError(key, f"is missing{extra}; add {key}=...")
+            raise _key_error(key, f"is missing{extra}; add {key}=...")
     _check_host(HOST_NAME, pairs[HOST_NAME], need_dot=True)
     if GATEWAY_HOST_NAME in pairs:
         _check_host(GATEWAY_HOST_NAME, pairs[GATEWAY_HOST_NAME], need_dot=False)
@@ -250,14 +268,14 @@ def parse(text: str | bytes, *, method: str | None = None) -> ConnectionString:
         raise ValidationError(FIELD, "has no authentication; add SharedAccessKey=... "
                               "(connection-string method) or x509=true (certificate method)")
     if has_x509 and pairs[X509] != "true":
-        raise ValidationError(X509, "must be exactly 'true' (lowercase)")
+        raise _key_error(X509, "must be exactly 'true' (lowercase)")
     if has_key:
         _check_key(pairs[SHARED_ACCESS_KEY])
     if method == METHOD_CONNECTION_STRING and has_x509:
-        raise ValidationError(X509, "x509=true belongs to the certificate method; choose the "
+        raise _key_error(X509, "x509=true belongs to the certificate method; choose the "
                               "certificate method or use the SharedAccessKey connection string")
     if method == METHOD_CERTIFICATE and has_key:
-        raise ValidationError(SHARED_ACCESS_KEY, "the certificate method authenticates with "
+        raise _key_error(SHARED_ACCESS_KEY, "the certificate method authenticates with "
                               "the certificate; replace SharedAccessKey=... with x509=true")
     return ConnectionString(
         host_name=pairs[HOST_NAME], device_id=pairs[DEVICE_ID], module_id=pairs[MODULE_ID],

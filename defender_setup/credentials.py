@@ -68,21 +68,19 @@ class Validated:
         return lines
 
 
-def method_of(names) -> str | None:
-    """The method a set of present credential files belongs to; None when unconfigured.
+def method_of(files: dict) -> str | None:
+    """The method of a stored set (name -> content); None when unconfigured.
 
-    The one place that decides it (status, check, the debconf bridge and AgentDir use it):
-    no connection string means unconfigured; any certificate file means the certificate
-    method, whose connection string carries ``x509=true``. A sealed file counts as its plain
-    name.
+    The one rule, everywhere: the connection string decides (:func:`connection_string.method_of`:
+    ``x509`` means the certificate method). No connection string means unconfigured; a sealed
+    one holds a SharedAccessKey (the certificate method's holds no secret and is never sealed).
+    Certificate files alone decide nothing.
     """
-    sealed = {v: k for k, v in SEALED_NAMES.items()}
-    names = {sealed.get(name, name) for name in names}
-    if CONNECTION_STRING_FILE not in names:
-        return None
-    if names & {CERTIFICATE_FILE, PRIVATE_KEY_FILE}:
-        return cs.METHOD_CERTIFICATE
-    return cs.METHOD_CONNECTION_STRING
+    if CONNECTION_STRING_FILE in files:
+        return cs.method_of(files[CONNECTION_STRING_FILE])
+    if SEALED_NAMES[CONNECTION_STRING_FILE] in files:
+        return cs.METHOD_CONNECTION_STRING
+    return None
 
 
 def validate(method: str, connection_string: bytes | str, certificate: bytes | None = None,

@@ -35,7 +35,7 @@ from typing import Callable
 
 from . import DEFAULT_MODULE_ID
 from . import connection_string as cs
-from .credentials import CERTIFICATE_FILE, CONNECTION_STRING_FILE, PRIVATE_KEY_FILE, method_of
+from .credentials import CERTIFICATE_FILE, CONNECTION_STRING_FILE, PRIVATE_KEY_FILE
 from .errors import (
     AUTH_METHOD,
     CERTIFICATE,
@@ -45,6 +45,7 @@ from .errors import (
     HUB_HOSTNAME,
     MODULE_ID,
     PRIVATE_KEY,
+    Field,
     InputError,
     SetupError,
     ValidationError,
@@ -52,7 +53,6 @@ from .errors import (
 )
 from .inputs import read_file
 from .sealing import FIELD as SEALING
-from .sealing import PENDING, deferral, kept_sealed, open_set, plain_set, require, store
 
 PREFIX = "defender-setup/"
 METHOD_LATER = "later"
@@ -67,10 +67,10 @@ QUESTIONS = {
     DEVICE_ID: "device-id",
     MODULE_ID: "module-id",
     SEALING: SEAL_QUESTION,
-    **{key: "connection-string" for key in cs.KNOWN_KEYS},
 }
 # When the certificate method's identity comes from its own questions (no connection string
-# answer), the connection string is built from them: its keys are those questions.
+# answer), the connection string is built from them: its keys (an error's part) are those
+# questions.
 IDENTITY_QUESTIONS = {cs.HOST_NAME: "hub-hostname", cs.DEVICE_ID: "device-id",
                       cs.MODULE_ID: "module-id"}
 # One-shot inputs: cleared (keeping "seen") whatever happens, so no secret stays in debconf and
@@ -107,16 +107,6 @@ class Answers:
                    seal=get(SEAL_QUESTION) == "true")
 
 
-@dataclass(frozen=True)
-class Inputs:
-    """What :func:`defender_setup.credentials.validate` gets; secrets kept out of ``repr``."""
-
-    method: str
-    connection_string: bytes = field(repr=False)
-    certificate: bytes | None = field(default=None, repr=False)
-    private_key: bytes | None = field(default=None, repr=False)
-
-
 def read_input(path: str, field_name: str) -> bytes:
     """Read a file named in an answer (bounded, regular files only); errors name the path."""
     if not os.path.isabs(path):
@@ -138,29 +128,34 @@ def _identity_part(value: str, field_name: str) -> str:
     return value
 
 
-def resolve(answers: Answers, current: dict[str, bytes],
-            read: Callable[[str, str], bytes] = read_input) -> Inputs | None:
-    """Turn the answers into inputs for validation; ``None`` means "keep what is there".
+def resolve(answers: Answers, stored, read: Callable[[str, str], bytes] = read_input):
+    """Turn the answers into a provisioning request; ``None`` when none is asked ("later").
 
-    An empty secret (or an empty file path) keeps the corresponding current file when the
-    current credentials use the same method.
+    An empty secret (or an empty file path) keeps the corresponding stored file when the
+    stored credentials use the same method; no new answer at all asks for the stored set
+    again (the plan finds it unchanged, or only its sealing changes).
 
-    :param current: the credential files present now (``AgentDir.current()``).
+    :param stored: the stored set (``provision.read``), sealed files decrypted.
     :param read: reads a file named in an answer (tests pass their own).
     :raises ValidationError: an answer is missing or malformed.
     :raises InputError: a named file is missing or unreadable.
     """
+    from .provision import Request
+
     method = answers.method
-    same = method_of(current) == method
     if method == METHOD_LATER:
         return None
+    same = stored.method == method
+    current = stored.plain
+    kw = {"method": method, "seal": True if answers.seal else None, "origin": "debconf",
+          "probe": True}  # new credentials only (the plan says); probe-hub may say no
     if method == "connection-string":
         if not answers.connection_string:
             if same:
-                return None
+                return Request.again(stored, **kw)
             raise ValidationError(CONNECTION_STRING, "is empty; preseed or enter the "
                                   "module's connection string (HostName=...;SharedAccessKey=...)")
-        return Inputs(method, answers.connection_string.encode("utf-8"))
+        return Request(answers.connection_string.encode("utf-8"), **kw)
     if method != "certificate":
         raise ValidationError(AUTH_METHOD, "is none of connection-string, certificate, "
                               "later; preseed one of them")
@@ -187,7 +182,7 @@ def resolve(answers: Answers, current: dict[str, bytes],
     if key is None:
         raise ValidationError(PRIVATE_KEY, "no private key file given; enter the path of "
                               "the PEM private key")
-    return Inputs(method, text, cert, key)
+    return Request(text, cert, key, **kw)
 
 
 def question_for(error: SetupError, answers: Answers) -> str:
@@ -196,18 +191,17 @@ def question_for(error: SetupError, answers: Answers) -> str:
     Routed by the error's ``field`` through :data:`QUESTIONS`; an error about no answer in
     particular (an unsafe target, a write failure) goes back to the method's first question.
     """
-    field_name = error.field
     if answers.method == "certificate" and not answers.connection_string \
-            and field_name in IDENTITY_QUESTIONS:
-        return IDENTITY_QUESTIONS[field_name]
-    if field_name in QUESTIONS:
-        return QUESTIONS[field_name]
+            and error.field == CONNECTION_STRING and error.part in IDENTITY_QUESTIONS:
+        return IDENTITY_QUESTIONS[error.part]
+    if error.field in QUESTIONS:
+        return QUESTIONS[error.field]
     return "connection-string" if answers.method == "connection-string" else "auth-method"
 
 
 def _reason(error: SetupError) -> tuple[str, str]:
     """``(field, reason)`` of an error, one line each, for the shell and the error template."""
-    return error.field or "credentials", " ".join(error.message.split())
+    return error.label or "credentials", " ".join(error.message.split())
 
 
 def open_channel():
@@ -226,62 +220,72 @@ def open_channel():
     return Channel(write=os.fdopen(3, "w"))
 
 
-def _validate(inputs: Inputs):
-    from .credentials import validate
-
-    return validate(inputs.method, inputs.connection_string, inputs.certificate,
-                    inputs.private_key)
-
-
 def check(db, root: Path) -> tuple[int, str]:
-    """Validate the answers; return ``(exit code, "QUESTION\\tFIELD\\tREASON" or "")``."""
+    """Validate the answers; return ``(exit code, "QUESTION\tFIELD\tREASON" or "")``."""
+    from . import provision
     from .agentdir import AgentDir
 
     answers = Answers.read(db)
     try:
-        current = open_set(AgentDir(root).current())[0]  # sealed files decrypted
-        inputs = resolve(answers, current)
-        if inputs is not None:
-            _probe(db, _validate(inputs), root, current)
+        agent = AgentDir(root)
+        stored = provision.read(agent)
+        request = resolve(answers, stored)
+        if request is not None:
+            _probe(db, provision.plan(request, stored), agent)
     except SetupError as exc:
         field_name, reason = _reason(exc)
         return exc.exit_code, f"{question_for(exc, answers)}\t{field_name}\t{reason}"
     return EX_OK, ""
 
 
-def _probe(db, validated, root: Path, current: dict, out=None) -> None:
-    """One connection to the hub with NEW credentials, unless probe-hub is false.
+PROBE_RECORD = "probe.json"  # the config script's probe, for the postinst of the same run
+PROBE_REUSE = 600  # seconds: older, it is from another dpkg run (one that never configured)
 
-    Credentials equal to the ``current`` files are not tried: they are not new, and a second
-    connection as the same identity would knock the running agent off the hub.
+
+def _probe(db, p, agent, out=None) -> None:
+    """One connection to the hub with NEW credentials (the plan says whether they are new),
+    unless probe-hub is false; at most one per dpkg run.
+
+    The config script (``check``) runs just before the postinst's ``apply`` in every dpkg
+    run that configures: its outcome is kept in the private state under a digest of the set
+    and reused once by ``apply``, instead of a second CONNECT as the same identity.
 
     :raises defender_setup.probe.ProbeRefused: the hub refused them (a ValidationError whose
         field routes the re-ask to the connection string or the certificate question).
     """
-    if _same(validated, current) or db.get(PREFIX + "probe-hub") == "false":
+    if not p.probe or db.get(PREFIX + "probe-hub") == "false":
         return
-    from .probe import probe
+    import time
 
-    outcome = probe(validated, root)
-    if outcome.error is not None:
-        raise outcome.error  # reported once, as the answer's error
+    from .agentdir import now, when
+    from .probe import ProbeRefused, probe
+    from .provision import digest
+
+    digest = digest(p.validated.files)
+    seen = agent.record(PROBE_RECORD)
+    if seen is not None and seen.get("digest") == digest \
+            and 0 <= time.time() - (when(seen.get("time")) or 0) < PROBE_REUSE:
+        if out is not None:  # apply: the outcome is used once
+            agent.drop_record(PROBE_RECORD)
+        if seen.get("field"):
+            raise ProbeRefused(Field[seen["field"]], seen.get("message", "refused"))
+        line = seen.get("line", "")
+    else:
+        outcome = probe(p.validated, agent.root)
+        error = outcome.error
+        if out is None:
+            try:
+                agent.save_record(PROBE_RECORD, {
+                    "digest": digest, "line": outcome.line, "time": now(),
+                    "field": error.field.name if error else None,
+                    "message": error.message if error else None})
+            except SetupError:
+                pass  # apply probes again
+        if error is not None:
+            raise error  # reported once, as the answer's error
+        line = outcome.line
     if out is not None:
-        print(f"defender-setup: {outcome.line}", file=out)
-
-
-def _same(validated, current: dict) -> bool:
-    return {name: data for name, (data, _) in validated.files.items()} == current
-
-
-def _stored_as_asked(agent, how, seal: bool) -> bool:
-    """Whether the set is stored as defender-setup/seal-credentials asks. False asks for
-    nothing: a sealed set stays sealed until "defender-setup unseal" (so a default answer
-    never writes a secret back in plain text)."""
-    if not seal:
-        return True
-    # Sealed already, or still waiting for the first boot where sealing cannot happen yet.
-    return bool(how.sealed) or (agent.record(PENDING) is not None
-                                and deferral(agent.root) is not None)
+        print(f"defender-setup: {line}", file=out)
 
 
 def _clear_one_shot(db) -> None:
@@ -299,47 +303,38 @@ def _sealing_done(db) -> None:
 
 def apply(db, root: Path, out) -> int:
     """Validate and write the answers (``apply --no-restart``); always clear the secrets."""
-    from .agentdir import AgentDir
+    from . import provision
+    from .agentdir import WRITE_WAIT, AgentDir
 
     agent = AgentDir(root)
     answers = None
     try:
         answers = Answers.read(db)
-        current, how = open_set(agent.current())  # sealed files decrypted: "keep" needs them
-        inputs = resolve(answers, current)
-        if inputs is None:
-            state = method_of(current)
-            if state and not _stored_as_asked(agent, how, answers.seal):
-                with agent.lock():  # only the storage changes: sealed, or plain again
-                    files, method, _ = plain_set(agent)
-                    for line in store(agent, files, method, answers.seal, origin="debconf"):
-                        print(f"defender-setup: {line}", file=out)
-            elif state:  # unconfigured: the postinst says how to configure
-                print(f"defender-setup: credentials unchanged ({state}, {how.describe()})",
-                      file=out)
+        stored = provision.read(agent, WRITE_WAIT)  # sealed files decrypted: "keep" needs them
+        request = resolve(answers, stored)
+        if request is None:  # later: the postinst says how to configure
             _sealing_done(db)
             return EX_OK
-        validated = _validate(inputs)
-        for line in validated.summary_lines():
-            print(f"  {line}", file=out)
-        for warning in validated.warnings:
+        p = provision.plan(request, stored)
+        if not p.unchanged:
+            for line in p.validated.summary_lines():
+                print(f"  {line}", file=out)
+        for warning in p.validated.warnings:
             print(f"defender-setup: warning: {warning}", file=out)
-        if answers.seal:
+        if p.seal and not p.unchanged:
+            from .sealing import require
+
             require(root)  # one line naming the question, before anything is written
         # before the lock (the hub may take seconds); a refusal raises: nothing is written
-        _probe(db, validated, root, current, out)
+        _probe(db, p, agent, out)
         with agent.lock():  # the writers' lock (exit 75 if another keeps it for 30 s)
-            now, how = open_set(agent.current())
-            if _same(validated, now) and _stored_as_asked(agent, how, answers.seal):
-                print("defender-setup: credentials unchanged (same as written before)",
-                      file=out)
-            else:
-                for line in store(agent, validated.files, validated.method,
-                                  answers.seal or kept_sealed(agent), origin="debconf"):
-                    print(f"defender-setup: {line}", file=out)
-        ident = validated.connection_string
+            lines = provision.commit(agent, p)
+        for line in lines or [f"credentials unchanged ({p.validated.method}, "
+                              f"{stored.sealing.describe()})"]:
+            print(f"defender-setup: {line}", file=out)
+        ident = p.validated.connection_string
         # Keep debconf showing what is configured now (dpkg-reconfigure starts from it).
-        db.set(PREFIX + "auth-method", validated.method)
+        db.set(PREFIX + "auth-method", p.validated.method)
         db.set(PREFIX + "hub-hostname", ident.host_name)
         db.set(PREFIX + "device-id", ident.device_id)
         db.set(PREFIX + "module-id", ident.module_id)

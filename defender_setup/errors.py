@@ -12,6 +12,8 @@ errors name the key instead (``HostName``, ``SharedAccessKey``...; see
 
 from __future__ import annotations
 
+import enum
+
 EX_OK = 0
 EX_USAGE = 2
 EX_DATAERR = 65
@@ -26,14 +28,42 @@ EX_NOPERM = 77
 EX_CONFIG = 78
 EX_INTERRUPTED = 130  # SIGINT / Ctrl-C, as shells report it (128 + 2)
 
-# The inputs a person gives; each is the prefix of its errors ("certificate: ...").
-AUTH_METHOD = "authentication method"
-CONNECTION_STRING = "connection string"
-CERTIFICATE = "certificate"
-PRIVATE_KEY = "private key"
-HUB_HOSTNAME = "IoT Hub host name"  # the certificate method's identity questions
-DEVICE_ID = "device id"
-MODULE_ID = "module id"
+class Field(enum.Enum):
+    """What an error is about: the key callers route by (the debconf bridge maps each to its
+    question, the import to the file or credential it read). Never shown: see :data:`LABELS`."""
+
+    AUTH_METHOD = enum.auto()
+    CONNECTION_STRING = enum.auto()
+    CERTIFICATE = enum.auto()
+    PRIVATE_KEY = enum.auto()
+    HUB_HOSTNAME = enum.auto()  # the certificate method's identity questions
+    DEVICE_ID = enum.auto()
+    MODULE_ID = enum.auto()
+    SEALING = enum.auto()
+
+    def __str__(self) -> str:  # in a message, a field reads as its label
+        return LABELS[self]
+
+
+# What a person calls each input: the prefix of its errors ("certificate: ..."). Rewording one
+# changes no routing.
+LABELS = {
+    Field.AUTH_METHOD: "authentication method",
+    Field.CONNECTION_STRING: "connection string",
+    Field.CERTIFICATE: "certificate",
+    Field.PRIVATE_KEY: "private key",
+    Field.HUB_HOSTNAME: "IoT Hub host name",
+    Field.DEVICE_ID: "device id",
+    Field.MODULE_ID: "module id",
+    Field.SEALING: "credential sealing",
+}
+AUTH_METHOD = Field.AUTH_METHOD
+CONNECTION_STRING = Field.CONNECTION_STRING
+CERTIFICATE = Field.CERTIFICATE
+PRIVATE_KEY = Field.PRIVATE_KEY
+HUB_HOSTNAME = Field.HUB_HOSTNAME
+DEVICE_ID = Field.DEVICE_ID
+MODULE_ID = Field.MODULE_ID
 
 
 def printable(text: str) -> str:
@@ -49,17 +79,24 @@ def printable(text: str) -> str:
 
 
 class SetupError(Exception):
-    """Base class; ``exit_code`` is what the CLI exits with, ``field`` what it is about."""
+    """Base class; ``exit_code`` is what the CLI exits with, ``field`` what it is about.
+
+    ``part`` narrows the field for a person: the connection string's key (``SharedAccessKey``)
+    or the file an input was read from; it replaces the field's label in the message.
+    """
 
     exit_code = EX_CONFIG
 
-    def __init__(self, message: str, field: str | None = None):
+    def __init__(self, message: str, field: Field | None = None, part: str | None = None):
         super().__init__(message)
-        self.message = message
-        self.field = field
+        self.message, self.field, self.part = message, field, part
+
+    @property
+    def label(self) -> str | None:
+        return self.part or (LABELS[self.field] if self.field else None)
 
     def __str__(self) -> str:
-        return f"{self.field}: {self.message}" if self.field else self.message
+        return f"{self.label}: {self.message}" if self.label else self.message
 
 
 class NotConfigured(SetupError):
@@ -73,8 +110,8 @@ class ValidationError(SetupError):
 
     exit_code = EX_DATAERR
 
-    def __init__(self, field: str, message: str):
-        super().__init__(message, field)
+    def __init__(self, field: Field, message: str, part: str | None = None):
+        super().__init__(message, field, part)
 
 
 class InputError(SetupError):

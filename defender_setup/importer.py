@@ -7,16 +7,19 @@ Interface::
         mode: "manual" (write, then restart and verify now), "no-restart" (write only),
               "boot" (defender-setup-import.service), "boot-verify"
               (defender-setup-import-verify.service)
-    check_offer(offer, current, now=None) -> Validated     # pure; raises ValidationError
+    check_offer(offer, stored=NOTHING_STORED, now=None) -> Plan   # pure; ValidationError
     last_import(root) -> dict | None                        # the outcome record, no secrets
 
 Every run: find the offer (:mod:`defender_setup.offer`); nothing offered, nothing done (a
 configured device keeps its identity). Otherwise the set is validated with the rules of
 ``apply``; invalid gives one line naming the credential (or drop-folder file), the field and
 the fix, and changes nothing. A set equal to the configured one writes and restarts nothing.
-A new set goes through :meth:`AgentDir.write` (the previous set kept), then the agent is
-started and verified; a set the agent refuses (the hub rejected it: exit 76, or 78) is rolled
-back to the previous set, or removed again when the device had none.
+It is an adapter over the provisioning core (:mod:`defender_setup.provision`, then
+:func:`defender_setup.verify.settle`): a new set is stored (the previous set kept), then the
+agent is started and verified; a set the agent refuses (the hub rejected it: exit 76, or 78)
+is rolled back to the previous set, or removed again when the device had none. An offer the
+agent refused is not imported again at boot while it stays the same (each attempt would
+restart the agent twice); ``import`` by hand tries it again.
 
 Why two boot steps: defender-setup-import.service is ordered Before= the agent, so the agent's
 start job waits for it. A synchronous ``systemctl restart`` of the agent from there would wait
@@ -32,27 +35,19 @@ agent directory's private state (``import.json``) for ``status --json`` and ``ch
 from __future__ import annotations
 
 import time
-from datetime import datetime
 from pathlib import Path
 
-from . import UNIT
-from . import connection_string as cs
+from . import UNIT, provision
 from .agentdir import (
     IMPORT_RECORD,
     WRITE_WAIT,
     AgentDir,
-    _now,  # the same UTC format as the origin record: comparable
+    now,  # the same UTC format as the origin record: comparable
 )
-from .credentials import (
-    CERTIFICATE_FILE,
-    CONNECTION_STRING_FILE,
-    PRIVATE_KEY_FILE,
-    Validated,
-    method_of,
-    validate,
-)
+from .credentials import CERTIFICATE_FILE, CONNECTION_STRING_FILE, PRIVATE_KEY_FILE
 from .errors import (
     CERTIFICATE,
+    CONNECTION_STRING,
     EX_OK,
     EX_UNAVAILABLE,
     PRIVATE_KEY,
@@ -71,75 +66,49 @@ from .offer import (
 
 RECORD = IMPORT_RECORD
 PENDING = "import.pending"  # defender-setup-import-verify.service's ConditionPathExists=
+REFUSED = "import.refused"  # which offer the agent refused (a digest): not retried at boot
 VERIFY_UNIT = "defender-setup-import-verify.service"
-# ValidationError.field -> the input it is about; every other field is the connection string's.
-_FILE_OF_FIELD = {CERTIFICATE: CERTIFICATE_FILE, PRIVATE_KEY: PRIVATE_KEY_FILE}
+# An error's field -> the offered file it is about.
+FILE_OF = {CONNECTION_STRING: CONNECTION_STRING_FILE, CERTIFICATE: CERTIFICATE_FILE,
+           PRIVATE_KEY: PRIVATE_KEY_FILE}
 # Results after which an unchanged set need not be recorded again (no write at every boot).
 _SETTLED = ("verified", "unchanged", "written")
 MODES = ("manual", "no-restart", "boot", "boot-verify")
 
 
 # -- the pure part -----------------------------------------------------------------------
-def check_offer(offer: Offer, current: dict, now: datetime | None = None) -> Validated:
-    """Validate an offered set as a whole (the same rules as ``apply``).
+def request_of(offer: Offer) -> provision.Request:
+    files = offer.files
+    return provision.Request(files.get(CONNECTION_STRING_FILE), files.get(CERTIFICATE_FILE),
+                             files.get(PRIVATE_KEY_FILE), origin=offer.source)
 
-    :param current: the files configured now; a certificate and key offered without a
-        connection string re-key a device configured for the certificate method.
-    :raises ValidationError: ``field`` names the input (credential or file) and the field.
+
+def check_offer(offer: Offer, stored=provision.NOTHING_STORED, now=None) -> provision.Plan:
+    """Plan an offered set with the core's rules; errors name the offered input.
+
+    :param stored: the stored set; a certificate and key offered without a connection
+        string re-key a device configured for the certificate method.
+    :raises ValidationError: its ``part`` names the credential or file (and the key).
     """
-    files = dict(offer.files)
-    label = offer.label
-    text = files.get(CONNECTION_STRING_FILE)
-    has_cert, has_key = CERTIFICATE_FILE in files, PRIVATE_KEY_FILE in files
-    if text is None:
-        if (has_cert or has_key) and method_of(current) == cs.METHOD_CERTIFICATE:
-            text = current[CONNECTION_STRING_FILE]  # a new certificate for the same identity
-        else:
-            raise ValidationError(label(CONNECTION_STRING_FILE), "is missing; offer the "
-                                  "module's connection string (SharedAccessKey=..., or "
-                                  "x509=true with the certificate and its key)")
     try:
-        parsed = cs.parse(text)
-    except ValidationError as exc:
-        raise ValidationError(f"{label(CONNECTION_STRING_FILE)}: {exc.field}",
-                              exc.message) from None
-    if parsed.x509:
-        if not has_cert and not has_key:
-            raise ValidationError(label(CERTIFICATE_FILE), "is missing: the connection string "
-                                  f"says x509=true; offer the PEM certificate and its private "
-                                  f"key too ({label(PRIVATE_KEY_FILE)})")
-        if not has_key:
-            raise ValidationError(label(PRIVATE_KEY_FILE), "is missing: a certificate was "
-                                  "offered without its private key; offer both")
-        if not has_cert:
-            raise ValidationError(label(CERTIFICATE_FILE), "is missing: a private key was "
-                                  "offered without its certificate; offer both")
-        method = cs.METHOD_CERTIFICATE
-    else:
-        if has_cert or has_key:
-            extra = label(CERTIFICATE_FILE if has_cert else PRIVATE_KEY_FILE)
-            raise ValidationError(f"{label(CONNECTION_STRING_FILE)}: authentication method",
-                                  f"the connection string uses SharedAccessKey but {extra} was "
-                                  "offered too; for a certificate end the connection string "
-                                  "with x509=true instead, for SharedAccessKey offer no "
-                                  "certificate or key")
-        method = cs.METHOD_CONNECTION_STRING
-    try:
-        return validate(method, text, files.get(CERTIFICATE_FILE), files.get(PRIVATE_KEY_FILE),
-                        now=now)
-    except ValidationError as exc:
-        where = label(_FILE_OF_FIELD.get(exc.field, CONNECTION_STRING_FILE))
-        field = "" if exc.field in _FILE_OF_FIELD else f": {exc.field}"
-        raise ValidationError(f"{where}{field}", exc.message) from None
+        return provision.plan(request_of(offer), stored, now=now)
+    except SetupError as exc:
+        raise labelled(exc, offer) from None
 
 
-def _same(validated: Validated, current: dict) -> bool:
-    return {name: data for name, (data, _mode) in validated.files.items()} == current
+def labelled(exc: SetupError, offer: Offer) -> SetupError:
+    """``exc`` shown with the offered input it is about (``credential defender-setup.
+    certificate: ...``, ``FOLDER/connection_string.txt: SharedAccessKey: ...``)."""
+    if exc.field in FILE_OF:
+        where = offer.label(FILE_OF[exc.field])
+        exc.part = f"{where}: {exc.part}" if exc.part else where
+    return exc
 
 
-def _identity(validated: Validated) -> dict:
-    c = validated.connection_string
-    return {"method": validated.method, "hub": c.host_name, "device": c.device_id,
+def _identity(plan: provision.Plan) -> dict:
+    v = plan.validated
+    c = v.connection_string
+    return {"method": v.method, "hub": c.host_name, "device": c.device_id,
             "module": c.module_id}
 
 
@@ -173,12 +142,11 @@ class _Run:
         self.agent.save_record(RECORD, record)
         return record
 
-    # -- import ---------------------------------------------------------------------------
     def find(self, environ, decrypt) -> Offer | None:
         try:
             offer = find_offer(self.root, environ, decrypt)
         except SetupError as exc:  # unreadable, too large, cannot be decrypted
-            self._fail({"time": _now(), "source": None, "from": {}, "identity": None},
+            self._fail({"time": now(), "source": None, "from": {}, "identity": None},
                        "invalid" if isinstance(exc, ValidationError) else "failed", exc)
         if offer is None:
             self.say(f"nothing offered (looked for {searched(self.root)}); nothing to do")
@@ -189,32 +157,30 @@ class _Run:
                      "it is (remove it, or offer no credential to import it)")
         return offer
 
-    def _judge(self, offer: Offer):
-        """(record, validated, current) for an offer; raises ValidationError/SetupError."""
-        from .sealing import open_set
-
-        current = open_set(self.agent.current())[0]  # a sealed set is compared decrypted
-        validated = check_offer(offer, current)
-        record = {"time": _now(), "source": offer.source, "from": dict(offer.where),
-                  "identity": _identity(validated)}
-        return record, validated, current
-
-    def unchanged(self, offer: Offer) -> bool:
-        """Read-only, before any lock: True (and done) when the offer equals the configured
-        set, so that an ordinary boot writes nothing at all, not even the lock file. Any
-        doubt (invalid, interrupted update) goes to :meth:`import_offer` under the lock."""
-        try:
-            record, validated, current = self._judge(offer)
-        except SetupError:
+    def refused_before(self, offer: Offer) -> bool:
+        """True (and said) when the agent refused this very offer before: at boot it is not
+        imported again (two restarts and a roll-back at every boot, for the same answer)."""
+        seen = self.agent.record(REFUSED)
+        if seen is None or seen.get("digest") != provision.digest(offer.files):
             return False
-        if not _same(validated, current) or self.agent.pending():
-            return False
-        self._keep(offer, record, validated)
+        self.say(f"{offer.describe()} hold the credentials the agent refused at "
+                 f"{seen.get('time')}; not imported again at boot (offer other credentials, "
+                 "or run 'defender-setup import' to try these again)")
         return True
 
-    def _keep(self, offer: Offer, record: dict, validated: Validated) -> None:
+    def judge(self, offer: Offer, stored) -> tuple[dict, provision.Plan]:
+        record = {"time": now(), "source": offer.source, "from": dict(offer.where),
+                  "identity": None}
+        try:
+            p = check_offer(offer, stored)
+        except SetupError as exc:
+            self._fail(record, "invalid" if isinstance(exc, ValidationError) else "failed",
+                       exc, offer)
+        return dict(record, identity=_identity(p)), p
+
+    def keep(self, offer: Offer, record: dict, p: provision.Plan) -> int:
         ident = record["identity"]
-        self.say(f"{offer.describe()} hold the configured {validated.method} credentials for "
+        self.say(f"{offer.describe()} hold the configured {ident['method']} credentials for "
                  f"{ident['device']}/{ident['module']} on {ident['hub']}; nothing written, "
                  "nothing restarted")
         previous = self.agent.record(RECORD) or {}
@@ -222,36 +188,7 @@ class _Run:
             self.save(record, result="unchanged", message="equal to the configured set")
         if offer.folder is not None and self.agent.record(PENDING) is None:
             self.clear(offer.folder, "already imported")
-
-    def import_offer(self, offer: Offer) -> tuple[dict, bool]:
-        """Validate, compare, write (under the lock). Returns (record, written)."""
-        try:
-            record, validated, current = self._judge(offer)
-        except SetupError as exc:
-            record = {"time": _now(), "source": offer.source, "from": dict(offer.where),
-                      "identity": None}
-            self._fail(record, "invalid" if isinstance(exc, ValidationError) else "failed",
-                       exc, offer)
-        for warning in validated.warnings:
-            self.say(f"warning: {warning}")
-        if _same(validated, current) and not self.agent.pending():
-            self._keep(offer, record, validated)
-            return record, False
-        try:
-            from .sealing import kept_sealed, store
-
-            store(self.agent, validated.files, validated.method, kept_sealed(self.agent),
-                  origin=offer.source)
-        except SetupError as exc:
-            self._fail(record, "failed", exc, offer)
-        record = self.save(record, result="written", message="verification pending",
-                           folder=str(offer.folder) if offer.folder else None)
-        ident = record["identity"]
-        kept = " (the previous set kept for rollback)" if self.agent.has_previous() else ""
-        self.say(f"imported {validated.method} credentials for {ident['device']}/"
-                 f"{ident['module']} on {ident['hub']} from {offer.describe()} into "
-                 f"{self.agent.path}{kept}")
-        return record, True
+        return EX_OK
 
     def _fail(self, record: dict, result: str, exc: SetupError, offer: Offer | None = None):
         """Record the failure, leave a note in a drop folder, raise it as one line."""
@@ -269,38 +206,27 @@ class _Run:
         if removed:
             self.say(f"removed {', '.join(removed)} from {folder} ({why})")
 
-    # -- verification -----------------------------------------------------------------------
-    def settle(self, verdict, record: dict) -> int:
-        """Judge the agent's verdict on a set just written: keep it, or go back."""
-        from .verify import _healthy_line, _print_journal
+    def settled(self, result, record: dict) -> int:
+        """Record the core's verdict on a set just written (``verify.Result``)."""
+        from .verify import SKIPPED
 
         folder = Path(record["folder"]) if record.get("folder") else None
-        if verdict.ok:
-            status = verdict.state.status_text
-            print(_healthy_line(self.svc.unit, verdict), file=self.out)
-            self.save(record, result="verified", message=status or "active and stable")
-            self.agent.drop_record(PENDING)
+        self.agent.drop_record(PENDING)
+        if result.outcome == SKIPPED:
+            return result.code
+        if result.ok:
+            self.save(record, result="verified", message=result.message)
+            self.agent.drop_record(REFUSED)
             if folder is not None:
                 self.clear(folder, "imported and verified")
             return EX_OK
-        print(f"VERIFICATION FAILED: {self.svc.unit} {verdict.reason}", file=self.out)
-        _print_journal(self.svc, verdict, self.out)
-        reason = f"the agent refused the imported credentials: {verdict.reason}"
-        if self.agent.has_previous():
-            self.agent.rollback()
-            from .verify import restart_once
-
-            again = restart_once(self.svc, self.timeout, clock=self.clock, sleep=self.sleep)
-            outcome = ("rolled back to the previous credentials, " +
-                       ("service healthy" if again.ok else f"which fail too: {again.reason}"))
-        else:
-            self.agent.unconfigure()
-            self.svc.reset_failed()  # unconfigured again: quiet, as before the import
-            outcome = "removed them again: the device is unconfigured, as before"
-        message = f"{reason}; {outcome}"
+        message = (f"{result.message}; not imported again at boot while the offer stays the "
+                   "same (run 'defender-setup import' to try it again)")
         self.say(f"VERIFICATION FAILED: {message}")
         self.save(record, result="rejected", message=message, exit_code=EX_UNAVAILABLE)
-        self.agent.drop_record(PENDING)
+        if record.get("digest"):
+            self.agent.save_record(REFUSED, {"digest": record.pop("digest"),
+                                             "time": record["time"]})
         if folder is not None:
             note_rejection(folder, message)
         return EX_UNAVAILABLE
@@ -344,18 +270,36 @@ def run(root: Path | str, mode: str, *, timeout: float, out, environ=None, decry
         with job.agent.lock(wait):
             return _boot_verify(job)
     offer = job.find(environ, decrypt)
-    if offer is None or job.unchanged(offer):
+    if offer is None or (mode == "boot" and job.refused_before(offer)):
         return EX_OK
+    # Read-only first (no lock file created): an ordinary boot, offered the configured set,
+    # writes nothing at all.
+    record, p = job.judge(offer, provision.read(job.agent, wait))
+    if p.unchanged:
+        return job.keep(offer, record, p)
     with job.agent.lock(wait):
         if job.agent.repair():
             job.say("repaired: an interrupted credential update was completed")
-        return _import(job, mode, offer)
+        return _import(job, mode, offer, record, p)
 
 
-def _import(job: _Run, mode: str, offer: Offer) -> int:
-    record, written = job.import_offer(offer)
+def _import(job: _Run, mode: str, offer: Offer, record: dict, p: provision.Plan) -> int:
+    for warning in p.validated.warnings:
+        job.say(f"warning: {warning}")
+    try:
+        written = provision.commit(job.agent, p)
+    except SetupError as exc:
+        job._fail(record, "failed", exc, offer)
     if not written:
-        return EX_OK
+        return job.keep(offer, record, p)
+    record = job.save(record, result="written", message="verification pending",
+                      folder=str(offer.folder) if offer.folder else None)
+    record["digest"] = provision.digest(offer.files)  # kept apart (REFUSED) if refused
+    ident = record["identity"]
+    kept = " (the previous set kept for rollback)" if job.agent.has_previous() else ""
+    job.say(f"imported {ident['method']} credentials for {ident['device']}/"
+            f"{ident['module']} on {ident['hub']} from {offer.describe()} into "
+            f"{job.agent.path}{kept}")
     skip = None if mode == "no-restart" else job.svc.skip_reason()
     if mode == "no-restart" or skip:
         job.say(f"restart skipped: {skip or '--no-restart'}")
@@ -363,7 +307,8 @@ def _import(job: _Run, mode: str, offer: Offer) -> int:
     if job.agent_missing():
         return EX_OK
     if mode == "boot":
-        job.agent.save_record(PENDING, {"time": record["time"]})
+        job.agent.save_record(PENDING, {"time": record["time"],
+                                        "digest": record["digest"]})
         job.svc.reset_failed()
         try:
             job.svc.queue_restart()
@@ -372,20 +317,24 @@ def _import(job: _Run, mode: str, offer: Offer) -> int:
             return EX_OK
         job.say(f"{UNIT} (re)start queued; {VERIFY_UNIT} verifies it once it has started")
         return EX_OK
-    from .verify import restart_once
+    return job.settled(_settle(job, restart=True), record)
 
-    return job.settle(restart_once(job.svc, job.timeout, clock=job.clock, sleep=job.sleep),
-                      record)
+
+def _settle(job: _Run, restart: bool):
+    from .verify import settle
+
+    return settle(job.root, timeout=job.timeout, strict=True, out=job.out, restart=restart,
+                  service=job.svc, clock=job.clock, sleep=job.sleep)
 
 
 def _boot_verify(job: _Run) -> int:
-    from .verify import watch
-
-    record = job.agent.record(RECORD) or {"time": _now(), "source": None}
+    pending = job.agent.record(PENDING) or {}
+    record = dict(job.agent.record(RECORD) or {"time": now(), "source": None},
+                  digest=pending.get("digest"))
     skip = job.svc.skip_reason()
     if skip:
         job.say(f"verification skipped: {skip}")
         return EX_OK
     if job.agent_missing():
         return EX_OK
-    return job.settle(watch(job.svc, job.timeout, clock=job.clock, sleep=job.sleep), record)
+    return job.settled(_settle(job, restart=False), record)

@@ -49,11 +49,11 @@ from pathlib import Path
 from typing import Callable
 
 from .credentials import CERTIFICATE_FILE, SEALED_NAMES, SECRET_FILES, method_of
-from .errors import EX_CONFIG, SetupError
+from .errors import EX_CONFIG, Field, SetupError
 
 SYSTEMD_CREDS = "systemd-creds"
 PENDING = "seal-pending"  # AgentDir record, see the module docstring
-FIELD = "credential sealing"  # what a SealingError is about (the debconf bridge's question)
+FIELD = Field.SEALING  # what a SealingError is about (the debconf bridge routes it)
 SEAL_UNIT = "defender-setup-seal.service"
 TIMEOUT = 60  # seconds; a TPM2 can take a second or two per operation
 _PLAIN = {sealed: plain for plain, sealed in SEALED_NAMES.items()}

@@ -2,8 +2,11 @@
 
 Interface::
 
-    restart_and_verify(root: Path, *, timeout: float, strict: bool, out, service=None,
-                       clock=time.monotonic, sleep=time.sleep) -> int exit code
+    settle(root: Path, *, timeout: float, strict: bool, out, restart=True, service=None,
+           clock=time.monotonic, sleep=time.sleep) -> Result(code, outcome, message, verdict)
+
+The one verification policy of the provisioning core (:mod:`defender_setup.provision`): the
+command line, the debconf trigger and the boot-time import all end here.
 
 1. No running systemd (``DPKG_ROOT``, no ``/run/systemd/system`` under root, policy-rc.d
    exit 101) or another system's tree (a ``root`` other than ``/``): print ``restart
@@ -16,10 +19,13 @@ Interface::
    show`` until the unit has been ``active (running)`` with the same ``InvocationID`` and
    ``MainPID`` and an unchanged ``NRestarts`` for :data:`STABILITY_WINDOW`, bounded by
    ``timeout``.
-4. On failure: the unit's last journal lines of the failed invocation, ``AgentDir.rollback()``,
-   restart and verify again, report loudly. Returns 0 after a successful roll-back (so
-   ``dpkg-reconfigure`` stays usable), 69 with ``strict`` or when the roll-back is impossible
-   or fails too.
+4. On failure: the unit's last journal lines of the failed invocation, then
+   ``AgentDir.rollback()``, restart and verify again, and report loudly; with no previous set,
+   ``AgentDir.unconfigure()`` instead (the device is unconfigured, as before, and the refused
+   set is kept as the previous one). Returns 0 after a successful roll-back (so
+   ``dpkg-reconfigure`` stays usable), 69 with ``strict``, when unconfigured again, or when
+   the roll-back fails too. ``restart=False`` watches a start already queued instead (the
+   boot-time import, ordered before the agent) of restarting.
 
 Why a 1.5 s window: READY=1 already means the runtime validated the files and its connector
 had a first outcome, so what the window must still catch is an agent that dies right after
@@ -37,6 +43,7 @@ which come from the runtime, which never logs one.
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import EX_OK, EX_UNAVAILABLE, ServiceError, SetupError
@@ -52,12 +59,6 @@ class Verdict:
 
     def __init__(self, ok: bool, state: UnitState, reason: str, stable_for: float = 0.0):
         self.ok, self.state, self.reason, self.stable_for = ok, state, reason, stable_for
-
-
-def _configured(root: Path) -> bool:
-    from .agentdir import AgentDir
-
-    return AgentDir(root).method() is not None  # a connection string, plain or sealed
 
 
 def restart_once(svc: Service, timeout: float, *, clock=time.monotonic, sleep=time.sleep):
@@ -133,63 +134,105 @@ def _print_journal(svc: Service, verdict: Verdict, out) -> None:
         print(f"  {line}", file=out)
 
 
-def restart_and_verify(root: Path, *, timeout: float, strict: bool, out, service=None,
-                       clock=time.monotonic, sleep=time.sleep) -> int:
-    """Restart once, verify, roll back on failure; see the module docstring. Returns the
-    exit code (0, or 69 = EX_UNAVAILABLE)."""
+@dataclass(frozen=True)
+class Result:
+    """How :func:`settle` ended: the exit code, the outcome and one line saying why."""
+
+    code: int
+    outcome: str   # HEALTHY, ROLLED_BACK, UNCONFIGURED, FAILED, SKIPPED
+    message: str = ""
+    verdict: Verdict | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.outcome == HEALTHY
+
+
+HEALTHY, ROLLED_BACK, UNCONFIGURED, FAILED, SKIPPED = (
+    "healthy", "rolled back", "unconfigured", "failed", "skipped")
+
+
+def settle(root: Path, *, timeout: float, strict: bool, out, restart: bool = True,
+           service=None, clock=time.monotonic, sleep=time.sleep) -> Result:
+    """The one verification policy (see the module docstring): restart once (or, with
+    ``restart`` False, watch the start already under way), judge, and on failure go back to
+    the previous set, or to unconfigured when there is none.
+
+    ``code``: 0 when healthy, skipped or rolled back to a healthy set; 69 (EX_UNAVAILABLE)
+    when unconfigured again, when the roll-back fails too, or with ``strict`` after any
+    failure.
+    """
     from .agentdir import AgentDir
 
     root = Path(root)
+    agent = AgentDir(root)
     svc = service or Service(root)
     unit = svc.unit
     reason = svc.skip_reason()
     if reason:
         print(f"restart skipped: {reason}; the unit is enabled and will start on first boot",
               file=out)
-        return EX_OK
-    if not _configured(root):
-        print(f"{unit}: not configured (no credentials in {AgentDir(root).path}); "
+        return Result(EX_OK, SKIPPED, reason)
+    if agent.method() is None:  # a connection string, plain or sealed
+        print(f"{unit}: not configured (no credentials in {agent.path}); "
               "configure it with 'dpkg-reconfigure defender-setup'", file=out)
-        return EX_OK
-
+        return Result(EX_OK, SKIPPED, "not configured")
     loaded = svc.show().load_state
     if loaded == "masked":
         print(f"restart skipped: {unit} is masked (systemctl unmask {unit} to use it)", file=out)
-        return EX_OK
+        return Result(EX_OK, SKIPPED, "masked")
     if loaded == "not-found":
         print(f"{unit}: not installed (systemd does not know the unit); reinstall "
               "defender-setup", file=out)
-        return EX_UNAVAILABLE
+        return Result(EX_UNAVAILABLE, FAILED, "the unit is not installed")
 
     started = clock()
-    verdict = restart_once(svc, timeout, clock=clock, sleep=sleep)
+    verdict = (restart_once if restart else watch)(svc, timeout, clock=clock, sleep=sleep)
     if verdict.ok:
         print(_healthy_line(unit, verdict), file=out)
-        return EX_OK
+        return Result(EX_OK, HEALTHY, verdict.state.status_text or "active and stable", verdict)
     if verdict.state.condition_result == "no":
         print(f"{unit}: not configured (start condition not met); configure it with "
               "'dpkg-reconfigure defender-setup'", file=out)
-        return EX_OK
+        return Result(EX_OK, SKIPPED, "not configured", verdict)
 
     print(f"VERIFICATION FAILED: {unit} {verdict.reason} "
           f"({clock() - started:.1f} s after the restart)", file=out)
     _print_journal(svc, verdict, out)
+    refused = f"the agent refused the new credentials: {verdict.reason}"
+    advice = "fix the new credentials and run 'dpkg-reconfigure defender-setup' again"
+    if not agent.has_previous():
+        try:
+            agent.unconfigure()
+        except SetupError as exc:
+            print(f"VERIFICATION FAILED and no roll-back possible: {exc}; {unit} is not healthy",
+                  file=out)
+            return Result(EX_UNAVAILABLE, FAILED, f"{refused}; {exc}", verdict)
+        svc.reset_failed()  # unconfigured again: quiet, as before
+        message = (f"{refused}; removed them again: the device is unconfigured, as before "
+                   "(they are kept as the previous set: 'defender-setup rollback')")
+        print(f"VERIFICATION FAILED and no previous credentials to roll back to: {message}; "
+              f"{advice}", file=out)
+        return Result(EX_UNAVAILABLE, UNCONFIGURED, message, verdict)
     try:
-        AgentDir(root).rollback()
+        agent.rollback()
     except SetupError as exc:
         print(f"VERIFICATION FAILED and no roll-back possible: {exc}; {unit} is not healthy",
               file=out)
-        return EX_UNAVAILABLE
+        return Result(EX_UNAVAILABLE, FAILED, f"{refused}; no roll-back possible: {exc}",
+                      verdict)
     print("rolled back to the previous credentials; restarting", file=out)
     again = restart_once(svc, timeout, clock=clock, sleep=sleep)
     if not again.ok:
         print(f"VERIFICATION FAILED: the previous credentials fail too: {unit} "
               f"{again.reason}", file=out)
         _print_journal(svc, again, out)
-        return EX_UNAVAILABLE
+        return Result(EX_UNAVAILABLE, FAILED, f"{refused}; rolled back to the previous "
+                      f"credentials, which fail too: {again.reason}", again)
     print(_healthy_line(unit, again), file=out)
     print(f"VERIFICATION FAILED for the new credentials: rolled back to the previous "
-          f"credentials, service healthy; fix the new credentials and run "
-          f"'dpkg-reconfigure defender-setup' again{' (strict mode: exit 69)' if strict else ''}",
-          file=out)
-    return EX_UNAVAILABLE if strict else EX_OK
+          f"credentials, service healthy; {advice}"
+          f"{' (strict mode: exit 69)' if strict else ''}", file=out)
+    return Result(EX_UNAVAILABLE if strict else EX_OK, ROLLED_BACK,
+                  f"{refused}; rolled back to the previous credentials, service healthy",
+                  again)

@@ -26,7 +26,7 @@ import select
 import signal
 import time
 
-from defender_setup.errors import SetupError, ValidationError
+from defender_setup.errors import Field, SetupError, ValidationError
 
 TIMEOUT = 30.0  # seconds; the checks take ~0.2 s, most of it importing cryptography
 MAX_ANSWER = 64 * 1024  # a CertificateInfo is well under 1 KiB
@@ -70,7 +70,7 @@ def _answer(cert_pem, key_pem, **kw) -> tuple:
 
         info = certificates.check(cert_pem, key_pem, **kw)
     except ValidationError as err:
-        return ("invalid", err.field, err.message)
+        return ("invalid", err.field.name, err.message, err.part)  # marshal: plain values
     except Exception as err:  # a bug: reported by the parent without a traceback
         return ("bug", type(err).__name__)
     fields = {name: getattr(info, name) for name in info.__dataclass_fields__}
@@ -99,7 +99,7 @@ def _read(fd: int, pid: int) -> bytes:
 def _result(answer: tuple):
     kind = answer[0]
     if kind == "invalid":
-        raise ValidationError(answer[1], answer[2])
+        raise ValidationError(Field[answer[1]], answer[2], answer[3])
     if kind != "ok":
         raise RuntimeError(f"the certificate checks failed: {answer[1]}")
     import datetime

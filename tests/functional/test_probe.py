@@ -66,7 +66,7 @@ def test_refused_key_is_the_hubs_answer_naming_the_field(hub_pki, sas_broker, ro
     assert outcome.line.startswith("probe: the hub refused this key (CONNACK 5, not "
                                    "authorized): likely a wrong SharedAccessKey")
     error = outcome.error
-    assert error.field == "connection string" and error.exit_code == 65
+    assert error.label == "connection string" and error.exit_code == 65
     assert str(error).startswith("connection string: the hub refused this key (CONNACK 5")
     assert WRONG_KEY not in outcome.line and "SharedAccessSignature" not in outcome.line
     assert "\n" not in outcome.line
@@ -158,7 +158,7 @@ def test_unknown_certificate_is_refused_naming_the_certificate(hub_pki, mosquitt
         outcome = probe.probe(certificate_set(cert, key), root)
         assert outcome.kind == probe.REFUSED, outcome.line
     assert outcome.line.startswith("probe: the hub refused this certificate (TLS alert: ")
-    assert outcome.error.field == "certificate"
+    assert outcome.error.label == "certificate"
     assert "not registered" in outcome.line
     assert not any(line in outcome.line for line in certfactory.body(key.read_bytes()))
 

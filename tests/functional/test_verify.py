@@ -13,7 +13,7 @@ import pytest
 from defender_setup.agentdir import AgentDir
 from defender_setup.credentials import validate
 from defender_setup.service import Service
-from defender_setup.verify import STABILITY_WINDOW, restart_and_verify
+from defender_setup.verify import STABILITY_WINDOW, settle
 from tests.fakes import FakeClock, FakeJournal, FakeSystemd, failed, running
 
 pytestmark = pytest.mark.allow_subprocess("systemctl", "policy-rc.d")
@@ -37,9 +37,9 @@ def verify(root, fake, monkeypatch, strict=False, environ=None, timeout=30):
     out, clock = io.StringIO(), FakeClock()
     # The throw-away root stands for the host here; a real --root DIR never reaches systemd.
     svc = Service(root, environ=environ or {}, journal=lambda: FakeJournal(), manages_root=True)
-    code = restart_and_verify(root, timeout=timeout, strict=strict, out=out, service=svc,
-                              clock=clock, sleep=clock.sleep)
-    return code, out.getvalue()
+    result = settle(root, timeout=timeout, strict=strict, out=out, service=svc, clock=clock,
+                    sleep=clock.sleep)
+    return result.code, out.getvalue()
 
 
 def test_healthy_single_restart(booted_root, tmp_path, monkeypatch):
@@ -77,14 +77,18 @@ def test_crash_after_ready_rolls_back(booted_root, tmp_path, monkeypatch, strict
     assert KEY_A not in out and KEY_B not in out
 
 
-def test_start_failure_without_previous_set_is_69(booted_root, tmp_path, monkeypatch):
+def test_start_failure_without_previous_set_unconfigures_and_is_69(booted_root, tmp_path,
+                                                                    monkeypatch):
     write_set(booted_root, "only", KEY_A)
     fake = FakeSystemd(tmp_path, [running("inv-0")], [{"states": [failed("inv-1")], "rc": 1}])
     code, out = verify(booted_root, fake, monkeypatch)
     assert code == 69
     assert "did not start: failed (failed), result exit-code, exit status 76" in out
-    assert "no roll-back possible" in out
+    assert "the device is unconfigured, as before" in out
     assert len(fake.restarts()) == 1
+    agent = AgentDir(booted_root)
+    assert agent.current() == {} and agent.has_previous()  # kept for 'rollback', not lost
+    assert "reset-failed defender-iot-micro-agent.service" in fake.calls()[-1]
 
 
 def test_rolled_back_set_failing_too_is_69(booted_root, tmp_path, monkeypatch):

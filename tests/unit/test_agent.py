@@ -15,7 +15,7 @@ import pytest
 
 from defender_setup import credentials
 from defender_setup.agent.runtime import ERR, Runtime, identity
-from defender_setup.errors import EX_CONFIG, ValidationError
+from defender_setup.errors import CONNECTION_STRING, EX_CONFIG, ValidationError
 from tests.fakes import Recorder
 
 KEY = "c2VjcmV0LWtleS1mb3ItdGVzdHMtb25seS0xMjM0NTY="  # test-only, base64 of a dummy
@@ -69,7 +69,7 @@ def test_ready_with_identity_then_clean_exit_on_sigterm(tmp_path):
 
 def test_invalid_credentials_exit_78_with_one_error_line(tmp_path):
     def loader(root):
-        raise ValidationError("SharedAccessKey", "is not valid base64")
+        raise ValidationError(CONNECTION_STRING, "is not valid base64", part="SharedAccessKey")
 
     rec = Recorder()
     rt = Runtime(tmp_path, sd_notify=rec.notify, log=rec.log, loader=loader)
@@ -102,7 +102,7 @@ def test_invalid_set_on_reload_keeps_running_identity(tmp_path):
     def loader(root):
         calls.append(1)
         if len(calls) > 1:
-            raise ValidationError("HostName", "is missing")
+            raise ValidationError(CONNECTION_STRING, "is missing", part="HostName")
         return creds()
 
     rec, conn = Recorder(), ListConnector()

@@ -36,7 +36,7 @@ def fails(field, cert_pem, key_pem, **kw) -> str:
     exc = caught.value
     assert exc.field == field, str(exc)
     message = str(exc)
-    assert "\n" not in message and message.startswith(field + ": ")
+    assert "\n" not in message and message.startswith(f"{field}: ")
     for pem in (cert_pem, key_pem or b""):  # never echo file contents
         if isinstance(pem, bytes) and b"-----BEGIN" in pem:
             for line in f.body(pem):

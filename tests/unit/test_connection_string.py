@@ -107,7 +107,7 @@ def test_normalises_what_people_paste(pasted):
 ])
 def test_refuses_with_the_field_and_the_fix(text, field, words):
     exc = error(text)
-    assert exc.field == field
+    assert exc.label == field
     assert words in exc.message
 
 
@@ -144,7 +144,7 @@ def test_spaces_around_an_unknown_key_do_not_echo_it():
 
 def test_an_oversized_connection_string_is_refused_with_the_limit():
     exc = error(GOOD + ";GatewayHostName=" + "a" * 2000)
-    assert exc.field == "connection string" and "at most 1024 bytes" in exc.message
+    assert exc.label == "connection string" and "at most 1024 bytes" in exc.message
 
 
 def test_gateway_host_name_is_kept_and_may_be_a_short_name():

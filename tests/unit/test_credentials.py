@@ -31,13 +31,19 @@ def test_no_connection_string_is_not_configured(cert_inputs, tmp_path):
                                   "'defender-setup apply'")
 
 
-def test_the_method_comes_from_the_files_present(sas_inputs, cert_inputs):
+def test_the_method_comes_from_the_connection_string(sas_inputs, cert_inputs):
     files = stored(cert_inputs)
-    del files[credentials.CERTIFICATE_FILE]  # the key alone still says "certificate"
+    del files[credentials.CERTIFICATE_FILE]  # x509=true says "certificate": one is missing
     with pytest.raises(ValidationError) as err:
         credentials.load(files)
-    assert err.value.field == "certificate"
+    assert err.value.label == "certificate"
     files = {**stored(sas_inputs), credentials.PRIVATE_KEY_FILE: cert_inputs.private_key}
-    with pytest.raises(ValidationError) as err:  # a SAS string with a key file: certificate
-        credentials.load(files)
-    assert err.value.field == "SharedAccessKey"
+    # A SharedAccessKey string decides, whatever other files lie beside it.
+    assert credentials.method_of(files) == "connection-string"
+    assert credentials.load(files).method == "connection-string"
+
+
+def test_a_device_id_holding_x509_is_still_a_sas_string(sas_inputs):
+    text = sas_inputs.connection_string.replace(b"DeviceId=", b"DeviceId=x509=true")
+    assert credentials.method_of({credentials.CONNECTION_STRING_FILE: text}) == \
+        "connection-string"

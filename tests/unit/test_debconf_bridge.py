@@ -13,8 +13,17 @@ from pathlib import Path
 import pytest
 
 from defender_setup.credentials import CERTIFICATE_FILE, CONNECTION_STRING_FILE, PRIVATE_KEY_FILE
-from defender_setup.debconf_bridge import Answers, Inputs, question_for, resolve
-from defender_setup.errors import InputError, ValidationError
+from defender_setup.debconf_bridge import Answers, question_for, resolve
+from defender_setup.errors import (
+    AUTH_METHOD,
+    CERTIFICATE,
+    CONNECTION_STRING,
+    DEVICE_ID,
+    PRIVATE_KEY,
+    InputError,
+    ValidationError,
+)
+from defender_setup.provision import NOTHING_STORED, Request
 
 REPO = Path(__file__).resolve().parents[2]
 KEY = base64.b64encode(bytes(range(32))).decode()
@@ -23,57 +32,65 @@ CS = f"HostName=hub.azure-devices.net;DeviceId=dev1;ModuleId=DefenderIotMicroAge
 X509 = b"HostName=hub.azure-devices.net;DeviceId=dev1;ModuleId=DefenderIotMicroAgent;x509=true\n"
 
 
+def st(files: dict):
+    """A stored set of plain files, as provision.read sees it."""
+    from dataclasses import replace
+
+    return replace(NOTHING_STORED, files=files, plain=files)
+
+
 def no_read(path, what):
     raise AssertionError(f"unexpected read of {path}")
 
 
 # -- resolve (pure) ------------------------------------------------------------------------
 def test_later_keeps_everything():
-    assert resolve(Answers(method="later"), {CONNECTION_STRING_FILE: b"x"}, no_read) is None
+    assert resolve(Answers(method="later"), st({CONNECTION_STRING_FILE: b"x"}), no_read) is None
 
 
 def test_connection_string_is_passed_through():
-    inputs = resolve(Answers(method="connection-string", connection_string=CS), {}, no_read)
-    assert inputs == Inputs("connection-string", CS.encode())
+    inputs = resolve(Answers(method="connection-string", connection_string=CS), st({}), no_read)
+    assert inputs == Request(CS.encode(), method="connection-string", origin="debconf", probe=True)
     assert KEY not in repr(inputs) and KEY not in repr(Answers(connection_string=CS))
 
 
 def test_empty_secret_keeps_same_method():
     current = {CONNECTION_STRING_FILE: CS.encode()}
-    assert resolve(Answers(method="connection-string"), current, no_read) is None
+    assert resolve(Answers(method="connection-string"), st(current), no_read) == \
+        Request(CS.encode(), method="connection-string", origin="debconf", probe=True)
 
 
 def test_empty_secret_without_credentials_is_an_error():
     with pytest.raises(ValidationError) as err:
-        resolve(Answers(method="connection-string"), {}, no_read)
+        resolve(Answers(method="connection-string"), st({}), no_read)
     assert question_for(err.value, Answers(method="connection-string")) == "connection-string"
 
 
 def test_empty_secret_when_switching_method_is_an_error():
     current = {CONNECTION_STRING_FILE: X509, CERTIFICATE_FILE: b"c", PRIVATE_KEY_FILE: b"k"}
     with pytest.raises(ValidationError):
-        resolve(Answers(method="connection-string"), current, no_read)
+        resolve(Answers(method="connection-string"), st(current), no_read)
 
 
 def test_certificate_from_identity_answers_and_files():
     files = {"/c.pem": b"CERT", "/k.pem": b"KEY"}
     answers = Answers(method="certificate", hub_hostname="hub.azure-devices.net",
                       device_id="dev1", certificate_file="/c.pem", private_key_file="/k.pem")
-    inputs = resolve(answers, {}, lambda path, what: files[path])
+    inputs = resolve(answers, st({}), lambda path, what: files[path])
     assert inputs.connection_string == X509.strip()
     assert (inputs.certificate, inputs.private_key) == (b"CERT", b"KEY")
 
 
 def test_certificate_keeps_current_files_when_paths_are_empty():
     current = {CONNECTION_STRING_FILE: X509, CERTIFICATE_FILE: b"C", PRIVATE_KEY_FILE: b"K"}
-    inputs = resolve(Answers(method="certificate"), current, no_read)
-    assert inputs == Inputs("certificate", X509, b"C", b"K")
+    inputs = resolve(Answers(method="certificate"), st(current), no_read)
+    assert inputs == Request(X509, b"C", b"K", method="certificate", origin="debconf", probe=True)
 
 
 def test_certificate_without_files_names_the_question():
     answers = Answers(method="certificate", hub_hostname="h.azure-devices.net", device_id="d")
     with pytest.raises(ValidationError) as err:
-        resolve(answers, {}, no_read)
+        resolve(answers, st({}), no_read)
     assert question_for(err.value, answers) == "certificate-file"
 
 
@@ -82,7 +99,7 @@ def test_identity_answers_cannot_inject_keys(device):
     answers = Answers(method="certificate", hub_hostname="h.azure-devices.net",
                       device_id=device, certificate_file="/c", private_key_file="/k")
     with pytest.raises(ValidationError) as err:
-        resolve(answers, {}, lambda path, what: b"x")
+        resolve(answers, st({}), lambda path, what: b"x")
     assert question_for(err.value, answers) == "device-id"
 
 
@@ -90,9 +107,9 @@ def test_relative_path_is_refused(tmp_path):
     from defender_setup.debconf_bridge import read_input
 
     with pytest.raises(InputError, match="absolute"):
-        read_input("device.pem", "certificate")
+        read_input("device.pem", CERTIFICATE)
     with pytest.raises(InputError, match="does not exist"):
-        read_input(str(tmp_path / "missing.pem"), "certificate")
+        read_input(str(tmp_path / "missing.pem"), CERTIFICATE)
 
 
 def test_file_answers_are_bounded_and_regular_files_only(tmp_path):
@@ -103,12 +120,12 @@ def test_file_answers_are_bounded_and_regular_files_only(tmp_path):
         answers = Answers(method="certificate", hub_hostname="h.azure-devices.net",
                           device_id="d", certificate_file=path, private_key_file="/dev/null")
         with pytest.raises(InputError) as err:
-            resolve(answers, {}, read_input)
+            resolve(answers, st({}), read_input)
         assert "not a regular file" in str(err.value)
         assert question_for(err.value, answers) == "certificate-file"
     (tmp_path / "big.key").write_bytes(b"x" * ((1 << 20) + 1))
     with pytest.raises(ValidationError, match="at most 1 MiB") as err:
-        read_input(str(tmp_path / "big.key"), "private key")
+        read_input(str(tmp_path / "big.key"), PRIVATE_KEY)
     assert question_for(err.value, Answers(method="certificate")) == "private-key-file"
 
 
@@ -117,33 +134,35 @@ CERT_PARTS = Answers(method="certificate", hub_hostname="h.azure-devices.net", d
 CERT_CS = Answers(method="certificate", connection_string="HostName=...;x509=true")
 
 
-@pytest.mark.parametrize("field, answers, question", [
-    ("authentication method", Answers(method="certificate-ish"), "auth-method"),
-    ("connection string", Answers(method="connection-string"), "connection-string"),
-    ("SharedAccessKey", Answers(method="connection-string"), "connection-string"),
-    ("DeviceId", Answers(method="connection-string"), "connection-string"),
-    ("DeviceId", CERT_CS, "connection-string"),
-    ("DeviceId", CERT_PARTS, "device-id"),
-    ("HostName", CERT_PARTS, "hub-hostname"),
-    ("ModuleId", CERT_PARTS, "module-id"),
-    ("device id", CERT_PARTS, "device-id"),
-    ("certificate", CERT_PARTS, "certificate-file"),
-    ("private key", CERT_CS, "private-key-file"),
-    (None, Answers(method="connection-string"), "connection-string"),
-    (None, CERT_PARTS, "auth-method"),
+@pytest.mark.parametrize("field, part, answers, question", [
+    (AUTH_METHOD, None, Answers(method="certificate-ish"), "auth-method"),
+    (CONNECTION_STRING, None, Answers(method="connection-string"), "connection-string"),
+    (CONNECTION_STRING, "SharedAccessKey", Answers(method="connection-string"),
+     "connection-string"),
+    (CONNECTION_STRING, "DeviceId", Answers(method="connection-string"), "connection-string"),
+    (CONNECTION_STRING, "DeviceId", CERT_CS, "connection-string"),
+    (CONNECTION_STRING, "DeviceId", CERT_PARTS, "device-id"),
+    (CONNECTION_STRING, "HostName", CERT_PARTS, "hub-hostname"),
+    (CONNECTION_STRING, "ModuleId", CERT_PARTS, "module-id"),
+    (DEVICE_ID, None, CERT_PARTS, "device-id"),
+    (CERTIFICATE, None, CERT_PARTS, "certificate-file"),
+    (PRIVATE_KEY, "certificate", CERT_CS, "private-key-file"),  # the part is shown only
+    (None, None, Answers(method="connection-string"), "connection-string"),
+    (None, None, CERT_PARTS, "auth-method"),
 ])
-def test_errors_are_routed_by_their_field(field, answers, question):
+def test_errors_are_routed_by_their_field(field, part, answers, question):
     from defender_setup.errors import SetupError
 
     # The wording points elsewhere on purpose: only the field may decide.
-    error = SetupError("the certificate, the private key, the device and the module", field)
+    error = SetupError("the certificate, the private key, the device and the module", field,
+                       part)
     assert question_for(error, answers) == question
 
 
 def test_an_invalid_preseeded_method_goes_back_to_the_method():
     answers = Answers(method="certificate-file", certificate_file="/c")
     with pytest.raises(ValidationError) as err:
-        resolve(answers, {}, no_read)
+        resolve(answers, st({}), no_read)
     assert question_for(err.value, answers) == "auth-method"
 
 
