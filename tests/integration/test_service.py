@@ -185,14 +185,18 @@ def test_failing_credentials_roll_back_to_the_last_good_set(ct, preseed):
 
 
 def test_first_configuration_rejected_keeps_dpkg_usable(ct, preseed):
-    """No last good set to roll back to: loud report, but the package stays configured so
-    that dpkg-reconfigure (the way to fix it) still runs."""
+    """No last good set to roll back to: loud report, the device is unconfigured again (as
+    the boot-time import does), and the package stays configured so that dpkg-reconfigure
+    (the way to fix it) still runs."""
     assert ct.install_deb().returncode == 0  # unconfigured: nothing to roll back to later
     install_test_hub(ct, reject=["rejected-dev"])
     r, out, text = reconfigure(ct, preseed, "rejected-dev")
     assert r.returncode == 0, out
-    assert "VERIFICATION FAILED and no roll-back possible" in out
+    assert "VERIFICATION FAILED and no previous credentials to roll back to" in out
+    assert "the device is unconfigured, as before" in out
     assert "fix the credentials with 'dpkg-reconfigure defender-setup'" in out
+    assert ct.run(["test", "-e", "/var/defender_iot_micro_agent/connection_string.txt"]
+                  ).returncode != 0
     status = ct.run(["dpkg-query", "-W", "-f=${Status}", "defender-setup"]).stdout
     assert status == "install ok installed"
     assert text.split("SharedAccessKey=")[1] not in out
