@@ -194,7 +194,8 @@ def _after_write(args, out) -> int:
 def _restart(args, out) -> int:
     from .verify import settle
 
-    return settle(args.root, timeout=args.timeout, strict=args.strict, out=out).code
+    return settle(args.root, timeout=args.timeout, strict=args.strict, out=out,
+                  service=args.service).code
 
 
 def cmd_restart(args, out) -> int:
@@ -465,12 +466,15 @@ def _where(exc: BaseException) -> str:
         f"({last.name})"
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+def main(argv: list[str] | None = None, *, parser=None, service=None) -> int:
+    """:param parser: and ``service``: seams for tests (a command that fails unexpectedly; a
+        ``service.Service`` managing a throw-away root)."""
+    parser = parser or build_parser()
     try:
         args = parser.parse_args(argv)
     except SystemExit as exc:  # argparse exits 2 on usage errors, 0 for --help
         return int(exc.code or 0)
+    args.service = service
     out = _Output(sys.stdout)
     try:
         code = args.func(args, out)

@@ -431,3 +431,26 @@ def test_apply_seal_in_an_image_tree_is_deferred_to_first_boot(run, sas_inputs):
     code, out, _ = run("unseal", "--no-restart")  # changing one's mind cancels it
     assert code == 0
     assert "[skip] sealed-credentials" in run("check", "--offline")[1]
+
+
+def test_a_sas_string_whose_device_id_holds_x509_is_a_sas_string(run, sas_inputs):
+    """The method comes from the connection string's keys, not from a substring of it."""
+    text = sas_inputs.connection_string.replace(b"DeviceId=dev1", b"DeviceId=dev-x509=true")
+    code, out, err = run("validate", "--connection-string-file", run.file("cs.txt", text))
+    assert code == 0 and "valid: connection-string credentials for dev-x509=true/" in out, err
+
+
+def test_an_unexpected_exception_is_one_line_and_exit_70(capsys):
+    import argparse
+
+    from defender_setup.errors import EX_SOFTWARE
+
+    def boom(args, out):
+        raise TypeError("the message could quote an input: SECRET")
+
+    parser = argparse.ArgumentParser()
+    parser.set_defaults(func=boom)
+    assert cli.main([], parser=parser) == EX_SOFTWARE
+    out, err = capsys.readouterr()
+    assert err.count("\n") == 1 and "Traceback" not in err and "SECRET" not in err
+    assert "internal error: TypeError at" in err and "(boom)" in err
