@@ -79,7 +79,7 @@ READ_WAIT = 5.0               # seconds a reader waits for a writer
 
 
 def now() -> str:
-    from datetime import datetime, timezone  # lazy: readers (the agent) never need it
+    from datetime import datetime, timezone  # lazy: a cold status or check never needs it
 
     return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
@@ -279,7 +279,7 @@ class AgentDir:
             self._repair()
 
     def _stage(self, files: dict, record: dict) -> None:
-        import shutil  # lazy: 0.4 MB with bz2 and lzma, which readers (the agent) never need
+        import shutil  # lazy: it pulls in bz2 and lzma, which status and check never need
 
         staging, previous_new = self.state / STAGING, self.state / PREVIOUS_NEW
         try:
@@ -319,7 +319,7 @@ class AgentDir:
             return self._repair()
 
     def _repair(self) -> bool:
-        import shutil  # lazy: 0.4 MB with bz2 and lzma, which readers (the agent) never need
+        import shutil  # lazy: it pulls in bz2 and lzma, which status and check never need
 
         if not self._check_dir(self.path) or not self._check_state():
             return False
