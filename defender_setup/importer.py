@@ -210,6 +210,8 @@ class _Run:
         """Record the core's verdict on a set just written (``verify.Result``)."""
         from .verify import SKIPPED
 
+        record = dict(record)
+        digest = record.pop("digest", None)  # never in import.json (status shows it)
         folder = Path(record["folder"]) if record.get("folder") else None
         self.agent.drop_record(PENDING)
         if result.outcome == SKIPPED:
@@ -224,9 +226,8 @@ class _Run:
                    "same (run 'defender-setup import' to try it again)")
         self.say(f"VERIFICATION FAILED: {message}")
         self.save(record, result="rejected", message=message, exit_code=EX_UNAVAILABLE)
-        if record.get("digest"):
-            self.agent.save_record(REFUSED, {"digest": record.pop("digest"),
-                                             "time": record["time"]})
+        if digest:
+            self.agent.save_record(REFUSED, {"digest": digest, "time": record["time"]})
         if folder is not None:
             note_rejection(folder, message)
         return EX_UNAVAILABLE

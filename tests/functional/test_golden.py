@@ -149,3 +149,16 @@ def test_golden_case(name, adapter, world, debconf, tmp_path, capsys,  # noqa: F
     assert len(hub.connections) - connects == case["probes"][adapter], said
     assert case["says"] in said, said
     assert KEY not in said and WRONG_KEY not in said
+
+
+def test_the_import_record_holds_no_digest_of_the_set(world, tmp_path, capsys, monkeypatch):
+    """status --json shows import.json: what identifies a refused offer is kept apart."""
+    root, _ = world
+    for agent in ("accepts", "refuses"):
+        plant(root, {"current": "A"})
+        (tmp_path / agent).mkdir()
+        systemd_for({"agent": agent}, tmp_path / agent, monkeypatch)
+        via_import({"request": "B"}, root, tmp_path, capsys, monkeypatch, None)
+        record = AgentDir(root).record("import.json")
+        assert record["result"] == ("verified" if agent == "accepts" else "rejected")
+        assert "digest" not in json.dumps(record)
