@@ -20,8 +20,8 @@ Why it is built this way:
 * Waiting polls ``LOCK_NB`` every 20 ms up to a deadline: no signals, no threads, and the
   bound is exact. ``timeout=0`` is a single try.
 * Writers are not starved by readers: ``flock`` has no writer preference, so a stream of
-  overlapping readers (monitoring running status or check) could keep a writer out for ever. A gate in front
-  of the lock fixes that: the directory that holds the lock file is flocked too, exclusively
+  overlapping readers (monitoring running status or check) could keep a writer out for
+  ever. A gate in front of the lock fixes that: the directory that holds the lock file is flocked too, exclusively
   by a writer while it waits for the readers inside to leave, shared by a reader only on its
   way in. Once a writer is at the gate, new readers wait behind it.
 * Re-entrant per process and path: a writer takes the lock once around its whole command
