@@ -22,8 +22,8 @@ Why it is built this way:
 * Writers are not starved by readers: ``flock`` has no writer preference, so a stream of
   overlapping readers (monitoring running status or check) could keep a writer out for
   ever. A gate in front of the lock fixes that: the directory that holds the lock file is
-  flocked too, exclusively by a writer while it waits for the readers inside to leave, shared by a reader only on its
-  way in. Once a writer is at the gate, new readers wait behind it.
+  flocked too, exclusively by a writer while it waits for the readers inside to leave,
+  shared by a reader only on its way in. Once a writer is at the gate, new readers wait behind it.
 * Re-entrant per process and path: a writer takes the lock once around its whole command
   (write, restart, verify, roll-back) and the library calls inside it (``AgentDir.write``,
   ``rollback``) take it again for free. Readers inside a writer's lock read freely.
