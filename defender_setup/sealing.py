@@ -4,7 +4,6 @@ Interface::
 
     refusal(root) -> str | None                  # why sealing is impossible (systemd < 250)
     require(root)                                # raises SealingError with that reason
-    kept_sealed(agent) -> bool                   # sealed now (or pending): keep it so
     deferral(root, environ=None) -> str | None   # why it must wait for the first boot
     seal(files, method, runner=None) -> files    # {name: (data, mode)}: NAME -> NAME.cred
     open_set(current, runner=None) -> (plain {name: bytes}, Sealing)   # what readers use
@@ -12,7 +11,6 @@ Interface::
     key_kind(sealed: bytes) -> str | None        # "host key", "TPM2 + host key", ... (pure)
     store(agent, files, method, seal_it, *, environ=None, runner=None, defer=None)
         -> list[str]                             # the writer: plain or sealed, or deferred
-    plain_set(agent, runner=None) -> (files, method, Sealing)   # for seal / unseal in place
     PENDING                                      # AgentDir record: sealing waits for 1st boot
 
 How and why:
@@ -48,7 +46,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from .credentials import CERTIFICATE_FILE, SEALED_NAMES, SECRET_FILES, method_of
+from .credentials import SEALED_NAMES, SECRET_FILES, method_of
 from .errors import EX_CONFIG, Field, SetupError
 
 SYSTEMD_CREDS = "systemd-creds"
@@ -150,12 +148,6 @@ def require(root: Path | str = "/") -> None:
     reason = refusal(root)
     if reason:
         raise SealingError(reason)
-
-
-def kept_sealed(agent) -> bool:
-    """Whether the stored set is sealed, or waits to be: a new set is then sealed too."""
-    return any(name in _PLAIN for name in agent.current()) or \
-        agent.record(PENDING) is not None
 
 
 def deferral(root: Path | str = "/", environ: dict | None = None) -> str | None:
@@ -267,21 +259,3 @@ def store(agent, files: dict, method: str, seal_it: bool, *, origin: str | None 
                     if name in _PLAIN})
     return [f"written: {', '.join(sorted(written))} in {agent.path}",
             f"sealed with the {', '.join(kinds)}; the previous set is sealed too"]
-
-
-def plain_set(agent, runner: Runner | None = None) -> tuple[dict, str, Sealing]:
-    """The current set as plain ``{name: (data, mode)}``, its method and how it is stored.
-
-    :raises SealingError: not configured, or a sealed file does not decrypt here.
-    """
-    current = agent.current()
-    method = method_of(current)
-    if method is None:
-        raise SealingError(f"not configured: no credentials in {agent.path}; configure them "
-                           "first ('defender-setup apply' or 'dpkg-reconfigure defender-setup')")
-    plain, info = decrypted(current, runner,
-                            "; give the credentials again with 'defender-setup apply'")
-    modes = {Path(path).name: mode for path, mode in agent.modes().items()}
-    default = {CERTIFICATE_FILE: 0o644}
-    return ({name: (data, modes.get(name, default.get(name, 0o600))) for name, data
-             in plain.items()}, method, info)

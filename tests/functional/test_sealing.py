@@ -13,6 +13,7 @@ from defender_setup.credentials import (
     PRIVATE_KEY_FILE,
     method_of,
 )
+from defender_setup.provision import Request, commit, plan, read
 from tests import certfactory
 from tests.fakes import HOST_AND_TPM2, FakeCreds, debian12, seal_here
 
@@ -84,7 +85,7 @@ def test_another_machine_cannot_decrypt(root, creds, sas_inputs):
     assert how.error == (f"{CS_SEALED} does not decrypt on this machine: Decryption failed "
                          "(incorrect key?): error:00000000:lib(0)::reason(0)")
     with pytest.raises(sealing.SealingError, match="give the credentials again"):
-        sealing.plain_set(AgentDir(root))
+        Request.again(read(AgentDir(root)), seal=False)
 
 
 @pytest.mark.allow_subprocess("systemd-creds")
@@ -102,9 +103,11 @@ def test_switching_method_and_rollback_keep_the_sets_whole(root, creds, sas_inpu
 @pytest.mark.allow_subprocess("systemd-creds")
 def test_unseal_goes_back_to_plain_files(root, creds, cert_inputs):
     store(root, cert_inputs)
-    files, method, how = sealing.plain_set(AgentDir(root))
-    assert how.sealed == (KEY_SEALED,) and files[CERTIFICATE_FILE][1] == 0o644
-    sealing.store(AgentDir(root), files, method, False)
+    stored = read(AgentDir(root))
+    assert stored.sealing.sealed == (KEY_SEALED,)
+    p = plan(Request.again(stored, seal=False), stored)
+    assert not p.unchanged and p.validated.files[CERTIFICATE_FILE][1] == 0o644
+    assert commit(AgentDir(root), p)
     agent = AgentDir(root)
     assert agent.current()[PRIVATE_KEY_FILE] == cert_inputs.validated().files[
         PRIVATE_KEY_FILE][0]
