@@ -6,8 +6,10 @@ Interface::
         -> list[CheckResult]
     render(results) -> list[str]
 
-Read-only like ``status``: one consistent view under the readers' shared lock
-(``AgentDir.snapshot``); an update left half done is reported, never completed.
+Read-only like ``status``: one snapshot of the stored set under the readers' shared lock
+(``provision.read``: each sealed file decrypted once, the set validated once), which the
+network checks (:mod:`.netcheck`) test too; an update left half done is reported, never
+completed.
 
 Each check has a stable id and a description, and collects its own problem; a failed check
 makes later checks that depend on it ``skipped`` instead of failing with a cascade.
@@ -19,7 +21,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from .agentdir import IMPORT_RECORD, AgentDir, when
-from .credentials import CONNECTION_STRING_FILE, PRIVATE_KEY_FILE, SEALED_NAMES, load, method_of
+from .credentials import CONNECTION_STRING_FILE, PRIVATE_KEY_FILE, SEALED_NAMES
 from .errors import EX_CONFIG, EX_NOPERM, EX_OK, EX_UNAVAILABLE, BusyError, SetupError
 
 OK, WARNING, ERROR, SKIPPED = "ok", "warning", "error", "skipped"
@@ -38,9 +40,15 @@ class CheckResult:
         return asdict(self)
 
 
-def run_checks(root: Path, service_state: dict | None = None,
-               lock_timeout: float = 5.0) -> list[CheckResult]:
-    """Run every check. :raises BusyError: a writer kept the lock for ``lock_timeout`` s."""
+def run_checks(root: Path, service_state: dict | None = None, lock_timeout: float = 5.0,
+               stored=None) -> list[CheckResult]:
+    """Run every check on one snapshot of the stored set (``provision.read``; ``stored``
+    when the caller read it already, for the network checks to test the same set).
+
+    :raises BusyError: a writer kept the lock for ``lock_timeout`` s.
+    """
+    from .provision import read
+
     results: list[CheckResult] = []
 
     def add(check_id, description, status, message="", code=EX_OK):
@@ -48,39 +56,35 @@ def run_checks(root: Path, service_state: dict | None = None,
         return status in (OK, WARNING)
 
     agent = AgentDir(root)
-    seen = None
+    description = "agent directory, files and private state are root's and not links"
     try:
-        seen = agent.snapshot(lock_timeout)
-        safe = add("agent-dir-safe", "agent directory, files and private state are root's "
-                   "and not links", OK)
+        stored = stored if stored is not None else read(agent, lock_timeout)
+        safe = add("agent-dir-safe", description, OK)
     except BusyError:
         raise
     except SetupError as exc:
-        safe = add("agent-dir-safe", "agent directory, files and private state are root's "
-                   "and not links", ERROR, str(exc), exc.exit_code)
-    files = seen.files if seen else {}
-    if seen is not None:
-        if seen.pending:
+        stored = None
+        safe = add("agent-dir-safe", description, ERROR, str(exc), exc.exit_code)
+    if stored is not None:
+        if stored.pending:
             safe = add("no-interrupted-update", "no credential update was left half done",
                        ERROR, "an interrupted update is pending (the files may mix two sets); "
                        "run 'defender-setup repair', or restart the service, to complete it",
                        EX_CONFIG)
         else:
             add("no-interrupted-update", "no credential update was left half done", OK)
-    present = method_of(files) is not None  # a connection string, plain or sealed
     if not safe:
         add("credentials-present", "connection_string.txt exists", SKIPPED)
-    elif not present:
+    elif stored.method is None:  # a connection string, plain or sealed
         add("credentials-present", "connection_string.txt exists", ERROR,
             "not configured: run 'dpkg-reconfigure defender-setup'", EX_CONFIG)
     else:
         add("credentials-present", "connection_string.txt exists", OK)
-        _check_modes(agent, seen.modes, add)
-        files = _check_sealed(agent, files, add)
-        if files is None:
-            add("credentials-valid", "stored credentials pass validation", SKIPPED)
+        _check_modes(agent, stored.modes, add)
+        if _check_sealed(stored, add):
+            _check_credentials(stored, add)
         else:
-            _check_credentials(files, agent.path, add)
+            add("credentials-valid", "stored credentials pass validation", SKIPPED)
     _check_last_import(agent, add)
     if service_state is not None:
         active = service_state.get("active")
@@ -100,39 +104,38 @@ def _check_modes(agent: AgentDir, modes: dict, add) -> None:
         add("secret-file-modes", "secret files are readable by root only", OK)
 
 
-def _check_sealed(agent: AgentDir, files: dict, add) -> dict | None:
-    """Sealed files decrypt here (with this machine's host key / TPM2): the plain view of
-    ``files``, or None when they do not."""
-    from .sealing import PENDING, SEAL_UNIT, open_set
+def _check_sealed(stored, add) -> bool:
+    """Sealed files decrypt here (with this machine's host key / TPM2); False when not."""
+    from .sealing import SEAL_UNIT
 
     description = "sealed secret files decrypt with this machine's key"
-    plain, how = open_set(files)
+    how = stored.sealing
     if how.error:
         add("sealed-credentials", description, ERROR,
             f"{how.error}: the set was sealed on another machine (or its key changed); apply "
             "the credentials again", EX_CONFIG)
-        return None
-    if agent.record(PENDING) is not None:
+        return False
+    if stored.seal_pending:
         add("sealed-credentials", description, WARNING, "sealing is deferred to the first "
             f"boot ({SEAL_UNIT}); run 'defender-setup seal' to seal now")
     elif how.sealed:
         add("sealed-credentials", description, OK, how.describe())
     else:
         add("sealed-credentials", description, SKIPPED, "not sealed (plain root-only files)")
-    return plain
+    return True
 
 
-def _check_credentials(files: dict, where: Path, add) -> None:
-    method = method_of(files)
+def _check_credentials(stored, add) -> None:
+    method = stored.method
     try:
-        validated = load(files, where)
+        validated = stored.loaded
     except SetupError as exc:
         add("credentials-valid", f"stored {method} credentials pass validation", ERROR,
             str(exc), exc.exit_code)
         return
+    c = validated.connection_string
     add("credentials-valid", f"stored {method} credentials pass validation", OK,
-        f"{validated.connection_string.device_id}/{validated.connection_string.module_id} on "
-        f"{validated.connection_string.host_name}")
+        f"{c.device_id}/{c.module_id} on {c.host_name}")
     warnings = validated.warnings
     add("credentials-warnings", "nothing worth a warning (module id, expiry, CN)",
         WARNING if warnings else OK, "; ".join(warnings))

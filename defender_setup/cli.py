@@ -289,10 +289,20 @@ def cmd_check(args, out) -> int:
               "by root only (it changes nothing); run: sudo defender-setup check",
               file=sys.stderr)
         return EX_NOPERM
+    from .agentdir import AgentDir
+    from .errors import BusyError
+    from .provision import read
+
     state = _service_state(args.root)
+    try:  # one snapshot for the local and the network checks: the same set for both
+        stored = read(AgentDir(args.root), _read_wait(args))
+    except BusyError:
+        raise
+    except SetupError:
+        stored = None  # agent-dir-safe reports it
     results = extend(Path(args.root), run_checks(Path(args.root), state,
-                                                 lock_timeout=_read_wait(args)),
-                     state, offline=args.offline, dont_run=args.dont_run)
+                                                 lock_timeout=_read_wait(args), stored=stored),
+                     state, offline=args.offline, dont_run=args.dont_run, stored=stored)
     unknown = set(args.dont_run) - {r.id for r in results}
     if unknown:
         print(f"defender-setup: warning: --dont-run: no check named {', '.join(sorted(unknown))}",

@@ -36,8 +36,11 @@ import time
 from pathlib import Path
 
 from . import hubpath
+from .agentdir import AgentDir
 from .checks import ERROR, OK, SKIPPED, WARNING, CheckResult
+from .credentials import SEALED_NAMES
 from .errors import EX_CONFIG, EX_DATAERR, EX_OK, EX_UNAVAILABLE, SetupError
+from .safefs import memory_file
 
 NETWORK_IDS = ("hub-dns", "hub-tcp", "hub-tls", "hub-clock", "hub-auth")
 PER_CHECK = 3.0   # seconds, each network check
@@ -96,7 +99,7 @@ class _Path:
 
 def extend(root: Path, results: list, service_state: dict | None = None, *,
            offline: bool = False, dont_run=(), budget: float = BUDGET,
-           https_port: int | None = None, clock=time.time) -> list[CheckResult]:
+           https_port: int | None = None, clock=time.time, stored=None) -> list[CheckResult]:
     """See the module docstring. ``https_port`` replaces 443 (tests): the clock's source, and
     the port tried when the MQTT port does not answer."""
     skip = set(dont_run)
@@ -115,7 +118,7 @@ def extend(root: Path, results: list, service_state: dict | None = None, *,
     path = None
     if blocked is None:
         try:
-            path = _path(Path(root), settings, service_state, https_port, clock)
+            path = _path(Path(root), settings, service_state, https_port, clock, stored)
         except SetupError as err:
             blocked = f"stored credentials cannot be read: {err}"
     deadline = time.monotonic() + budget
@@ -183,11 +186,21 @@ def _blocker(results: list, settings) -> str | None:
     return None
 
 
-def _path(root: Path, settings, service_state, https_port, clock) -> _Path:
+def _path(root: Path, settings, service_state, https_port, clock, stored=None) -> _Path:
+    """The path to test, for the set the local checks passed (``stored``: the same snapshot;
+    read again only when called without one)."""
     from .agent.hub import Identity
-    from .agent.runtime import load_credentials
+    from .provision import read
 
-    validated = load_credentials(root)
+    stored = stored if stored is not None else read(AgentDir(root))
+    validated = stored.loaded
+    # TLS opens the certificate and key by name: where they lie, or (a sealed key) an
+    # anonymous memory file that never touches a disk.
+    sources = {name: Path(stored.where) / name for name in stored.files}
+    for name, sealed in SEALED_NAMES.items():
+        if sealed in stored.files and name in stored.plain:
+            sources[name] = memory_file(name, stored.plain[name])[1]  # open while we run
+    validated = dataclasses.replace(validated, sources=sources)
     return _Path(settings, Identity.from_credentials(validated, root), validated.method,
                  service_state, https_port, clock)
 

@@ -5,8 +5,9 @@ Interface::
     collect(root: Path, service_state: dict | None = None, lock_timeout=5) -> dict  # JSON
     render(report: dict) -> list[str]
 
-Read-only: the files are read under the readers' shared lock (``AgentDir.snapshot``) and
-nothing is created, repaired or deleted; an update left half done is reported, not completed.
+Read-only: one snapshot of the stored set under the readers' shared lock
+(``provision.read``) and nothing is created, repaired or deleted; an update left half done is
+reported, not completed.
 """
 
 from __future__ import annotations
@@ -15,9 +16,8 @@ from pathlib import Path
 
 from . import UNIT
 from .agentdir import IMPORT_RECORD, AgentDir
-from .credentials import load, method_of
 from .errors import BusyError, SetupError
-from .sealing import PENDING, open_set
+from .provision import read
 
 INTERRUPTED = ("an interrupted credential update is pending (the files may mix two sets); "
                "run 'defender-setup repair', or restart the service, to complete it")
@@ -49,36 +49,34 @@ def collect(root: Path, service_state: dict | None = None, lock_timeout: float =
                     "origin": None, "service": service_state,
                     "last_import": agent.record(IMPORT_RECORD), "sealing": None}
     try:
-        seen = agent.snapshot(lock_timeout)
+        stored = read(agent, lock_timeout)  # one snapshot: sealed files decrypted once
     except BusyError:
         raise
     except SetupError as exc:
         report["problem"] = str(exc)
         return report
-    files = seen.files
-    report["files"] = {path: f"{mode:04o}" for path, mode in seen.modes.items()}
-    report["previous_generation"] = seen.previous
-    report["origin"] = seen.origin
-    if seen.pending:
+    report["files"] = {path: f"{mode:04o}" for path, mode in stored.modes.items()}
+    report["previous_generation"] = stored.previous
+    report["origin"] = stored.origin
+    if stored.pending:
         report["interrupted_update"] = True
         report["problem"] = INTERRUPTED
         return report
-    method = method_of(files)
-    if method is None:
+    if stored.method is None:
         report["problem"] = ("not configured: run 'dpkg-reconfigure defender-setup' or "
                              "'defender-setup apply'")
         return report
-    report["method"] = method
-    files, how = open_set(files)  # sealed files decrypted (here, in memory only)
-    pending = agent.record(PENDING) is not None
-    report["sealing"] = {"sealed": list(how.sealed), "keys": how.keys, "pending": pending,
+    report["method"] = stored.method
+    how = stored.sealing
+    report["sealing"] = {"sealed": list(how.sealed), "keys": how.keys,
+                         "pending": stored.seal_pending,
                          "summary": how.describe() + ("; sealing deferred to the first boot"
-                                                      if pending else "")}
+                                                      if stored.seal_pending else "")}
     if how.error:
         report["problem"] = f"the sealed credentials cannot be read: {how.error}"
         return report
     try:
-        validated = load(files, agent.path)  # with the same rules as new input
+        validated = stored.loaded  # with the same rules as new input
     except SetupError as exc:
         report["problem"] = f"stored credentials are invalid: {exc}"
         return report

@@ -113,3 +113,26 @@ def test_unseal_goes_back_to_plain_files(root, creds, cert_inputs):
         PRIVATE_KEY_FILE][0]
     assert (agent.path / PRIVATE_KEY_FILE).stat().st_mode & 0o777 == 0o600
     assert KEY_SEALED in {p.name for p in (agent.state / "previous").iterdir()}
+
+
+@pytest.mark.allow_subprocess("systemd-creds")
+def test_check_decrypts_each_sealed_file_once_for_every_check(root, creds, cert_inputs,
+                                                              capsys):
+    """One snapshot: the local checks and the network checks see the same set, and the
+    sealed key is decrypted once (it was decrypted again, outside the lock, for the
+    network checks). The hub is unreachable here (a name under .invalid)."""
+    import json
+
+    from defender_setup import cli
+
+    text = cert_inputs.connection_string.replace(b"HostName=", b"GatewayHostName=hub.invalid;"
+                                                 b"HostName=")
+    sealing.store(AgentDir(root), cert_inputs.validated().files | {
+        CONNECTION_STRING_FILE: (text.replace(b"\n", b"") + b"\n", 0o600)},
+        "certificate", True, defer=seal_here)
+    before = len([c for c in creds.calls() if c.startswith("decrypt")])
+    cli.main(["check", "--json", "--root", str(root)])
+    results = {r["id"]: r for r in json.loads(capsys.readouterr().out)}
+    assert results["credentials-valid"]["status"] == "ok", results
+    assert results["hub-dns"]["status"] == "error", results  # the network checks ran
+    assert len([c for c in creds.calls() if c.startswith("decrypt")]) - before == 1
