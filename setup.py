@@ -33,5 +33,4 @@ setup(
     url="https://localhost/defender-setup",
     packages=find_packages(include=["defender_setup", "defender_setup.*"]),
     python_requires=">=3.9",
-    entry_points={"console_scripts": ["defender-setup = defender_setup.cli:main"]},
 )

@@ -225,7 +225,10 @@ class _Run:
         message = (f"{result.message}; not imported again at boot while the offer stays the "
                    "same (run 'defender-setup import' to try it again)")
         self.say(f"VERIFICATION FAILED: {message}")
-        self.save(record, result="rejected", message=message, exit_code=EX_UNAVAILABLE)
+        # Dated at the verdict: the roll-back (or unconfigure) just written is part of it,
+        # not a later configuration that would supersede the refusal (check: last-import).
+        self.save(record, result="rejected", message=message, exit_code=EX_UNAVAILABLE,
+                  time=now())
         if digest:
             self.agent.save_record(REFUSED, {"digest": digest, "time": record["time"]})
         if folder is not None:

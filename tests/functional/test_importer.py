@@ -293,3 +293,37 @@ def test_a_sealed_set_is_compared_decrypted_and_stays_sealed(booted_root, import
     code, out = importer("no-restart")
     assert code == 0, out
     assert AgentDir(booted_root).record(sealing.PENDING) is not None
+
+
+def test_a_refused_offer_is_not_imported_again_at_the_next_boot(booted_root, tmp_path,
+                                                                 monkeypatch, capsys):
+    """The same refused offer at every boot was written, started, refused and rolled back
+    each time (two restarts a boot). Now the next boot writes and restarts nothing, says
+    why, and check keeps the refusal an error; 'import' by hand tries it again."""
+    offer_credential(booted_root, NAMES[CS], sas(1))
+    import json
+
+    from defender_setup import cli
+
+    (tmp_path / "a").mkdir()
+    Importer(booted_root, tmp_path / "a", monkeypatch)("no-restart")
+    offer_credential(booted_root, NAMES[CS], sas(2))
+    (tmp_path / "b").mkdir()
+    imp = Importer(booted_root, tmp_path / "b", monkeypatch,
+                   states=[dict(failed(status=76), LoadState="loaded")],
+                   restart_plan=[{"states": [dict(running(inv="inv-3"), LoadState="loaded")]}])
+    assert imp("boot")[0] == 0 and imp("boot-verify")[0] == 69
+    state = {p: p.stat().st_mtime_ns for p in (booted_root / "var").rglob("*")}
+    restarts = len(imp.fake.restarts())
+
+    code, out = imp("boot")  # the next boot, the same offer
+    assert code == 0 and "not imported again at boot" in out, out
+    assert len(imp.fake.restarts()) == restarts and "restart" not in imp.fake.calls()[-1:]
+    assert {p: p.stat().st_mtime_ns for p in (booted_root / "var").rglob("*")} == state
+    assert key_of(sas(1)).encode() in AgentDir(booted_root).current()[CS]
+    assert cli.main(["check", "--json", "--offline", "--root", str(booted_root)]) != 0
+    check = {c["id"]: c for c in json.loads(capsys.readouterr().out)}["last-import"]
+    assert check["status"] == "error" and "not imported again at boot" in check["message"]
+
+    code, out = imp("manual")  # by hand: tried again
+    assert "VERIFICATION FAILED" in out and len(imp.fake.restarts()) > restarts

@@ -195,8 +195,7 @@ def test_first_configuration_rejected_keeps_dpkg_usable(ct, preseed):
     assert "VERIFICATION FAILED and no previous credentials to roll back to" in out
     assert "the device is unconfigured, as before" in out
     assert "fix the credentials with 'dpkg-reconfigure defender-setup'" in out
-    assert ct.run(["test", "-e", "/var/defender_iot_micro_agent/connection_string.txt"]
-                  ).returncode != 0
+    assert not ct.exists("/var/defender_iot_micro_agent/connection_string.txt")
     status = ct.run(["dpkg-query", "-W", "-f=${Status}", "defender-setup"]).stdout
     assert status == "install ok installed"
     assert text.split("SharedAccessKey=")[1] not in out
