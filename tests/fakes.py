@@ -10,6 +10,7 @@ Interface::
     FakeClock()                                   # clock() and sleep() without waiting
     Notify()                                      # a connector's Notifier, recorded
     Recorder()                                    # the runtime's sd_notify and log, recorded
+    handed_over(directory, **files) -> Path       # $CREDENTIALS_DIRECTORY as systemd makes it
     FakeCreds(tmp_path)                           # a fake systemd-creds first on PATH
         .path_env(monkeypatch); .machine(key); .kind(HOST | HOST_AND_TPM2); .calls()
 
@@ -28,6 +29,7 @@ import os
 import threading
 from pathlib import Path
 
+from defender_setup.agent.credsdir import ABSENT
 from tests.hubsim.broker import wait_until
 
 SCRIPT = """#!/usr/bin/python3
@@ -285,3 +287,16 @@ class FakeCreds:
 
     def path_env(self, monkeypatch) -> None:
         monkeypatch.setenv("PATH", f"{self.bin}{os.pathsep}{os.environ['PATH']}")
+
+
+# What systemd hands the agent's unit (debian/*.service: LoadCredential= and SetCredential=).
+IDS = ("connection_string.txt", "certificate_public.pem", "certificate_private.pem",
+       "connection_string.txt.cred", "certificate_private.pem.cred", "conf.json")
+
+
+def handed_over(directory: Path, **files: bytes) -> Path:
+    """What systemd makes of the unit: ``files`` by ID (dots as in the names), else absent."""
+    directory.mkdir()
+    for name in IDS:
+        (directory / name).write_bytes(files.get(name.replace(".", "_"), ABSENT))
+    return directory

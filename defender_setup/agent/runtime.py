@@ -196,24 +196,20 @@ def _from_credentials_directory(directory: Path):
 
 
 def _from_agent_dir(root: Path):
-    from defender_setup.agentdir import AgentDir
+    """Without systemd (a run by hand as root, tests): the agent directory read the way
+    systemd hands it over, plain files by the same names. A sealed file only systemd opens
+    for the agent (the agent stays out of storage and sealing: it reads a credential set,
+    it does not manage one)."""
     from defender_setup.credentials import SEALED_NAMES
 
-    agentdir = AgentDir(root)
-    files = agentdir.current()
-    sources = {name: agentdir.path / name for name in files if name not in
-               SEALED_NAMES.values()}
-    if set(files) & set(SEALED_NAMES.values()):
-        # As root (check's network checks, a run by hand): decrypted through systemd-creds,
-        # and a sealed file TLS must open is handed over in anonymous memory, never on disk.
-        from defender_setup.safefs import memory_file
-        from defender_setup.sealing import decrypted
-
-        files = decrypted(files)[0]
-        for name in SEALED_NAMES:
-            if name in files and name not in sources:
-                sources[name] = memory_file(name, files[name])[1]  # open for the process's life
-    return files, sources, str(agentdir.path)
+    directory = Path(root) / AGENT_DIR
+    sealed = [name for name in SEALED_NAMES.values() if (directory / name).exists()]
+    if sealed:
+        raise SetupError(f"{', '.join(sealed)} in {directory} is sealed: only systemd "
+                         "decrypts it for the agent; start it with 'systemctl start "
+                         "defender-iot-micro-agent'")
+    files, sources = _from_credentials_directory(directory)
+    return files, sources, str(directory)
 
 
 def _describe(err: SetupError) -> str:

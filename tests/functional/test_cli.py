@@ -7,10 +7,10 @@ import time
 
 import pytest
 
+from tests.clirun import Run, agent_path, assert_no_secret, pending_update
 from tests.conftest import DEVICE, snapshot
 from tests.fakes import FakeCreds, seal_set
 from tests.holder import Holder
-from tests.unit.test_cli import Run, agent_path, assert_no_secret, pending_update
 
 
 @pytest.fixture

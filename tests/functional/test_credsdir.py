@@ -1,30 +1,26 @@
 """The agent's reading of its credentials, with processes: as the real agent process from a
-credentials directory alone, and a sealed set read as root through (the fake) systemd-creds."""
+credentials directory alone, and a sealed set read by hand (left to systemd)."""
 
 from __future__ import annotations
 
 import pytest
 
 from defender_setup.agent.runtime import load_credentials
+from defender_setup.errors import SetupError
 from tests.agentproc import Agent
-from tests.fakes import FakeCreds, seal_set
-from tests.unit.test_credsdir import handed_over
+from tests.fakes import FakeCreds, handed_over, seal_set
 
 
 @pytest.mark.allow_subprocess("systemd-creds")
-def test_a_sealed_set_read_as_root_is_decrypted_into_memory(tmp_path, monkeypatch, cert_inputs):
-    """Without $CREDENTIALS_DIRECTORY (check's network checks, a run by hand as root) the
-    sealed key is decrypted through systemd-creds and handed over in a memory file."""
-    from defender_setup.agentdir import AgentDir
-
+def test_a_sealed_set_read_by_hand_is_left_to_systemd(tmp_path, monkeypatch, cert_inputs):
+    """Without $CREDENTIALS_DIRECTORY (a run by hand as root) the agent reads the agent
+    directory as systemd would hand it over; a sealed file only systemd decrypts for it (the
+    agent imports no storage or sealing code). check's network checks read the set through
+    the provisioning core's snapshot instead."""
     FakeCreds(tmp_path).path_env(monkeypatch)
-    validated = cert_inputs.validated()
-    seal_set(tmp_path, validated)
-    creds = load_credentials(tmp_path)
-    key = creds.sources["certificate_private.pem"]
-    assert str(key).startswith("/proc/self/fd/")
-    assert key.read_bytes() == validated.files["certificate_private.pem"][0]
-    assert creds.sources["certificate_public.pem"].parent == AgentDir(tmp_path).path
+    seal_set(tmp_path, cert_inputs.validated())
+    with pytest.raises(SetupError, match="is sealed: only systemd decrypts it"):
+        load_credentials(tmp_path)
 
 
 @pytest.mark.allow_subprocess("python3")

@@ -14,7 +14,10 @@ import pytest
 from defender_setup.agentdir import AgentDir
 from defender_setup.credentials import CONNECTION_STRING_FILE
 from tests.fakes import debian12
-from tests.unit.test_debconf_bridge import CS, KEY, REPO
+from tests.offers import ANSWER_CS as CS
+from tests.offers import ANSWER_KEY as KEY
+
+REPO = Path(__file__).resolve().parents[2]
 
 # -- the real debconf protocol ---------------------------------------------------------------
 DEBCONF_CONF = """\

@@ -22,7 +22,7 @@ from tests.fakes import (
     running,
     seal_set,
 )
-from tests.unit.test_importer import CERT, CRED, CS, NAMES, X509, key_of, offered, sas
+from tests.offers import CERT, CRED, CS, NAMES, X509, key_of, offered, sas
 
 
 # -- run(): files, records and systemctl ---------------------------------------------------

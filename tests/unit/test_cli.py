@@ -1,6 +1,5 @@
 """defender_setup.cli: commands, exit codes, readable output, nothing lost, nothing leaked."""
 
-import io
 import json
 import os
 import sys
@@ -9,51 +8,14 @@ import pytest
 
 from defender_setup import cli
 from tests import certfactory
+from tests.clirun import Run, agent_path, assert_no_secret, pending_update
 from tests.conftest import DEVICE, HUB, MODULE, snapshot
 from tests.fakes import debian12
-
-
-class Run:
-    def __init__(self, root, tmp_path, capsys, monkeypatch):
-        self.root, self.tmp, self.capsys, self.monkeypatch = root, tmp_path, capsys, monkeypatch
-
-    def file(self, name, data):
-        path = self.tmp / name
-        path.write_bytes(data)
-        return str(path)
-
-    def __call__(self, *argv, stdin=b""):
-        self.monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(stdin)))
-        code = cli.main([*argv, "--root", str(self.root)])
-        out, err = self.capsys.readouterr()
-        return code, out, err
-
-    def inputs(self, inputs, via_stdin=False):
-        args = ["--method", inputs.method, "--connection-string-file",
-                "-" if via_stdin else self.file("cs.txt", inputs.connection_string)]
-        if inputs.certificate:
-            args += ["--certificate", self.file("cert.pem", inputs.certificate),
-                     "--private-key", self.file("key.pem", inputs.private_key)]
-        return args
 
 
 @pytest.fixture
 def run(root, tmp_path, capsys, monkeypatch):
     return Run(root, tmp_path, capsys, monkeypatch)
-
-
-def secret_of(inputs) -> list[str]:
-    text = inputs.connection_string.decode()
-    secrets = [text.split("SharedAccessKey=")[1]] if "SharedAccessKey=" in text else []
-    if inputs.private_key:
-        secrets += certfactory.body(inputs.private_key)
-    return secrets
-
-
-def assert_no_secret(inputs, *texts):
-    for secret in secret_of(inputs):
-        for text in texts:
-            assert secret not in text
 
 
 def test_validate_prints_what_it_found_without_the_key(run, sas_inputs):
@@ -202,10 +164,6 @@ def test_usage_errors_exit_2_and_help_names_every_command(capsys):
         assert text in out
 
 
-def agent_path(run):
-    return run.root / "var/defender_iot_micro_agent"
-
-
 def test_origin_of_the_set_is_recorded_and_shown(run, sas_inputs, cert_inputs):
     run("apply", "--no-restart", *run.inputs(sas_inputs))
     report = json.loads(run("status", "--json")[1])
@@ -215,22 +173,6 @@ def test_origin_of_the_set_is_recorded_and_shown(run, sas_inputs, cert_inputs):
     run("rollback", "--no-restart")
     assert json.loads(run("status", "--json")[1])["origin"]["source"] == "rollback"
     assert "origin:          rollback, " in run("status")[1]
-
-
-def pending_update(run, sas_inputs, cert_inputs):
-    """A switch to the certificate set interrupted after its commit point: half switched."""
-    from defender_setup.agentdir import AgentDir
-
-    assert run("apply", "--no-restart", *run.inputs(sas_inputs))[0] == 0
-    agent = AgentDir(run.root)
-    staging = agent.state / "staging"
-    staging.mkdir(mode=0o700)
-    for name, (data, mode) in cert_inputs.validated().files.items():
-        (staging / name).write_bytes(data)
-        os.chmod(staging / name, mode)
-    (agent.state / "txn").write_text(json.dumps({"files": sorted(cert_inputs.validated().files)}))
-    os.replace(staging / "certificate_public.pem", agent.path / "certificate_public.pem")
-    return agent
 
 
 @pytest.mark.parametrize("reader", [["status"], ["status", "--json"], ["check"],

@@ -15,20 +15,12 @@ from defender_setup.agent import credsdir, settings
 from defender_setup.agent.hub import Identity
 from defender_setup.agent.runtime import load_credentials
 from defender_setup.errors import SetupError
+from tests.fakes import IDS, handed_over
 
 REPO = Path(__file__).resolve().parents[2]
 UNIT_FILE = REPO / "debian" / "defender-setup.defender-iot-micro-agent.service"
 GENERATOR = REPO / "debian" / "generator" / "defender-setup-generator"  # the sealed files
-IDS = ("connection_string.txt", "certificate_public.pem", "certificate_private.pem",
-       "connection_string.txt.cred", "certificate_private.pem.cred", "conf.json")
 
-
-def handed_over(directory: Path, **files: bytes) -> Path:
-    """What systemd makes of the unit: ``files`` by ID (dots as in the names), else absent."""
-    directory.mkdir()
-    for name in IDS:
-        (directory / name).write_bytes(files.get(name.replace(".", "_"), credsdir.ABSENT))
-    return directory
 
 
 def test_the_unit_lists_every_id_with_a_stand_in():

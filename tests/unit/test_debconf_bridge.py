@@ -6,7 +6,6 @@ templates, the shell confmodule, the noninteractive frontend): no mock of debcon
 
 from __future__ import annotations
 
-import base64
 import os
 from pathlib import Path
 
@@ -24,11 +23,10 @@ from defender_setup.errors import (
     ValidationError,
 )
 from defender_setup.provision import NOTHING_STORED, Request
+from tests.offers import ANSWER_CS as CS
+from tests.offers import ANSWER_KEY as KEY
 
 REPO = Path(__file__).resolve().parents[2]
-KEY = base64.b64encode(bytes(range(32))).decode()
-CS = f"HostName=hub.azure-devices.net;DeviceId=dev1;ModuleId=DefenderIotMicroAgent;" \
-     f"SharedAccessKey={KEY}"
 X509 = b"HostName=hub.azure-devices.net;DeviceId=dev1;ModuleId=DefenderIotMicroAgent;x509=true\n"
 
 

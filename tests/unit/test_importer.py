@@ -5,7 +5,6 @@ throw-away root with real files and a fake systemctl first on PATH (tests/fakes.
 and a fake clock, so the verdicts cost no time.
 """
 
-import base64
 
 import pytest
 
@@ -14,33 +13,8 @@ from defender_setup.importer import check_offer
 from defender_setup.offer import Offer
 from defender_setup.provision import NOTHING_STORED, Stored
 from tests import certfactory
-from tests.conftest import DEVICE, HUB, MODULE
-
-CS, CERT, KEY = "connection_string.txt", "certificate_public.pem", "certificate_private.pem"
-CRED = "run/credentials/@system"
-NAMES = {CS: "defender-setup.connection-string", CERT: "defender-setup.certificate",
-         KEY: "defender-setup.private-key"}
-
-
-def sas(seed=1, device=DEVICE) -> bytes:
-    key = base64.b64encode(bytes((seed + i) % 256 for i in range(32))).decode()
-    return f"HostName={HUB};DeviceId={device};ModuleId={MODULE};SharedAccessKey={key}".encode()
-
-
-def key_of(text: bytes) -> str:
-    return text.decode().split("SharedAccessKey=")[1]
-
-
-X509 = f"HostName={HUB};DeviceId={DEVICE};ModuleId={MODULE};x509=true".encode()
-
-
-def credential_offer(**files) -> Offer:
-    return Offer("credential", files, {n: f"/run/credentials/@system/{NAMES[n]}" for n in files})
-
-
-def offered(cs=None, cert=None, key=None) -> Offer:
-    files = {CS: cs, CERT: cert, KEY: key}
-    return credential_offer(**{n: d for n, d in files.items() if d is not None})
+from tests.conftest import DEVICE
+from tests.offers import CERT, CS, KEY, X509, key_of, offered, sas
 
 
 @pytest.fixture(scope="module")
