@@ -177,9 +177,12 @@ class _Run:
     def find(self, environ, decrypt) -> Offer | None:
         try:
             offer = find_offer(self.root, environ, decrypt)
-        except SetupError as exc:  # unreadable, too large, cannot be decrypted
-            self._fail({"time": _now(), "source": None, "from": {}, "identity": None},
-                       "invalid" if isinstance(exc, ValidationError) else "failed", exc)
+        except SetupError as exc:  # unreadable, too large, a link, cannot be decrypted
+            partial = getattr(exc, "offer", None)  # where it came from (no content)
+            self._fail({"time": _now(), "source": partial and partial.source,
+                        "from": dict(partial.where) if partial else {}, "identity": None},
+                       "invalid" if isinstance(exc, ValidationError) else "failed", exc,
+                       partial)
         if offer is None:
             self.say(f"nothing offered (looked for {searched(self.root)}); nothing to do")
             return None
@@ -221,7 +224,7 @@ class _Run:
         if previous.get("result") not in _SETTLED or previous.get("source") != offer.source:
             self.save(record, result="unchanged", message="equal to the configured set")
         if offer.folder is not None and self.agent.record(PENDING) is None:
-            self.clear(offer.folder, "already imported")
+            self.clear(offer.folder, "already imported", record)
 
     def import_offer(self, offer: Offer) -> tuple[dict, bool]:
         """Validate, compare, write (under the lock). Returns (record, written)."""
@@ -264,8 +267,13 @@ class _Run:
                 self.say(f"warning: {note_error}")
         raise _Reported(exc, message)
 
-    def clear(self, folder: Path, why: str) -> None:
-        removed = clear_folder(folder)
+    def clear(self, folder: Path, why: str, record: dict) -> None:
+        try:
+            removed = clear_folder(folder)
+        except SetupError as exc:  # e.g. a read-only /boot: the secret stays readable there
+            self.save(record, result="failed", message=f"{why}, but {exc}",
+                      exit_code=exc.exit_code)
+            raise
         if removed:
             self.say(f"removed {', '.join(removed)} from {folder} ({why})")
 
@@ -281,7 +289,7 @@ class _Run:
             self.save(record, result="verified", message=status or "active and stable")
             self.agent.drop_record(PENDING)
             if folder is not None:
-                self.clear(folder, "imported and verified")
+                self.clear(folder, "imported and verified", record)
             return EX_OK
         print(f"VERIFICATION FAILED: {self.svc.unit} {verdict.reason}", file=self.out)
         _print_journal(self.svc, verdict, self.out)
