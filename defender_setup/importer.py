@@ -145,9 +145,12 @@ class _Run:
     def find(self, environ, decrypt) -> Offer | None:
         try:
             offer = find_offer(self.root, environ, decrypt)
-        except SetupError as exc:  # unreadable, too large, cannot be decrypted
-            self._fail({"time": now(), "source": None, "from": {}, "identity": None},
-                       "invalid" if isinstance(exc, ValidationError) else "failed", exc)
+        except SetupError as exc:  # unreadable, too large, a link, cannot be decrypted
+            partial = getattr(exc, "offer", None)  # where it came from (no content)
+            self._fail({"time": now(), "source": partial and partial.source,
+                        "from": dict(partial.where) if partial else {}, "identity": None},
+                       "invalid" if isinstance(exc, ValidationError) else "failed", exc,
+                       partial)
         if offer is None:
             self.say(f"nothing offered (looked for {searched(self.root)}); nothing to do")
             return None
@@ -187,7 +190,7 @@ class _Run:
         if previous.get("result") not in _SETTLED or previous.get("source") != offer.source:
             self.save(record, result="unchanged", message="equal to the configured set")
         if offer.folder is not None and self.agent.record(PENDING) is None:
-            self.clear(offer.folder, "already imported")
+            self.clear(offer.folder, "already imported", record)
         return EX_OK
 
     def _fail(self, record: dict, result: str, exc: SetupError, offer: Offer | None = None):
@@ -201,8 +204,13 @@ class _Run:
                 self.say(f"warning: {note_error}")
         raise _Reported(exc, message)
 
-    def clear(self, folder: Path, why: str) -> None:
-        removed = clear_folder(folder)
+    def clear(self, folder: Path, why: str, record: dict) -> None:
+        try:
+            removed = clear_folder(folder)
+        except SetupError as exc:  # e.g. a read-only /boot: the secret stays readable there
+            self.save(record, result="failed", message=f"{why}, but {exc}",
+                      exit_code=exc.exit_code)
+            raise
         if removed:
             self.say(f"removed {', '.join(removed)} from {folder} ({why})")
 
@@ -220,7 +228,7 @@ class _Run:
             self.save(record, result="verified", message=result.message)
             self.agent.drop_record(REFUSED)
             if folder is not None:
-                self.clear(folder, "imported and verified")
+                self.clear(folder, "imported and verified", record)
             return EX_OK
         message = (f"{result.message}; not imported again at boot while the offer stays the "
                    "same (run 'defender-setup import' to try it again)")

@@ -3,7 +3,8 @@ errors.
 
 Interface::
 
-    read_file(path, field) -> bytes       # a regular file (or /dev/null), at most LIMITS[field]
+    read_file(path, field, follow=True) -> bytes   # a regular file (or /dev/null), at most
+                                                   # LIMITS[field]; follow=False: O_NOFOLLOW
     read_stream(stream, field) -> bytes   # standard input, at most LIMITS[field]
 
 ``field`` is :data:`~defender_setup.errors.CONNECTION_STRING`, ``CERTIFICATE`` or
@@ -30,7 +31,7 @@ LIMITS = {CONNECTION_STRING: CONNECTION_STRING_MAX, CERTIFICATE: PEM_MAX, PRIVAT
 
 _KINDS = ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO (named pipe)"),
           (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
-          (stat.S_ISSOCK, "a socket"))
+          (stat.S_ISSOCK, "a socket"), (stat.S_ISLNK, "a symbolic link"))
 
 
 def describe_limit(limit: int) -> str:
@@ -55,8 +56,9 @@ def _refuse_kind(st: os.stat_result, field: str, shown: str) -> None:
                      f"{field}", field)
 
 
-def read_file(path: str, field: str) -> bytes:
-    """Read the regular file ``path`` (symbolic links followed), at most ``LIMITS[field]``.
+def read_file(path: str, field: str, follow: bool = True) -> bytes:
+    """Read the regular file ``path`` (symbolic links followed unless ``follow`` is false:
+    then a link is not a regular file), at most ``LIMITS[field]``.
 
     :raises InputError: missing, unreadable, or not a regular file (checked before reading).
     :raises ValidationError: larger than the limit.
@@ -64,10 +66,12 @@ def read_file(path: str, field: str) -> bytes:
     limit = LIMITS[field]
     shown = _printable(path)
     try:
-        _refuse_kind(os.stat(path), field, shown)  # a FIFO must not even be opened
+        # a FIFO must not even be opened
+        _refuse_kind(os.stat(path, follow_symlinks=follow), field, shown)
         # O_NONBLOCK: should a FIFO replace the file after stat(), open() still returns at
         # once, and fstat() below refuses it; for a regular file the flag changes nothing.
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
+        flags = os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC
+        fd = os.open(path, flags if follow else flags | os.O_NOFOLLOW)
     except FileNotFoundError:
         raise InputError(f"{shown} does not exist; check the path", field) from None
     except OSError as exc:

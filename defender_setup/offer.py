@@ -2,7 +2,9 @@
 
 Interface::
 
-    find_offer(root, environ=None, decrypt=None) -> Offer | None   # raises InputError
+    find_offer(root, environ=None, decrypt=None) -> Offer | None
+        raises InputError, ValidationError (too large) or UnsafeTargetError (a link); the
+        error's ``offer`` is the partial Offer (no files) naming the source, folder and path
     Offer.source      "credential" | "drop-folder"
     Offer.files       {agent directory file name: bytes}  (secrets: kept out of repr)
     Offer.where       {file name: path it was read from}   (safe to print and record)
@@ -30,10 +32,17 @@ Nothing here validates content (that is :mod:`defender_setup.credentials`) and n
 the agent directory. Every input is read by :func:`defender_setup.inputs.read_file`: a
 regular file (a FIFO never blocks the boot), at most the field's limit; messages name the
 path, never the content.
+
+The drop folder is hostile (anyone with the SD card, or any user on a FAT partition): its
+files are never links (refused, 77), and it is changed only through a descriptor of the
+folder opened O_NOFOLLOW, by names created O_EXCL|O_NOFOLLOW, never writing into a file
+linked elsewhere. Under a ``root`` other than ``/`` (``--root TREE``) no directory between
+the tree and an input may be a link either: nothing is read or written outside the tree.
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import stat
 import subprocess
@@ -42,7 +51,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .credentials import CERTIFICATE_FILE, CONNECTION_STRING_FILE, PRIVATE_KEY_FILE
-from .errors import CERTIFICATE, CONNECTION_STRING, PRIVATE_KEY, InputError, WriteError
+from .errors import (
+    CERTIFICATE,
+    CONNECTION_STRING,
+    PRIVATE_KEY,
+    InputError,
+    SetupError,
+    UnsafeTargetError,
+    WriteError,
+)
 from .inputs import LIMITS, read_file
 
 # Credential name (DESIGN: fixed) -> the agent directory file it becomes.
@@ -90,6 +107,30 @@ def _present(path: Path) -> bool:
     return os.path.lexists(path)
 
 
+def _refuse_links(root: Path, path: Path) -> None:
+    """UnsafeTargetError (77) for a link at ``path`` or, under a root tree, at any directory
+    between the tree and it: it could lead out of the tree or the folder."""
+    steps = [path]
+    if root.resolve() != Path("/") and path.is_relative_to(root):
+        parts = path.relative_to(root).parts
+        steps = [root.joinpath(*parts[:i]) for i in range(1, len(parts) + 1)]
+    for step in steps:
+        if os.path.islink(step):
+            raise UnsafeTargetError(f"{step} is a symbolic link; refusing to follow it (offer "
+                                    "the file itself, not a link)")
+
+
+def _read(root: Path, path: Path, file: str, partial: Offer, follow: bool) -> bytes:
+    """One offered file; an error carries ``partial`` (where it came from, no content)."""
+    try:
+        if not follow:
+            _refuse_links(root, path)
+        return read_file(str(path), FIELD_OF[file], follow=follow)
+    except SetupError as exc:
+        exc.offer = partial
+        raise
+
+
 def _systemd_creds_decrypt(name: str, path: Path) -> bytes:
     """Decrypt a credstore.encrypted file; the plaintext comes back through a pipe."""
     try:
@@ -124,12 +165,14 @@ def _credential_dirs(root: Path, environ) -> list[Path]:
 
 def _find_credentials(root: Path, environ, decrypt) -> Offer | None:
     files, where = {}, {}
+    tree = root.resolve() != Path("/")  # a --root tree: no link may lead out of it
     for name, file in CREDENTIALS.items():
         for directory in _credential_dirs(root, environ):
             path = directory / name
             if _present(path):
-                files[file] = read_file(str(path), FIELD_OF[file])
                 where[file] = str(path)
+                partial = Offer(SOURCE_CREDENTIAL, {}, dict(where))
+                files[file] = _read(root, path, file, partial, follow=not tree)
                 break
         else:
             for directory in ENCRYPTED_CREDSTORES:
@@ -152,14 +195,17 @@ def _find_credentials(root: Path, environ, decrypt) -> Offer | None:
 def _find_folder(root: Path) -> Offer | None:
     for directory in DROP_FOLDERS:
         folder = root / directory
+        if root.resolve() != Path("/"):
+            _refuse_links(root, folder)  # e.g. the tree's boot/ linked to the host's /boot
         if not folder.is_dir() or folder.is_symlink():
             continue
         files, where = {}, {}
         for file in CREDENTIALS.values():
             path = folder / file
             if _present(path):
-                files[file] = read_file(str(path), FIELD_OF[file])
                 where[file] = str(path)
+                partial = Offer(SOURCE_DROP_FOLDER, {}, dict(where), folder=folder)
+                files[file] = _read(root, path, file, partial, follow=False)
         if files:
             return Offer(SOURCE_DROP_FOLDER, files, where, folder=folder)
     return None
@@ -198,34 +244,64 @@ def searched(root: Path | str = "/") -> str:
 
 
 # -- the drop folder after an import ---------------------------------------------------------
+def _open_folder(folder: Path) -> int:
+    # Every change goes through this descriptor: the folder itself cannot be swapped for a
+    # link between the checks and the writes.
+    return os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+
+
+def _zero(name: str, dir_fd: int) -> None:
+    """Overwrite ``name`` with zeros if it is a regular file linked nowhere else."""
+    try:  # O_NONBLOCK: a FIFO swapped in fails at once (ENXIO) instead of waiting for a reader
+        fd = os.open(name, os.O_WRONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY
+                     | os.O_CLOEXEC, dir_fd=dir_fd)
+    except OSError as exc:
+        if exc.errno in (errno.ELOOP, errno.ENXIO, errno.EISDIR):
+            return  # a link, a FIFO, a directory: only removed
+        raise
+    try:
+        st = os.fstat(fd)
+        # A hard link is someone's own copy elsewhere: unlinking this name is all we may do.
+        if not stat.S_ISREG(st.st_mode) or st.st_nlink != 1:
+            return
+        zeros = b"\0" * 65536
+        for offset in range(0, st.st_size, len(zeros)):
+            os.write(fd, zeros[:st.st_size - offset])
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def clear_folder(folder: Path) -> list[str]:
     """Remove the imported files (and an old rejection note) from the drop folder.
 
     Contents are overwritten with zeros before the unlink: on FAT a deleted file's clusters
     keep their data. This is best effort (flash storage remaps blocks), which the README says.
+    A file with other hard links is only unlinked, never written.
     :returns: the names removed.
     """
     removed = []
-    for name in (*CREDENTIALS.values(), REJECTED_NOTE):
-        path = folder / name
-        try:
-            st = os.lstat(path)
-        except FileNotFoundError:
-            continue
-        try:
-            if stat.S_ISREG(st.st_mode) and name != REJECTED_NOTE:
-                fd = os.open(path, os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-                try:
-                    os.write(fd, b"\0" * st.st_size)
-                    os.fsync(fd)
-                finally:
-                    os.close(fd)
-            os.unlink(path)
-        except OSError as exc:
-            raise WriteError(f"cannot remove {path} from the boot partition: "
-                             f"{exc.strerror}; remove it by hand") from None
-        removed.append(name)
-    _fsync_dir(folder)
+    try:
+        dir_fd = _open_folder(folder)
+    except OSError as exc:
+        raise WriteError(f"cannot open {folder}: {exc.strerror}") from None
+    try:
+        for name in (*CREDENTIALS.values(), REJECTED_NOTE):
+            try:
+                os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+            except FileNotFoundError:
+                continue
+            try:
+                if name != REJECTED_NOTE:
+                    _zero(name, dir_fd)
+                os.unlink(name, dir_fd=dir_fd)
+            except OSError as exc:
+                raise WriteError(f"cannot remove {folder / name} from the boot partition: "
+                                 f"{exc.strerror}; remove it by hand") from None
+            removed.append(name)
+        _fsync_dir(dir_fd)
+    finally:
+        os.close(dir_fd)
     return removed
 
 
@@ -236,27 +312,32 @@ def note_rejection(folder: Path, reason: str, now: float | None = None) -> Path:
             f"{reason}\n"
             "Fix the files (or replace them) and boot again; the agent keeps its previous "
             "identity until then.\n")
-    path, tmp = folder / REJECTED_NOTE, folder / (REJECTED_NOTE + ".tmp")
+    path, tmp = folder / REJECTED_NOTE, REJECTED_NOTE + ".tmp"
     try:
-        with open(tmp, "w", encoding="utf-8") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-        _fsync_dir(folder)
+        dir_fd = _open_folder(folder)
+        try:
+            try:  # a stale one, or a link planted at this name: unlink removes the link itself
+                os.unlink(tmp, dir_fd=dir_fd)
+            except FileNotFoundError:
+                pass
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
+                         | os.O_CLOEXEC, 0o644, dir_fd=dir_fd)
+            with os.fdopen(fd, "w", encoding="utf-8") as handle:
+                handle.write(text)
+                handle.flush()
+                os.fsync(handle.fileno())
+            # rename() replaces a link at the note's name; it never writes through it
+            os.replace(tmp, REJECTED_NOTE, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+            _fsync_dir(dir_fd)
+        finally:
+            os.close(dir_fd)
     except OSError as exc:
         raise WriteError(f"cannot write {path}: {exc.strerror}") from None
     return path
 
 
-def _fsync_dir(folder: Path) -> None:
+def _fsync_dir(dir_fd: int) -> None:
     try:
-        fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
+        os.fsync(dir_fd)
     except OSError:  # some FAT drivers refuse fsync on a directory; the unlink stands
         pass
-    finally:
-        os.close(fd)

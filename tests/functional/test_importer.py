@@ -327,3 +327,60 @@ def test_a_refused_offer_is_not_imported_again_at_the_next_boot(booted_root, tmp
 
     code, out = imp("manual")  # by hand: tried again
     assert "VERIFICATION FAILED" in out and len(imp.fake.restarts()) > restarts
+
+
+# -- the drop folder is hostile -------------------------------------------------------------
+@pytest.mark.parametrize("kind", ["fifo", "huge"])
+def test_an_unreadable_drop_folder_file_leaves_a_note_and_is_recorded(booted_root, importer,
+                                                                      kind):
+    folder = booted_root / "boot/firmware/defender-setup"
+    folder.mkdir(parents=True)
+    if kind == "fifo":
+        os.mkfifo(folder / CS)
+    else:
+        (folder / CS).write_bytes(b"HostName=" + b"x" * 2_000_000)
+    code, out = importer("boot")
+    assert code == (66 if kind == "fifo" else 65), out
+    last = last_import(booted_root)
+    assert last["source"] == "drop-folder" and last["from"] == {CS: str(folder / CS)}, last
+    assert str(folder / CS) in (folder / REJECTED_NOTE).read_text()
+
+
+def test_root_tree_with_boot_linked_to_the_hosts_is_refused(booted_root, importer, tmp_path):
+    host_folder = tmp_path / "host-boot/defender-setup"
+    host_folder.mkdir(parents=True)
+    (host_folder / CS).write_bytes(sas())
+    (booted_root / "boot").symlink_to(tmp_path / "host-boot")
+    code, out = importer("no-restart")
+    assert code == 77 and "symbolic link" in out, out
+    assert (host_folder / CS).read_bytes() == sas()
+    assert sorted(p.name for p in host_folder.iterdir()) == [CS]  # no note written there
+    assert not (booted_root / "var/defender_iot_micro_agent" / CS).exists()
+
+
+def test_root_tree_credential_linked_to_the_hosts_is_refused(booted_root, importer, tmp_path):
+    host_key = tmp_path / "host-credstore/defender-setup.connection-string"
+    host_key.parent.mkdir()
+    host_key.write_bytes(sas())
+    (booted_root / "etc/credstore").mkdir(parents=True)
+    (booted_root / "etc/credstore/defender-setup.connection-string").symlink_to(host_key)
+    code, out = importer("no-restart")
+    assert code == 77 and "symbolic link" in out, out
+    assert not (booted_root / "var/defender_iot_micro_agent" / CS).exists()
+
+
+def test_a_drop_folder_that_cannot_be_emptied_is_a_recorded_failure(booted_root, importer):
+    """A read-only boot partition: the configured set is kept, but the offered files stay
+    readable there, which the record and ``check`` must show (not 'unchanged')."""
+    offer_credential(booted_root, NAMES[CS], sas())
+    importer("no-restart")
+    os.unlink(booted_root / CRED / NAMES[CS])
+    folder = booted_root / "boot/firmware/defender-setup"
+    folder.mkdir(parents=True)
+    (folder / CS).write_bytes(sas())
+    (folder / REJECTED_NOTE / "x").mkdir(parents=True)  # cannot be unlinked: clearing fails
+    code, out = importer("boot")
+    assert code == 73, out
+    last = last_import(booted_root)
+    assert last["result"] == "failed" and "cannot remove" in last["message"], last
+    assert last["source"] == "drop-folder"

@@ -4,7 +4,12 @@ import os
 
 import pytest
 
-from defender_setup.errors import CONNECTION_STRING, InputError, ValidationError
+from defender_setup.errors import (
+    CONNECTION_STRING,
+    InputError,
+    UnsafeTargetError,
+    ValidationError,
+)
 from defender_setup.inputs import LIMITS
 from defender_setup.offer import (
     REJECTED_NOTE,
@@ -127,6 +132,100 @@ def test_note_rejection_says_why(root):
     text = path.read_text()
     assert "is not valid base64" in text and "boot again" in text
     assert not (folder / (REJECTED_NOTE + ".tmp")).exists()
+
+
+def test_note_rejection_never_writes_through_a_planted_link(root, tmp_path):
+    folder = root / "boot/defender-setup"
+    folder.mkdir(parents=True)
+    victim = put(tmp_path / "motd", b"the administrator's file\n", mode=0o644)
+    (folder / (REJECTED_NOTE + ".tmp")).symlink_to(victim)
+    note_rejection(folder, "credential x: is missing")
+    assert victim.read_bytes() == b"the administrator's file\n"
+    assert not (folder / REJECTED_NOTE).is_symlink()
+    assert "is missing" in (folder / REJECTED_NOTE).read_text()
+    assert sorted(p.name for p in folder.iterdir()) == [REJECTED_NOTE]
+
+
+def test_note_rejection_replaces_a_link_at_the_note_itself(root, tmp_path):
+    folder = root / "boot/defender-setup"
+    folder.mkdir(parents=True)
+    victim = put(tmp_path / "motd", b"keep\n", mode=0o644)
+    (folder / REJECTED_NOTE).symlink_to(victim)
+    note_rejection(folder, "why")
+    assert victim.read_bytes() == b"keep\n" and not (folder / REJECTED_NOTE).is_symlink()
+
+
+def test_clear_folder_unlinks_a_hard_linked_file_without_zeroing_it(root, tmp_path):
+    folder = root / "boot/defender-setup"
+    folder.mkdir(parents=True)
+    own = put(tmp_path / "my-copy.txt", b"HostName=...;SharedAccessKey=...")
+    os.link(own, folder / CS)
+    assert clear_folder(folder) == [CS]
+    assert own.read_bytes() == b"HostName=...;SharedAccessKey=..."
+    assert not (folder / CS).exists()
+
+
+def test_clear_folder_removes_links_and_fifos_without_following_or_blocking(root, tmp_path):
+    folder = root / "boot/defender-setup"
+    folder.mkdir(parents=True)
+    victim = put(tmp_path / "victim", b"outside")
+    (folder / CS).symlink_to(victim)
+    os.mkfifo(folder / CERT)
+    assert sorted(clear_folder(folder)) == sorted([CS, CERT])
+    assert victim.read_bytes() == b"outside" and list(folder.iterdir()) == []
+
+
+@pytest.mark.parametrize("link", ["boot", "boot/defender-setup",
+                                  "boot/defender-setup/connection_string.txt"])
+def test_a_link_in_a_root_tree_drop_folder_is_refused(root, tmp_path, link):
+    """--root TREE: no component between TREE and the file may lead out of the tree."""
+    host = tmp_path / "host"
+    put(host / "boot/defender-setup" / CS, b"host secret")
+    root.mkdir()
+    parent = (root / link).parent
+    parent.mkdir(parents=True, exist_ok=True)
+    (root / link).symlink_to(host / link)
+    with pytest.raises(UnsafeTargetError, match="symbolic link"):
+        find_offer(root, environ={})
+    assert (host / "boot/defender-setup" / CS).read_bytes() == b"host secret"
+
+
+@pytest.mark.parametrize("link", ["etc", "etc/credstore",
+                                  "etc/credstore/defender-setup.connection-string"])
+def test_a_link_in_a_root_tree_credstore_is_refused(root, tmp_path, link):
+    host = tmp_path / "host"
+    put(host / "etc/credstore/defender-setup.connection-string", b"host secret")
+    root.mkdir()
+    (root / link).parent.mkdir(parents=True, exist_ok=True)
+    (root / link).symlink_to(host / link)
+    with pytest.raises(UnsafeTargetError, match="symbolic link"):
+        find_offer(root, environ={})
+
+
+def test_a_link_in_the_drop_folder_is_refused_and_names_the_folder(root, tmp_path):
+    folder = root / "boot/defender-setup"
+    folder.mkdir(parents=True)
+    (folder / CS).symlink_to(put(tmp_path / "elsewhere", b"secret"))
+    with pytest.raises(UnsafeTargetError) as caught:
+        find_offer(root, environ={})
+    partial = caught.value.offer
+    assert partial.source == "drop-folder" and partial.folder == folder
+    assert partial.where == {CS: str(folder / CS)} and partial.files == {}
+
+
+@pytest.mark.parametrize("kind", ["fifo", "huge"])
+def test_an_unreadable_drop_folder_file_still_names_its_folder(root, kind):
+    folder = root / "boot/firmware/defender-setup"
+    folder.mkdir(parents=True)
+    if kind == "fifo":
+        os.mkfifo(folder / CS)
+    else:
+        put(folder / CS, b"A" * (LIMITS[CONNECTION_STRING] + 1))
+    with pytest.raises((InputError, ValidationError)) as caught:
+        find_offer(root, environ={})
+    partial = caught.value.offer
+    assert partial.source == "drop-folder" and partial.folder == folder
+    assert partial.where == {CS: str(folder / CS)}
 
 
 def test_searched_names_every_place(root):
