@@ -430,3 +430,57 @@ def test_apply_seal_in_an_image_tree_is_deferred_to_first_boot(run, sas_inputs):
     code, out, _ = run("unseal", "--no-restart")  # changing one's mind cancels it
     assert code == 0
     assert "[skip] sealed-credentials" in run("check", "--offline")[1]
+
+
+# Every command that takes --timeout (restart and verification) or --lock-timeout.
+TIMEOUT_COMMANDS = ("apply", "restart", "rollback", "seal", "unseal", "import")
+LOCK_TIMEOUT_COMMANDS = TIMEOUT_COMMANDS + ("status", "check", "repair")
+
+
+def _parse_error(argv, capsys):
+    with pytest.raises(SystemExit) as exc:
+        cli.build_parser().parse_args(argv)
+    return exc.value.code, capsys.readouterr().err.strip().splitlines()[-1]
+
+
+@pytest.mark.parametrize("command", TIMEOUT_COMMANDS)
+@pytest.mark.parametrize("value", ["0", "-1", "4.9", "3601", "nan", "NaN", "inf", "-inf",
+                                   "1e999", "", "30s"])
+def test_an_out_of_range_timeout_is_a_usage_error_naming_the_range(command, value, capsys):
+    # --timeout 0 or -1 used to judge a healthy agent unstable and roll back good credentials.
+    code, line = _parse_error([command, "--timeout", value], capsys)
+    assert code == 2
+    assert line == (f"defender-setup {command}: error: argument --timeout: must be a number "
+                    "of seconds from 5 to 3600")
+
+
+@pytest.mark.parametrize("command", LOCK_TIMEOUT_COMMANDS)
+@pytest.mark.parametrize("value", ["-1", "-0.001", "3601", "nan", "inf", "-inf", "x"])
+def test_an_out_of_range_lock_timeout_is_a_usage_error_naming_the_range(command, value, capsys):
+    code, line = _parse_error([command, "--lock-timeout", value], capsys)
+    assert code == 2
+    assert line == (f"defender-setup {command}: error: argument --lock-timeout: must be a "
+                    "number of seconds from 0 to 3600")
+
+
+@pytest.mark.parametrize("option, value, expected", [
+    ("--timeout", "5", 5.0), ("--timeout", "30", 30.0), ("--timeout", "3600", 3600.0),
+    ("--timeout", "7.5", 7.5), ("--lock-timeout", "0", 0.0), ("--lock-timeout", "0.2", 0.2),
+    ("--lock-timeout", "3600", 3600.0)])
+def test_timeouts_in_range_are_accepted(option, value, expected):
+    args = cli.build_parser().parse_args(["restart", option, value])
+    assert getattr(args, option[2:].replace("-", "_")) == expected
+
+
+def test_no_numeric_option_is_left_unbounded():
+    """A plain type=float or type=int accepts -1, nan and inf: every number goes through a
+    bounded type."""
+    parser = cli.build_parser()
+    (sub,) = [a for a in parser._actions if isinstance(a, cli.argparse._SubParsersAction)]
+    seen = set()
+    for name, command in sub.choices.items():
+        for action in command._actions:
+            assert action.type not in (int, float), (name, action.option_strings)
+            if getattr(action.type, "bounds", None):
+                seen.add(action.option_strings[0])
+    assert seen == {"--timeout", "--lock-timeout"}
