@@ -448,7 +448,8 @@ def _parse_error(argv, capsys):
                                    "1e999", "", "30s"])
 def test_an_out_of_range_timeout_is_a_usage_error_naming_the_range(command, value, capsys):
     # --timeout 0 or -1 used to judge a healthy agent unstable and roll back good credentials.
-    code, line = _parse_error([command, "--timeout", value], capsys)
+    # --timeout=VALUE: argparse takes "--timeout -inf" for two options (exit 2 all the same)
+    code, line = _parse_error([command, f"--timeout={value}"], capsys)
     assert code == 2
     assert line == (f"defender-setup {command}: error: argument --timeout: must be a number "
                     "of seconds from 5 to 3600")
@@ -457,7 +458,7 @@ def test_an_out_of_range_timeout_is_a_usage_error_naming_the_range(command, valu
 @pytest.mark.parametrize("command", LOCK_TIMEOUT_COMMANDS)
 @pytest.mark.parametrize("value", ["-1", "-0.001", "3601", "nan", "inf", "-inf", "x"])
 def test_an_out_of_range_lock_timeout_is_a_usage_error_naming_the_range(command, value, capsys):
-    code, line = _parse_error([command, "--lock-timeout", value], capsys)
+    code, line = _parse_error([command, f"--lock-timeout={value}"], capsys)
     assert code == 2
     assert line == (f"defender-setup {command}: error: argument --lock-timeout: must be a "
                     "number of seconds from 0 to 3600")
@@ -467,9 +468,10 @@ def test_an_out_of_range_lock_timeout_is_a_usage_error_naming_the_range(command,
     ("--timeout", "5", 5.0), ("--timeout", "30", 30.0), ("--timeout", "3600", 3600.0),
     ("--timeout", "7.5", 7.5), ("--lock-timeout", "0", 0.0), ("--lock-timeout", "0.2", 0.2),
     ("--lock-timeout", "3600", 3600.0)])
-def test_timeouts_in_range_are_accepted(option, value, expected):
+def test_timeouts_in_range_are_accepted(option, value, expected, capsys):
     args = cli.build_parser().parse_args(["restart", option, value])
     assert getattr(args, option[2:].replace("-", "_")) == expected
+    assert _parse_error(["restart", option, "-inf"], capsys)[0] == 2
 
 
 def test_no_numeric_option_is_left_unbounded():
