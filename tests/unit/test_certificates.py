@@ -288,7 +288,7 @@ def test_size_limits_are_inclusive_and_checked_before_parsing(dev):
     assert "at most 768 KiB" in fails(CERT, b"#" + padded, dev.key_pem)
     key = b"#" * (64 * 1024 - len(dev.key_pem)) + dev.key_pem
     assert check(dev.cert_pem, key, now=NOW).chain_length == 1
-    assert fails(KEY, b"#" + key, dev.cert_pem) == (  # refused before the swap is noticed
+    assert fails(KEY, dev.cert_pem, b"#" + key) == (
         f"private key: the file is {len(key) + 1} bytes; a private key file is at most 64 KiB "
         "(systemd hands the agent at most 1 MiB of credentials in all; give the file that "
         "holds only the private key)")

@@ -346,8 +346,8 @@ def test_a_fifo_as_input_exits_66_without_blocking(run, tmp_path):
 
 
 @pytest.mark.parametrize("size, field, limit", [(1025, "--connection-string-file", "1024 bytes"),
-                                                ((1 << 20) + 1, "--certificate", "1 MiB"),
-                                                ((1 << 20) + 1, "--private-key", "1 MiB")])
+                                                ((1 << 20) + 1, "--certificate", "768 KiB"),
+                                                ((64 << 10) + 1, "--private-key", "64 KiB")])
 def test_oversized_inputs_exit_65_naming_the_limit(run, cert_inputs, size, field, limit):
     args = run.inputs(cert_inputs)
     args[args.index(field) + 1] = run.file("big", b"\0" * size)
