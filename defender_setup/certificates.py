@@ -24,7 +24,17 @@ import hashlib
 from dataclasses import dataclass
 
 from .errors import ValidationError, printable
-from .pem import CERT, KEY, Block, classify, rsa_private_numbers, rsa_public_numbers, shown_label
+from .inputs import check_size
+from .pem import (
+    CERT,
+    KEY,
+    Block,
+    classify,
+    first_copy,
+    rsa_private_numbers,
+    rsa_public_numbers,
+    shown_label,
+)
 
 EXPIRY_WARNING_DAYS = 30
 
@@ -69,9 +79,16 @@ def check(cert_pem, key_pem, *, device_id=None, module_id=None, now=None) -> Cer
     :param now: the current time (aware or naive UTC); defaults to the system clock.
     :raises ValidationError: field ``certificate`` or ``private key``.
     """
+    for data, field in ((cert_pem, CERT), (key_pem, KEY)):  # first: it bounds the work below
+        check_size(data.encode("utf-8") if isinstance(data, str) else data, field)
     cert_blocks = classify(cert_pem, CERT)
     key_blocks = classify(key_pem, KEY)
     _check_roles(cert_blocks, key_blocks)
+    copy = first_copy(cert_blocks)  # before parsing: a chain of copies is refused at once
+    if copy:
+        raise ValidationError(CERT, f"certificate {copy[0]} is a copy of certificate "
+                              f"{copy[1]}; keep each certificate once: the device (leaf) "
+                              "certificate first, then each issuer")
     certs = _load_certificates(cert_blocks)
     order = _order_error(certs)
     if order:  # before the key check, which would only say "does not belong"

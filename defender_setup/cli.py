@@ -329,6 +329,28 @@ def _ids(text: str) -> list[str]:
     return [part.strip() for part in text.split(",") if part.strip()]
 
 
+def _seconds(low: float, high: float):
+    """An argparse type: seconds from ``low`` to ``high``. float() alone takes -1, nan and inf,
+    and a --timeout below what a verification needs judges a healthy agent unstable."""
+    def seconds(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            value = float("nan")
+        if not low <= value <= high:  # false for nan as well
+            raise argparse.ArgumentTypeError(f"must be a number of seconds from {low:g} to "
+                                             f"{high:g}")
+        return value
+
+    seconds.bounds = (low, high)
+    return seconds
+
+
+# The verdict needs a restart (Type=notify: until READY=1) plus 1.5 s of stability.
+_TIMEOUT = _seconds(5, 3600)
+_LOCK_TIMEOUT = _seconds(0, 3600)  # 0: a single try
+
+
 def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--root", default="/", metavar="DIR",
@@ -342,13 +364,13 @@ def build_parser() -> argparse.ArgumentParser:
                        help="PEM certificate (chain allowed, leaf first)")
     creds.add_argument("--private-key", metavar="FILE", help="PEM private key (unencrypted)")
     service = argparse.ArgumentParser(add_help=False)
-    service.add_argument("--timeout", type=float, default=30.0, metavar="S",
+    service.add_argument("--timeout", type=_TIMEOUT, default=30.0, metavar="S",
                          help="seconds to wait for the service to become active (default 30)")
     service.add_argument("--strict", action="store_true",
                          help="exit 69 when verification fails, even after a successful "
                          "roll-back (for image pipelines)")
     locking = argparse.ArgumentParser(add_help=False)
-    locking.add_argument("--lock-timeout", type=float, metavar="S",
+    locking.add_argument("--lock-timeout", type=_LOCK_TIMEOUT, metavar="S",
                          help="seconds to wait while another defender-setup command holds the "
                          "lock, then exit 75 (default 30; 5 for status and check)")
 
@@ -407,7 +429,7 @@ def build_parser() -> argparse.ArgumentParser:
             "machine "
             "(systemd credentials defender-setup.*, or the boot partition's drop folder), "
             "then restart and verify the service")
-    p.add_argument("--timeout", type=float, default=30.0, metavar="S",
+    p.add_argument("--timeout", type=_TIMEOUT, default=30.0, metavar="S",
                    help="seconds to wait for the service to become active (default 30)")
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--no-restart", action="store_true", help="write the files only")

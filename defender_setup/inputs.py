@@ -12,7 +12,8 @@ Interface::
 such as /dev/zero, a directory) raises :class:`InputError` (exit 66) before anything is read,
 and without blocking: a FIFO is never opened for a blocking read. Content over the limit raises
 :class:`ValidationError` (exit 65) naming the limit; no more than limit + 1 bytes is ever read.
-Messages name the path and the fix, never the content.
+Messages name the path and the fix, never the content. :func:`check_size` applies the same
+limits to content that came another way (a stored set, a systemd credential).
 """
 
 from __future__ import annotations
@@ -26,8 +27,19 @@ from .errors import printable as _printable
 # The longest valid connection string (253-character host and gateway names, 128-character
 # ids, a 64-byte key) is about 920 bytes; the rest is room for what pasting adds.
 CONNECTION_STRING_MAX = 1024
-PEM_MAX = 1024 * 1024  # a chain of a dozen 4096-bit certificates is under 30 KiB
-LIMITS = {CONNECTION_STRING: CONNECTION_STRING_MAX, CERTIFICATE: PEM_MAX, PRIVATE_KEY: PEM_MAX}
+# systemd hands the unit its files (LoadCredential=, conf.json included) only while they fit its
+# CREDENTIALS_TOTAL_SIZE_MAX, 1 MiB in systemd 247, 252 and 257; over it the agent never starts
+# (243/CREDENTIALS, "Protocol error"). Measured in containers: 247 and 252 count each file's
+# size plus its ID's length (247 also every SetCredential= stand-in), 257 whole 4 KiB pages of
+# a 1 MiB tmpfs. With conf.json at its 64 KiB, the largest set still fits in all three.
+CERTIFICATE_MAX = 768 * 1024  # a chain of a dozen 4096-bit certificates is under 30 KiB
+PRIVATE_KEY_MAX = 64 * 1024  # an RSA 16384-bit key is under 13 KiB
+LIMITS = {CONNECTION_STRING: CONNECTION_STRING_MAX, CERTIFICATE: CERTIFICATE_MAX,
+          PRIVATE_KEY: PRIVATE_KEY_MAX}
+_SYSTEMD = "systemd hands the agent at most 1 MiB of credentials in all; "
+_FIXES = {CONNECTION_STRING: "is it the right file?",
+          CERTIFICATE: _SYSTEMD + "the chain needs only the leaf and its issuers, each once",
+          PRIVATE_KEY: _SYSTEMD + "give the file that holds only the private key"}
 
 _KINDS = ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO (named pipe)"),
           (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
@@ -35,12 +47,25 @@ _KINDS = ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO (named pipe)"),
 
 
 def describe_limit(limit: int) -> str:
-    return f"{limit // (1024 * 1024)} MiB" if limit % (1024 * 1024) == 0 else f"{limit} bytes"
+    if limit % (1024 * 1024) == 0:
+        return f"{limit // (1024 * 1024)} MiB"
+    if limit % 1024 == 0 and limit >= 10 * 1024:  # a connection string stays "1024 bytes"
+        return f"{limit // 1024} KiB"
+    return f"{limit} bytes"
 
 
 def _too_large(field: str, what: str) -> ValidationError:
     return ValidationError(field, f"{what}; a {field} file is at most "
-                           f"{describe_limit(LIMITS[field])} (is it the right file?)")
+                           f"{describe_limit(LIMITS[field])} ({_FIXES[field]})")
+
+
+def check_size(data: bytes, field: str) -> None:
+    """Refuse content over ``LIMITS[field]``, as :func:`read_file` would have.
+
+    :raises ValidationError: larger than the limit.
+    """
+    if len(data) > LIMITS[field]:
+        raise _too_large(field, f"the file is {len(data)} bytes")
 
 
 def _is_dev_null(st: os.stat_result) -> bool:

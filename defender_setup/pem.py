@@ -6,6 +6,7 @@ Interface::
     Block(label, headers, der).pem()               # clean PEM: no BOM, LF, 64 columns
     rsa_private_numbers(block) -> (n, e) | None    # after checking the key's arithmetic
     rsa_public_numbers(cert_der) -> (n, e) | None
+    first_copy(blocks) -> (n, m) | None            # block n (from 1) repeats block m
 
 Split out of :mod:`certificates`, which keeps what is checked; this module is how files are
 framed. Messages never contain file contents: labels, block numbers and hints only.
@@ -110,6 +111,17 @@ def classify(data, field: str) -> list[Block]:
         raise ValidationError(field, "the file holds no complete PEM block (expected a "
                               "-----BEGIN ...----- line); copy it again")
     return blocks
+
+
+def first_copy(blocks: list[Block]):
+    """``(n, m)``: block n holds the same DER as the earlier block m (numbered from 1); None
+    when every block differs. However it is laid out, the same DER is the same thing."""
+    seen: dict = {}
+    for n, block in enumerate(blocks, 1):
+        m = seen.setdefault(block.der, n)
+        if m != n:
+            return n, m
+    return None
 
 
 def _b64(body: list[str], field: str, n: int, label: str) -> bytes:

@@ -117,3 +117,20 @@ def test_apply_without_seal_keeps_a_sealed_set_sealed(run, sas_inputs, cert_inpu
     assert code == 0 and "sealing deferred to the first boot" in out
     assert AgentDir(run.root).record(sealing.PENDING) is not None
 
+
+
+@pytest.mark.allow_subprocess("python3")
+def test_apply_timeout_0_exits_2_before_anything_is_written(booted_root, tmp_path, sas_inputs):
+    """The real command on a root that looks booted: a --timeout no verification can pass
+    is refused by the parser, before any input is read, any file written or systemctl run."""
+    cs = tmp_path / "cs.txt"
+    cs.write_bytes(sas_inputs.connection_string)
+    before = snapshot(booted_root)
+    r = _real_cli("apply", "--root", str(booted_root), "--timeout", "0",
+                  "--connection-string-file", str(cs))
+    assert r.returncode == 2, r.stderr
+    assert r.stderr.decode().splitlines()[-1] == (
+        "defender-setup apply: error: argument --timeout: must be a number of seconds from 5 "
+        "to 3600")
+    assert r.stdout == b"" and snapshot(booted_root) == before
+    assert not (booted_root / "var").exists()

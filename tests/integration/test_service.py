@@ -329,3 +329,35 @@ def test_an_interrupted_update_is_completed_before_the_agent_starts(ct, preseed,
     assert "repaired: an interrupted credential update was completed" in log, log
     status = json.loads(ct.run(["defender-setup", "status", "--json"]).stdout)
     assert (status["method"], status["problem"]) == ("certificate", None), status
+
+
+def agent_files(ct) -> str:
+    """Every file of the agent directory (private state included) with its mode and digest."""
+    return ct.run(["sh", "-c", f"cd {AGENT_DIR} && find . -type f -printf '%m %p ' "
+                   "-exec sha256sum {} \\; | sort"]).stdout
+
+
+def test_a_chain_systemd_cannot_hand_the_agent_is_refused_and_nothing_changes(ct, preseed,
+                                                                                identity):
+    """1 MiB of copies of one leaf: systemd refuses to load it for the unit (243/CREDENTIALS,
+    "Protocol error"), so apply must refuse it (65) before writing or restarting anything."""
+    install(ct, preseed)
+    cert, key = identity("good-dev", key="p256")
+    chain = cert * ((1 << 20) // len(cert))
+    ct.copy_in(chain, "/root/chain.pem")
+    ct.copy_in(key, "/root/device.key")
+    ct.copy_in(f"HostName={preseed.HUB};DeviceId=good-dev;ModuleId=DefenderIotMicroAgent;"
+               "x509=true\n", "/root/cs.txt")
+    before, files = state(ct), agent_files(ct)
+    assert "connection_string.txt" in files and before["SubState"] == "running"
+    r = ct.run(["defender-setup", "apply", "--connection-string-file", "/root/cs.txt",
+                "--certificate", "/root/chain.pem", "--private-key", "/root/device.key"],
+               check=False)
+    assert r.returncode == 65, r
+    assert r.stdout == "" and r.stderr == (
+        f"defender-setup: error: certificate: /root/chain.pem is {len(chain)} bytes; a "
+        "certificate file is at most 768 KiB (systemd hands the agent at most 1 MiB of "
+        "credentials in all; the chain needs only the leaf and its issuers, each once)\n")
+    assert agent_files(ct) == files
+    after = state(ct)
+    assert (after["InvocationID"], after["SubState"]) == (before["InvocationID"], "running")

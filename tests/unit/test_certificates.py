@@ -257,3 +257,38 @@ def test_normalize_drops_bom_crlf_and_surrounding_text(dev):
     params = b"-----BEGIN EC PARAMETERS-----\nBggqhkjOPQMBBw==\n-----END EC PARAMETERS-----\n"
     ec_key = f.key_pem("p256", traditional=True)
     assert certificates.normalize_private_key(params + ec_key) == ec_key.replace(b"\r", b"")
+
+
+# --- what systemd can hand the unit: sizes and copies -----------------------------------------
+
+
+def test_a_certificate_given_twice_is_refused(pki):
+    root, inter, leaf = pki
+    message = fails(CERT, f.chain_pem(leaf, inter, inter), leaf.key_pem)
+    assert message == ("certificate: certificate 3 is a copy of certificate 2; keep each "
+                       "certificate once: the device (leaf) certificate first, then each issuer")
+    assert "certificate 2 is a copy of certificate 1" in fails(CERT, f.chain_pem(leaf, leaf),
+                                                               leaf.key_pem)
+
+
+def test_a_one_mebibyte_chain_of_one_leaf_is_refused_for_its_size(dev):
+    """What an attack pass fed the unit: 1 MiB of copies of the leaf, which systemd refused to
+    hand the agent (243/CREDENTIALS) after validation had accepted it."""
+    chain = dev.cert_pem * (1024 * 1024 // len(dev.cert_pem))
+    message = fails(CERT, chain, dev.key_pem)
+    assert message == (f"certificate: the file is {len(chain)} bytes; a certificate file is at "
+                       "most 768 KiB (systemd hands the agent at most 1 MiB of credentials in "
+                       "all; the chain needs only the leaf and its issuers, each once)")
+
+
+def test_size_limits_are_inclusive_and_checked_before_parsing(dev):
+    limit = 768 * 1024
+    padded = b"#" * (limit - len(dev.cert_pem)) + dev.cert_pem  # text before a block is fine
+    assert check(padded, dev.key_pem, now=NOW).chain_length == 1
+    assert "at most 768 KiB" in fails(CERT, b"#" + padded, dev.key_pem)
+    key = b"#" * (64 * 1024 - len(dev.key_pem)) + dev.key_pem
+    assert check(dev.cert_pem, key, now=NOW).chain_length == 1
+    assert fails(KEY, dev.cert_pem, b"#" + key) == (
+        f"private key: the file is {len(key) + 1} bytes; a private key file is at most 64 KiB "
+        "(systemd hands the agent at most 1 MiB of credentials in all; give the file that "
+        "holds only the private key)")

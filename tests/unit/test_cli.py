@@ -289,8 +289,8 @@ def test_a_fifo_as_input_exits_66_without_blocking(run, tmp_path):
 
 
 @pytest.mark.parametrize("size, field, limit", [(1025, "--connection-string-file", "1024 bytes"),
-                                                ((1 << 20) + 1, "--certificate", "1 MiB"),
-                                                ((1 << 20) + 1, "--private-key", "1 MiB")])
+                                                ((1 << 20) + 1, "--certificate", "768 KiB"),
+                                                ((64 << 10) + 1, "--private-key", "64 KiB")])
 def test_oversized_inputs_exit_65_naming_the_limit(run, cert_inputs, size, field, limit):
     args = run.inputs(cert_inputs)
     args[args.index(field) + 1] = run.file("big", b"\0" * size)
@@ -396,3 +396,59 @@ def test_an_unexpected_exception_is_one_line_and_exit_70(capsys):
     out, err = capsys.readouterr()
     assert err.count("\n") == 1 and "Traceback" not in err and "SECRET" not in err
     assert "internal error: TypeError at" in err and "(boom)" in err
+
+
+# Every command that takes --timeout (restart and verification) or --lock-timeout.
+TIMEOUT_COMMANDS = ("apply", "restart", "rollback", "seal", "unseal", "import")
+LOCK_TIMEOUT_COMMANDS = TIMEOUT_COMMANDS + ("status", "check", "repair")
+
+
+def _parse_error(argv, capsys):
+    with pytest.raises(SystemExit) as exc:
+        cli.build_parser().parse_args(argv)
+    return exc.value.code, capsys.readouterr().err.strip().splitlines()[-1]
+
+
+@pytest.mark.parametrize("command", TIMEOUT_COMMANDS)
+@pytest.mark.parametrize("value", ["0", "-1", "4.9", "3601", "nan", "NaN", "inf", "-inf",
+                                   "1e999", "", "30s"])
+def test_an_out_of_range_timeout_is_a_usage_error_naming_the_range(command, value, capsys):
+    # --timeout 0 or -1 used to judge a healthy agent unstable and roll back good credentials.
+    # --timeout=VALUE: argparse takes "--timeout -inf" for two options (exit 2 all the same)
+    code, line = _parse_error([command, f"--timeout={value}"], capsys)
+    assert code == 2
+    assert line == (f"defender-setup {command}: error: argument --timeout: must be a number "
+                    "of seconds from 5 to 3600")
+
+
+@pytest.mark.parametrize("command", LOCK_TIMEOUT_COMMANDS)
+@pytest.mark.parametrize("value", ["-1", "-0.001", "3601", "nan", "inf", "-inf", "x"])
+def test_an_out_of_range_lock_timeout_is_a_usage_error_naming_the_range(command, value, capsys):
+    code, line = _parse_error([command, f"--lock-timeout={value}"], capsys)
+    assert code == 2
+    assert line == (f"defender-setup {command}: error: argument --lock-timeout: must be a "
+                    "number of seconds from 0 to 3600")
+
+
+@pytest.mark.parametrize("option, value, expected", [
+    ("--timeout", "5", 5.0), ("--timeout", "30", 30.0), ("--timeout", "3600", 3600.0),
+    ("--timeout", "7.5", 7.5), ("--lock-timeout", "0", 0.0), ("--lock-timeout", "0.2", 0.2),
+    ("--lock-timeout", "3600", 3600.0)])
+def test_timeouts_in_range_are_accepted(option, value, expected, capsys):
+    args = cli.build_parser().parse_args(["restart", option, value])
+    assert getattr(args, option[2:].replace("-", "_")) == expected
+    assert _parse_error(["restart", option, "-inf"], capsys)[0] == 2
+
+
+def test_no_numeric_option_is_left_unbounded():
+    """A plain type=float or type=int accepts -1, nan and inf: every number goes through a
+    bounded type."""
+    parser = cli.build_parser()
+    (sub,) = [a for a in parser._actions if isinstance(a, cli.argparse._SubParsersAction)]
+    seen = set()
+    for name, command in sub.choices.items():
+        for action in command._actions:
+            assert action.type not in (int, float), (name, action.option_strings)
+            if getattr(action.type, "bounds", None):
+                seen.add(action.option_strings[0])
+    assert seen == {"--timeout", "--lock-timeout"}

@@ -122,7 +122,7 @@ def test_file_answers_are_bounded_and_regular_files_only(tmp_path):
         assert "not a regular file" in str(err.value)
         assert question_for(err.value, answers) == "certificate-file"
     (tmp_path / "big.key").write_bytes(b"x" * ((1 << 20) + 1))
-    with pytest.raises(ValidationError, match="at most 1 MiB") as err:
+    with pytest.raises(ValidationError, match="at most 64 KiB") as err:
         read_input(str(tmp_path / "big.key"), PRIVATE_KEY)
     assert question_for(err.value, Answers(method="certificate")) == "private-key-file"
 

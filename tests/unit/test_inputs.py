@@ -84,8 +84,8 @@ def test_missing_and_unreadable_files(tmp_path):
 
 
 @pytest.mark.parametrize("field, limit, said", [(CONNECTION_STRING, 1024, "1024 bytes"),
-                                                (CERTIFICATE, 1 << 20, "1 MiB"),
-                                                (PRIVATE_KEY, 1 << 20, "1 MiB")])
+                                                (CERTIFICATE, 768 << 10, "768 KiB"),
+                                                (PRIVATE_KEY, 64 << 10, "64 KiB")])
 def test_oversized_files_are_refused_with_the_limit(tmp_path, field, limit, said):
     assert LIMITS[field] == limit
     path = tmp_path / "big"

@@ -238,3 +238,15 @@ def test_mangled_files_raise_validation_errors_without_key_material(which, data)
         assert "\n" not in message and exc.field in (CERT, KEY)
         for line in f.body(key):
             assert line[:16] not in message
+
+
+# --- the same certificate twice ----------------------------------------------------------------
+
+
+def test_a_block_given_twice_is_found_whatever_its_formatting(dev):
+    ca = f.make_ca("Copy CA", now=NOW)
+    assert pem.first_copy(pem.classify(f.chain_pem(dev, ca), CERT)) is None
+    assert pem.first_copy(pem.classify(f.chain_pem(dev, ca, ca), CERT)) == (3, 2)
+    # the same DER in other line lengths is still the same certificate
+    squashed = f.chain_pem(dev).replace(b"\n", b"") + b"\n"
+    assert pem.first_copy(pem.classify(f.chain_pem(dev, ca) + squashed, CERT)) == (3, 1)
