@@ -3,6 +3,8 @@ both generations sealed, no key on argv, another machine cannot decrypt, switche
 
 from __future__ import annotations
 
+import subprocess
+
 import pytest
 
 from defender_setup import sealing
@@ -13,7 +15,9 @@ from defender_setup.credentials import (
     PRIVATE_KEY_FILE,
     method_of,
 )
+from defender_setup.errors import InputError
 from tests import certfactory
+from tests.conftest import snapshot
 from tests.fakes import HOST_AND_TPM2, FakeCreds, debian12, seal_here
 
 CS_SEALED = CONNECTION_STRING_FILE + ".cred"
@@ -110,3 +114,104 @@ def test_unseal_goes_back_to_plain_files(root, creds, cert_inputs):
         PRIVATE_KEY_FILE][0]
     assert (agent.path / PRIVATE_KEY_FILE).stat().st_mode & 0o777 == 0o600
     assert KEY_SEALED in {p.name for p in (agent.state / "previous").iterdir()}
+
+
+# -- faults: a failing encrypt, an interrupted seal ----------------------------------------
+class FailingCreds:
+    """``sealing``'s runner: the fake systemd-creds, except that encrypt number ``fail_at``
+    fails as a busy TPM2 would."""
+
+    def __init__(self, fail_at: int):
+        self.fail_at, self.encrypts, self.failed = fail_at, 0, False
+
+    def __call__(self, argv, data):
+        if argv[1] == "encrypt":
+            self.encrypts += 1
+            if self.encrypts == self.fail_at:
+                self.failed = True
+                return subprocess.CompletedProcess(argv, 1, b"", b"TPM2 busy\n")
+        return subprocess.run(argv, input=data, capture_output=True, check=False)
+
+
+def generations(agent) -> dict:
+    """Both generations' bytes: ``{"current": b"...", "previous": b"..."}``."""
+    previous = agent.state / "previous"
+    return {"current": b"".join(agent.current().values()),
+            "previous": b"".join(p.read_bytes() for p in sorted(previous.iterdir()))
+            if previous.is_dir() else b""}
+
+
+def assert_sealed_set_hides(agent, *inputs):
+    """Where the current set is sealed, neither generation holds a secret of ``inputs``."""
+    if not sealing.kept_sealed(agent):
+        return
+    for where, data in generations(agent).items():
+        for secret in (s for i in inputs for s in secret_of(i)):
+            assert secret not in data, f"a plain secret in the {where} generation"
+
+
+@pytest.mark.allow_subprocess("systemd-creds")
+@pytest.mark.parametrize("fail_at", [1, 2])
+def test_a_failing_encrypt_writes_nothing(root, creds, sas_inputs, cert_inputs, fail_at):
+    AgentDir(root).write(sas_inputs.validated().files)  # plain: two encrypts to seal B over it
+    before = snapshot(root)
+    runner = FailingCreds(fail_at)
+    validated = cert_inputs.validated()
+    with pytest.raises(sealing.SealingError, match="cannot be sealed: TPM2 busy"):
+        sealing.store(AgentDir(root), validated.files, validated.method, True,
+                      runner=runner, defer=seal_here)
+    assert runner.failed, "the fault did not land"
+    agent = AgentDir(root)
+    assert_sealed_set_hides(agent, sas_inputs, cert_inputs)
+    assert snapshot(root) == before, "a failed seal changed the files"
+    for secret in secret_of(cert_inputs):
+        assert secret not in everything_under(root)
+
+
+@pytest.mark.allow_subprocess("systemd-creds")
+def test_rollback_after_a_failed_seal_puts_no_plain_secret_back(root, creds, sas_inputs,
+                                                                 cert_inputs):
+    AgentDir(root).write(sas_inputs.validated().files)
+    validated = cert_inputs.validated()
+    with pytest.raises(sealing.SealingError):
+        sealing.store(AgentDir(root), validated.files, validated.method, True,
+                      runner=FailingCreds(2), defer=seal_here)
+    agent = AgentDir(root)
+    sealed_before = sealing.kept_sealed(agent)
+    try:
+        agent.rollback()
+    except InputError:  # nothing was written: no previous set to go back to
+        pass
+    if sealed_before:
+        assert sealing.kept_sealed(agent), "rollback made a sealed set plain again"
+    assert_sealed_set_hides(agent, sas_inputs)
+
+
+def interrupted_seal(root, inputs):
+    """What a seal killed after sealing the current set in place used to leave: the current
+    set sealed, its plain copy in the previous generation."""
+    agent = AgentDir(root)
+    validated = inputs.validated()
+    agent.write(validated.files, origin="apply")
+    agent.write(sealing.seal(validated.files, validated.method), origin="seal")
+    assert set(agent.current()) == {CS_SEALED}
+    assert (agent.state / "previous" / CONNECTION_STRING_FILE).exists()
+    return agent
+
+
+@pytest.mark.allow_subprocess("systemd-creds")
+def test_seal_again_seals_a_plain_previous_generation(root, creds, sas_inputs):
+    agent = interrupted_seal(root, sas_inputs)
+    sealed_now = agent.current()
+    assert sealing.plain_left(agent) == [CONNECTION_STRING_FILE]
+    lines = sealing.seal_in_place(agent, True, defer=seal_here)
+    assert lines is not None, "said nothing to do with a plain secret left"
+    assert sealing.plain_left(agent) == []
+    assert agent.current() == sealed_now  # the current set was sealed already: untouched
+    assert {p.name for p in (agent.state / "previous").iterdir()} == {CS_SEALED}
+    for secret in secret_of(sas_inputs):
+        assert secret not in everything_under(root)
+    assert sealing.seal_in_place(agent, True, defer=seal_here) is None  # now nothing to do
+    agent.rollback()  # the sealed previous generation still restores
+    assert sealing.open_set(agent.current())[0][CONNECTION_STRING_FILE] == \
+        sas_inputs.validated().files[CONNECTION_STRING_FILE][0]
