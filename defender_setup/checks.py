@@ -103,7 +103,7 @@ def _check_modes(agent: AgentDir, modes: dict, add) -> None:
 def _check_sealed(agent: AgentDir, files: dict, add) -> dict | None:
     """Sealed files decrypt here (with this machine's host key / TPM2): the plain view of
     ``files``, or None when they do not."""
-    from .sealing import PENDING, SEAL_UNIT, open_set
+    from .sealing import PENDING, PLAIN_LEFT, SEAL_UNIT, open_set, plain_left
 
     description = "sealed secret files decrypt with this machine's key"
     plain, how = open_set(files)
@@ -116,7 +116,9 @@ def _check_sealed(agent: AgentDir, files: dict, add) -> dict | None:
         add("sealed-credentials", description, WARNING, "sealing is deferred to the first "
             f"boot ({SEAL_UNIT}); run 'defender-setup seal' to seal now")
     elif how.sealed:
-        add("sealed-credentials", description, OK, how.describe())
+        left = plain_left(agent)  # a plain copy behind a sealed set: seal it
+        add("sealed-credentials", description, WARNING if left else OK, how.describe()
+            + (", but " + PLAIN_LEFT.format(", ".join(left)) if left else ""))
     else:
         add("sealed-credentials", description, SKIPPED, "not sealed (plain root-only files)")
     return plain

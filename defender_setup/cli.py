@@ -149,11 +149,11 @@ def cmd_seal(args, out) -> int:
     if want:  # before the lock, which writes to the agent directory
         sealing.require(args.root)
     with _Writing(args, out) as agent:
-        files, method, how = sealing.plain_set(agent)
-        if bool(how.sealed) == want and agent.record(sealing.PENDING) is None:
+        lines, how = sealing.seal_in_place(agent, want)
+        if lines is None:
             print(f"nothing to do: the credentials are {how.describe()}", file=out)
             return EX_OK
-        _print_stored(sealing.store(agent, files, method, want, origin=args.command), out)
+        _print_stored(lines, out)
         return _after_write(args, out)
 
 

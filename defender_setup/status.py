@@ -17,7 +17,7 @@ from . import UNIT
 from .agentdir import IMPORT_RECORD, AgentDir
 from .credentials import load, method_of
 from .errors import BusyError, SetupError
-from .sealing import PENDING, open_set
+from .sealing import PENDING, PLAIN_LEFT, open_set, plain_left
 
 INTERRUPTED = ("an interrupted credential update is pending (the files may mix two sets); "
                "run 'defender-setup repair', or restart the service, to complete it")
@@ -71,9 +71,12 @@ def collect(root: Path, service_state: dict | None = None, lock_timeout: float =
     report["method"] = method
     files, how = open_set(files)  # sealed files decrypted (here, in memory only)
     pending = agent.record(PENDING) is not None
+    left = plain_left(agent)
     report["sealing"] = {"sealed": list(how.sealed), "keys": how.keys, "pending": pending,
+                         "plain_previous": left,
                          "summary": how.describe() + ("; sealing deferred to the first boot"
                                                       if pending else "")}
+    report["warnings"] = [PLAIN_LEFT.format(", ".join(left))] if left else []
     if how.error:
         report["problem"] = f"the sealed credentials cannot be read: {how.error}"
         return report
@@ -87,7 +90,7 @@ def collect(root: Path, service_state: dict | None = None, lock_timeout: float =
                           "gateway": c.gateway_host_name}
     if validated.certificate is not None:
         report["certificate"] = _certificate(validated.certificate)
-    report["warnings"] = list(validated.warnings)
+    report["warnings"] += validated.warnings
     return report
 
 

@@ -204,14 +204,14 @@ def test_seal_again_seals_a_plain_previous_generation(root, creds, sas_inputs):
     agent = interrupted_seal(root, sas_inputs)
     sealed_now = agent.current()
     assert sealing.plain_left(agent) == [CONNECTION_STRING_FILE]
-    lines = sealing.seal_in_place(agent, True, defer=seal_here)
+    lines = sealing.seal_in_place(agent, True, defer=seal_here)[0]
     assert lines is not None, "said nothing to do with a plain secret left"
     assert sealing.plain_left(agent) == []
     assert agent.current() == sealed_now  # the current set was sealed already: untouched
     assert {p.name for p in (agent.state / "previous").iterdir()} == {CS_SEALED}
     for secret in secret_of(sas_inputs):
         assert secret not in everything_under(root)
-    assert sealing.seal_in_place(agent, True, defer=seal_here) is None  # now nothing to do
+    assert sealing.seal_in_place(agent, True, defer=seal_here)[0] is None  # nothing to do now
     agent.rollback()  # the sealed previous generation still restores
     assert sealing.open_set(agent.current())[0][CONNECTION_STRING_FILE] == \
         sas_inputs.validated().files[CONNECTION_STRING_FILE][0]
