@@ -91,6 +91,6 @@ def test_the_unit_that_rolls_back_at_boot_can_reach_the_tpm():
     # (PID 1 decrypts its credentials) and never rolls back.
     lines = unit_directives("defender-setup-import-verify")
     assert "PrivateDevices=yes" not in lines
-    assert {"DevicePolicy=closed", "DeviceAllow=/dev/tpmrm0 rw"} <= set(lines)
+    assert {"DevicePolicy=closed", "DeviceAllow=char-tpmrm rw"} <= set(lines)
     for name in ("defender-setup-seal", "defender-setup-import", "defender-setup-repair"):
         assert "PrivateDevices=yes" not in unit_directives(name)
