@@ -5,12 +5,14 @@ Interface::
     d = AgentDir(root=Path("/"))
     with d.lock(timeout=30):   # writers: one exclusive lock around the whole command (exit 75)
         d.write({"connection_string.txt": (b"...", 0o600)}, origin="apply")  # whole set
+        d.write(files, origin, previous={...})  # ... keeping this as the previous generation
         d.rollback()      # the previous set becomes current (and the current one previous)
         d.repair()        # finish a write that was interrupted
     d.snapshot(timeout=5) # readers: a consistent view under a shared lock; never writes
     d.view()              # the same, for a caller holding a lock already
     d.unconfigure()       # no credentials; the removed set becomes the previous one
     d.current()           # {name: bytes} of the credential files present
+    d.previous_files()    # {name: bytes} of the previous generation (for rollback)
     d.method()            # "connection-string" | "certificate" | None
     d.origin()            # {"source": "apply", "time": "...Z"} of the current set, or None
     d.pending()           # an interrupted write is waiting for repair()
@@ -234,6 +236,11 @@ class AgentDir:
         previous = self.state / PREVIOUS
         return previous.is_dir() and any((previous / name).exists() for name in ALL_FILES)
 
+    def previous_files(self) -> dict[str, bytes]:
+        """The previous generation's files by name (``{}`` when there is none)."""
+        previous = self.state / PREVIOUS
+        return self._files_in(previous) if self._check_dir(previous) else {}
+
     def pending(self) -> bool:
         """True while an interrupted write waits for :meth:`repair`."""
         return lstat(self.state / JOURNAL) is not None
@@ -260,14 +267,16 @@ class AgentDir:
 
     # -- writing ----------------------------------------------------------------------------
     def write(self, files: dict[str, tuple[bytes, int]],
-              origin: str | dict | None = None) -> None:
+              origin: str | dict | None = None, previous: dict | None = None) -> None:
         """Replace the whole credential set with ``files``; keep the old set as previous.
 
         :param origin: where the set comes from, recorded with it: a source name
             (``"apply"``, ``"debconf"``, ``"rollback"``, ...) or a dict of short strings with
             a ``source`` key; the time is added. Never put a secret here.
+        :param previous: the previous generation to keep instead of the old set itself
+            (``{name: (data, mode)}``: the old set sealed), in the same transaction.
         """
-        unknown = set(files) - set(ALL_FILES)
+        unknown = (set(files) | set(previous or {})) - set(ALL_FILES)
         if unknown or not files:
             raise SetupError(f"refusing to write an unexpected file set: {sorted(unknown)}")
         record = {"source": origin} if isinstance(origin, str) else dict(origin or {})
@@ -275,10 +284,10 @@ class AgentDir:
         record.setdefault("time", now())
         with self.lock():
             self._repair()
-            self._stage(files, record)
+            self._stage(files, record, previous)
             self._repair()
 
-    def _stage(self, files: dict, record: dict) -> None:
+    def _stage(self, files: dict, record: dict, previous: dict | None = None) -> None:
         import shutil  # lazy: it pulls in bz2 and lzma, which status and check never need
 
         staging, previous_new = self.state / STAGING, self.state / PREVIOUS_NEW
@@ -291,7 +300,9 @@ class AgentDir:
             create(staging / ORIGIN, json.dumps(record, sort_keys=True).encode(), 0o600)
             fsync_dir(staging)
             previous_new.mkdir(mode=DIR_MODE)
-            for name in ALL_FILES:
+            for name, (data, mode) in (previous or {}).items():
+                create(previous_new / name, data, mode)
+            for name in ALL_FILES if previous is None else ():
                 if (self.path / name).exists():
                     os.link(self.path / name, previous_new / name, follow_symlinks=False)
             fsync_dir(previous_new)

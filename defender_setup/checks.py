@@ -106,7 +106,7 @@ def _check_modes(agent: AgentDir, modes: dict, add) -> None:
 
 def _check_sealed(stored, add) -> bool:
     """Sealed files decrypt here (with this machine's host key / TPM2); False when not."""
-    from .sealing import SEAL_UNIT
+    from .sealing import PLAIN_LEFT, SEAL_UNIT
 
     description = "sealed secret files decrypt with this machine's key"
     how = stored.sealing
@@ -119,7 +119,9 @@ def _check_sealed(stored, add) -> bool:
         add("sealed-credentials", description, WARNING, "sealing is deferred to the first "
             f"boot ({SEAL_UNIT}); run 'defender-setup seal' to seal now")
     elif how.sealed:
-        add("sealed-credentials", description, OK, how.describe())
+        left = stored.plain_left  # a plain copy behind a sealed set: seal it
+        add("sealed-credentials", description, WARNING if left else OK, how.describe()
+            + (", but " + PLAIN_LEFT.format(", ".join(left)) if left else ""))
     else:
         add("sealed-credentials", description, SKIPPED, "not sealed (plain root-only files)")
     return True

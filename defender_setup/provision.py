@@ -34,7 +34,16 @@ from .credentials import (
     validate,
 )
 from .errors import CERTIFICATE, CONNECTION_STRING, PRIVATE_KEY, ValidationError
-from .sealing import PENDING, Sealing, SealingError, deferral, open_set, store
+from .sealing import (
+    PENDING,
+    Sealing,
+    SealingError,
+    deferral,
+    open_set,
+    plain_left,
+    seal_previous,
+    store,
+)
 
 
 @dataclass(frozen=True)
@@ -84,6 +93,7 @@ class Stored:
     origin: dict | None
     seal_pending: bool                # sealing waits for the first boot
     deferral: str | None              # why sealing would wait for the first boot here
+    plain_left: tuple = ()            # plain secrets left behind a sealed set (previous)
 
     @property
     def method(self) -> str | None:
@@ -105,8 +115,11 @@ class Stored:
         return load(self.plain, self.where)
 
 
-def read(agent, timeout: float | None = None, runner=None, environ=None) -> Stored:
+def read(agent, timeout: float | None = None, runner=None, environ=None, defer=None) -> Stored:
     """The stored set under the readers' shared lock (never writes, never repairs).
+
+    ``runner``, ``environ`` and ``defer`` are :mod:`.sealing`'s seams (tests seal in a
+    throw-away root).
 
     :raises BusyError: a writer kept the lock ``timeout`` seconds.
     :raises UnsafeTargetError: the directory, a file or the private state is unsafe.
@@ -114,21 +127,22 @@ def read(agent, timeout: float | None = None, runner=None, environ=None) -> Stor
     from .agentdir import READ_WAIT
 
     with agent.read_lock(READ_WAIT if timeout is None else timeout):
-        return _read(agent, runner, environ)
+        return _read(agent, runner, environ, defer)
 
 
-def read_locked(agent, runner=None, environ=None) -> Stored:
+def read_locked(agent, runner=None, environ=None, defer=None) -> Stored:
     """:func:`read` for a writer that already holds the exclusive lock."""
-    return _read(agent, runner, environ)
+    return _read(agent, runner, environ, defer)
 
 
-def _read(agent, runner, environ) -> Stored:
+def _read(agent, runner, environ, defer) -> Stored:
     seen = agent.view()
     plain, how = open_set(seen.files, runner)
     return Stored(where=str(agent.path), files=seen.files, plain=plain, sealing=how,
                   modes=seen.modes, previous=seen.previous, pending=seen.pending,
                   origin=seen.origin, seal_pending=agent.record(PENDING) is not None,
-                  deferral=deferral(agent.root, environ))
+                  deferral=(defer or deferral)(agent.root, environ),
+                  plain_left=tuple(plain_left(agent)))
 
 
 @dataclass(frozen=True)
@@ -141,6 +155,7 @@ class Plan:
     seal: bool
     probe: bool
     stored_files: dict = field(repr=False)  # what the plan was made against (raw)
+    seal_previous: bool = False   # only a plain copy behind the sealed set is to be sealed
 
 
 def plan(request: Request, stored: Stored, now=None, check=None) -> Plan:
@@ -184,23 +199,29 @@ def plan(request: Request, stored: Stored, now=None, check=None) -> Plan:
     as_asked = (bool(stored.sealing.sealed) or (stored.seal_pending and stored.deferral)) \
         if seal else not stored.sealed
     unchanged = same and bool(as_asked) and not stored.pending and not stored.sealing.error
-    return Plan(request, validated, unchanged, seal, request.probe and not same,
-                dict(stored.files))
+    # No plain copy stays behind a sealed set: sealed where it is (the rollback target kept),
+    # unless sealing must wait for the first boot anyway.
+    behind = seal and bool(stored.plain_left) and not stored.deferral
+    return Plan(request, validated, unchanged and not behind, seal,
+                request.probe and not same, dict(stored.files),
+                seal_previous=unchanged and behind)
 
 
-def commit(agent, p: Plan, runner=None, environ=None) -> list[str]:
+def commit(agent, p: Plan, runner=None, environ=None, defer=None) -> list[str]:
     """Store the plan's set (the caller holds the writers' lock); lines for the person.
 
     The set is compared again under the lock: when another command changed it since the
     plan was made, the request is planned again against what is there now.
     """
     if agent.current() != p.stored_files:
-        p = plan(p.request, read_locked(agent, runner, environ))
+        p = plan(p.request, read_locked(agent, runner, environ, defer))
     if p.unchanged:
         return []
+    if p.seal_previous:
+        return seal_previous(agent, runner)
     v = p.validated
     return store(agent, v.files, v.method, p.seal, origin=p.request.origin, environ=environ,
-                 runner=runner)
+                 runner=runner, defer=defer)
 
 
 # Nothing stored: what ``validate`` plans against (new input judged on its own).

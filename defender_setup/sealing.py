@@ -11,6 +11,9 @@ Interface::
     key_kind(sealed: bytes) -> str | None        # "host key", "TPM2 + host key", ... (pure)
     store(agent, files, method, seal_it, *, environ=None, runner=None, defer=None)
         -> list[str]                             # the writer: plain or sealed, or deferred
+    plain_left(agent) -> list[str]               # plain secrets in a sealed set's previous
+    seal_previous(agent, runner=None) -> lines   # seal those where they are
+    PLAIN_LEFT.format(names)                     # what status and check say about them
     PENDING                                      # AgentDir record: sealing waits for 1st boot
 
 How and why:
@@ -27,9 +30,13 @@ How and why:
   bound into the sealed data: a file renamed to another role does not decrypt.
 * ``--with-key=auto``: the TPM2 and the host key (``/var/lib/systemd/credential.secret``,
   created on first use) when the machine has a TPM2, the host key alone otherwise.
-* No plain copy stays behind: when the current set still holds a plain secret, it is first
-  replaced by its sealed form, so the previous generation (kept for ``rollback``) is sealed
-  as well.
+* No plain copy stays behind, whatever fails when: every encryption (the new set's, and the
+  old set's when it still holds a plain secret) happens before anything is written, and one
+  transaction (``AgentDir.write(..., previous=...)``) makes the sealed new set current and
+  the sealed old set the previous generation (kept for ``rollback``). A failing encrypt
+  writes nothing. A plain secret left in a sealed set's previous generation (an older
+  version's interrupted seal, a rollback from plain files) is reported by ``status`` and
+  ``check`` and sealed where it is by ``seal``.
 * In a chroot or image build (``DPKG_ROOT``, no running systemd, another ``--root``) sealing
   would use the build host's key, or bake one key into every copy of the image: the set is
   written plain and the ``PENDING`` record makes ``defender-setup-seal.service`` seal it with
@@ -46,13 +53,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from .credentials import SEALED_NAMES, SECRET_FILES, method_of
+from .credentials import CERTIFICATE_FILE, SEALED_NAMES, SECRET_FILES, method_of
 from .errors import EX_CONFIG, Field, SetupError
 
 SYSTEMD_CREDS = "systemd-creds"
 PENDING = "seal-pending"  # AgentDir record, see the module docstring
 FIELD = Field.SEALING  # what a SealingError is about (the debconf bridge routes it)
 SEAL_UNIT = "defender-setup-seal.service"
+PLAIN_LEFT = ("a plain secret is left in the previous generation ({}); run 'defender-setup seal' "
+              "to seal it")
 TIMEOUT = 60  # seconds; a TPM2 can take a second or two per operation
 _PLAIN = {sealed: plain for plain, sealed in SEALED_NAMES.items()}
 # The first 16 bytes of a sealed credential say which keys seal it (systemd's creds-util.h).
@@ -247,15 +256,45 @@ def store(agent, files: dict, method: str, seal_it: bool, *, origin: str | None 
         return memo[key]
 
     current = agent.current()
-    if _plain_secrets(current):
-        # Seal what is there first: it becomes the previous generation, sealed too.
-        modes = {Path(path).name: mode for path, mode in agent.modes().items()}
-        agent.write(sealed({name: (data, modes.get(name, 0o600)) for name, data
-                            in current.items()}, method_of(current)), origin="seal")
     written = sealed(files, method)
-    agent.write(written, origin=origin)
+    # What is there becomes the previous generation: sealed too if it holds a plain secret,
+    # else its own files (hard links). Encrypted before the write: a failure writes nothing.
+    old = sealed(_with_modes(agent, current), method_of(current)) \
+        if _plain_secrets(current) else None
+    agent.write(written, origin=origin, previous=old)
     agent.drop_record(PENDING)
     kinds = sorted({key_kind(data) or "unknown key" for name, (data, _) in written.items()
                     if name in _PLAIN})
     return [f"written: {', '.join(sorted(written))} in {agent.path}",
             f"sealed with the {', '.join(kinds)}; the previous set is sealed too"]
+
+
+def _with_modes(agent, files: dict, on_disk: bool = True) -> dict:
+    """``{name: bytes}`` as ``{name: (data, mode)}``: the current files' modes (``on_disk``),
+    else (and for a file not there) the documented ones."""
+    modes = {Path(path).name: mode for path, mode in agent.modes().items()} if on_disk else {}
+    default = {CERTIFICATE_FILE: 0o644}
+    return {name: (data, modes.get(name, default.get(name, 0o600)))
+            for name, data in files.items()}
+
+
+def plain_left(agent) -> list[str]:
+    """The plain secret files in the previous generation of a sealed set; ``[]`` if none."""
+    if not any(name in _PLAIN for name in agent.current()):
+        return []
+    try:
+        previous = agent.previous_files()
+    except SetupError:  # unsafe or unreadable: rollback refuses it with the reason
+        return []
+    return sorted(set(SECRET_FILES.get(method_of(previous), ())) & set(previous))
+
+
+def seal_previous(agent, runner: Runner | None = None) -> list[str]:
+    """Seal the plain secrets left in a sealed set's previous generation where they are
+    (the current set and its origin untouched); lines for the person."""
+    previous = agent.previous_files()
+    old = seal(_with_modes(agent, previous, on_disk=False), method_of(previous), runner)
+    agent.write(_with_modes(agent, agent.current()), origin=agent.origin() or "seal",
+                previous=old)
+    return [f"written: {', '.join(sorted(old))} in the previous generation, sealed",
+            "the current set was sealed already; no plain copy is left"]

@@ -18,6 +18,7 @@ from . import UNIT
 from .agentdir import IMPORT_RECORD, AgentDir
 from .errors import BusyError, SetupError
 from .provision import read
+from .sealing import PLAIN_LEFT
 
 INTERRUPTED = ("an interrupted credential update is pending (the files may mix two sets); "
                "run 'defender-setup repair', or restart the service, to complete it")
@@ -68,8 +69,10 @@ def collect(root: Path, service_state: dict | None = None, lock_timeout: float =
         return report
     report["method"] = stored.method
     how = stored.sealing
+    left = list(stored.plain_left)
+    report["warnings"] = [PLAIN_LEFT.format(", ".join(left))] if left else []
     report["sealing"] = {"sealed": list(how.sealed), "keys": how.keys,
-                         "pending": stored.seal_pending,
+                         "pending": stored.seal_pending, "plain_previous": left,
                          "summary": how.describe() + ("; sealing deferred to the first boot"
                                                       if stored.seal_pending else "")}
     if how.error:
@@ -85,7 +88,7 @@ def collect(root: Path, service_state: dict | None = None, lock_timeout: float =
                           "gateway": c.gateway_host_name}
     if validated.certificate is not None:
         report["certificate"] = _certificate(validated.certificate)
-    report["warnings"] = list(validated.warnings)
+    report["warnings"] += validated.warnings
     return report
 
 

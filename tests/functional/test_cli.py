@@ -134,3 +134,27 @@ def test_apply_timeout_0_exits_2_before_anything_is_written(booted_root, tmp_pat
         "to 3600")
     assert r.stdout == b"" and snapshot(booted_root) == before
     assert not (booted_root / "var").exists()
+
+
+@pytest.mark.allow_subprocess("systemd-creds")
+def test_status_and_check_report_a_plain_secret_left_in_the_previous_generation(
+        run, sas_inputs, tmp_path, monkeypatch):
+    from tests.fakes import debian12
+    from tests.functional.test_sealing import interrupted_seal
+
+    FakeCreds(tmp_path).path_env(monkeypatch)
+    debian12(run.root)
+    interrupted_seal(run.root, sas_inputs)  # sealed now, the plain copy kept as previous
+    code, out, _ = run("status")
+    assert code == 0 and "secrets:         sealed (host key)" in out
+    assert ("warning: a plain secret is left in the previous generation "
+            "(connection_string.txt); run 'defender-setup seal' to seal it") in out
+    assert json.loads(run("status", "--json")[1])["sealing"]["plain_previous"] == [
+        "connection_string.txt"]
+    code, out, _ = run("check", "--offline", "--json")
+    sealed = next(c for c in json.loads(out) if c["id"] == "sealed-credentials")
+    assert (code, sealed["status"]) == (0, "warning")
+    assert sealed["message"] == ("sealed (host key), but a plain secret is left in the previous "
+                                 "generation (connection_string.txt); run 'defender-setup "
+                                 "seal' to seal it")
+    assert_no_secret(sas_inputs, out)

@@ -3,6 +3,8 @@ both generations sealed, no key on argv, another machine cannot decrypt, switche
 
 from __future__ import annotations
 
+import subprocess
+
 import pytest
 
 from defender_setup import sealing
@@ -13,8 +15,10 @@ from defender_setup.credentials import (
     PRIVATE_KEY_FILE,
     method_of,
 )
+from defender_setup.errors import InputError
 from defender_setup.provision import Request, commit, plan, read
 from tests import certfactory
+from tests.conftest import snapshot
 from tests.fakes import HOST_AND_TPM2, FakeCreds, debian12, seal_here
 
 CS_SEALED = CONNECTION_STRING_FILE + ".cred"
@@ -136,3 +140,116 @@ def test_check_decrypts_each_sealed_file_once_for_every_check(root, creds, cert_
     assert results["credentials-valid"]["status"] == "ok", results
     assert results["hub-dns"]["status"] == "error", results  # the network checks ran
     assert len([c for c in creds.calls() if c.startswith("decrypt")]) - before == 1
+
+
+# -- faults: a failing encrypt, an interrupted seal ----------------------------------------
+class FailingCreds:
+    """``sealing``'s runner: the fake systemd-creds, except that encrypt number ``fail_at``
+    fails as a busy TPM2 would."""
+
+    def __init__(self, fail_at: int):
+        self.fail_at, self.encrypts, self.failed = fail_at, 0, False
+
+    def __call__(self, argv, data):
+        if argv[1] == "encrypt":
+            self.encrypts += 1
+            if self.encrypts == self.fail_at:
+                self.failed = True
+                return subprocess.CompletedProcess(argv, 1, b"", b"TPM2 busy\n")
+        return subprocess.run(argv, input=data, capture_output=True, check=False)
+
+
+def sealed_now(agent) -> bool:
+    return any(name.endswith(".cred") for name in agent.current())
+
+
+def seal_again(agent):
+    """``defender-setup seal`` through the core (sealing here, in a throw-away root)."""
+    stored = read(agent, defer=seal_here)
+    lines = commit(agent, plan(Request.again(stored, seal=True, origin="seal"), stored),
+                   defer=seal_here)
+    return lines or None
+
+
+def generations(agent) -> dict:
+    """Both generations' bytes: ``{"current": b"...", "previous": b"..."}``."""
+    previous = agent.state / "previous"
+    return {"current": b"".join(agent.current().values()),
+            "previous": b"".join(p.read_bytes() for p in sorted(previous.iterdir()))
+            if previous.is_dir() else b""}
+
+
+def assert_sealed_set_hides(agent, *inputs):
+    """Where the current set is sealed, neither generation holds a secret of ``inputs``."""
+    if not sealed_now(agent):
+        return
+    for where, data in generations(agent).items():
+        for secret in (s for i in inputs for s in secret_of(i)):
+            assert secret not in data, f"a plain secret in the {where} generation"
+
+
+@pytest.mark.allow_subprocess("systemd-creds")
+@pytest.mark.parametrize("fail_at", [1, 2])
+def test_a_failing_encrypt_writes_nothing(root, creds, sas_inputs, cert_inputs, fail_at):
+    AgentDir(root).write(sas_inputs.validated().files)  # plain: two encrypts to seal B over it
+    before = snapshot(root)
+    runner = FailingCreds(fail_at)
+    validated = cert_inputs.validated()
+    with pytest.raises(sealing.SealingError, match="cannot be sealed: TPM2 busy"):
+        sealing.store(AgentDir(root), validated.files, validated.method, True,
+                      runner=runner, defer=seal_here)
+    assert runner.failed, "the fault did not land"
+    agent = AgentDir(root)
+    assert_sealed_set_hides(agent, sas_inputs, cert_inputs)
+    assert snapshot(root) == before, "a failed seal changed the files"
+    for secret in secret_of(cert_inputs):
+        assert secret not in everything_under(root)
+
+
+@pytest.mark.allow_subprocess("systemd-creds")
+def test_rollback_after_a_failed_seal_puts_no_plain_secret_back(root, creds, sas_inputs,
+                                                                 cert_inputs):
+    AgentDir(root).write(sas_inputs.validated().files)
+    validated = cert_inputs.validated()
+    with pytest.raises(sealing.SealingError):
+        sealing.store(AgentDir(root), validated.files, validated.method, True,
+                      runner=FailingCreds(2), defer=seal_here)
+    agent = AgentDir(root)
+    sealed_before = sealed_now(agent)
+    try:
+        agent.rollback()
+    except InputError:  # nothing was written: no previous set to go back to
+        pass
+    if sealed_before:
+        assert sealed_now(agent), "rollback made a sealed set plain again"
+    assert_sealed_set_hides(agent, sas_inputs)
+
+
+def interrupted_seal(root, inputs):
+    """What a seal killed after sealing the current set in place used to leave: the current
+    set sealed, its plain copy in the previous generation."""
+    agent = AgentDir(root)
+    validated = inputs.validated()
+    agent.write(validated.files, origin="apply")
+    agent.write(sealing.seal(validated.files, validated.method), origin="seal")
+    assert set(agent.current()) == {CS_SEALED}
+    assert (agent.state / "previous" / CONNECTION_STRING_FILE).exists()
+    return agent
+
+
+@pytest.mark.allow_subprocess("systemd-creds")
+def test_seal_again_seals_a_plain_previous_generation(root, creds, sas_inputs):
+    agent = interrupted_seal(root, sas_inputs)
+    sealed_now = agent.current()
+    assert sealing.plain_left(agent) == [CONNECTION_STRING_FILE]
+    lines = seal_again(agent)
+    assert lines is not None, "said nothing to do with a plain secret left"
+    assert sealing.plain_left(agent) == []
+    assert agent.current() == sealed_now  # the current set was sealed already: untouched
+    assert {p.name for p in (agent.state / "previous").iterdir()} == {CS_SEALED}
+    for secret in secret_of(sas_inputs):
+        assert secret not in everything_under(root)
+    assert seal_again(agent) is None  # nothing to do now
+    agent.rollback()  # the sealed previous generation still restores
+    assert sealing.open_set(agent.current())[0][CONNECTION_STRING_FILE] == \
+        sas_inputs.validated().files[CONNECTION_STRING_FILE][0]

@@ -40,7 +40,8 @@ from fleetlib import (
 
 # The hub's registry: device -> key. "wrong-1" exists, but its device is offered another key.
 REGISTERED = {"sas-1": key(1), "sas-2": key(2), "wrong-1": key(3), "rekeyed-1": key(4),
-              "cred-1": key(5), "enc-1": key(6), "enc-2": key(8), "drop-1": key(7)}
+              "cred-1": key(5), "enc-1": key(6), "enc-2": key(8), "drop-1": key(7),
+              "sealed-1": key(9)}
 
 
 @pytest.fixture(scope="module")
@@ -182,6 +183,32 @@ def test_reboot_with_a_new_credential_rekeys_the_device(fleet, devices):
                      journal(ct, "-u", IMPORT))
 
 
+def test_the_verify_unit_rolls_a_sealed_set_back(fleet):
+    """The verify unit decrypts the sealed previous set to roll back to it: it must see what
+    systemd-creds needs (the TPM2's /dev/tpmrm0 where there is one; none in a container)."""
+    ct = fleet.device("sealed-1", fleet.credentials(
+        connection_string=sas_string("sealed-1", REGISTERED["sealed-1"])))
+    boot_all([ct])
+    assert wait_for(lambda: status_text(ct) == f"connected to {HUB} as sealed-1/{MODULE}")
+    ct.run(["defender-setup", "seal"])
+    assert ct.exists(f"{AGENT_DIR}/connection_string.txt.cred")
+    ct.stop()
+    ct.credentials = fleet.credentials(connection_string=sas_string("sealed-1", key(98)))
+    ct.start(BOOT_TIMEOUT)
+    assert wait_for(lambda: ct.show(VERIFY, "ActiveState")["ActiveState"] != "activating"
+                    and status_json(ct)["last_import"]["result"] != "written")
+    log = journal(ct, "-u", IMPORT, "-u", VERIFY)
+    assert "rolled back" in log and "does not decrypt" not in log, log
+    assert "tpmrm" not in journal(ct)  # no complaint where there is no TPM2
+    assert ct.show(VERIFY, "PrivateDevices", "DevicePolicy", "DeviceAllow") == {
+        "PrivateDevices": "no", "DevicePolicy": "closed", "DeviceAllow": "char-tpmrm rw"}
+    report = status_json(ct)
+    assert report["sealing"]["sealed"] == ["connection_string.txt.cred"], report
+    assert report["identity"]["device"] == "sealed-1" and report["warnings"] == []
+    assert wait_for(lambda: status_text(ct) == f"connected to {HUB} as sealed-1/{MODULE}")
+    assert_no_secret(ct, REGISTERED["sealed-1"], key(98))
+
+
 # -- the other channels: credstore files, encrypted credstore, the boot partition's folder --
 
 
@@ -273,5 +300,6 @@ def test_the_import_on_debian_11_and_13(suite, boot):
         journal(ct, "-u", IMPORT, "-u", VERIFY, "-u", UNIT)
     assert failed_units(ct) == []
     log = journal(ct)
-    for noise in ("Invalid syntax", "inherited credential", "Unknown key", "Traceback"):
+    for noise in ("Invalid syntax", "inherited credential", "Unknown key", "Traceback",
+                  "tpmrm"):
         assert noise not in log, noise

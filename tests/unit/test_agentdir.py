@@ -9,7 +9,7 @@ import pytest
 
 from defender_setup.agentdir import AgentDir
 from defender_setup.credentials import ALL_FILES
-from defender_setup.errors import InputError, UnsafeTargetError, ValidationError
+from defender_setup.errors import InputError, SetupError, UnsafeTargetError, ValidationError
 
 CS, CERT, KEY = "connection_string.txt", "certificate_public.pem", "certificate_private.pem"
 
@@ -302,3 +302,19 @@ def test_a_symlinked_var_under_root_is_refused_not_followed(root, tmp_path, sas_
             action()
         assert err.value.exit_code == 77
     assert os.listdir(elsewhere) == []
+
+
+def test_an_explicit_previous_set_replaces_the_previous_generation(root, sas_inputs,
+                                                                    cert_inputs):
+    agent = AgentDir(root)
+    agent.write(sas_inputs.validated().files)
+    agent.write(sas_inputs.validated().files)  # previous: hard links of the first set
+    old = {CS: (b"sealed stand-in\n", 0o600)}
+    agent.write(cert_inputs.validated().files, origin="apply", previous=old)
+    previous = agent.state / "previous"
+    assert sorted(os.listdir(previous)) == [CS]
+    assert (previous / CS).read_bytes() == b"sealed stand-in\n" and mode(previous / CS) == 0o600
+    assert os.lstat(previous / CS).st_nlink == 1
+    assert set(agent.current()) == {CS, CERT, KEY} and agent.origin()["source"] == "apply"
+    with pytest.raises(SetupError, match="unexpected file set"):
+        agent.write(sas_inputs.validated().files, previous={"other.txt": (b"x", 0o600)})

@@ -7,6 +7,7 @@ the real one runs in the integration tests, in booted containers.
 from __future__ import annotations
 
 import base64
+from pathlib import Path
 
 import pytest
 
@@ -76,3 +77,20 @@ def test_stderr_lines_name_the_problem_without_the_content():
         sealing.seal({CONNECTION_STRING_FILE: (b"SECRET", 0o600)}, "connection-string",
                      runner=lambda argv, data: Proc())
 
+
+
+def unit_directives(name: str) -> list[str]:
+    path = Path(__file__).resolve().parents[2] / "debian" / f"defender-setup.{name}.service"
+    return [line.strip() for line in path.read_text().splitlines()
+            if line.strip() and not line.startswith("#")]
+
+
+def test_the_unit_that_rolls_back_at_boot_can_reach_the_tpm():
+    # Roll-back decrypts a sealed previous set (systemd-creds): with a TPM2 it opens
+    # /dev/tpmrm0, which PrivateDevices=yes hides. The agent's unit needs no TPM itself
+    # (PID 1 decrypts its credentials) and never rolls back.
+    lines = unit_directives("defender-setup-import-verify")
+    assert "PrivateDevices=yes" not in lines
+    assert {"DevicePolicy=closed", "DeviceAllow=char-tpmrm rw"} <= set(lines)
+    for name in ("defender-setup-seal", "defender-setup-import", "defender-setup-repair"):
+        assert "PrivateDevices=yes" not in unit_directives(name)
