@@ -11,7 +11,6 @@ import os
 import re
 import shutil
 import socket
-import subprocess
 import sys
 import threading
 import time
@@ -371,17 +370,13 @@ def test_silent_name_server_is_bounded(hub_pki, root, tmp_path):
     except OSError:
         pytest.skip(f"cannot listen on {address}:53")
     with silent:
-        resolv = tmp_path / "resolv.conf"
-        resolv.write_text(f"nameserver {address}\n")
         sas_root(root, hub_pki, free_port(), gateway="silent-dns.example")
         start = time.monotonic()
-        r = subprocess.run(["unshare", "--mount", "sh", "-c",
-                            f'mount --bind {resolv} /etc/resolv.conf && exec "$@"', "sh",
-                            sys.executable, "-m", "defender_setup", "check", "--json",
-                            "--root", str(root)],
-                           cwd=REPO, env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin",
-                                          "PYTHONPATH": str(REPO)},
-                           capture_output=True, text=True, timeout=60)
+        r = run_resolving_with(address, [sys.executable, "-m", "defender_setup", "check",
+                                         "--json", "--root", str(root)], tmp_path,
+                               cwd=REPO, env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin",
+                                              "PYTHONPATH": str(REPO)},
+                               capture_output=True, text=True, timeout=60)
         elapsed = time.monotonic() - start
     dns = {c["id"]: c for c in json.loads(r.stdout)}["hub-dns"]
     assert dns["status"] == "error", r.stderr
