@@ -3,19 +3,24 @@
 Interface::
 
     resolve(host, port, timeout) -> list[(family, sockaddr)]     # raises PathError("DNS", …)
-    open_tcp(host, port, proxy, timeout) -> socket                # direct, or through the proxy
-    handshake(host, port, proxy, ctx, timeout) -> ssl.SSLSocket   # verified, as the agent's
-    http_date(host, port, proxy, ctx, timeout, clock) -> (sent, hub's Date, answered)
+    first_hop(host, port, proxy, timeout) -> addresses            # the hub's, or the proxy's
+    open_tcp(host, port, proxy, timeout, addresses=None) -> socket   # direct, or via the proxy
+    handshake(host, port, proxy, ctx, timeout, addresses=None) -> ssl.SSLSocket  # verified
+    http_date(host, port, proxy, ctx, timeout, clock, addresses=None)
+        -> (sent, hub's Date, answered)
     link(identity, settings) -> hubnet.Link                       # the agent's TLS context
-    attempt(identity, settings, timeout, clock=time.time) -> hubnet.Result
+    attempt(identity, settings, timeout, clock=time.time, addresses=None) -> hubnet.Result
         # one authenticated CONNECT as the agent makes it, closed again before returning;
         # kind "accepted" (CONNACK 0), "rejected" or "unreachable"
 
 Every step has a deadline: the resolver runs in a daemon thread the caller stops waiting for
 (glibc's getaddrinfo has no timeout of its own and retries for up to 10 s per server), and
 paho, whose own TCP connect waits 5 s, is reached only after a bounded TCP connect of ours
-succeeded. Nothing here writes a file or logs; no secret reaches a message (a proxy is
-described without its user and password, the SAS token lives in memory only).
+succeeded. A name is looked up once: ``addresses`` (what :func:`first_hop` found, for any
+port) are connected to as they are, paho included, while TLS, the HTTP ``Host`` and a proxy's
+``CONNECT`` still name the host. Nothing here writes a file or logs; no secret reaches a
+message (a proxy is described without its user and password, the SAS token lives in memory
+only), and a proxy's answer reaches one with its control characters escaped.
 """
 
 from __future__ import annotations
@@ -27,6 +32,8 @@ import time
 from email.utils import parsedate_to_datetime
 
 from .agent import hubnet
+from .agent.mqttclient import at_port
+from .errors import printable
 
 MAX_HEAD = 16 * 1024  # an HTTP answer's head; a peer may flood, no more is read
 PEEK = 0.5  # seconds a server has to refuse a client certificate after the TLS handshake
@@ -75,9 +82,19 @@ def addresses(infos) -> str:
     return ", ".join(shown) + more
 
 
-def _connect_direct(host: str, port: int, timeout: float) -> socket.socket:
+def first_hop(host: str, port: int, proxy, timeout: float) -> list:
+    """:func:`resolve` for the first hop: ``host``, or the proxy's own name (kind "proxy")."""
+    if proxy is None:
+        return resolve(host, port, timeout)
+    try:
+        return resolve(proxy.host, proxy.port, timeout)
+    except PathError as err:
+        raise PathError("proxy", f"the proxy's name: {err.text}") from None
+
+
+def _connect_direct(host: str, port: int, timeout: float, addresses) -> socket.socket:
     deadline = time.monotonic() + timeout
-    infos = resolve(host, port, timeout)
+    infos = at_port(addresses or resolve(host, port, timeout), port)
     error: OSError | None = None
     for family, sockaddr in infos:
         left = deadline - time.monotonic()
@@ -99,28 +116,26 @@ def _connect_direct(host: str, port: int, timeout: float) -> socket.socket:
     raise PathError("TCP", f"{where}: {error.strerror or error}")
 
 
-def open_tcp(host: str, port: int, proxy, timeout: float) -> socket.socket:
+def open_tcp(host: str, port: int, proxy, timeout: float, addresses=None) -> socket.socket:
     """A connected TCP socket to ``host:port``, through ``proxy`` (settings.Proxy) if given.
 
     Through an HTTP proxy this is a ``CONNECT`` (the proxy resolves ``host``); the proxy's own
-    name is resolved here, within the same deadline.
+    name is resolved here, within the same deadline, unless ``addresses`` (:func:`first_hop`)
+    are given.
     """
     if proxy is None:
-        return _connect_direct(host, port, timeout)
-    return _through_proxy(host, port, proxy, timeout)
+        return _connect_direct(host, port, timeout, addresses)
+    return _through_proxy(host, port, proxy, timeout, addresses)
 
 
-def _through_proxy(host: str, port: int, proxy, timeout: float) -> socket.socket:
+def _through_proxy(host: str, port: int, proxy, timeout: float, addresses) -> socket.socket:
     deadline = time.monotonic() + timeout
     try:
         import socks
     except ImportError:
         raise PathError("proxy", f"{proxy.describe()} needs python3-socks "
                                  "(apt install python3-socks)") from None
-    try:
-        infos = resolve(proxy.host, proxy.port, timeout)
-    except PathError as err:
-        raise PathError("proxy", f"the proxy's name: {err.text}") from None
+    infos = addresses or first_hop(host, port, proxy, timeout)
     kinds = {"http": socks.HTTP, "socks5": socks.SOCKS5, "socks4": socks.SOCKS4}
     family, sockaddr = infos[0]
     sock = socks.socksocket(family, socket.SOCK_STREAM)
@@ -147,18 +162,18 @@ def _proxy_reason(err, proxy, host: str, port: int) -> str:
     # PySocks wraps the proxy's answer ("407: Proxy Authentication Required") in a
     # "Socket error"; the answer is what a person can act on
     answer = inner if isinstance(inner, socks.ProxyError) else err
-    text = " ".join(str(answer).split())
+    text = printable(" ".join(str(answer).split()))
     return f"the proxy {proxy.describe()} refused CONNECT {host}:{port}: {text}"
 
 
-def handshake(host: str, port: int, proxy, ctx: ssl.SSLContext, timeout: float
-              ) -> ssl.SSLSocket:
+def handshake(host: str, port: int, proxy, ctx: ssl.SSLContext, timeout: float,
+              addresses=None) -> ssl.SSLSocket:
     """A TLS connection verified with ``ctx`` for ``host``, all within ``timeout``.
 
     :raises PathError: DNS, TCP or proxy; ``ssl.SSLError``/``OSError``: the handshake.
     """
     deadline = time.monotonic() + timeout
-    sock = open_tcp(host, port, proxy, timeout)
+    sock = open_tcp(host, port, proxy, timeout, addresses)
     try:
         tls = ctx.wrap_socket(sock, server_hostname=host, do_handshake_on_connect=False)
     except BaseException:
@@ -174,13 +189,13 @@ def handshake(host: str, port: int, proxy, ctx: ssl.SSLContext, timeout: float
 
 
 def http_date(host: str, port: int, proxy, ctx: ssl.SSLContext, timeout: float,
-              clock=time.time) -> tuple[float, float, float]:
+              clock=time.time, addresses=None) -> tuple[float, float, float]:
     """``(local time sent, the server's HTTP Date, local time answered)`` of one HEAD /.
 
     :raises ValueError: no Date in the answer's head; else as :func:`handshake`.
     """
     deadline = time.monotonic() + timeout
-    with handshake(host, port, proxy, ctx, timeout) as tls:
+    with handshake(host, port, proxy, ctx, timeout, addresses) as tls:
         sent = clock()
         tls.sendall(f"HEAD / HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n".encode())
         head = b""
@@ -210,25 +225,30 @@ def link(identity, settings) -> hubnet.Link:
 
 
 def attempt(identity, settings, timeout: float, clock=time.time,
-            connection: hubnet.Link | None = None) -> hubnet.Result:
+            connection: hubnet.Link | None = None, addresses=None) -> hubnet.Result:
     """One authenticated CONNECT within about ``timeout`` seconds, then disconnect.
 
     A SAS token is made as the agent makes it (``sas_lifetime`` from the settings).
+    ``addresses``: :func:`first_hop`'s answer, when the caller has it.
     :raises defender_setup.errors.SetupError: as :func:`link`.
     """
     from .agent import sas
 
     deadline = time.monotonic() + timeout
+    checked = deadline - timeout * 0.5
     connection = connection or link(identity, settings)
+    host, port, proxy = identity.connect_host, settings.hub_port, settings.proxy
     try:
-        # Ours are bounded; paho's own connect would wait 5 s (and DNS as long as glibc likes).
+        # Ours are bounded; paho's own connect would wait 5 s, and its lookup of the name as
+        # long as glibc likes: it gets the addresses found here instead.
+        addresses = addresses or first_hop(host, port, proxy, timeout * 0.5)
+        pre = max(0.05, checked - time.monotonic())
         if identity.cert_file is not None:
-            refused = _listen_first(identity, settings, connection.ctx, timeout * 0.5, clock)
+            refused = _listen_first(identity, settings, connection.ctx, pre, clock, addresses)
             if refused is not None:
                 return refused
         else:
-            open_tcp(identity.connect_host, settings.hub_port, settings.proxy,
-                     timeout * 0.5).close()
+            open_tcp(host, port, proxy, pre, addresses).close()
     except PathError as err:
         return hubnet.Result("unreachable", str(err))
     token = None
@@ -237,14 +257,15 @@ def attempt(identity, settings, timeout: float, clock=time.time,
                               now=clock())
     # open() waits up to its timeout for the TLS handshake and again for the CONNACK
     left = max(0.5, (deadline - time.monotonic()) / 2)
-    session = connection.open(token, clock, timeout=left)
+    session = connection.open(token, clock, timeout=left, addresses=addresses)
     try:
         return session.result or hubnet.Result("accepted", "CONNACK 0", "CONNACK 0, accepted")
     finally:
         session.close()
 
 
-def _listen_first(identity, settings, ctx, timeout: float, clock) -> hubnet.Result | None:
+def _listen_first(identity, settings, ctx, timeout: float, clock, addresses
+                  ) -> hubnet.Result | None:
     """A hub's refusal of the client certificate, heard on a connection that writes nothing.
 
     A TLS 1.3 server refuses a client certificate after the handshake. When the client has
@@ -254,7 +275,8 @@ def _listen_first(identity, settings, ctx, timeout: float, clock) -> hubnet.Resu
     no refusal heard (the CONNECT attempt tells the rest).
     """
     try:
-        tls = handshake(identity.connect_host, settings.hub_port, settings.proxy, ctx, timeout)
+        tls = handshake(identity.connect_host, settings.hub_port, settings.proxy, ctx, timeout,
+                        addresses)
     except ssl.SSLError as err:   # TLS 1.2 refuses within the handshake
         return _refusal(identity, err, clock)
     except OSError:

@@ -13,7 +13,9 @@ monitoring job can run ``check`` every minute even when the hub is unreachable. 
 the agent uses: the stored identity and conf.json (transport, port, proxy, ``ca_file``).
 
 - ``hub-dns``: the hub's name (or GatewayHostName) resolves; with a proxy, the proxy's name
-  resolves and it answers (the proxy resolves the hub).
+  resolves and it answers (the proxy resolves the hub). This is the one lookup: the checks
+  after it connect to the addresses it found (a second lookup could wait as long as glibc
+  likes), while TLS still verifies, and HTTP and the proxy still name, the host.
 - ``hub-tcp``: the port connects; when 8883 fails and 443 answers, it says to use WebSocket.
 - ``hub-tls``: the server certificate verifies against the agent's trust and the host name.
 - ``hub-clock``: the local clock against the ``Date`` of the hub's HTTPS answer (443, or the
@@ -23,7 +25,8 @@ the agent uses: the stored identity and conf.json (transport, port, proxy, ``ca_
   Hub allows one connection per identity, and a second one would knock the agent off.
 
 A check whose prerequisite failed is ``skipped``; ``--dont-run`` and ``--offline`` make checks
-``skipped`` without blocking the others. Nothing here writes anything.
+``skipped`` without blocking the others. Nothing here writes anything. What the hub's
+certificate says is shown with its control characters escaped.
 """
 
 from __future__ import annotations
@@ -39,7 +42,7 @@ from . import hubpath
 from .agentdir import AgentDir
 from .checks import ERROR, OK, SKIPPED, WARNING, CheckResult
 from .credentials import SEALED_NAMES
-from .errors import EX_CONFIG, EX_DATAERR, EX_OK, EX_UNAVAILABLE, SetupError
+from .errors import EX_CONFIG, EX_DATAERR, EX_OK, EX_UNAVAILABLE, SetupError, printable
 from .safefs import memory_file
 
 NETWORK_IDS = ("hub-dns", "hub-tcp", "hub-tls", "hub-clock", "hub-auth")
@@ -73,6 +76,7 @@ class _Path:
     https_port: int | None
     clock: object
     alt_open: bool | None = None   # hub-tcp: whether 443 answered when the port is 8883
+    addresses: list | None = None  # hub-dns: the first hop's (hubpath.first_hop)
     _link: object = None
 
     @property
@@ -217,10 +221,11 @@ def _dns(p: _Path, limit: float):
                 EX_UNAVAILABLE
         try:
             hubpath.open_tcp(proxy.host, proxy.port, None,
-                             limit - (time.monotonic() - start)).close()
+                             limit - (time.monotonic() - start), infos).close()
         except hubpath.PathError as err:
             return ERROR, f"the proxy {proxy.describe()} does not answer: {err.text}", \
                 EX_UNAVAILABLE
+        p.addresses = infos
         return OK, (f"proxy {proxy.describe()} resolves to {hubpath.addresses(infos)} and "
                     f"answers; the proxy resolves {p.host}"), EX_OK
     try:
@@ -229,6 +234,7 @@ def _dns(p: _Path, limit: float):
         which = "GatewayHostName" if p.identity.gateway_host_name else "HostName"
         return ERROR, (f"{err.text}: check {which} in the connection string, and the name "
                        "server in /etc/resolv.conf"), EX_UNAVAILABLE
+    p.addresses = infos
     return OK, f"{p.host} resolves to {hubpath.addresses(infos)}", EX_OK
 
 
@@ -237,7 +243,7 @@ def _tcp(p: _Path, limit: float):
 
     def reach(key, port):
         try:
-            hubpath.open_tcp(p.host, port, p.settings.proxy, limit).close()
+            hubpath.open_tcp(p.host, port, p.settings.proxy, limit, p.addresses).close()
             outcome[key] = None
         except hubpath.PathError as err:
             outcome[key] = err
@@ -278,7 +284,8 @@ def _tls(p: _Path, limit: float):
     from .agent.hubnet import CERT_ALERTS
 
     try:
-        tls = hubpath.handshake(p.host, p.port, p.settings.proxy, p.link().ctx, limit)
+        tls = hubpath.handshake(p.host, p.port, p.settings.proxy, p.link().ctx, limit,
+                                p.addresses)
     except hubpath.PathError as err:
         return ERROR, str(err), EX_UNAVAILABLE
     except SetupError as err:
@@ -332,7 +339,7 @@ def _clock(p: _Path, limit: float):
                          "the Date of the hub's HTTPS answer)"), EX_OK
     try:
         before, date, after = hubpath.http_date(p.host, port, p.settings.proxy,
-                                                p.link().ctx, limit, p.clock)
+                                                p.link().ctx, limit, p.clock, p.addresses)
     except (hubpath.PathError, SetupError, OSError, ValueError) as err:
         return SKIPPED, f"no time source: {where}: {_one_line(err)}", EX_OK
     skew = (before + after) / 2 - date
@@ -358,7 +365,8 @@ def _auth(p: _Path, limit: float):
                     "one would disconnect the agent"), EX_OK
     what = "certificate" if p.method == "certificate" else "key"
     try:
-        result = hubpath.attempt(p.identity, p.settings, limit, p.clock, p.link())
+        result = hubpath.attempt(p.identity, p.settings, limit, p.clock, p.link(),
+                                 p.addresses)
     except SetupError as err:
         return ERROR, str(err), EX_CONFIG
     if result.kind == "accepted":
@@ -377,8 +385,8 @@ CHECKS = {"hub-dns": _dns, "hub-tcp": _tcp, "hub-tls": _tls, "hub-clock": _clock
 def _name(rdns) -> str:
     for rdn in rdns or ():
         for key, value in rdn:
-            if key == "commonName":
-                return f"CN={value}"
+            if key == "commonName":  # the peer's words: no escape sequence reaches a terminal
+                return f"CN={printable(value)}"
     return ""
 
 

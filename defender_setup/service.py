@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Callable
 
 from . import UNIT
-from .errors import ServiceError
+from .errors import ServiceError, printable
 
 SYSTEMCTL = "systemctl"
 POLICY_RC_D = "usr/sbin/policy-rc.d"  # relative to root
@@ -266,4 +266,5 @@ def _format_entry(entry: dict) -> str:
     message = entry.get("MESSAGE", "")
     if isinstance(message, bytes):
         message = message.decode("utf-8", "replace")
-    return f"{stamp} {ident}[{pid}]: {message}" if pid else f"{stamp} {ident}: {message}"
+    line = f"{stamp} {ident}[{pid}]: {message}" if pid else f"{stamp} {ident}: {message}"
+    return printable(line)  # a line may quote a hub or proxy: one visible line, no escapes

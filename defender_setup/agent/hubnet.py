@@ -4,7 +4,8 @@ classification of every failure into a :class:`Result` with a one-line reason.
 Interface (used by :mod:`defender_setup.agent.hub`)::
 
     link = Link(identity, settings)           # raises SetupError: CA file, client cert, proxy
-    session = link.open(token, clock, timeout)
+    session = link.open(token, clock, timeout, addresses=None)  # addresses: the first hop's,
+                                                # resolved already (mqttclient.open_tcp)
     session.result        # None when the hub accepted the identity, else a Result
     session.publish_from(queue, topic); session.pump(seconds) -> Result | None
     session.close(drain=seconds); session.requeue(queue)
@@ -17,10 +18,11 @@ the hub's answer alone, e.g. ``CONNACK 5, not authorized``, and ``cause`` the li
 alone, for callers that phrase their own line), ``lost``, ``renew`` or ``stopped``.
 
 An attempt (TCP, proxy, TLS, WebSocket upgrade, CONNACK) is over within ``timeout`` seconds,
-name resolution aside (glibc's own timeouts). A hub that breaks the protocol (malformed or
-oversized packets, a flood) is ``unreachable`` with ``MQTT: <reason>``, never an exception:
-see :mod:`defender_setup.agent.mqttclient`, which holds paho. paho is driven with ``loop()``
-from the caller's thread and starts no thread of its own. Both paho 1.x and 2.x
+name resolution aside (glibc's own timeouts; none with ``addresses``). A hub that breaks the
+protocol (malformed or oversized packets, a flood) is ``unreachable`` with ``MQTT: <reason>``,
+never an exception: see :mod:`defender_setup.agent.mqttclient`, which holds paho. What a peer
+says (a proxy's answer) reaches a ``Result`` with control characters escaped. paho is driven
+with ``loop()`` from the caller's thread and starts no thread of its own. Both paho 1.x and 2.x
 (CallbackAPIVersion) are handled; callbacks take ``*args`` because the two APIs differ only
 after the third one.
 """
@@ -40,7 +42,7 @@ from defender_setup.agent.verdicts import (  # noqa: F401
     certificate_refused,
     connack_verdict,
 )
-from defender_setup.errors import SetupError
+from defender_setup.errors import SetupError, printable
 
 # paho 2.x reports MQTT 3.1.1 return codes converted to MQTT 5 reason codes.
 # (paho 2 maps every code above 5 to 128 "Unspecified error": the raw code is kept first.)
@@ -66,7 +68,8 @@ def _reason(err: BaseException) -> str:
         text = (err.reason or str(err)).replace("_", " ").lower()
     else:
         text = getattr(err, "strerror", None) or str(err) or type(err).__name__
-    return " ".join(str(text).split())[:200]
+    # a proxy's refusal quotes its own answer: no escape sequence reaches a terminal
+    return printable(" ".join(str(text).split())[:200])
 
 
 class Link:
@@ -134,12 +137,12 @@ class Link:
         """Thread-safe: end the attempt in progress now, and refuse every later one."""
         self.aborter.fire()
 
-    def open(self, token, clock, timeout: float) -> Session:
+    def open(self, token, clock, timeout: float, addresses=None) -> Session:
         deadline = time.monotonic() + timeout
         ctx = self.ctx
         ctx.begin(deadline)
         client = self._client()
-        client.attempt = (self.settings.proxy, deadline, self.aborter)
+        client.attempt = (self.settings.proxy, deadline, self.aborter, addresses)
         client.tls_set_context(ctx)
         if self.settings.transport == "websocket":
             client.ws_set_options(path=WS_PATH)

@@ -4,7 +4,7 @@ Interface (used by :mod:`defender_setup.agent.hubnet`)::
 
     mqtt = load_paho()                   # paho.mqtt.client (SetupError when not installed)
     Client = client_class(mqtt)          # paho's Client with the bounds below
-    client.attempt = (proxy, deadline, aborter)   # set before connect()
+    client.attempt = (proxy, deadline, aborter, addresses)   # set before connect()
     client.raw_connack                   # the CONNACK return code as sent, None before one
     client.protocol_error                # (reason, detail) once the hub broke the protocol
     client.backlog()                     # packets queued by paho and not yet written
@@ -116,9 +116,17 @@ def _ascii(name: str):
     return name.encode("ascii") if name.isascii() else name
 
 
-def open_tcp(host: str, port: int, proxy, deadline: float | None, aborter: Aborter | None):
+def at_port(addresses, port: int) -> list:
+    """``[(family, sockaddr)]`` (as resolved for any port) with ``port`` in each sockaddr."""
+    return [(family, (sockaddr[0], port, *sockaddr[2:])) for family, sockaddr in addresses]
+
+
+def open_tcp(host: str, port: int, proxy, deadline: float | None, aborter: Aborter | None,
+             addresses=None):
     """A TCP connection to ``host:port``, through ``proxy`` (settings.Proxy) if given.
 
+    ``addresses`` (``[(family, sockaddr)]``): the first hop's addresses, the hub's or the
+    proxy's, resolved already by a caller that bounds its lookup; no name is resolved then.
     Through a proxy the hub's name is resolved by the proxy (CONNECT host:port); only the
     proxy's own name is resolved here. Name resolution is glibc's (bounded by resolv.conf's
     timeouts) and cannot be interrupted: a stopping agent does not wait for it.
@@ -130,10 +138,12 @@ def open_tcp(host: str, port: int, proxy, deadline: float | None, aborter: Abort
     aborter = aborter or Aborter()
     error: OSError | None = None
     target = (proxy.host, proxy.port) if proxy is not None else (host, port)
-    for family, kind, proto, _, address in socket.getaddrinfo(_ascii(target[0]), target[1],
-                                                              type=socket.SOCK_STREAM):
+    if addresses is None:
+        addresses = [(info[0], info[4]) for info in socket.getaddrinfo(
+            _ascii(target[0]), target[1], type=socket.SOCK_STREAM)]
+    for family, address in at_port(addresses, target[1]):
         new = socks.socksocket if proxy is not None else socket.socket
-        sock = new(family, kind, proto)
+        sock = new(family, socket.SOCK_STREAM)
         try:
             aborter.watch(sock)
             sock.settimeout(_left(deadline))
@@ -281,7 +291,7 @@ def _bounded_client(mqtt):
     class Client(mqtt.Client):
         raw_connack = None
         protocol_error: tuple | None = None
-        attempt: tuple = (None, None, None)
+        attempt: tuple = (None, None, None, None)
 
         def backlog(self) -> int:
             return len(self._out_packet)
@@ -292,8 +302,7 @@ def _bounded_client(mqtt):
             return protocol
 
         def _create_socket_connection(self):
-            proxy, deadline, aborter = self.attempt
-            return open_tcp(self._host, self._port, proxy, deadline, aborter)
+            return open_tcp(self._host, self._port, *self.attempt)
 
         def _sock_recv(self, bufsize):
             packet = self._in_packet

@@ -314,6 +314,21 @@ def test_proxy_down_or_refusing_is_named(hub_pki, run):
         proxy.stop()
 
 
+def test_the_proxys_answer_reaches_the_status_and_journal_escaped(hub_pki, run):
+    from tests.hubsim.proxy import ConnectProxy
+
+    proxy = ConnectProxy(answer=b"HTTP/1.1 403 Forbidden\x1b[31m\xc2\x9b2J\r\n\r\n")
+    proxy_port = proxy.start()
+    try:
+        url = f"http://127.0.0.1:{proxy_port}"
+        c, n = run(identity(), conf(hub_pki, port=8883, proxy=_proxy(url)))
+    finally:
+        proxy.stop()
+    assert "403: Forbidden\\x1b[31m\\x9b2J" in n.statuses[-1], n.statuses
+    assert all(text.isprintable() for text in n.statuses), n.statuses
+    assert all(line.isprintable() for line in n.everything().splitlines())
+
+
 def test_one_attempt_gives_the_hubs_answer_and_the_cause_apart(hub_pki):
     # Callers that phrase their own line (the pre-flight probe, check's hub-auth) use one
     # Link.open() and read the refusal's parts without parsing the journal line.

@@ -11,7 +11,6 @@ import os
 import re
 import shutil
 import socket
-import subprocess
 import sys
 import threading
 import time
@@ -33,6 +32,7 @@ from tests.hubroot import (
     validated,
     x509_text,
 )
+from tests.hubsim.dns import A, OnceNameServer, run_resolving_with
 from tests.hubsim.mosquitto import MOSQUITTO, Mosquitto, free_port
 from tests.hubsim.pki import Pki
 from tests.hubsim.proxy import ConnectProxy
@@ -208,6 +208,20 @@ def test_proxy_refusing_the_credentials(hub_pki, sas_broker, root):
     assert "s3cret-pw" not in json.dumps([x.as_dict() for x in r.values()])
 
 
+def test_the_proxys_answer_cannot_write_into_checks_output(hub_pki, root):
+    proxy = ConnectProxy(answer=b"HTTP/1.1 403 Forbidden\x1b[2K\x1b[1A[ ok ] fine\x07\r\n\r\n")
+    port = proxy.start()
+    try:
+        sas_root(root, hub_pki, free_port(), proxy=f"http://127.0.0.1:{port}")
+        tcp = check(root)["hub-tcp"]
+    finally:
+        proxy.stop()
+    assert tcp.status == "error"
+    assert "refused CONNECT localhost:" in tcp.message
+    assert "403: Forbidden\\x1b[2K\\x1b[1A[ ok ] fine\\x07" in tcp.message, tcp.message
+    assert tcp.message.isprintable(), tcp.message
+
+
 def test_a_connected_agent_is_not_knocked_off(hub_pki, sas_broker, root):
     sas_root(root, hub_pki, sas_broker.port)
     state = {"active": True, "summary": "active (running)",
@@ -356,19 +370,59 @@ def test_silent_name_server_is_bounded(hub_pki, root, tmp_path):
     except OSError:
         pytest.skip(f"cannot listen on {address}:53")
     with silent:
-        resolv = tmp_path / "resolv.conf"
-        resolv.write_text(f"nameserver {address}\n")
         sas_root(root, hub_pki, free_port(), gateway="silent-dns.example")
         start = time.monotonic()
-        r = subprocess.run(["unshare", "--mount", "sh", "-c",
-                            f'mount --bind {resolv} /etc/resolv.conf && exec "$@"', "sh",
-                            sys.executable, "-m", "defender_setup", "check", "--json",
-                            "--root", str(root)],
-                           cwd=REPO, env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin",
-                                          "PYTHONPATH": str(REPO)},
-                           capture_output=True, text=True, timeout=60)
+        r = run_resolving_with(address, [sys.executable, "-m", "defender_setup", "check",
+                                         "--json", "--root", str(root)], tmp_path,
+                               cwd=REPO, env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin",
+                                              "PYTHONPATH": str(REPO)},
+                               capture_output=True, text=True, timeout=60)
         elapsed = time.monotonic() - start
     dns = {c["id"]: c for c in json.loads(r.stdout)}["hub-dns"]
     assert dns["status"] == "error", r.stderr
     assert dns["message"].startswith("no answer for silent-dns.example within 3 s"), dns
     assert elapsed < 10  # the whole check, a cold process included, even on a loaded machine
+
+
+@pytest.mark.allow_subprocess("unshare")
+def test_a_name_server_that_answers_once_does_not_stall_check(hub_pki, sas_broker, root,
+                                                             tmp_path):
+    # hub-dns looks the name up (bounded); every later check connects to what it found: a
+    # second lookup would meet a silent name server and glibc's unbounded wait
+    if os.geteuid() != 0 or not shutil.which("unshare"):
+        pytest.skip("needs root and unshare for a private resolv.conf")
+    sas_root(root, hub_pki, sas_broker.port, gateway=None)  # TLS and TCP to HostName itself
+    with OnceNameServer({HUB: "127.0.0.1"}) as dns:
+        start = time.monotonic()
+        r = run_resolving_with(dns.address, [sys.executable, "-m", "defender_setup", "check",
+                                             "--json", "--root", str(root)], tmp_path,
+                               cwd=REPO, env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin",
+                                              "PYTHONPATH": str(REPO)},
+                               capture_output=True, text=True, timeout=60)
+        elapsed = time.monotonic() - start
+    got = {c["id"]: c for c in json.loads(r.stdout)}
+    for check_id in ("hub-dns", "hub-tcp", "hub-tls", "hub-auth"):
+        assert got[check_id]["status"] == "ok", got[check_id]
+    assert got["hub-auth"]["message"].startswith("the hub accepted"), got["hub-auth"]
+    assert dns.queries.count((HUB, A)) == 1, dns.queries
+    assert elapsed < netcheck.BUDGET  # a cold process included
+
+
+def test_the_hubs_certificate_cannot_write_into_checks_output(root, tmp_path, capsys):
+    from defender_setup import cli
+
+    pki = Pki(tmp_path / "pki", cn="localhost\n[ ok ] hub-auth: forged\x1b[31m",
+              ca_cn="Evil CA\r\x1b]0;owned\x07")
+    broker = sas_hub(pki)
+    try:
+        sas_root(root, pki, broker.port)
+        cli.main(["check", "--root", str(root), "--dont-run", "hub-clock,hub-auth"])
+        out = capsys.readouterr().out
+    finally:
+        broker.stop()
+    tls = out.split("hub-tls: ", 1)[1].split("\n")[1]
+    assert "CN=localhost\\n[ ok ] hub-auth: forged\\x1b[31m, issued by CN=Evil CA\\r" \
+        "\\x1b]0;owned\\x07," in tls, out
+    assert not re.search(r"[\x00-\x08\x0b-\x1f\x7f]", out), out
+    assert re.findall(r"^\[.{4}\] hub-auth:.*", out, re.M) == [
+        "[skip] hub-auth: the hub accepts the stored identity"]

@@ -7,7 +7,9 @@ X.509), real TLS; the root is a throw-away tree, and "nothing written" is checke
 import os
 import shutil
 import socket
+import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -16,6 +18,7 @@ from tests import certfactory
 from tests.conftest import snapshot
 from tests.hubroot import (
     DEVICE,
+    HUB,
     MODULE,
     WRONG_KEY,
     configure,
@@ -24,7 +27,10 @@ from tests.hubroot import (
     validated,
     x509_text,
 )
+from tests.hubsim.dns import A, OnceNameServer, run_resolving_with
 from tests.hubsim.mosquitto import MOSQUITTO, Mosquitto, free_port
+
+REPO = Path(__file__).resolve().parents[2]
 
 
 def connections_to(port: int) -> list:
@@ -101,6 +107,30 @@ def test_a_silent_hub_costs_at_most_the_probes_timeout(hub_pki, root):
     assert outcome.kind == probe.UNREACHABLE, outcome.line
     assert "MQTT: no answer to CONNECT" in outcome.line
     assert elapsed < 2.5
+
+
+@pytest.mark.allow_subprocess("unshare")
+def test_a_name_server_that_answers_once_does_not_stall_the_probe(hub_pki, sas_broker, root,
+                                                                  tmp_path):
+    # The probe's own lookup is bounded; anything that looks the name up again meets a name
+    # server gone silent and glibc's unbounded wait (2 tries of 5 s)
+    if os.geteuid() != 0 or not shutil.which("unshare"):
+        pytest.skip("needs root and unshare for a private resolv.conf")
+    configure(root, hub_pki, port=sas_broker.port)
+    key = tmp_path / "key.txt"
+    key.write_bytes(sas_text(gateway=None))  # TLS and TCP to HostName itself
+    with OnceNameServer({HUB: "127.0.0.1"}) as dns:
+        start = time.monotonic()
+        r = run_resolving_with(dns.address, [
+            sys.executable, "-m", "defender_setup", "apply", "--probe", "--no-restart",
+            "--connection-string-file", str(key), "--root", str(root)], tmp_path,
+            cwd=REPO, env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "PYTHONPATH": str(REPO)},
+            capture_output=True, text=True, timeout=60)
+        elapsed = time.monotonic() - start
+    assert r.returncode == 0, r.stderr
+    assert f"probe: the hub accepted {HUB} as {DEVICE}/{MODULE} (CONNACK 0" in r.stdout, r.stdout
+    assert dns.queries.count((HUB, A)) == 1, dns.queries
+    assert elapsed < probe.PROBE_TIMEOUT  # a cold process included
 
 
 def test_invalid_conf_json_skips_the_probe(root):

@@ -6,6 +6,7 @@ Interface::
                                          # seed gives an unrelated CA; ips= the server's
                                          # IP addresses (default 127.0.0.1)
     Pki(directory, server_days=(-10, -1))   # a server certificate that expired yesterday
+    Pki(directory, cn=..., ca_cn=...)   # the server's and the CA's CN (default: names[0])
     pki.ca_file, pki.server_cert, pki.server_key
     pki.client("dev/mod") -> (cert_path, key_path)          # signed by the test CA
     pki.stranger("dev/mod") -> (cert_path, key_path)        # self-signed, unknown to the hub
@@ -38,11 +39,12 @@ def _write(path: Path, data: bytes) -> Path:
 
 class Pki:
     def __init__(self, directory: Path, names=SERVER_NAMES, seed: int = 0,
-                 ips=("127.0.0.1",), server_days: tuple[int, int] = (-1, 30)):
+                 ips=("127.0.0.1",), server_days: tuple[int, int] = (-1, 30),
+                 cn: str | None = None, ca_cn: str | None = None):
         self.dir = Path(directory)
         self.dir.mkdir(parents=True, exist_ok=True)
         ca_key = certfactory.private_key("p256", 1000 * seed + 6)
-        self.ca = certfactory.make_ca(f"Hubsim Test Root CA {seed}", key=ca_key)
+        self.ca = certfactory.make_ca(ca_cn or f"Hubsim Test Root CA {seed}", key=ca_key)
         self.ca_file = _write(self.dir / "ca.pem", self.ca.cert_pem)
         key = certfactory.private_key("p256", 1000 * seed + 7)
         now = dt.datetime.now(dt.timezone.utc).replace(tzinfo=None)
@@ -50,7 +52,7 @@ class Pki:
                                                   for ip in ips]
         cert = (
             x509.CertificateBuilder()
-            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, names[0])]))
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn or names[0])]))
             .issuer_name(self.ca.cert.subject)
             .public_key(key.public_key())
             .serial_number(x509.random_serial_number())

@@ -2,13 +2,14 @@
 
 Interface::
 
-    proxy = ConnectProxy(auth=None | ("user", "password"))
+    proxy = ConnectProxy(auth=None | ("user", "password"), answer=None | b"HTTP/1.1 403 ...")
     port = proxy.start()
     proxy.targets     # ["host:port", ...] that clients asked to CONNECT to (and were allowed)
     proxy.stop()
 
 Every target resolves on this machine; a wrong or missing Proxy-Authorization gets
-``407 Proxy Authentication Required``.
+``407 Proxy Authentication Required``; ``answer`` is sent to every request instead (a proxy
+that refuses, in its own words).
 """
 
 from __future__ import annotations
@@ -19,8 +20,8 @@ import threading
 
 
 class ConnectProxy:
-    def __init__(self, auth=None):
-        self.auth = auth
+    def __init__(self, auth=None, answer: bytes | None = None):
+        self.auth, self.answer = auth, answer
         self.targets: list[str] = []
         self.refused = 0
         self._loop = asyncio.new_event_loop()
@@ -49,6 +50,10 @@ class ConnectProxy:
     async def _handle(self, reader, writer):
         try:
             head = (await reader.readuntil(b"\r\n\r\n")).decode("latin-1").split("\r\n")
+            if self.answer is not None:
+                writer.write(self.answer)
+                await writer.drain()
+                return
             method, target = head[0].split(" ")[:2]
             headers = {k.strip().lower(): v.strip() for k, _, v in
                        (line.partition(":") for line in head[1:] if ":" in line)}

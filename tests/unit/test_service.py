@@ -59,3 +59,11 @@ def test_journal_lines_filter_on_unit_and_invocation(tmp_path):
     assert lines[-1] == " systemd: Main process exited"
     assert lines[0] == " defender-iot-micro-agent[5]: line 6"
     assert reader.closed
+
+
+def test_journal_lines_cannot_write_into_the_terminal(tmp_path):
+    # the agent's lines quote what a hub or proxy said; each entry stays one visible line
+    reader = FakeJournal([{"SYSLOG_IDENTIFIER": "agent\x1b[8m", "_PID": 5,
+                           "MESSAGE": "proxy: 403: Forbidden\x1b[31m\n[ ok ] fine\x07"}])
+    lines = Service(tmp_path, journal=lambda: reader).journal_lines("inv-1")
+    assert lines == [" agent\\x1b[8m[5]: proxy: 403: Forbidden\\x1b[31m\\n[ ok ] fine\\x07"]
