@@ -20,12 +20,14 @@ command line, the debconf trigger and the boot-time import all end here.
    ``MainPID`` and an unchanged ``NRestarts`` for :data:`STABILITY_WINDOW`, bounded by
    ``timeout``.
 4. On failure: the unit's last journal lines of the failed invocation, then
-   ``AgentDir.rollback()``, restart and verify again, and report loudly; with no previous set,
-   ``AgentDir.unconfigure()`` instead (the device is unconfigured, as before, and the refused
-   set is kept as the previous one). Returns 0 after a successful roll-back (so
-   ``dpkg-reconfigure`` stays usable), 69 with ``strict``, when unconfigured again, or when
-   the roll-back fails too. ``restart=False`` watches a start already queued instead (the
-   boot-time import, ordered before the agent) of restarting.
+   ``AgentDir.rollback()``, restart and verify again, and report loudly; with no previous set
+   and the hub refusing the identity (the agent's exit 76), ``AgentDir.unconfigure()`` instead
+   (the device is unconfigured, as before, and the refused set is kept as the previous one);
+   any other failure with no previous set (a broken conf.json) keeps the credentials.
+   Returns 0 after a successful roll-back (so ``dpkg-reconfigure`` stays usable), 69 with
+   ``strict``, when unconfigured again, or when the roll-back fails too. ``restart=False``
+   watches a start already queued (the boot-time import, ordered before the agent) instead
+   of restarting.
 
 Why a 1.5 s window: READY=1 already means the runtime validated the files and its connector
 had a first outcome, so what the window must still catch is an agent that dies right after
@@ -46,7 +48,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import EX_OK, EX_UNAVAILABLE, ServiceError, SetupError
+from .errors import EX_OK, EX_REJECTED, EX_UNAVAILABLE, ServiceError, SetupError
 from .service import Service, UnitState
 
 STABILITY_WINDOW = 1.5  # seconds; see the module docstring
@@ -201,6 +203,13 @@ def settle(root: Path, *, timeout: float, strict: bool, out, restart: bool = Tru
     _print_journal(svc, verdict, out)
     refused = f"the agent refused the new credentials: {verdict.reason}"
     advice = "fix the new credentials and run 'dpkg-reconfigure defender-setup' again"
+    if not agent.has_previous() and verdict.state.exec_main_status != EX_REJECTED:
+        # Nothing to go back to, and not the hub refusing the identity (a broken conf.json,
+        # say): the credentials are kept, the report says what failed.
+        print(f"VERIFICATION FAILED and no roll-back possible: there is no previous set; "
+              f"{unit} is not healthy", file=out)
+        return Result(EX_UNAVAILABLE, FAILED, f"{refused}; no previous set to go back to",
+                      verdict)
     if not agent.has_previous():
         try:
             agent.unconfigure()

@@ -313,13 +313,17 @@ def test_check_reasks_a_key_the_hub_refuses_with_its_answer(debconf, dpkg_root, 
                              "wrong SharedAccessKey"), reason
     assert WRONG_KEY not in result.stdout + result.stderr
     assert test_hub.connections[-1].code == 5
-    agent = dpkg_root / "var/defender_iot_micro_agent"
-    assert not list(agent.glob("*.txt")) and not list(agent.glob("*.pem"))  # nothing written
-    # ... but the outcome is kept (root-only) for the postinst of the same run: one CONNECT
+    assert not (dpkg_root / "var").exists()
+    # ... but the outcome is noted (root-only, on /run) for the postinst of the same run
+    assert not (dpkg_root / "run/defender-setup/probe.json").exists()  # no /run: no note
+    (dpkg_root / "run").mkdir()
+    assert debconf.helper("check", "--root", str(dpkg_root)).returncode == 65
     count = len(test_hub.connections)
     result = debconf.helper("apply", "--root", str(dpkg_root))
     assert result.returncode == 65 and "the hub refused this key" in result.stderr
-    assert len(test_hub.connections) == count and not list(agent.glob("*.txt"))
+    assert len(test_hub.connections) == count  # one CONNECT for the dpkg run
+    assert not (dpkg_root / "var").exists()
+    assert not (dpkg_root / "run/defender-setup/probe.json").exists()  # used once
 
 
 @pytest.mark.allow_subprocess(*DEBCONF)

@@ -191,3 +191,14 @@ def test_masked_or_missing_unit_is_not_restarted(booted_root, tmp_path, monkeypa
     assert (got, text in out) == (code, True), out
     assert fake.restarts() == []
     assert "DeviceId=other" in device_on_disk(booted_root)  # no roll-back
+
+
+def test_a_failure_not_about_the_identity_keeps_a_first_set(booted_root, tmp_path, monkeypatch):
+    """A broken conf.json (exit 78) with no previous set: the credentials are not what is
+    wrong, so they stay; only the hub refusing the identity (76) unconfigures."""
+    write_set(booted_root, "only", KEY_A)
+    fake = FakeSystemd(tmp_path, [running("inv-0")],
+                       [{"states": [failed("inv-1", status=78)], "rc": 1}])
+    code, out = verify(booted_root, fake, monkeypatch)
+    assert code == 69 and "no roll-back possible" in out
+    assert "DeviceId=only" in device_on_disk(booted_root)
