@@ -1,10 +1,14 @@
-"""A stand-in for the agent in the concurrency test: reads the stored set over and over, as a
-reader does (``AgentDir.snapshot``, under the shared lock), and says whether every read was one
-complete, valid set of one method.
+"""The agent's side of the concurrency test, as it really is: PID 1 copies each file into the
+service's credentials directory on its own, without the writers' lock (``LoadCredential=``,
+at every start, a crash restart included), and the agent validates what it got
+(``runtime.load_credentials``: the same code, reading the agent directory by name as systemd
+hands it over). Over and over, while writers run: every copy must be one complete, valid set
+of one method, or be refused by the agent's own validation (a copy taken in the middle of a
+switch: the agent exits 78 and is restarted); never a mixed identity accepted.
 
 ``python3 -m tests.functional.fake_agent ROOT SECONDS`` reads until SECONDS passed or a line
 arrives on standard input, then prints one JSON line:
-``{"reads": N, "busy": N, "bad": [problem, ...]}``.
+``{"reads": N, "refused": N, "bad": [problem, ...]}``.
 """
 
 from __future__ import annotations
@@ -14,7 +18,6 @@ import select
 import sys
 import time
 
-from defender_setup.agentdir import AgentDir
 from defender_setup.credentials import (
     CERTIFICATE_FILE,
     CONNECTION_STRING_FILE,
@@ -22,7 +25,7 @@ from defender_setup.credentials import (
     method_of,
     validate,
 )
-from defender_setup.errors import BusyError, SetupError
+from defender_setup.errors import SetupError
 
 
 def problem_of(files: dict, pending: bool) -> str | None:
@@ -47,26 +50,25 @@ def problem_of(files: dict, pending: bool) -> str | None:
 
 
 def main(root: str, seconds: float) -> dict:
-    agent = AgentDir(root)
-    reads = busy = 0
+    from pathlib import Path
+
+    from defender_setup.agent.runtime import load_credentials
+
+    reads = refused = 0
     bad: list[str] = []
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline and not select.select([sys.stdin], [], [], 0)[0]:
         try:
-            seen = agent.snapshot(timeout=5)
-            files, pending = seen.files, seen.pending
-        except BusyError:
-            busy += 1
-            continue
-        except SetupError as exc:
-            bad.append(str(exc))
+            creds = load_credentials(Path(root))
+        except SetupError:
+            refused += 1  # a copy taken mid-write, refused as the agent would (exit 78)
             continue
         reads += 1
-        problem = problem_of(files, pending)
+        problem = problem_of({name: data for name, (data, _) in creds.files.items()}, False)
         if problem:
             bad.append(problem)
         time.sleep(0.01)  # a real agent reads at start and on reload; leave CPU to the others
-    return {"reads": reads, "busy": busy, "bad": bad[:20]}
+    return {"reads": reads, "refused": refused, "bad": bad[:20]}
 
 
 if __name__ == "__main__":

@@ -2,12 +2,15 @@
 
 Writers (``apply`` of a connection string, ``apply`` of a certificate, ``rollback``,
 ``restart``) and readers (``status --json``, ``check --json``) run the real command line in
-loops against one throw-away root, beside a stand-in agent that reads the set continuously
-(fake_agent.py). The claims:
+loops against one throw-away root, beside the agent's reading as it really happens: each file
+copied on its own without the lock, as PID 1 does at every start, then validated by the
+agent's own code (fake_agent.py). The claims:
 
-* every command that succeeded left a complete, valid set of one method: every state anyone
-  can see outside a writer's lock (the agent's reads, every ``status`` and ``check``) is one,
-  and only successful writers make states;
+* every command that succeeded left a complete, valid set of one method: every state a reader
+  sees under the shared lock (every ``status`` and ``check``) is one, and only successful
+  writers make states;
+* the agent, which reads without the lock, either gets one whole set or refuses what it got
+  with its own validation: it never accepts a mixed identity;
 * writers are serialised: none fails but with 75 (busy), and none did here within the wait;
 * readers never change anything: they run in a private mount namespace where the root is
   read-only (as root; a write would fail and show), and a readers-only phase leaves every
