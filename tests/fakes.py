@@ -186,9 +186,12 @@ class Recorder:
 
     def __init__(self):
         self.notified, self.lines = [], []
+        self.on_notify = None  # called with each notification (a test's next step)
 
     def notify(self, state):
         self.notified.append(state)
+        if self.on_notify is not None:
+            self.on_notify(state)
 
     def log(self, line, level):
         self.lines.append((level, line))

@@ -227,12 +227,14 @@ class Runtime:
         sd_notify: Callable[[str], None] | None = None,
         log: Callable[[str, int], None] | None = None,
         loader: Callable = load_credentials,
+        clock: Callable[[], float] = time.monotonic,
     ):
         self.root = Path(root)
         self.connector = connector if connector is not None else NullConnector()
         self._sd_notify = sd_notify or systemd_notify
         self._log = log or journal_log
         self._load = loader
+        self._clock = clock  # for the READY=1 deadline (tests pass one that jumps)
         self._lock = threading.Lock()
         self._status = ""
         self._ready = False
@@ -261,6 +263,11 @@ class Runtime:
                 os.write(self._wake_w, bytes([byte]))
             except OSError:  # full (the main loop is behind, and will look anyway) or closed
                 pass
+
+    def deliver(self, signum: int) -> None:
+        """Serve ``signum`` as if the process had received it (the same wake-up pipe the
+        signal handler writes to): tests use it instead of signalling their own process."""
+        self._wake(int(signum))
 
     # -- main thread ------------------------------------------------------------------------
     def run(self) -> int:
@@ -293,7 +300,7 @@ class Runtime:
         while True:
             timeout = None
             if self._ready_by is not None:
-                timeout = max(0.0, self._ready_by - time.monotonic())
+                timeout = max(0.0, self._ready_by - self._clock())
             readable, _, _ = select.select([wake_r], [], [], timeout)
             for byte in os.read(wake_r, 64) if readable else b"":
                 if byte in (signal.SIGTERM, signal.SIGINT):
@@ -307,14 +314,14 @@ class Runtime:
                     self._send_ready()
             if self._failure is not None:
                 return self._exit_failed()
-            if self._ready_by is not None and time.monotonic() >= self._ready_by:
+            if self._ready_by is not None and self._clock() >= self._ready_by:
                 self._send_ready()
 
     def _start(self) -> bool:
         """Start the connector; False if it reported a fatal failure."""
         self._log(f"starting as {identity(self.creds)}", INFO)
         wait = getattr(self.connector, "ready_timeout", None)
-        self._ready_by = time.monotonic() + wait + READY_GRACE if wait is not None else None
+        self._ready_by = self._clock() + wait + READY_GRACE if wait is not None else None
         self.connector.start(self.creds, Notifier(self))
         if self._failure is not None:
             return False

@@ -27,26 +27,19 @@ def creds(device="dev-1"):
                                 f"{device};ModuleId=DefenderIotMicroAgent;SharedAccessKey={KEY}")
 
 
-def signals_later(*steps):
-    """Send (delay, signum) steps to this process from a thread."""
-
-    def run():
-        for delay, signum in steps:
-            time.sleep(delay)
-            os.kill(os.getpid(), signum)
-
-    t = threading.Thread(target=run, daemon=True)
-    t.start()
-    return t
-
-
 class ListConnector:
-    def __init__(self, fail_on_start=None, fail_later=None):
+    """Records starts and stops; ``signals``: per start, the signals then delivered to the
+    runtime (``Runtime.deliver``: the wake-up pipe a real signal writes to), in order."""
+
+    def __init__(self, fail_on_start=None, fail_later=None, signals=()):
         self.events = []
         self.fail_on_start, self.fail_later = fail_on_start, fail_later
+        self.signals, self.runtime = list(signals), None
 
     def start(self, creds, notify):
         self.events.append(("start", creds.connection_string.device_id))
+        for signum in self.signals.pop(0) if self.signals else ():
+            self.runtime.deliver(signum)
         notify.status("connected")
         if self.fail_on_start:
             notify.fail(*self.fail_on_start)
@@ -57,13 +50,17 @@ class ListConnector:
         self.events.append(("stop",))
 
 
+def with_signals(rt: Runtime, conn: ListConnector) -> Runtime:
+    conn.runtime = rt
+    return rt
+
+
 def test_ready_with_identity_then_clean_exit_on_sigterm(tmp_path):
-    rec = Recorder()
-    rt = Runtime(tmp_path, sd_notify=rec.notify, log=rec.log, loader=lambda root: creds())
-    signals_later((0.2, signal.SIGTERM))
+    rec, conn = Recorder(), ListConnector(signals=[[signal.SIGTERM]])
+    rt = with_signals(Runtime(tmp_path, connector=conn, sd_notify=rec.notify, log=rec.log,
+                              loader=lambda root: creds()), conn)
     assert rt.run() == 0
-    assert rec.notified[0].startswith("READY=1\nSTATUS=hub.example.net/dev-1/DefenderIotMicroAgent")
-    assert "connection-string" in rec.notified[0]
+    assert rec.notified[0] == "READY=1\nSTATUS=connected"
     assert rec.notified[-1] == "STOPPING=1"
 
 
@@ -81,15 +78,9 @@ def test_invalid_credentials_exit_78_with_one_error_line(tmp_path):
 
 def test_sighup_reloads_and_restarts_the_connector(tmp_path):
     devices = iter(["dev-1", "dev-2"])
-    rec, conn = Recorder(), ListConnector()
-    rt = Runtime(
-        tmp_path,
-        connector=conn,
-        sd_notify=rec.notify,
-        log=rec.log,
-        loader=lambda root: creds(device=next(devices)),
-    )
-    signals_later((0.2, signal.SIGHUP), (0.2, signal.SIGTERM))
+    rec, conn = Recorder(), ListConnector(signals=[[signal.SIGHUP], [signal.SIGTERM]])
+    rt = with_signals(Runtime(tmp_path, connector=conn, sd_notify=rec.notify, log=rec.log,
+                              loader=lambda root: creds(device=next(devices))), conn)
     assert rt.run() == 0
     assert conn.events == [("start", "dev-1"), ("stop",), ("start", "dev-2"), ("stop",)]
     assert "RELOADING=1" in rec.notified
@@ -105,9 +96,9 @@ def test_invalid_set_on_reload_keeps_running_identity(tmp_path):
             raise ValidationError(CONNECTION_STRING, "is missing", part="HostName")
         return creds()
 
-    rec, conn = Recorder(), ListConnector()
-    rt = Runtime(tmp_path, connector=conn, sd_notify=rec.notify, log=rec.log, loader=loader)
-    signals_later((0.2, signal.SIGHUP), (0.2, signal.SIGTERM))
+    rec, conn = Recorder(), ListConnector(signals=[[signal.SIGHUP, signal.SIGTERM]])
+    rt = with_signals(Runtime(tmp_path, connector=conn, sd_notify=rec.notify, log=rec.log,
+                              loader=loader), conn)
     assert rt.run() == 0
     assert conn.events == [("start", "dev-1"), ("stop",)]
     assert any("reload: keeping hub.example.net/dev-1" in line for _, line in rec.lines)
@@ -137,35 +128,56 @@ def test_connector_failure_after_ready_from_a_thread(tmp_path):
 
 
 class SlowConnector(ListConnector):
-    """Its first attempt takes ``outcome_after`` seconds (None: never ends)."""
+    """Its first attempt has no outcome yet; ``outcome`` True: it comes from a thread."""
 
     ready_timeout = 1.0
 
-    def __init__(self, outcome_after=None):
+    def __init__(self, outcome=False):
         super().__init__()
-        self.outcome_after = outcome_after
+        self.outcome = outcome
 
     def start(self, creds, notify):
         self.events.append(("start", creds.connection_string.device_id))
         notify.status("retrying: hub unreachable (timeout: no answer within 1 s)")
-        if self.outcome_after is not None:
+        for signum in self.signals.pop(0) if self.signals else ():
+            self.runtime.deliver(signum)
+        if self.outcome:
             def outcome():
                 notify.status("connected")
                 notify.ready()
-            threading.Timer(self.outcome_after, outcome).start()
+                self.runtime.deliver(signal.SIGTERM)
+            threading.Thread(target=outcome, daemon=True).start()
+
+
+class Jumps:
+    """A clock that moves ``step`` seconds each time it is read: the READY=1 deadline
+    passes without waiting for it."""
+
+    def __init__(self, step):
+        self.now, self.step = 1000.0, step
+
+    def __call__(self):
+        self.now += self.step
+        return self.now
+
+
+def slow_runtime(root, rec, conn, clock=time.monotonic) -> Runtime:
+    conn.runtime = Runtime(root, connector=conn, sd_notify=rec.notify, log=rec.log,
+                           loader=lambda _root: creds(), clock=clock)
+    return conn.runtime
 
 
 def test_ready_waits_for_the_first_outcome(tmp_path):
-    rec, conn = Recorder(), SlowConnector(outcome_after=0.2)
-    signals_later((0.5, signal.SIGTERM))
-    assert runtime(tmp_path, rec, conn).run() == 0
+    rec, conn = Recorder(), SlowConnector(outcome=True)
+    assert slow_runtime(tmp_path, rec, conn).run() == 0
     assert rec.notified[0] == "READY=1\nSTATUS=connected"
 
 
 def test_ready_after_ready_timeout_with_the_status_left_for_it(tmp_path):
-    rec, conn = Recorder(), SlowConnector(outcome_after=None)
-    signals_later((2.0, signal.SIGTERM))
-    assert runtime(tmp_path, rec, conn).run() == 0
+    rec, conn = Recorder(), SlowConnector()
+    rt = slow_runtime(tmp_path, rec, conn, clock=Jumps(1.0))
+    rec.on_notify = lambda text: rt.deliver(signal.SIGTERM)  # stop once READY=1 went out
+    assert rt.run() == 0
     assert rec.notified[0] == ("READY=1\nSTATUS=retrying: hub unreachable (timeout: no answer "
                                "within 1 s)")
 
@@ -173,11 +185,11 @@ def test_ready_after_ready_timeout_with_the_status_left_for_it(tmp_path):
 def test_sigterm_before_the_first_outcome_stops_at_once(tmp_path):
     # The main thread never waits on the network: a signal is served while the connector's
     # first attempt hangs.
-    rec, conn = Recorder(), SlowConnector(outcome_after=None)
+    rec, conn = Recorder(), SlowConnector()
     conn.ready_timeout = 30.0
-    signals_later((0.2, signal.SIGTERM))
+    conn.signals = [[signal.SIGTERM]]
     started = time.monotonic()
-    assert runtime(tmp_path, rec, conn).run() == 0
+    assert slow_runtime(tmp_path, rec, conn).run() == 0
     assert time.monotonic() - started < 1.0
     assert not any(s.startswith("READY=1") for s in rec.notified)
     assert conn.events[-1] == ("stop",)
