@@ -33,6 +33,8 @@ class SubprocessForbidden(BaseException):
 
 
 def pytest_configure(config):
+    config.addinivalue_line("markers", "hub: the agent's own tests (its runtime and hub code), "
+                            "also run under Debian 11's and 13's Python and paho-mqtt")
     config.addinivalue_line("markers", "allow_subprocess(*programs): the test may start these "
                             "programs (by base name; 'fork' for os.fork)")
 

@@ -18,6 +18,8 @@ from tests.hubsim.broker import Broker
 from tests.hubsim.pki import Pki
 from tests.hubsim.sasauth import SasAuth
 
+pytestmark = pytest.mark.hub  # the agent's own: also run on Debian 11 and 13
+
 KEY = base64.b64encode(b"k" * 32).decode()
 WRONG_KEY = base64.b64encode(b"w" * 32).decode()
 DEVICE, MODULE = "dev-1", "DefenderIotMicroAgent"

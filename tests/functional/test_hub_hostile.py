@@ -12,7 +12,7 @@ import pytest
 from tests.agentproc import Agent, configure
 from tests.hubsim.hostile import HostileHub
 
-pytestmark = pytest.mark.allow_subprocess("python3")
+pytestmark = [pytest.mark.hub, pytest.mark.allow_subprocess("python3")]
 
 STOP_WITHIN = 2.0  # seconds from SIGTERM to exit, well inside the unit's TimeoutStopSec=10
 RSS_LIMIT_KIB = 60 * 1024  # the agent idles at 24-30 MB; a hub announcing 256 MB must not count

@@ -14,7 +14,7 @@ from tests.agentproc import DEVICE, HUB, KEY, MODULE, Agent, configure
 from tests.hubsim.broker import Broker
 from tests.hubsim.sasauth import SasAuth
 
-pytestmark = pytest.mark.allow_subprocess("python3")
+pytestmark = [pytest.mark.hub, pytest.mark.allow_subprocess("python3")]
 
 
 def start(root, tmp_path):

@@ -11,6 +11,7 @@ from tests.hubsim.mosquitto import MOSQUITTO, Mosquitto
 from .test_hub import DEVICE, MODULE, started
 
 pytestmark = [
+    pytest.mark.hub,
     pytest.mark.allow_subprocess("mosquitto"),
     pytest.mark.skipif(not shutil.which(MOSQUITTO), reason="mosquitto is not installed"),
 ]

@@ -2,11 +2,14 @@
 
 import base64
 
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
 from defender_setup.agent import sas
 from tests.hubsim.sasauth import SasAuth
+
+pytestmark = pytest.mark.hub  # the agent's own: also run on Debian 11 and 13
 
 
 @given(device=st.text(alphabet="abcXYZ019-.:@", min_size=1, max_size=20),

@@ -7,6 +7,8 @@ import pytest
 
 from tests.nobody import run_as_nobody, shared_tmpdir
 
+pytestmark = pytest.mark.hub  # the agent's own: also run on Debian 11 and 13
+
 PEM = b"-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n"
 
 

@@ -18,6 +18,8 @@ from defender_setup.agent.runtime import ERR, Runtime, identity
 from defender_setup.errors import CONNECTION_STRING, EX_CONFIG, ValidationError
 from tests.fakes import Recorder
 
+pytestmark = pytest.mark.hub  # the agent's own: also run on Debian 11 and 13
+
 KEY = "c2VjcmV0LWtleS1mb3ItdGVzdHMtb25seS0xMjM0NTY="  # test-only, base64 of a dummy
 
 

@@ -1,7 +1,11 @@
 """defender_setup.agent.hub without a network: back-off, the identity, os-release, settings."""
 
+import pytest
+
 from defender_setup.agent import hub, settings
 from tests.hubroot import DEVICE, KEY, MODULE, sas_text, validated, x509_text
+
+pytestmark = pytest.mark.hub  # the agent's own: also run on Debian 11 and 13
 
 
 def test_websocket_settings_default_to_port_443():

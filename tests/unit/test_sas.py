@@ -9,6 +9,8 @@ import pytest
 
 from defender_setup.agent import sas
 
+pytestmark = pytest.mark.hub  # the agent's own: also run on Debian 11 and 13
+
 KEY = base64.b64encode(bytes(range(32))).decode()
 
 

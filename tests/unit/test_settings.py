@@ -9,6 +9,8 @@ from defender_setup.agent import settings
 from defender_setup.agent.settings import SettingsError, load, parse
 from defender_setup.errors import EX_CONFIG
 
+pytestmark = pytest.mark.hub  # the agent's own: also run on Debian 11 and 13
+
 PEM = b"-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n"
 
 
