@@ -8,8 +8,8 @@ Interface::
         d.write(files, origin, previous={...})  # ... keeping this as the previous generation
         d.rollback()      # the previous set becomes current (and the current one previous)
         d.repair()        # finish a write that was interrupted
-    d.snapshot(timeout=5) # readers: a consistent view under a shared lock; never writes
-    d.view()              # the same, for a caller holding a lock already
+    d.view()              # what a reader shows, for a caller holding a lock (readers:
+                          # provision.read, under the shared lock; it never writes)
     d.unconfigure()       # no credentials; the removed set becomes the previous one
     d.current()           # {name: bytes} of the credential files present
     d.previous_files()    # {name: bytes} of the previous generation (for rollback)
@@ -62,6 +62,7 @@ from .safefs import (
     fsync_dir,
     lstat,
     read,
+    replace,
 )
 
 STATE = ".defender-setup"     # our private state inside the agent directory
@@ -253,13 +254,9 @@ class AgentDir:
             return None
         return data if isinstance(data, dict) else None
 
-    def snapshot(self, timeout: float = READ_WAIT) -> Snapshot:
-        """Everything a reader shows, read under the shared lock: a consistent view."""
-        with self.read_lock(timeout):
-            return self.view()
-
     def view(self) -> Snapshot:
-        """:meth:`snapshot` for a caller that holds a lock already."""
+        """Everything a reader shows, at one moment: the caller holds a lock (readers take
+        it shared through :func:`defender_setup.provision.read`)."""
         self.check()
         return Snapshot(files=self.current(), modes=self.modes(),
                         previous=self.has_previous(), pending=self.pending(),
@@ -308,12 +305,7 @@ class AgentDir:
             fsync_dir(previous_new)
             fsync_dir(self.state)
             journal = {"files": sorted(files), "origin": ORIGIN}
-            tmp = self.state / (JOURNAL + ".tmp")
-            if tmp.exists():
-                tmp.unlink()
-            create(tmp, json.dumps(journal).encode(), 0o600)
-            os.replace(tmp, self.state / JOURNAL)   # the commit point
-            fsync_dir(self.state)
+            replace(self.state / JOURNAL, json.dumps(journal).encode(), 0o600)  # the commit
         except OSError as exc:
             raise WriteError(f"cannot stage credentials in {self.state}: {exc.strerror}; "
                              "nothing was changed") from None
@@ -425,14 +417,10 @@ class AgentDir:
         """Write ``.defender-setup/NAME`` atomically (0600) under the writers' lock, e.g. the
         last boot-time import's outcome."""
         with self.lock():
-            tmp, path = self.state / (name + ".tmp"), self.state / name
+            path = self.state / name
             check_file(path)
             try:
-                if lstat(tmp) is not None:
-                    tmp.unlink()
-                create(tmp, json.dumps(data, sort_keys=True).encode(), 0o600)
-                os.replace(tmp, path)
-                fsync_dir(self.state)
+                replace(path, json.dumps(data, sort_keys=True).encode(), 0o600)
             except OSError as exc:
                 raise WriteError(f"cannot write {path}: {exc.strerror}") from None
 

@@ -307,7 +307,7 @@ def _write_note(note: Path, data: dict) -> None:
     import json
     import stat
 
-    from .safefs import create, lstat
+    from .safefs import lstat, replace
 
     if not note.parent.parent.is_dir():  # no /run under root (an image build)
         return
@@ -316,10 +316,7 @@ def _write_note(note: Path, data: dict) -> None:
         st = lstat(note.parent)
         if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid() or st.st_mode & 0o077:
             return
-        tmp = note.with_suffix(".tmp")
-        tmp.unlink(missing_ok=True)
-        create(tmp, json.dumps(data).encode(), 0o600)
-        os.replace(tmp, note)
+        replace(note, json.dumps(data).encode(), 0o600)
     except OSError:
         pass
 

@@ -44,6 +44,18 @@ def create(path: Path, data: bytes, mode: int) -> None:
         os.close(fd)
 
 
+def replace(path: Path, data: bytes, mode: int) -> None:
+    """Put ``data`` at ``path`` atomically: a fresh ``PATH.tmp`` (:func:`create`; a stale one,
+    or a link planted at that name, is unlinked first), renamed over ``path`` (which replaces
+    a link there, never writes through it), then the directory fsync-ed."""
+    tmp = path.with_name(path.name + ".tmp")
+    if lstat(tmp) is not None:
+        tmp.unlink()
+    create(tmp, data, mode)
+    os.replace(tmp, path)
+    fsync_dir(path.parent)
+
+
 def _write_all(fd: int, data: bytes) -> None:
     view = memoryview(data)
     while view:

@@ -10,6 +10,7 @@ import pytest
 from defender_setup.agentdir import AgentDir
 from defender_setup.credentials import ALL_FILES
 from defender_setup.errors import InputError, SetupError, UnsafeTargetError, ValidationError
+from defender_setup.provision import read
 
 CS, CERT, KEY = "connection_string.txt", "certificate_public.pem", "certificate_private.pem"
 
@@ -284,7 +285,7 @@ def test_a_symlink_in_the_private_state_is_refused_naming_it(root, tmp_path, sas
     link.symlink_to(elsewhere)
     before = tree(root)
     for action in (lambda: agent.write(sas_inputs.validated().files), agent.rollback,
-                   agent.repair, agent.check, agent.snapshot):
+                   agent.repair, agent.check, lambda: read(agent)):
         with pytest.raises(UnsafeTargetError) as err:
             action()
         assert err.value.exit_code == 77 and str(link) in str(err.value)
