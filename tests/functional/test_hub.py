@@ -316,6 +316,7 @@ def test_proxy_down_or_refusing_is_named(hub_pki, run):
         proxy.stop()
 
 
+@pytest.mark.skipif(not HAVE_SOCKS, reason="python3-socks is not installed")
 def test_the_proxys_answer_reaches_the_status_and_journal_escaped(hub_pki, run):
     from tests.hubsim.proxy import ConnectProxy
 
