@@ -102,13 +102,17 @@ def validate(method: str, connection_string: bytes | str, certificate: bytes | N
     files = {CONNECTION_STRING_FILE: ((parsed.canonical() + "\n").encode("ascii"), 0o600)}
     info = None
     if method == cs.METHOD_CERTIFICATE:
-        # None: not given. An empty file was given: certificates.check says it is empty.
-        if certificate is None:
-            raise ValidationError(CERTIFICATE, "is required for the certificate method; "
-                                  "give the PEM certificate file")
+        # None: not given (the one place that says so, for new and stored sets alike). An
+        # empty file was given: certificates.check says it is empty.
+        if certificate is None and private_key is None:
+            raise ValidationError(CERTIFICATE, "is missing: the connection string says "
+                                  "x509=true; give the PEM certificate and its private key too")
         if private_key is None:
-            raise ValidationError(PRIVATE_KEY, "is required for the certificate method; "
-                                  "give the PEM private key file")
+            raise ValidationError(PRIVATE_KEY, "is missing: a certificate was given without "
+                                  "its private key; give both")
+        if certificate is None:
+            raise ValidationError(CERTIFICATE, "is missing: a private key was given without "
+                                  "its certificate; give both")
         from . import certificates  # cryptography is only loaded when a certificate is involved
         info = (check or certificates.check)(certificate, private_key, now=now,
                                              device_id=parsed.device_id,

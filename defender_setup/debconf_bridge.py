@@ -176,13 +176,7 @@ def resolve(answers: Answers, stored, read: Callable[[str, str], bytes] = read_i
         key = read(answers.private_key_file, PRIVATE_KEY)
     elif same:
         key = current.get(PRIVATE_KEY_FILE)
-    if cert is None:
-        raise ValidationError(CERTIFICATE, "no certificate file given; enter the path of "
-                              "the PEM certificate")
-    if key is None:
-        raise ValidationError(PRIVATE_KEY, "no private key file given; enter the path of "
-                              "the PEM private key")
-    return Request(text, cert, key, **kw)
+    return Request(text, cert, key, **kw)  # a missing file: the plan names it
 
 
 def question_for(error: SetupError, answers: Answers) -> str:

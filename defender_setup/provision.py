@@ -176,17 +176,7 @@ def plan(request: Request, stored: Stored, now=None, check=None) -> Plan:
                                   "certificate and its key)")
         text = stored.plain[CONNECTION_STRING_FILE]  # a new certificate, the same identity
     method = request.method or cs.method_of(text)
-    if method == cs.METHOD_CERTIFICATE and cs.method_of(text) == method:
-        if cert is None and key is None:
-            raise ValidationError(CERTIFICATE, "is missing: the connection string says "
-                                  "x509=true; give the PEM certificate and its private key too")
-        if key is None:
-            raise ValidationError(PRIVATE_KEY, "is missing: a certificate was given without "
-                                  "its private key; give both")
-        if cert is None:
-            raise ValidationError(CERTIFICATE, "is missing: a private key was given without "
-                                  "its certificate; give both")
-    elif method == cs.METHOD_CONNECTION_STRING and given:
+    if method == cs.METHOD_CONNECTION_STRING and given:
         raise ValidationError(CERTIFICATE if cert is not None else PRIVATE_KEY,
                               "was given, but the connection string uses SharedAccessKey; for "
                               "a certificate end the connection string with x509=true instead, "

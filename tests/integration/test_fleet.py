@@ -124,6 +124,26 @@ def test_the_wrong_key_is_reported_and_the_device_stays_unconfigured(fleet, devi
     assert_no_secret(ct, *devices.secrets["wrong-1"])
 
 
+def test_a_refused_offer_is_not_imported_again_at_the_next_boot(fleet, devices):
+    """The same refused offer at every boot was written, started, refused and rolled back each
+    time (the verify unit failing at every boot): now the next boot writes and restarts
+    nothing, says why, and check keeps the refusal an error."""
+    ct = devices["wrong-1"]
+    before = files_state(ct)
+    tries = sum(c.client_id == f"wrong-1/{MODULE}" for c in fleet.hub.connections)
+    ct.stop()
+    ct.start(BOOT_TIMEOUT)
+    log = journal(ct, "-u", IMPORT)
+    assert "not imported again at boot" in log, log
+    assert files_state(ct) == before  # nothing written, not even a record
+    assert ct.show(UNIT, "ConditionResult")["ConditionResult"] == "no"  # never started
+    assert ct.show(VERIFY, "ConditionResult")["ConditionResult"] == "no"
+    assert failed_units(ct) == []
+    assert sum(c.client_id == f"wrong-1/{MODULE}" for c in fleet.hub.connections) == tries
+    last = checks(ct)["last-import"]
+    assert last["status"] == "error" and "not imported again at boot" in last["message"]
+
+
 def test_an_invalid_credential_is_one_journal_line_and_changes_nothing(devices):
     ct = devices["bad-1"]
     lines = journal(ct, "-u", IMPORT, "SYSLOG_IDENTIFIER=defender-setup-import").splitlines()

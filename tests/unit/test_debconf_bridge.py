@@ -22,7 +22,7 @@ from defender_setup.errors import (
     InputError,
     ValidationError,
 )
-from defender_setup.provision import NOTHING_STORED, Request
+from defender_setup.provision import NOTHING_STORED, Request, plan
 from tests.offers import ANSWER_CS as CS
 from tests.offers import ANSWER_KEY as KEY
 
@@ -87,8 +87,8 @@ def test_certificate_keeps_current_files_when_paths_are_empty():
 
 def test_certificate_without_files_names_the_question():
     answers = Answers(method="certificate", hub_hostname="h.azure-devices.net", device_id="d")
-    with pytest.raises(ValidationError) as err:
-        resolve(answers, st({}), no_read)
+    with pytest.raises(ValidationError) as err:  # the plan names the missing file
+        plan(resolve(answers, st({}), no_read), st({}))
     assert question_for(err.value, answers) == "certificate-file"
 
 
