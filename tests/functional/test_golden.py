@@ -23,8 +23,9 @@ from defender_setup.agentdir import PREVIOUS, STATE, AgentDir
 from defender_setup.credentials import CONNECTION_STRING_FILE, validate
 from defender_setup.errors import SetupError
 from defender_setup.importer import run as import_run
+from defender_setup.sealing import PENDING, open_set
 from defender_setup.service import Service
-from tests.fakes import FakeClock, FakeJournal, FakeSystemd, failed, running
+from tests.fakes import FakeClock, FakeCreds, FakeJournal, FakeSystemd, failed, running, seal_set
 from tests.functional.test_debconf_bridge import DEBCONF, _seed, debconf, dpkg_root  # noqa: F401
 from tests.hubroot import KEY, WRONG_KEY, configure, sas_hub, sas_text
 
@@ -36,12 +37,18 @@ SETS = {"A": sas_text(KEY), "B": sas_text(WRONG_KEY), "malformed": b"HostName=;;
 NAME_OF = {validate("connection-string", SETS[n]).files[CONNECTION_STRING_FILE][0]: n
            for n in ("A", "B")}
 CREDENTIAL = "run/credentials/@system/defender-setup.connection-string"
+CS_SEALED = CONNECTION_STRING_FILE + ".cred"
 
-pytestmark = pytest.mark.allow_subprocess("systemctl", "policy-rc.d", *DEBCONF)
+pytestmark = pytest.mark.allow_subprocess("systemctl", "policy-rc.d", "systemd-creds",
+                                          *DEBCONF)
 
 
 def generation(directory: Path) -> str | None:
-    path = directory / CONNECTION_STRING_FILE
+    """Which set a generation holds (a sealed one decrypted by the fake systemd-creds)."""
+    path, sealed = directory / CONNECTION_STRING_FILE, directory / CS_SEALED
+    if sealed.exists():
+        return NAME_OF.get(open_set({CS_SEALED: sealed.read_bytes()})[0].get(
+            CONNECTION_STRING_FILE), "?")
     return NAME_OF.get(path.read_bytes(), "?") if path.exists() else None
 
 
@@ -53,6 +60,18 @@ def plant(root: Path, before: dict) -> None:
             agent.write(validate("connection-string", SETS[name]).files, origin="apply")
     if before.get("previous") and not before.get("current"):
         agent.unconfigure()
+    if before.get("sealed"):
+        seal_set(root, validate("connection-string", SETS[before["current"]]))
+
+
+def sealed_or_pending(root: Path) -> bool:
+    """Sealed now, or waiting for the first boot to be (a tree that is not the running
+    system); and no plain secret left in the previous generation either way."""
+    agent = AgentDir(root)
+    previous = agent.state / PREVIOUS
+    if (previous / CONNECTION_STRING_FILE).exists():
+        return False
+    return (agent.path / CS_SEALED).exists() or agent.record(PENDING) is not None
 
 
 @pytest.fixture
@@ -134,6 +153,8 @@ def test_golden_case(name, adapter, world, debconf, tmp_path, capsys,  # noqa: F
                      monkeypatch):
     case = json.loads((GOLDEN / name / "case.json").read_text())
     root, hub = world
+    if case["before"].get("sealed"):
+        FakeCreds(tmp_path).path_env(monkeypatch)
     plant(root, case["before"])
     fake = systemd_for(case, tmp_path, monkeypatch)
     connects = len(hub.connections)
@@ -148,6 +169,8 @@ def test_golden_case(name, adapter, world, debconf, tmp_path, capsys,  # noqa: F
     assert len(fake.restarts()) == case["restarts"][adapter], said
     assert len(hub.connections) - connects == case["probes"][adapter], said
     assert case["says"] in said, said
+    if after.get("sealed"):
+        assert sealed_or_pending(root), said
     assert KEY not in said and WRONG_KEY not in said
 
 
