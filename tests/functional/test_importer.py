@@ -138,15 +138,20 @@ def test_boot_verify_keeps_a_healthy_set_and_clears_the_drop_folder(booted_root,
     assert not any(c.startswith("restart") for c in importer.fake.calls())  # watched only
 
 
-def test_boot_verify_rolls_back_a_refused_set(booted_root, tmp_path, monkeypatch):
-    offer_credential(booted_root, NAMES[CS], sas(1))
+def good_then_refused(root, tmp_path, monkeypatch) -> Importer:
+    """sas(1) imported, then sas(2) offered to an agent that the hub refuses (exit 76)."""
+    offer_credential(root, NAMES[CS], sas(1))
     (tmp_path / "a").mkdir()
-    Importer(booted_root, tmp_path / "a", monkeypatch)("no-restart")
-    offer_credential(booted_root, NAMES[CS], sas(2))
+    Importer(root, tmp_path / "a", monkeypatch)("no-restart")
+    offer_credential(root, NAMES[CS], sas(2))
     (tmp_path / "b").mkdir()
-    imp = Importer(booted_root, tmp_path / "b", monkeypatch,
-                   states=[dict(failed(status=76), LoadState="loaded")],
-                   restart_plan=[{"states": [dict(running(inv="inv-3"), LoadState="loaded")]}])
+    return Importer(root, tmp_path / "b", monkeypatch,
+                    states=[dict(failed(status=76), LoadState="loaded")],
+                    restart_plan=[{"states": [dict(running(inv="inv-3"), LoadState="loaded")]}])
+
+
+def test_boot_verify_rolls_back_a_refused_set(booted_root, tmp_path, monkeypatch):
+    imp = good_then_refused(booted_root, tmp_path, monkeypatch)
     assert imp("boot")[0] == 0
     code, out = imp("boot-verify")
     assert code == 69, out
@@ -187,13 +192,19 @@ def test_invalid_drop_folder_gets_a_note_and_keeps_its_files(booted_root, import
     assert not (booted_root / "var/defender_iot_micro_agent" / CS).exists()
 
 
-def test_equal_drop_folder_set_is_removed_from_the_boot_partition(booted_root, importer):
-    offer_credential(booted_root, NAMES[CS], sas())
+def configured_then_offered_in_a_folder(root, importer):
+    """sas() imported from a credential, then the same set put in the drop folder."""
+    offer_credential(root, NAMES[CS], sas())
     importer("no-restart")
-    os.unlink(booted_root / CRED / NAMES[CS])
-    folder = booted_root / "boot/firmware/defender-setup"
+    os.unlink(root / CRED / NAMES[CS])
+    folder = root / "boot/firmware/defender-setup"
     folder.mkdir(parents=True)
     (folder / CS).write_bytes(sas())
+    return folder
+
+
+def test_equal_drop_folder_set_is_removed_from_the_boot_partition(booted_root, importer):
+    folder = configured_then_offered_in_a_folder(booted_root, importer)
     code, out = importer("boot")
     assert code == 0 and not (folder / CS).exists(), out
 
@@ -300,18 +311,11 @@ def test_a_refused_offer_is_not_imported_again_at_the_next_boot(booted_root, tmp
     """The same refused offer at every boot was written, started, refused and rolled back
     each time (two restarts a boot). Now the next boot writes and restarts nothing, says
     why, and check keeps the refusal an error; 'import' by hand tries it again."""
-    offer_credential(booted_root, NAMES[CS], sas(1))
     import json
 
     from defender_setup import cli
 
-    (tmp_path / "a").mkdir()
-    Importer(booted_root, tmp_path / "a", monkeypatch)("no-restart")
-    offer_credential(booted_root, NAMES[CS], sas(2))
-    (tmp_path / "b").mkdir()
-    imp = Importer(booted_root, tmp_path / "b", monkeypatch,
-                   states=[dict(failed(status=76), LoadState="loaded")],
-                   restart_plan=[{"states": [dict(running(inv="inv-3"), LoadState="loaded")]}])
+    imp = good_then_refused(booted_root, tmp_path, monkeypatch)
     assert imp("boot")[0] == 0 and imp("boot-verify")[0] == 69
     state = {p: p.stat().st_mtime_ns for p in (booted_root / "var").rglob("*")}
     restarts = len(imp.fake.restarts())
@@ -372,12 +376,7 @@ def test_root_tree_credential_linked_to_the_hosts_is_refused(booted_root, import
 def test_a_drop_folder_that_cannot_be_emptied_is_a_recorded_failure(booted_root, importer):
     """A read-only boot partition: the configured set is kept, but the offered files stay
     readable there, which the record and ``check`` must show (not 'unchanged')."""
-    offer_credential(booted_root, NAMES[CS], sas())
-    importer("no-restart")
-    os.unlink(booted_root / CRED / NAMES[CS])
-    folder = booted_root / "boot/firmware/defender-setup"
-    folder.mkdir(parents=True)
-    (folder / CS).write_bytes(sas())
+    folder = configured_then_offered_in_a_folder(booted_root, importer)
     (folder / REJECTED_NOTE / "x").mkdir(parents=True)  # cannot be unlinked: clearing fails
     code, out = importer("boot")
     assert code == 73, out
