@@ -8,8 +8,7 @@ Interface::
         d.write(files, origin, previous={...})  # ... keeping this as the previous generation
         d.rollback()      # the previous set becomes current (and the current one previous)
         d.repair()        # finish a write that was interrupted
-    d.view()              # what a reader shows, for a caller holding a lock (readers:
-                          # provision.read, under the shared lock; it never writes)
+    # readers: provision.read, under the shared lock (never writes), one Stored snapshot
     d.unconfigure()       # no credentials; the removed set becomes the previous one
     d.current()           # {name: bytes} of the credential files present
     d.previous_files()    # {name: bytes} of the previous generation (for rollback)
@@ -48,7 +47,6 @@ from __future__ import annotations
 import json
 import os
 import stat
-from dataclasses import dataclass
 from pathlib import Path
 
 from . import AGENT_DIR, lock
@@ -96,17 +94,6 @@ def when(text) -> float | None:
         return datetime.fromisoformat(str(text).replace("Z", "+00:00")).timestamp()
     except ValueError:
         return None
-
-
-@dataclass(frozen=True)
-class Snapshot:
-    """What a reader saw, all at one moment (under the shared lock)."""
-
-    files: dict            # name -> bytes
-    modes: dict            # path -> permission bits (directory and present files)
-    previous: bool         # a previous set exists to roll back to
-    pending: bool          # an interrupted update waits for repair
-    origin: dict | None    # where the current set came from
 
 
 class AgentDir:
@@ -253,14 +240,6 @@ class AgentDir:
         except (OSError, ValueError):
             return None
         return data if isinstance(data, dict) else None
-
-    def view(self) -> Snapshot:
-        """Everything a reader shows, at one moment: the caller holds a lock (readers take
-        it shared through :func:`defender_setup.provision.read`)."""
-        self.check()
-        return Snapshot(files=self.current(), modes=self.modes(),
-                        previous=self.has_previous(), pending=self.pending(),
-                        origin=self.origin())
 
     # -- writing ----------------------------------------------------------------------------
     def write(self, files: dict[str, tuple[bytes, int]],

@@ -136,11 +136,12 @@ def read_locked(agent, runner=None, environ=None, defer=None) -> Stored:
 
 
 def _read(agent, runner, environ, defer) -> Stored:
-    seen = agent.view()
-    plain, how = open_set(seen.files, runner)
-    return Stored(where=str(agent.path), files=seen.files, plain=plain, sealing=how,
-                  modes=seen.modes, previous=seen.previous, pending=seen.pending,
-                  origin=seen.origin, seal_pending=agent.record(PENDING) is not None,
+    agent.check()
+    files = agent.current()
+    plain, how = open_set(files, runner)
+    return Stored(where=str(agent.path), files=files, plain=plain, sealing=how,
+                  modes=agent.modes(), previous=agent.has_previous(), pending=agent.pending(),
+                  origin=agent.origin(), seal_pending=agent.record(PENDING) is not None,
                   deferral=(defer or deferral)(agent.root, environ),
                   plain_left=tuple(plain_left(agent)))
 
