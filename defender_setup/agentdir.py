@@ -381,14 +381,14 @@ class AgentDir:
             self.write(restored, origin="rollback")
             return files
 
-    def unconfigure(self, origin: str = "unconfigured") -> None:
+    def unconfigure(self) -> None:
         """Remove every credential file; they become the previous generation (nothing is
         lost: ``rollback`` brings them back), through the same journal as :meth:`write`."""
         with self.lock():
             self._repair()
             if not any((self.path / name).exists() for name in ALL_FILES):
                 return
-            self._stage({}, {"source": origin, "time": now()})
+            self._stage({}, {"source": "unconfigured", "time": now()})
             self._repair()
 
     # -- records: small JSON facts beside the origin (never a secret) ---------------------

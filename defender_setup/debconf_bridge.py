@@ -236,6 +236,7 @@ def check(db, root: Path) -> tuple[int, str]:
 # next boot) and outside the agent directory, which a refused answer must leave untouched.
 PROBE_NOTE = "run/defender-setup/probe.json"
 PROBE_REUSE = 600  # seconds: older, it is from another dpkg run (one that never configured)
+NOTE_MAX = 4096  # bytes; the note is a digest, a time and one line
 
 
 def _probe(db, p, root: Path, out=None) -> None:
@@ -257,10 +258,10 @@ def _probe(db, p, root: Path, out=None) -> None:
     from .probe import ProbeRefused, probe
     from .provision import digest
 
-    digest = digest(p.validated.files)
+    which = digest(p.validated.files)
     note = Path(root) / PROBE_NOTE
     seen = _read_note(note)
-    if seen is not None and seen.get("digest") == digest \
+    if seen is not None and seen.get("digest") == which \
             and 0 <= time.time() - (when(seen.get("time")) or 0) < PROBE_REUSE:
         if out is not None:  # apply: the outcome is used once
             note.unlink(missing_ok=True)
@@ -271,7 +272,7 @@ def _probe(db, p, root: Path, out=None) -> None:
         outcome = probe(p.validated, root)
         error = outcome.error
         if out is None:
-            _write_note(note, {"digest": digest, "line": outcome.line, "time": now(),
+            _write_note(note, {"digest": which, "line": outcome.line, "time": now(),
                                "field": error.field.name if error else None,
                                "message": error.message if error else None})
         if error is not None:
@@ -287,10 +288,10 @@ def _read_note(note: Path) -> dict | None:
     from .safefs import lstat, not_ours, read
 
     st = lstat(note)
-    if st is None or not_ours(st):
+    if st is None or not_ours(st) or st.st_size > NOTE_MAX:  # bounded before it is read
         return None
     try:
-        data = json.loads(read(note)[:4096])
+        data = json.loads(read(note))
     except (OSError, ValueError):
         return None
     return data if isinstance(data, dict) else None

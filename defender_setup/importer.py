@@ -214,12 +214,11 @@ class _Run:
         if removed:
             self.say(f"removed {', '.join(removed)} from {folder} ({why})")
 
-    def settled(self, result, record: dict) -> int:
-        """Record the core's verdict on a set just written (``verify.Result``)."""
+    def settled(self, result, record: dict, digest: str | None) -> int:
+        """Record the core's verdict on a set just written (``verify.Result``); ``digest``
+        names the offer, kept apart (REFUSED) when it is refused: status shows the record."""
         from .verify import SKIPPED
 
-        record = dict(record)
-        digest = record.pop("digest", None)  # never in import.json (status shows it)
         folder = Path(record["folder"]) if record.get("folder") else None
         self.agent.drop_record(PENDING)
         if result.outcome == SKIPPED:
@@ -306,7 +305,7 @@ def _import(job: _Run, mode: str, offer: Offer, record: dict, p: provision.Plan)
         return job.keep(offer, record, p)
     record = job.save(record, result="written", message="verification pending",
                       folder=str(offer.folder) if offer.folder else None)
-    record["digest"] = provision.digest(offer.files)  # kept apart (REFUSED) if refused
+    digest = provision.digest(offer.files)
     ident = record["identity"]
     kept = " (the previous set kept for rollback)" if job.agent.has_previous() else ""
     job.say(f"imported {ident['method']} credentials for {ident['device']}/"
@@ -319,8 +318,7 @@ def _import(job: _Run, mode: str, offer: Offer, record: dict, p: provision.Plan)
     if job.agent_missing():
         return EX_OK
     if mode == "boot":
-        job.agent.save_record(PENDING, {"time": record["time"],
-                                        "digest": record["digest"]})
+        job.agent.save_record(PENDING, {"time": record["time"], "digest": digest})
         job.svc.reset_failed()
         try:
             job.svc.queue_restart()
@@ -329,7 +327,7 @@ def _import(job: _Run, mode: str, offer: Offer, record: dict, p: provision.Plan)
             return EX_OK
         job.say(f"{UNIT} (re)start queued; {VERIFY_UNIT} verifies it once it has started")
         return EX_OK
-    return job.settled(_settle(job, restart=True), record)
+    return job.settled(_settle(job, restart=True), record, digest)
 
 
 def _settle(job: _Run, restart: bool):
@@ -340,13 +338,12 @@ def _settle(job: _Run, restart: bool):
 
 
 def _boot_verify(job: _Run) -> int:
-    pending = job.agent.record(PENDING) or {}
-    record = dict(job.agent.record(RECORD) or {"time": now(), "source": None},
-                  digest=pending.get("digest"))
+    digest = (job.agent.record(PENDING) or {}).get("digest")
+    record = job.agent.record(RECORD) or {"time": now(), "source": None}
     skip = job.svc.skip_reason()
     if skip:
         job.say(f"verification skipped: {skip}")
         return EX_OK
     if job.agent_missing():
         return EX_OK
-    return job.settled(_settle(job, restart=False), record)
+    return job.settled(_settle(job, restart=False), record, digest)

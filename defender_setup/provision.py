@@ -143,7 +143,7 @@ def _read(agent, runner, environ, defer) -> Stored:
                   modes=agent.modes(), previous=agent.has_previous(), pending=agent.pending(),
                   origin=agent.origin(), seal_pending=agent.record(PENDING) is not None,
                   deferral=(defer or deferral)(agent.root, environ),
-                  plain_left=tuple(plain_left(agent)))
+                  plain_left=tuple(plain_left(agent, files)))
 
 
 @dataclass(frozen=True)

@@ -203,20 +203,21 @@ def settle(root: Path, *, timeout: float, strict: bool, out, restart: bool = Tru
     _print_journal(svc, verdict, out)
     refused = f"the agent refused the new credentials: {verdict.reason}"
     advice = "fix the new credentials and run 'dpkg-reconfigure defender-setup' again"
-    if not agent.has_previous() and verdict.state.exec_main_status != EX_REJECTED:
-        # Nothing to go back to, and not the hub refusing the identity (a broken conf.json,
-        # say): the credentials are kept, the report says what failed.
-        print(f"VERIFICATION FAILED and no roll-back possible: there is no previous set; "
-              f"{unit} is not healthy", file=out)
-        return Result(EX_UNAVAILABLE, FAILED, f"{refused}; no previous set to go back to",
+    def no_rollback(why: str) -> Result:
+        print(f"VERIFICATION FAILED and no roll-back possible: {why}; {unit} is not healthy",
+              file=out)
+        return Result(EX_UNAVAILABLE, FAILED, f"{refused}; no roll-back possible: {why}",
                       verdict)
+
     if not agent.has_previous():
+        if verdict.state.exec_main_status != EX_REJECTED:
+            # Not the hub refusing the identity (a broken conf.json, say): the credentials
+            # are not what is wrong, so they stay; the report says what failed.
+            return no_rollback("there is no previous set")
         try:
             agent.unconfigure()
         except SetupError as exc:
-            print(f"VERIFICATION FAILED and no roll-back possible: {exc}; {unit} is not healthy",
-                  file=out)
-            return Result(EX_UNAVAILABLE, FAILED, f"{refused}; {exc}", verdict)
+            return no_rollback(str(exc))
         svc.reset_failed()  # unconfigured again: quiet, as before
         message = (f"{refused}; removed them again: the device is unconfigured, as before "
                    "(they are kept as the previous set: 'defender-setup rollback')")
@@ -226,10 +227,7 @@ def settle(root: Path, *, timeout: float, strict: bool, out, restart: bool = Tru
     try:
         agent.rollback()
     except SetupError as exc:
-        print(f"VERIFICATION FAILED and no roll-back possible: {exc}; {unit} is not healthy",
-              file=out)
-        return Result(EX_UNAVAILABLE, FAILED, f"{refused}; no roll-back possible: {exc}",
-                      verdict)
+        return no_rollback(str(exc))
     print("rolled back to the previous credentials; restarting", file=out)
     again = restart_once(svc, timeout, clock=clock, sleep=sleep)
     if not again.ok:
