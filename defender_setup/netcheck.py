@@ -267,10 +267,12 @@ def _tcp(p: _Path, limit: float):
         took = (time.monotonic() - start) * 1000
         return OK, f"connected to {p.where}{via} in {took:.0f} ms", EX_OK
     if error.kind == "proxy":
-        return ERROR, f"{error.text}: check \"proxy\" in {CONF}", EX_UNAVAILABLE
+        return ERROR, f"{error.text}: check \"{p.settings.proxy_key}\" in {CONF}", \
+            EX_UNAVAILABLE
     if p.alt_open:
-        return ERROR, (f"{error.text}; {p.host}:{alt} is open: set \"transport\": "
-                       f"\"websocket\" in {CONF} (MQTT over WebSocket on 443)"), EX_UNAVAILABLE
+        return ERROR, (f"{error.text}; {p.host}:{alt} is open: set "
+                       f"{p.settings.websocket_setting()} in {CONF} (MQTT over WebSocket on "
+                       "443)"), EX_UNAVAILABLE
     return ERROR, (f"{error.text}{via}: a firewall, or the wrong port; IoT Hub takes MQTT on "
                    f"8883 and MQTT over WebSocket on 443"), EX_UNAVAILABLE
 

@@ -17,6 +17,17 @@ The file is a JSON object; every key is optional and none is needed for the defa
       "port": 8883                            # only for test hubs and unusual gateways
     }
 
+Microsoft's micro agent reads the same file with its own two keys, and so does this one, so one
+file serves both agents::
+
+    "IothubModule_ProxyConfig": "<proxy_ipv4>,<port>[,<username>,<password>]"   # an HTTP proxy
+    "IothubModule_TransportProtocol": "MQTT_Protocol" | "MQTT_WebSocket_Protocol"
+
+The AMQP values Microsoft's agent knows are refused naming their MQTT equivalent (this agent
+speaks MQTT only). A file that sets the same thing both ways (``proxy`` and
+``IothubModule_ProxyConfig``, ``transport`` and ``IothubModule_TransportProtocol``) is refused:
+which one wins would be a guess. An empty or null value counts as not set.
+
 Unknown keys are errors (a typo such as ``"transprot"`` would otherwise be ignored silently),
 and so are keys given twice. Errors name the file, the key and what is accepted, never more than
 one line. A proxy user and password are accepted in the URL but never repeated in messages or
@@ -56,7 +67,15 @@ SAS_LIFETIME_RANGE = (5, 7 * 86400)
 MAX_CONF_BYTES = 64 * 1024  # the largest sensible file is under 1 KiB
 MAX_CA_BYTES = 1024 * 1024  # a bundle of all of Debian's ~140 roots is about 220 KiB
 MAX_DIGITS = 18  # every accepted number has at most 6 digits
-KNOWN = ("transport", "proxy", "ca_file", "heartbeat_interval", "sas_lifetime", "port")
+# Microsoft's keys for the same settings (its agent 4.1.2 and later reads this file too).
+MS_PROXY = "IothubModule_ProxyConfig"
+MS_TRANSPORT = "IothubModule_TransportProtocol"
+MS_TRANSPORTS = {"MQTT_Protocol": "mqtt", "MQTT_WebSocket_Protocol": "websocket"}
+MS_AMQP = {"AMQP_Protocol": "MQTT_Protocol", "AMQP_WebSocket_Protocol": "MQTT_WebSocket_Protocol"}
+SAME_SETTING = {"proxy": MS_PROXY, "transport": MS_TRANSPORT}  # ours -> Microsoft's
+MS_PROXY_SHAPE = '"<proxy_ipv4>,<port>" or "<proxy_ipv4>,<port>,<username>,<password>"'
+KNOWN = ("transport", "proxy", "ca_file", "heartbeat_interval", "sas_lifetime", "port",
+         MS_PROXY, MS_TRANSPORT)
 _KINDS = ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO (named pipe)"),
           (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
           (stat.S_ISSOCK, "a socket"))
@@ -95,10 +114,19 @@ class Settings:
     heartbeat_interval: int = 300
     sas_lifetime: int = 3600
     port: int | None = None
+    # Which key the file used, ours or Microsoft's, so advice names the key to edit.
+    transport_key: str = field(default="transport", repr=False, compare=False)
+    proxy_key: str = field(default="proxy", repr=False, compare=False)
 
     @property
     def hub_port(self) -> int:
         return self.port or DEFAULT_PORTS[self.transport]
+
+    def websocket_setting(self) -> str:
+        """The JSON member that turns WebSocket on, in the key this file uses."""
+        if self.transport_key == MS_TRANSPORT:
+            return f'"{MS_TRANSPORT}": "MQTT_WebSocket_Protocol"'
+        return '"transport": "websocket"'
 
 
 class _Refused(Exception):
@@ -179,12 +207,22 @@ def parse(text, source: str = "conf.json", root: Path = Path("/")) -> Settings:
         raise SettingsError(f"{source}: unknown setting {_short(unknown[0])} "
                             f"(known: {', '.join(sorted(KNOWN))})")
 
-    transport = obj.get("transport", "mqtt")
-    if transport not in TRANSPORTS:
-        raise err("transport", f'must be "mqtt" or "websocket", got {_show(transport)}')
+    for ours, theirs in SAME_SETTING.items():
+        if _given(obj, ours) and _given(obj, theirs):
+            raise SettingsError(f"{source}: {ours} and {theirs} both set the {ours}: keep one "
+                                f"of them ({theirs} is read by Microsoft's agent too)")
+
+    if _given(obj, MS_TRANSPORT):
+        transport = _ms_transport(obj[MS_TRANSPORT], err)
+    else:
+        transport = obj.get("transport", "mqtt")
+        if transport not in TRANSPORTS:
+            raise err("transport", f'must be "mqtt" or "websocket", got {_show(transport)}')
 
     proxy = None
-    if obj.get("proxy") not in (None, ""):
+    if _given(obj, MS_PROXY):
+        proxy = _ms_proxy(obj[MS_PROXY], err)
+    elif _given(obj, "proxy"):
         proxy = _proxy(obj["proxy"], err)
 
     ca_file = None
@@ -194,7 +232,9 @@ def parse(text, source: str = "conf.json", root: Path = Path("/")) -> Settings:
     heartbeat = _int(obj, "heartbeat_interval", 300, HEARTBEAT_RANGE, err, zero_ok=True)
     lifetime = _int(obj, "sas_lifetime", 3600, SAS_LIFETIME_RANGE, err)
     port = _int(obj, "port", None, (1, 65535), err)
-    return Settings(transport, proxy, ca_file, heartbeat, lifetime, port)
+    return Settings(transport, proxy, ca_file, heartbeat, lifetime, port,
+                    MS_TRANSPORT if _given(obj, MS_TRANSPORT) else "transport",
+                    MS_PROXY if _given(obj, MS_PROXY) else "proxy")
 
 
 class _Opaque:
@@ -284,6 +324,44 @@ def _proxy(value, err) -> Proxy:
         urllib.parse.unquote(url.username) if url.username else None,
         urllib.parse.unquote(url.password) if url.password else None,
     )
+
+
+def _given(obj: dict, key: str) -> bool:
+    """Whether the file sets ``key``: an empty string or null means "not set"."""
+    return obj.get(key) not in (None, "")
+
+
+def _ms_transport(value, err) -> str:
+    if value in MS_AMQP:  # Microsoft's agent speaks AMQP too; this one MQTT only
+        raise err(MS_TRANSPORT, f"this agent speaks MQTT only: use {MS_AMQP[value]} instead "
+                                f"of {value}")
+    if value not in MS_TRANSPORTS:
+        raise err(MS_TRANSPORT, 'must be "MQTT_Protocol" or "MQTT_WebSocket_Protocol", got '
+                                f"{_show(value)}")
+    return MS_TRANSPORTS[value]
+
+
+def _ms_proxy(value, err) -> Proxy:
+    """Microsoft's ``"<proxy_ipv4>,<port>[,<username>,<password>]"``: an HTTP proxy. The
+    password is the rest of the text (it may hold commas) and is never repeated: messages
+    describe the shape and name the part, not its text."""
+    if not isinstance(value, str):
+        raise err(MS_PROXY, f"must be {MS_PROXY_SHAPE}, got {_kind(value)}")
+    parts = value.split(",", 3)
+    if len(parts) not in (2, 4):
+        raise err(MS_PROXY, f"must be {MS_PROXY_SHAPE} ({len(parts)} comma-separated "
+                            f"part{'s' * (len(parts) != 1)} given)")
+    host, port = parts[0].strip(), parts[1].strip()
+    if not _HOST.fullmatch(host):
+        raise err(MS_PROXY, f"the first part must be the proxy's IP address: {MS_PROXY_SHAPE}")
+    if not (port.isascii() and port.isdigit() and len(port) <= 5 and 1 <= int(port) <= 65535):
+        raise err(MS_PROXY, "the second part must be the proxy's port, 1 to 65535")
+    username = password = None
+    if len(parts) == 4:
+        username, password = parts[2].strip(), parts[3]
+        if not username or not password:
+            raise err(MS_PROXY, "the user name and the password must both be given, or neither")
+    return Proxy("http", host, int(port), username, password)
 
 
 def _ca_file(value, root: Path, err) -> Path:

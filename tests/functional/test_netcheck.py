@@ -117,6 +117,11 @@ def test_blocked_mqtt_port_with_443_open_says_to_use_websocket(hub_pki, clock_so
     tcp = check(root, https_port=clock_source)["hub-tcp"]
     assert tcp.status == "error"
     assert f'localhost:{clock_source} is open: set "transport": "websocket"' in tcp.message
+    # a file that uses Microsoft's key is told to change that key (adding ours would conflict)
+    sas_root(root, hub_pki, free_port(), IothubModule_TransportProtocol="MQTT_Protocol")
+    tcp = check(root, https_port=clock_source)["hub-tcp"]
+    assert (f'localhost:{clock_source} is open: set "IothubModule_TransportProtocol": '
+            '"MQTT_WebSocket_Protocol"') in tcp.message
 
 
 def test_unknown_ca_is_named(hub_pki, sas_broker, root, tmp_path):
@@ -205,6 +210,22 @@ def test_proxy_refusing_the_credentials(hub_pki, sas_broker, root):
     assert r["hub-tcp"].message.startswith(f"the proxy http://127.0.0.1:{port} refused CONNECT "
                                            f"localhost:{sas_broker.port}: 407")
     assert "check \"proxy\"" in r["hub-tcp"].message
+    assert "s3cret-pw" not in json.dumps([x.as_dict() for x in r.values()])
+
+
+def test_proxy_from_microsofts_key_refusing_the_credentials(hub_pki, sas_broker, root):
+    proxy = ConnectProxy(auth=("user", "right-pw"))
+    port = proxy.start()
+    try:
+        sas_root(root, hub_pki, sas_broker.port,
+                 IothubModule_ProxyConfig=f"127.0.0.1,{port},user,s3cret-pw")
+        r = check(root)
+    finally:
+        proxy.stop()
+    assert r["agent-settings"].status == "ok"
+    assert r["hub-tcp"].message.startswith(f"the proxy http://127.0.0.1:{port} refused CONNECT "
+                                           f"localhost:{sas_broker.port}: 407")
+    assert 'check "IothubModule_ProxyConfig"' in r["hub-tcp"].message
     assert "s3cret-pw" not in json.dumps([x.as_dict() for x in r.values()])
 
 

@@ -168,3 +168,104 @@ def test_not_utf8(tmp_path):
 def test_socks_default_port():
     s = parse('{"proxy": "socks5://proxy"}')
     assert s.proxy.describe() == "socks5://proxy:1080"
+
+
+# Microsoft's keys: one conf.json serves its agent and this one.
+MS_PROXY, MS_TRANSPORT = settings.MS_PROXY, settings.MS_TRANSPORT
+
+
+@pytest.mark.parametrize("value,expected", [
+    ("MQTT_Protocol", ("mqtt", 8883)),
+    ("MQTT_WebSocket_Protocol", ("websocket", 443)),
+])
+def test_microsofts_transport_protocol(value, expected):
+    s = parse(json.dumps({MS_TRANSPORT: value}))
+    assert (s.transport, s.hub_port) == expected
+    assert s == parse(json.dumps({"transport": expected[0]}))  # the same as our own key
+
+
+@pytest.mark.parametrize("value,instead", [
+    ("AMQP_Protocol", "MQTT_Protocol"),
+    ("AMQP_WebSocket_Protocol", "MQTT_WebSocket_Protocol"),
+])
+def test_microsofts_amqp_is_refused_naming_the_mqtt_equivalent(tmp_path, value, instead):
+    path = write_conf(tmp_path, {MS_TRANSPORT: value})
+    with pytest.raises(SettingsError) as err:
+        load(tmp_path)
+    assert str(err.value) == (f"{path}: {MS_TRANSPORT}: this agent speaks MQTT only: use "
+                              f"{instead} instead of {value}")
+    assert err.value.exit_code == EX_CONFIG
+
+
+def test_microsofts_transport_other_values_are_refused():
+    with pytest.raises(SettingsError) as err:
+        parse(json.dumps({MS_TRANSPORT: "mqtt"}))
+    assert str(err.value) == (f'conf.json: {MS_TRANSPORT}: must be "MQTT_Protocol" or '
+                              '"MQTT_WebSocket_Protocol", got "mqtt"')
+
+
+def test_microsofts_proxy_without_credentials():
+    s = parse(json.dumps({MS_PROXY: "192.0.2.7,3128"}))
+    assert s.proxy == settings.Proxy("http", "192.0.2.7", 3128)
+    assert (s.proxy.username, s.proxy.password) == (None, None)
+    assert s == parse('{"proxy": "http://192.0.2.7:3128"}')
+
+
+def test_microsofts_proxy_with_credentials_keeps_the_password_out_of_sight():
+    # the password is the rest of the text: a comma in it is the password's
+    s = parse(json.dumps({MS_PROXY: "192.0.2.7,8080,agent,s3cr,et"}))
+    assert s.proxy.describe() == "http://192.0.2.7:8080"
+    assert (s.proxy.username, s.proxy.password) == ("agent", "s3cr,et")
+    assert "s3cr" not in repr(s)
+
+
+@pytest.mark.parametrize("value,expected", [
+    ("192.0.2.7", "must be \"<proxy_ipv4>,<port>\" or \"<proxy_ipv4>,<port>,<username>,"
+                  "<password>\" (1 comma-separated part given)"),
+    ("192.0.2.7,3128,agent", "(3 comma-separated parts given)"),
+    ("192.0.2.7,secretpw", "the second part must be the proxy's port, 1 to 65535"),
+    ("192.0.2.7,70000,agent,secretpw", "the second part must be the proxy's port, 1 to 65535"),
+    ("192.0.2.7,٣١٢٨,agent,secretpw", "the second part must be the proxy's port"),
+    ("http://192.0.2.7,3128,agent,secretpw", "the first part must be the proxy's IP address"),
+    ("192.0.2.7,3128,,secretpw", "the user name and the password must both be given, or neither"),
+    ("192.0.2.7,3128,secretpw,", "the user name and the password must both be given, or neither"),
+    (3128, "must be \"<proxy_ipv4>,<port>\" or \"<proxy_ipv4>,<port>,<username>,<password>\", "
+           "got a number"),
+])
+def test_microsofts_proxy_refused_in_one_line_without_the_password(value, expected):
+    with pytest.raises(SettingsError) as err:
+        parse(json.dumps({MS_PROXY: value}))
+    message = str(err.value)
+    assert message.startswith(f"conf.json: {MS_PROXY}: ") and expected in message, message
+    assert "secretpw" not in message and "\n" not in message
+
+
+@pytest.mark.parametrize("conf,ours,theirs", [
+    ({"transport": "websocket", MS_TRANSPORT: "MQTT_WebSocket_Protocol"}, "transport",
+     MS_TRANSPORT),
+    ({"proxy": "http://192.0.2.7:3128", MS_PROXY: "192.0.2.7,3128,agent,secretpw"}, "proxy",
+     MS_PROXY),
+], ids=["transport", "proxy"])
+def test_the_same_setting_both_ways_is_refused_in_one_line(tmp_path, conf, ours, theirs):
+    # even when both agree: which one wins would be a guess the next edit breaks
+    path = write_conf(tmp_path, conf)
+    with pytest.raises(SettingsError) as err:
+        load(tmp_path)
+    assert str(err.value) == (f"{path}: {ours} and {theirs} both set the {ours}: keep one of "
+                              f"them ({theirs} is read by Microsoft's agent too)")
+    assert "secretpw" not in str(err.value)
+
+
+def test_an_empty_microsoft_key_is_not_set():
+    # a conf.json that leaves Microsoft's proxy empty and uses our own key is not a conflict
+    s = parse(json.dumps({MS_PROXY: "", MS_TRANSPORT: None, "proxy": "http://p:3128",
+                          "transport": "websocket"}))
+    assert (s.proxy.describe(), s.transport) == ("http://p:3128", "websocket")
+    assert parse(json.dumps({MS_PROXY: "", MS_TRANSPORT: ""})) == settings.Settings()
+
+
+def test_microsofts_keys_next_to_our_others():
+    s = parse(json.dumps({MS_PROXY: "192.0.2.7,3128", MS_TRANSPORT: "MQTT_WebSocket_Protocol",
+                          "heartbeat_interval": 60, "port": 8443}))
+    assert (s.transport, s.hub_port, s.proxy.describe(), s.heartbeat_interval) == (
+        "websocket", 8443, "http://192.0.2.7:3128", 60)
