@@ -4,6 +4,8 @@ Interface (pure: bytes in, a result or a :class:`~defender_setup.errors.Validati
 
 - :func:`check` ``(cert_pem, key_pem, *, device_id=None, module_id=None, now=None)`` ->
   :class:`CertificateInfo`; raises ``ValidationError(field="certificate"|"private key", ...)``.
+- :func:`validity` ``(cert_pem)`` -> the leaf's ``(not_before, not_after)``, judging nothing
+  else (``check``'s expiry, for a stored certificate that may have expired since).
 - :func:`describe` ``(info)`` -> human-readable lines (subject, issuer, validity, thumbprints, key).
 - :func:`normalize_certificate` / :func:`normalize_private_key` ``(pem)`` -> clean PEM bytes
   (no BOM, LF line ends, no text around the blocks), the form to write for the agent: OpenSSL's
@@ -117,6 +119,21 @@ def check(cert_pem, key_pem, *, device_id=None, module_id=None, now=None) -> Cer
     if errors:
         raise ValidationError(CERT, errors[0])
     return info
+
+
+def validity(cert_pem) -> tuple[_dt.datetime, _dt.datetime]:
+    """The leaf certificate's ``(not_before, not_after)`` as aware UTC datetimes.
+
+    Unlike :func:`check` it refuses nothing for dates: an expired certificate still has them.
+
+    :raises ValidationError: field ``certificate``: too large, or not a PEM certificate.
+    """
+    data = cert_pem.encode("utf-8") if isinstance(cert_pem, str) else cert_pem
+    check_size(data, CERT)
+    blocks = [b for b in classify(data, CERT) if b.label in _CERT_LABELS]
+    if not blocks:
+        raise ValidationError(CERT, "holds no CERTIFICATE block")
+    return _validity(_load_certificates(blocks[:1])[0])
 
 
 def describe(info: CertificateInfo) -> list[str]:

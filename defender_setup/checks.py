@@ -2,8 +2,8 @@
 
 Interface::
 
-    run_checks(root: Path, service_state: dict | None = None, lock_timeout=5)
-        -> list[CheckResult]
+    run_checks(root: Path, service_state: dict | None = None, lock_timeout=5, stored=None,
+               clock=time.time) -> list[CheckResult]
     render(results) -> list[str]
 
 Read-only like ``status``: one snapshot of the stored set under the readers' shared lock
@@ -17,15 +17,21 @@ makes later checks that depend on it ``skipped`` instead of failing with a casca
 
 from __future__ import annotations
 
+import datetime as _dt
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from .agentdir import IMPORT_RECORD, AgentDir, when
-from .credentials import CONNECTION_STRING_FILE, PRIVATE_KEY_FILE, SEALED_NAMES
+from .connection_string import METHOD_CERTIFICATE
+from .credentials import CERTIFICATE_FILE, CONNECTION_STRING_FILE, PRIVATE_KEY_FILE, SEALED_NAMES
 from .errors import EX_CONFIG, EX_NOPERM, EX_OK, EX_UNAVAILABLE, BusyError, SetupError
 
 OK, WARNING, ERROR, SKIPPED = "ok", "warning", "error", "skipped"
 _SECRETS = (CONNECTION_STRING_FILE, PRIVATE_KEY_FILE, *SEALED_NAMES.values())
+# certificate-expiry: a warning under EXPIRY_WARNING_DAYS (certificates.EXPIRY_WARNING_DAYS,
+# where validate warns too), an error under EXPIRY_ERROR_DAYS (aziotctl warns at 7).
+EXPIRY_ERROR_DAYS = 7
 
 
 @dataclass(frozen=True)
@@ -41,9 +47,11 @@ class CheckResult:
 
 
 def run_checks(root: Path, service_state: dict | None = None, lock_timeout: float = 5.0,
-               stored=None) -> list[CheckResult]:
+               stored=None, clock=time.time) -> list[CheckResult]:
     """Run every check on one snapshot of the stored set (``provision.read``; ``stored``
     when the caller read it already, for the network checks to test the same set).
+
+    :param clock: the time now in seconds since the epoch (tests pass a fixed one).
 
     :raises BusyError: a writer kept the lock for ``lock_timeout`` s.
     """
@@ -85,6 +93,7 @@ def run_checks(root: Path, service_state: dict | None = None, lock_timeout: floa
             _check_credentials(stored, add)
         else:
             add("credentials-valid", "stored credentials pass validation", SKIPPED)
+    _check_expiry(stored if safe else None, add, clock)
     _check_last_import(agent, add)
     if service_state is not None:
         active = service_state.get("active")
@@ -141,6 +150,55 @@ def _check_credentials(stored, add) -> None:
     warnings = validated.warnings
     add("credentials-warnings", "nothing worth a warning (module id, expiry, CN)",
         WARNING if warnings else OK, "; ".join(warnings))
+
+
+def _check_expiry(stored, add, clock) -> None:
+    """The leaf certificate's notAfter against the clock: an expiring certificate is a
+    warning a month ahead and an error a week ahead, an expired one an error. It reads the
+    dates alone, so a certificate that has expired (which validation refuses) is named too."""
+    from .certificates import EXPIRY_WARNING_DAYS
+
+    description = (f"the certificate does not expire within {EXPIRY_WARNING_DAYS} days "
+                   f"(an error within {EXPIRY_ERROR_DAYS})")
+    if stored is None or stored.method is None:
+        add("certificate-expiry", description, SKIPPED, "needs credentials-present")
+        return
+    if stored.method != METHOD_CERTIFICATE:
+        add("certificate-expiry", description, SKIPPED,
+            f"the {stored.method} method uses no certificate")
+        return
+    if CERTIFICATE_FILE not in stored.plain:
+        add("certificate-expiry", description, SKIPPED, f"no {CERTIFICATE_FILE}")
+        return
+    from .certificates import validity
+
+    try:
+        not_after = validity(stored.plain[CERTIFICATE_FILE])[1]
+    except SetupError:
+        add("certificate-expiry", description, SKIPPED,
+            f"{CERTIFICATE_FILE} cannot be read as a certificate (see credentials-valid)")
+        return
+    left = not_after - _dt.datetime.fromtimestamp(clock(), _dt.timezone.utc)
+    shown = not_after.strftime("%Y-%m-%d %H:%M UTC")
+    days = left.days  # whole days left, rounded down
+    renew = ("issue a new certificate, register its thumbprint (or CA) on the hub and "
+             "apply it ('defender-setup apply --certificate … --private-key …')")
+    if left.total_seconds() <= 0:
+        add("certificate-expiry", description, ERROR,
+            f"the certificate expired {shown}: {renew}", EX_CONFIG)
+    elif left < _dt.timedelta(days=EXPIRY_ERROR_DAYS):
+        add("certificate-expiry", description, ERROR,
+            f"the certificate expires in {_days(days)} ({shown}): {renew}", EX_CONFIG)
+    elif left < _dt.timedelta(days=EXPIRY_WARNING_DAYS):
+        add("certificate-expiry", description, WARNING,
+            f"the certificate expires in {_days(days)} ({shown}): {renew}")
+    else:
+        add("certificate-expiry", description, OK,
+            f"the certificate expires in {_days(days)} ({shown})")
+
+
+def _days(days: int) -> str:
+    return "less than a day" if days < 1 else f"{days} day{'s' * (days != 1)}"
 
 
 def _check_last_import(agent: AgentDir, add) -> None:
