@@ -268,7 +268,9 @@ def cmd_status(args, out) -> int:
 
     report = collect(Path(args.root), _service_state(args.root), lock_timeout=_read_wait(args))
     if args.json:
-        print(json.dumps(report, indent=2, sort_keys=True), file=out)
+        from .schema import status_document
+
+        print(json.dumps(status_document(report), indent=2, sort_keys=True), file=out)
     else:
         for line in render(report):
             print(line, file=out)
@@ -308,7 +310,9 @@ def cmd_check(args, out) -> int:
         print(f"defender-setup: warning: --dont-run: no check named {', '.join(sorted(unknown))}",
               file=sys.stderr)
     if args.json:
-        print(json.dumps([r.as_dict() for r in results], indent=2), file=out)
+        from .schema import check_document
+
+        print(json.dumps(check_document(results), indent=2), file=out)
     else:
         for line in render(results):
             print(line, file=out)

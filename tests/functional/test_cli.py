@@ -89,7 +89,7 @@ def test_status_and_check_of_a_sealed_set_here_and_on_another_machine(run, sas_i
     code, out, _ = run("status")
     assert "secrets:         sealed (host key)" in out and f"device:          {DEVICE}" in out
     code, out, _ = run("check", "--offline", "--json")
-    sealed = next(c for c in json.loads(out) if c["id"] == "sealed-credentials")
+    sealed = next(c for c in json.loads(out)["checks"] if c["id"] == "sealed-credentials")
     assert (code, sealed["status"]) == (0, "ok")
     assert_no_secret(sas_inputs, out)
 
@@ -152,7 +152,7 @@ def test_status_and_check_report_a_plain_secret_left_in_the_previous_generation(
     assert json.loads(run("status", "--json")[1])["sealing"]["plain_previous"] == [
         "connection_string.txt"]
     code, out, _ = run("check", "--offline", "--json")
-    sealed = next(c for c in json.loads(out) if c["id"] == "sealed-credentials")
+    sealed = next(c for c in json.loads(out)["checks"] if c["id"] == "sealed-credentials")
     assert (code, sealed["status"]) == (0, "warning")
     assert sealed["message"] == ("sealed (host key), but a plain secret is left in the previous "
                                  "generation (connection_string.txt); run 'defender-setup "

@@ -126,7 +126,7 @@ def status_problem(out: str) -> str | None:
 
 
 def check_problem(code: int, out: str) -> str | None:
-    failed = [c for c in json.loads(out) if c["status"] == "error"]
+    failed = [c for c in json.loads(out)["checks"] if c["status"] == "error"]
     return f"check failed: {failed}" if failed or code else None
 
 

@@ -256,7 +256,7 @@ def test_status_and_check_show_the_origin_and_the_last_import(booted_root, impor
     assert report["origin"]["source"] == "credential"
     assert report["last_import"]["result"] == "invalid"
     assert cli.main(["check", "--json", "--offline", "--root", str(booted_root)]) == 65
-    checks = {c["id"]: c for c in json.loads(capsys.readouterr().out)}
+    checks = {c["id"]: c for c in json.loads(capsys.readouterr().out)["checks"]}
     assert checks["last-import"]["status"] == "error"
     assert "credential defender-setup.connection-string" in checks["last-import"]["message"]
     assert checks["credentials-valid"]["status"] == "ok"  # the configured set is untouched
@@ -281,7 +281,7 @@ def test_a_failed_import_superseded_by_a_later_apply_is_a_warning(booted_root, i
     # Right after (the records' times are compared as times, below the second)
     AgentDir(booted_root).write(check_offer(offered(sas())).validated.files, origin="apply")
     assert cli.main(["check", "--json", "--offline", "--root", str(booted_root)]) == 0
-    check = {c["id"]: c for c in json.loads(capsys.readouterr().out)}["last-import"]
+    check = {c["id"]: c for c in json.loads(capsys.readouterr().out)["checks"]}["last-import"]
     assert check["status"] == "warning" and "since configured by apply" in check["message"]
 
 
@@ -326,7 +326,7 @@ def test_a_refused_offer_is_not_imported_again_at_the_next_boot(booted_root, tmp
     assert {p: p.stat().st_mtime_ns for p in (booted_root / "var").rglob("*")} == state
     assert key_of(sas(1)).encode() in AgentDir(booted_root).current()[CS]
     assert cli.main(["check", "--json", "--offline", "--root", str(booted_root)]) != 0
-    check = {c["id"]: c for c in json.loads(capsys.readouterr().out)}["last-import"]
+    check = {c["id"]: c for c in json.loads(capsys.readouterr().out)["checks"]}["last-import"]
     assert check["status"] == "error" and "not imported again at boot" in check["message"]
 
     code, out = imp("manual")  # by hand: tried again

@@ -367,7 +367,7 @@ def test_cli_check_exit_code_and_json_shape(hub_pki, sas_broker, root, capsys):
 
     sas_root(root, hub_pki, sas_broker.port, key=WRONG_KEY)
     code = cli.main(["check", "--json", "--root", str(root), "--dont-run", "hub-clock"])
-    checks_out = json.loads(capsys.readouterr().out)
+    checks_out = json.loads(capsys.readouterr().out)["checks"]
     assert code == 65
     assert all(set(c) == {"id", "description", "status", "message", "exit_code"}
                for c in checks_out)
@@ -399,7 +399,7 @@ def test_silent_name_server_is_bounded(hub_pki, root, tmp_path):
                                               "PYTHONPATH": str(REPO)},
                                capture_output=True, text=True, timeout=60)
         elapsed = time.monotonic() - start
-    dns = {c["id"]: c for c in json.loads(r.stdout)}["hub-dns"]
+    dns = {c["id"]: c for c in json.loads(r.stdout)["checks"]}["hub-dns"]
     assert dns["status"] == "error", r.stderr
     assert dns["message"].startswith("no answer for silent-dns.example within 3 s"), dns
     assert elapsed < 10  # the whole check, a cold process included, even on a loaded machine
@@ -421,7 +421,7 @@ def test_a_name_server_that_answers_once_does_not_stall_check(hub_pki, sas_broke
                                               "PYTHONPATH": str(REPO)},
                                capture_output=True, text=True, timeout=60)
         elapsed = time.monotonic() - start
-    got = {c["id"]: c for c in json.loads(r.stdout)}
+    got = {c["id"]: c for c in json.loads(r.stdout)["checks"]}
     for check_id in ("hub-dns", "hub-tcp", "hub-tls", "hub-auth"):
         assert got[check_id]["status"] == "ok", got[check_id]
     assert got["hub-auth"]["message"].startswith("the hub accepted"), got["hub-auth"]

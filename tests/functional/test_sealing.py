@@ -136,7 +136,7 @@ def test_check_decrypts_each_sealed_file_once_for_every_check(root, creds, cert_
         "certificate", True, defer=seal_here)
     before = len([c for c in creds.calls() if c.startswith("decrypt")])
     cli.main(["check", "--json", "--root", str(root)])
-    results = {r["id"]: r for r in json.loads(capsys.readouterr().out)}
+    results = {r["id"]: r for r in json.loads(capsys.readouterr().out)["checks"]}
     assert results["credentials-valid"]["status"] == "ok", results
     assert results["hub-dns"]["status"] == "error", results  # the network checks ran
     assert len([c for c in creds.calls() if c.startswith("decrypt")]) - before == 1

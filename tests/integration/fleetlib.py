@@ -165,7 +165,7 @@ def status_json(ct) -> dict:
 
 def checks(ct) -> dict:
     out = ct.run(["defender-setup", "check", "--json"], check=False).stdout
-    return {c["id"]: c for c in json.loads(out)}
+    return {c["id"]: c for c in json.loads(out)["checks"]}
 
 
 def journal(ct, *args) -> str:

@@ -92,7 +92,7 @@ def test_check_diagnoses_the_path_and_leaves_the_connected_agent_alone(boot, bas
     assert len(hub.connections) == seen
     assert tree(ct) == before and state(ct) == unit
 
-    checks = json.loads(ct.run(["defender-setup", "check", "--json"]).stdout)
+    checks = json.loads(ct.run(["defender-setup", "check", "--json"]).stdout)["checks"]
     assert all(set(c) == {"id", "description", "status", "message", "exit_code"} for c in checks)
     assert {c["id"]: c["status"] for c in checks}["hub-auth"] == "ok"
 

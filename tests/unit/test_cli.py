@@ -147,7 +147,7 @@ def test_check_reports_named_checks_and_json(run, sas_inputs):
     assert code == 0 and "[ ok ] credentials-valid" in out
     assert "[skip] hub-auth: the hub accepts the stored identity\n    not run (--offline)" in out
     code, out, _ = run("check", "--json", "--offline")
-    checks = json.loads(out)
+    checks = json.loads(out)["checks"]
     assert {"agent-dir-safe", "credentials-present", "credentials-valid", "agent-settings",
             "hub-dns", "hub-tcp", "hub-tls", "hub-clock", "hub-auth"} <= {c["id"] for c in checks}
     assert all(set(c) == {"id", "description", "status", "message", "exit_code"}
@@ -236,7 +236,7 @@ def test_a_symlink_in_the_private_state_exits_77_and_readers_report_it(run, sas_
     code, out, _ = run("status", "--json")
     assert code == 0 and str(link) in json.loads(out)["problem"]
     code, out, _ = run("check", "--json")
-    safe = next(c for c in json.loads(out) if c["id"] == "agent-dir-safe")
+    safe = next(c for c in json.loads(out)["checks"] if c["id"] == "agent-dir-safe")
     assert code == 77 and safe["status"] == "error" and str(link) in safe["message"]
 
 
