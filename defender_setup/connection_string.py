@@ -213,13 +213,19 @@ def _check_key(value: str) -> None:
 
 
 def _module_warnings(module_id: str) -> tuple[str, ...]:
+    """The one place that judges the ModuleId: every way in (validate, apply, debconf, the
+    boot-time import) prints these warnings from ``Validated.warnings``. A warning, not an
+    error: a module may be named otherwise on purpose. The value passed the ID rules, and
+    ``status`` shows it anyway: it is no secret."""
     if module_id == DEFAULT_MODULE_ID:
         return ()
-    if module_id.lower() == DEFAULT_MODULE_ID.lower():
-        return (f"{MODULE_ID} differs from {DEFAULT_MODULE_ID} only in letter case; IDs are "
-                "case-sensitive on the hub, so this is a different module identity",)
-    return (f"{MODULE_ID} is not {DEFAULT_MODULE_ID}, the micro agent's usual module "
-            "identity; make sure this module exists on the hub",)
+    if module_id.lower() == DEFAULT_MODULE_ID.lower():  # e.g. DefenderIoTMicroAgent
+        return (f"{MODULE_ID} '{module_id}' differs from the expected {DEFAULT_MODULE_ID} only "
+                "in letter case: IDs are case-sensitive, so the hub knows it as another "
+                f"module; use {DEFAULT_MODULE_ID} unless you created this one on purpose",)
+    return (f"{MODULE_ID} '{module_id}' is not the expected {DEFAULT_MODULE_ID}, the micro "
+            "agent's module identity; keep it only if this module exists on the hub on "
+            "purpose",)
 
 
 def method_of(text: str | bytes) -> str:

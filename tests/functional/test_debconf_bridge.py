@@ -441,3 +441,44 @@ def test_seal_credentials_refused_below_systemd_250_names_the_question(debconf, 
     assert lines[0].startswith("defender-setup: invalid credential sealing: needs systemd 250")
     assert "(debconf question defender-setup/seal-credentials)" in lines[0]
     assert not (dpkg_root / "var").exists() and KEY.encode() not in debconf.database()
+
+
+# -- a ModuleId other than the expected one is a warning, never an error ----------------------
+WARNED = ("ModuleId 'DefenderIoTMicroAgent' differs from the expected DefenderIotMicroAgent "
+          "only in letter case")
+
+
+@pytest.mark.allow_subprocess(*DEBCONF)
+def test_apply_warns_of_a_mis_cased_module_id_in_a_connection_string_and_writes_it(
+        debconf, dpkg_root):
+    answer = CS.replace("ModuleId=DefenderIotMicroAgent", "ModuleId=DefenderIoTMicroAgent")
+    debconf.preseed([_seed("auth-method", "select", "connection-string"),
+                     _seed("connection-string", "password", answer),
+                     _seed("probe-hub", "boolean", "false")])
+    assert debconf.helper("check", "--root", str(dpkg_root)).returncode == 0  # not an error
+    result = debconf.helper("apply", "--root", str(dpkg_root))
+    assert result.returncode == 0, result.stderr
+    assert f"defender-setup: warning: {WARNED}" in result.stderr  # what dpkg shows
+    assert b"ModuleId=DefenderIoTMicroAgent;" in \
+        AgentDir(dpkg_root).current()[CONNECTION_STRING_FILE]
+
+
+@pytest.mark.allow_subprocess(*DEBCONF)
+def test_apply_warns_of_a_mis_cased_module_id_question(debconf, dpkg_root, tmp_path):
+    from tests import certfactory
+
+    ident = certfactory.make_identity(cn="dev1", key="p256")
+    (tmp_path / "dev1.pem").write_bytes(ident.cert_pem)
+    (tmp_path / "dev1.key").write_bytes(ident.key_pem)
+    debconf.preseed([_seed("auth-method", "select", "certificate"),
+                     _seed("hub-hostname", "string", "hub.azure-devices.net"),
+                     _seed("device-id", "string", "dev1"),
+                     _seed("module-id", "string", "DefenderIoTMicroAgent"),
+                     _seed("certificate-file", "string", str(tmp_path / "dev1.pem")),
+                     _seed("private-key-file", "string", str(tmp_path / "dev1.key")),
+                     _seed("probe-hub", "boolean", "false")])
+    result = debconf.helper("apply", "--root", str(dpkg_root))
+    assert result.returncode == 0, result.stderr
+    assert f"defender-setup: warning: {WARNED}" in result.stderr  # what dpkg shows
+    assert b"ModuleId=DefenderIoTMicroAgent;x509=true" in \
+        AgentDir(dpkg_root).current()[CONNECTION_STRING_FILE]

@@ -158,14 +158,25 @@ def test_id_characters_of_the_iot_hub_set_are_accepted():
     assert parsed.device_id == "a-b.c%d_e*f?g!h(i),j:k=l@m$n'o"
 
 
-def test_other_module_id_is_a_warning():
+def test_other_module_id_is_a_warning_naming_the_expected_id():
     parsed = cs.parse(GOOD.replace("DefenderIotMicroAgent", "OtherModule"))
-    assert "not DefenderIotMicroAgent" in parsed.warnings[0]
+    assert parsed.warnings == (
+        "ModuleId 'OtherModule' is not the expected DefenderIotMicroAgent, the micro agent's "
+        "module identity; keep it only if this module exists on the hub on purpose",)
 
 
-def test_module_id_differing_in_case_gets_a_pointed_warning():
-    parsed = cs.parse(GOOD.replace("DefenderIotMicroAgent", "defenderiotmicroagent"))
-    assert "only in letter case" in parsed.warnings[0]
+@pytest.mark.parametrize("module", ["DefenderIoTMicroAgent", "defenderiotmicroagent"])
+def test_module_id_differing_in_case_gets_a_pointed_warning(module):
+    # DefenderIoTMicroAgent: how one of Microsoft's own tutorials spells it
+    parsed = cs.parse(GOOD.replace("DefenderIotMicroAgent", module), method="connection-string")
+    assert parsed.warnings == (
+        f"ModuleId '{module}' differs from the expected DefenderIotMicroAgent only in letter "
+        "case: IDs are case-sensitive, so the hub knows it as another module; use "
+        "DefenderIotMicroAgent unless you created this one on purpose",)
+
+
+def test_the_expected_module_id_gets_no_warning():
+    assert cs.parse(GOOD).warnings == ()
 
 
 def test_from_parts_builds_an_x509_connection_string():
