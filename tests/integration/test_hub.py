@@ -213,7 +213,10 @@ def test_certificate_identity_connects_to_mosquitto(ct, preseed, tmp_path):
     with Mosquitto(pki, tmp_path) as mosq:
         ct.sh(f"echo '127.0.0.1 {preseed.HUB}' >> /etc/hosts")
         ct.copy_in(pki.ca_file, f"{CONF_DIR}/hub-ca.pem", mode=0o644)
-        ct.copy_in(json.dumps({"ca_file": f"{CONF_DIR}/hub-ca.pem", "port": mosq.port}),
+        # Microsoft's transport key: one conf.json serves its agent and ours, handed over by
+        # the installed unit like our own keys
+        ct.copy_in(json.dumps({"ca_file": f"{CONF_DIR}/hub-ca.pem", "port": mosq.port,
+                               "IothubModule_TransportProtocol": "MQTT_Protocol"}),
                    f"{CONF_DIR}/conf.json", mode=0o644)
         ct.copy_in(cert, "/root/device.pem")
         ct.copy_in(key, "/root/device.key")
