@@ -35,8 +35,8 @@ Why it is built this way:
   the command line for the whole command, restart and verification included, so nobody
   changes the set under a verification. Every command that changes or verifies the set
   holds it, so its release is where the textfile metrics are refreshed (:mod:`.metrics`,
-  only where node_exporter's directory exists), once per command. Readers (``status``, ``check``) take it shared, only
-  if it exists, and never repair, create or delete anything.
+  only where node_exporter's directory exists), once per command. Readers (``status``,
+  ``check``) take it shared, only if it exists, and never repair, create or delete anything.
 * The previous set is kept as hard links in ``previous/`` for :meth:`rollback`, which
   validates it and restores the documented modes; a file there that is linked elsewhere, not
   regular or not ours is refused (77).
