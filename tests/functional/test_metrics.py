@@ -178,3 +178,16 @@ def test_a_verification_that_rolls_back_shows_in_the_metrics(booted_root, tmp_pa
     assert got['defender_setup_last_change_result{result="rolled_back"}'] == 1
     assert got["defender_setup_rollbacks_total"] == 1
     promtool((textfile / "defender_setup.prom").read_text())
+
+
+def test_refreshed_once_per_command_at_the_outermost_release(run, sas_inputs, textfile):
+    from defender_setup.agentdir import AgentDir
+
+    run("apply", "--no-restart", *run.inputs(sas_inputs))
+    prom = textfile / "defender_setup.prom"
+    agent = AgentDir(run.root)
+    with agent.lock(1):
+        prom.unlink()
+        agent.save_record("x.json", {})  # a nested hold: nothing written yet
+        assert not prom.exists()
+    assert prom.exists()  # the outermost release wrote it
