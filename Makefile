@@ -4,7 +4,7 @@ PY      := /usr/bin/python3
 SHELL   := /bin/bash
 
 .DEFAULT_GOAL := help
-.PHONY: help deps deb repo test test-full test-unit test-functional test-integration lint bench demo clean
+.PHONY: help deps deb repo test test-full test-unit test-functional test-integration lint bench bench-fleet demo clean
 
 help: ## show this help
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-17s %s\n", $$1, $$2}'
@@ -37,6 +37,9 @@ lint: ## ruff (tools-only venv), shellcheck on maintainer scripts, lintian on th
 
 bench: ## benchmarks: validate cold start vs openssl, restart verdicts, agent memory
 	tools/bench
+
+bench-fleet: ## N devices (default 20, N=...) from one image against one test hub, then apt upgrade (root)
+	tools/bench-fleet $(if $(N),-n $(N))
 
 demo: ## the main job end to end in a booted Debian 12 container
 	tools/demo

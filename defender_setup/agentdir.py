@@ -17,6 +17,7 @@ Interface::
     d.pending()           # an interrupted write is waiting for repair()
     d.save_record(name, {...}) / d.record(name) / d.drop_record(name)
                           # small JSON facts in the private state (the last import's outcome)
+    d.count(name)         # += 1 in the counters record (roll-backs, for the metrics)
 
 Why it is built this way:
 
@@ -32,8 +33,10 @@ Why it is built this way:
   roll-forward the set may be mixed; the journal's presence says so.
 * Writers are serialised by an ``flock`` on ``.defender-setup/lock`` (:mod:`.lock`), held by
   the command line for the whole command, restart and verification included, so nobody
-  changes the set under a verification. Readers (``status``, ``check``) take it shared, only
-  if it exists, and never repair, create or delete anything.
+  changes the set under a verification. Every command that changes or verifies the set
+  holds it, so its release is where the textfile metrics are refreshed (:mod:`.metrics`,
+  only where node_exporter's directory exists), once per command. Readers (``status``,
+  ``check``) take it shared, only if it exists, and never repair, create or delete anything.
 * The previous set is kept as hard links in ``previous/`` for :meth:`rollback`, which
   validates it and restores the documented modes; a file there that is linked elsewhere, not
   regular or not ours is refused (77).
@@ -47,6 +50,7 @@ from __future__ import annotations
 import json
 import os
 import stat
+from contextlib import contextmanager
 from pathlib import Path
 
 from . import AGENT_DIR, lock
@@ -71,6 +75,8 @@ JOURNAL = "txn"
 LOCK = "lock"
 ORIGIN = "origin.json"        # where the current set came from (never a secret)
 IMPORT_RECORD = "import.json"  # the last boot-time import's outcome (importer.py writes it)
+VERIFY_RECORD = "verification.json"  # the last verification's time and outcome (verify.py)
+COUNTERS = "counters.json"    # {"rollbacks": n}: for the metrics' counters
 STATE_DIRS = (STAGING, PREVIOUS, PREVIOUS_NEW)
 STATE_FILES = (JOURNAL, JOURNAL + ".tmp", LOCK, ORIGIN)
 DIR_MODE = 0o700
@@ -179,9 +185,24 @@ class AgentDir:
 
     # -- locking ----------------------------------------------------------------------------
     def lock(self, timeout: float = WRITE_WAIT):
-        """Context manager: the writers' exclusive lock (creates the private state)."""
+        """Context manager: the writers' exclusive lock (creates the private state). When
+        the outermost hold ends, the metrics are refreshed, still under the lock (one
+        consistent snapshot); nested holds are free and refresh nothing."""
         self._ensure_dirs()
-        return lock.exclusive(self.state / LOCK, timeout)
+        return self._writers(timeout)
+
+    @contextmanager
+    def _writers(self, timeout: float):
+        path = self.state / LOCK
+        outermost = not lock.holds(path)
+        with lock.exclusive(path, timeout):
+            try:
+                yield
+            finally:
+                if outermost:
+                    from .metrics import refresh  # lazy: nothing to do without node_exporter
+
+                    refresh(self.root)
 
     def read_lock(self, timeout: float = READ_WAIT):
         """Context manager: a shared lock if the lock file exists; never creates anything."""
@@ -379,6 +400,7 @@ class AgentDir:
                     restored.pop(name, None)
                     restored[sealed] = (files[sealed], 0o600)
             self.write(restored, origin="rollback")
+            self.count("rollbacks")
             return files
 
     def unconfigure(self) -> None:
@@ -402,6 +424,14 @@ class AgentDir:
                 replace(path, json.dumps(data, sort_keys=True).encode(), 0o600)
             except OSError as exc:
                 raise WriteError(f"cannot write {path}: {exc.strerror}") from None
+
+    def count(self, name: str) -> None:
+        """Add one to counter ``name`` in the counters record (under the writers' lock)."""
+        with self.lock():
+            counters = self.record(COUNTERS) or {}
+            value = counters.get(name)
+            counters[name] = (value if isinstance(value, int) and value >= 0 else 0) + 1
+            self.save_record(COUNTERS, counters)
 
     def record(self, name: str) -> dict | None:
         """A record written by :meth:`save_record`; None when absent or unreadable. Reads

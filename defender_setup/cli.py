@@ -319,6 +319,34 @@ def cmd_check(args, out) -> int:
     return max((r.exit_code for r in results), default=EX_OK)
 
 
+def cmd_metrics(args, out) -> int:
+    """Prometheus textfile metrics (the timer's command): local checks only, never the
+    network ones (hub-auth would connect as the running identity and knock the agent off)."""
+    from pathlib import Path
+
+    from .errors import BusyError
+    from .metrics import TEXTFILE_DIR, collect, render, textfile_dir, write
+
+    directory = textfile_dir(args.root)
+    if directory is None and not args.print:
+        print(f"nothing written: {Path(args.root) / TEXTFILE_DIR} does not exist (install "
+              "prometheus-node-exporter)", file=out)
+        return EX_OK
+    try:
+        text = render(collect(Path(args.root), _read_wait(args)))
+    except BusyError as exc:
+        if args.print:
+            raise
+        # The command holding the lock writes the metrics itself when it ends.
+        print(f"nothing written: {exc}", file=out)
+        return EX_OK
+    if args.print:
+        print(text, end="", file=out)
+        return EX_OK
+    print(f"wrote {write(directory, text)}", file=out)
+    return EX_OK
+
+
 def _unreadable(path) -> bool:
     try:
         os.stat(path)
@@ -424,6 +452,12 @@ def build_parser() -> argparse.ArgumentParser:
                    "hub-auth)")
     p.add_argument("--dont-run", default=[], metavar="ID,...", type=_ids,
                    help="comma-separated check ids to leave out (reported as skipped)")
+    p = add("metrics", cmd_metrics, [common, locking], "write Prometheus textfile metrics "
+            "(defender_setup.prom) into node_exporter's directory "
+            "/var/lib/prometheus/node-exporter, if it exists; local checks only, never the "
+            "network checks (defender-setup-metrics.timer runs it every 5 minutes)")
+    p.add_argument("--print", action="store_true", help="print the metrics instead of "
+                   "writing them")
     p = add("rollback", cmd_rollback, writer, "restore the previous generation of credentials, "
             "then restart and verify")
     p.add_argument("--no-restart", action="store_true", help="restore the files only")

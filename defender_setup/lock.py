@@ -150,6 +150,11 @@ def _through_gate(fd: int, path: Path, operation: int, timeout: float, what: str
         os.close(gate)  # the gate is only for the way in
 
 
+def holds(path: Path | str) -> bool:
+    """True while this process holds the lock at ``path`` (a nested ``with`` is free)."""
+    return _key(Path(path)) in _held
+
+
 def exclusive(path: Path | str, timeout: float = 30.0, what: str = "this command"):
     """Hold the lock at ``path`` exclusively (creating the file); re-entrant per process."""
     return _locked(Path(path), timeout, what, exclusive=True)

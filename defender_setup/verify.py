@@ -156,6 +156,23 @@ HEALTHY, ROLLED_BACK, UNCONFIGURED, FAILED, SKIPPED = (
 
 def settle(root: Path, *, timeout: float, strict: bool, out, restart: bool = True,
            service=None, clock=time.monotonic, sleep=time.sleep) -> Result:
+    """:func:`_settle`, then its outcome recorded with the time (``status``, the metrics);
+    a verification that did not happen (``skipped``) is not one."""
+    result = _settle(root, timeout=timeout, strict=strict, out=out, restart=restart,
+                     service=service, clock=clock, sleep=sleep)
+    if result.outcome != SKIPPED:
+        from .agentdir import VERIFY_RECORD, AgentDir, now
+
+        try:
+            AgentDir(root).save_record(VERIFY_RECORD, {"time": now(), "exit_code": result.code,
+                                                       "result": result.outcome})
+        except SetupError as exc:  # the verdict stands; only its record is missing
+            print(f"warning: the verification was not recorded: {exc}", file=out)
+    return result
+
+
+def _settle(root: Path, *, timeout: float, strict: bool, out, restart: bool = True,
+            service=None, clock=time.monotonic, sleep=time.sleep) -> Result:
     """The one verification policy (see the module docstring): restart once (or, with
     ``restart`` False, watch the start already under way), judge, and on failure go back to
     the previous set, or to unconfigured when there is none.

@@ -53,6 +53,7 @@ def test_healthy_single_restart(booted_root, tmp_path, monkeypatch):
         f"{STABILITY_WINDOW:.1f} s, status: hub.example.net/dev-1"
     )
     assert len(fake.restarts()) == 1
+    assert AgentDir(booted_root).record("verification.json")["result"] == "healthy"
     calls = fake.calls()
     assert calls.index("reset-failed defender-iot-micro-agent.service") < calls.index(
         "restart defender-iot-micro-agent.service")
@@ -75,6 +76,9 @@ def test_crash_after_ready_rolls_back(booted_root, tmp_path, monkeypatch, strict
     assert "DeviceId=good" in device_on_disk(booted_root)
     assert len(fake.restarts()) == 2  # the failed one, then the rolled-back set
     assert KEY_A not in out and KEY_B not in out
+    agent = AgentDir(booted_root)
+    assert (agent.record("verification.json")["result"], agent.record("counters.json")) == \
+        ("rolled back", {"rollbacks": 1})
 
 
 def test_start_failure_without_previous_set_unconfigures_and_is_69(booted_root, tmp_path,

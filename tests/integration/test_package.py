@@ -299,11 +299,16 @@ def test_teletype_reasks_a_bad_answer_with_the_error(booted, preseed, kind, suit
 
 # -- remove and purge ----------------------------------------------------------------------------
 def test_remove_keeps_credentials_and_purge_leaves_nothing(booted, preseed):
+    metrics = "/var/lib/prometheus/node-exporter/defender_setup.prom"
+    booted.run(["mkdir", "-p", "/var/lib/prometheus/node-exporter"])  # node_exporter's
     booted.install_deb(preseed.for_connection_string())
+    assert booted.exists(metrics)  # written by the trigger's restart when it ended
     booted.run(["apt-get", "remove", "-y", "defender-setup"],
                env={"DEBIAN_FRONTEND": "noninteractive"})
     assert state(booted)["ActiveState"] in ("inactive", "failed")
     assert booted.exists(f"{AGENT_DIR}/connection_string.txt")
+    assert not booted.exists(metrics)  # a removed package's metrics would be frozen
+    assert booted.exists("/var/lib/prometheus/node-exporter")  # node_exporter's, kept
 
     booted.run(["apt-get", "purge", "-y", "defender-setup"],
                env={"DEBIAN_FRONTEND": "noninteractive"})

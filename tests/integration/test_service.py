@@ -135,6 +135,18 @@ def test_installed_service_is_active_verified_and_hardened(ct, preseed):
     assert after["MainPID"] == s["MainPID"] and after["SubState"] == "running"
     log = ct.run(["journalctl", "-u", UNIT, "-o", "cat"]).stdout
     assert "reload: credentials re-read" in log
+    # the metrics timer is enabled and running; once node_exporter's directory exists, its
+    # service (what the timer starts, hardened) writes the file node_exporter reads
+    timer = ct.show("defender-setup-metrics.timer", "UnitFileState", "ActiveState")
+    assert (timer["UnitFileState"], timer["ActiveState"]) == ("enabled", "active"), timer
+    ct.run(["mkdir", "-p", "/var/lib/prometheus/node-exporter"])
+    ct.run(["systemctl", "start", "defender-setup-metrics.service"])
+    prom = "/var/lib/prometheus/node-exporter/defender_setup.prom"
+    assert ct.run(["stat", "-c", "%a %U", prom]).stdout.split() == ["644", "root"]
+    samples = ct.read(prom)
+    assert "defender_setup_configured 1\n" in samples
+    assert "defender_setup_agent_active 1\n" in samples
+    assert 'check="service-active",status="ok"} 1' in samples and "hub-auth" not in samples
     # SIGTERM: a clean exit 0
     ct.run(["systemctl", "stop", UNIT])
     stopped = state(ct)

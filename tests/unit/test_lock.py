@@ -57,3 +57,14 @@ def test_a_fifo_as_lock_file_is_refused_without_hanging(path):
     with pytest.raises(UnsafeTargetError, match="not a regular file"):
         with lock.shared(path, timeout=0):
             pass
+
+
+def test_holds_says_whether_this_process_holds_the_lock(path):
+    """What the agent directory asks to refresh the metrics once, at the outermost release."""
+    assert not lock.holds(path)
+    with lock.exclusive(path, timeout=1):
+        assert lock.holds(path)
+        with lock.exclusive(path, timeout=1):
+            assert lock.holds(path)
+        assert lock.holds(path)
+    assert not lock.holds(path)
