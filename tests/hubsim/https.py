@@ -94,6 +94,14 @@ class _Handler(http.server.BaseHTTPRequestHandler):
     do_GET = do_PUT = do_POST = do_DELETE = _serve
 
 
+class _Server(http.server.ThreadingHTTPServer):
+    daemon_threads = True
+
+    def handle_error(self, request, client_address):
+        # a client that hangs up mid-handshake (check's TLS test does) is not news
+        self.owner.errors += 1
+
+
 class JsonServer:
     def __init__(self, handle, tls, client_ca=None, host: str = "127.0.0.1"):
         self.handle, self.host = handle, host
@@ -105,13 +113,13 @@ class JsonServer:
         self.requests: list[Req] = []
         self.lock = threading.Lock()
         self.stall = False
+        self.errors = 0  # connections that ended in an exception (a handshake cut short)
         self.stopped = threading.Event()
         self.httpd = None
         self.port = None
 
     def start(self, port: int = 0) -> int:
-        self.httpd = http.server.ThreadingHTTPServer((self.host, port), _Handler)
-        self.httpd.daemon_threads = True
+        self.httpd = _Server((self.host, port), _Handler)
         self.httpd.owner = self
         self.port = self.httpd.server_address[1]
         threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
