@@ -15,6 +15,7 @@ Interface::
     derive_device_key(group_key_b64, registration_id) -> bytes
     machine_id(root) -> str         # /etc/machine-id under root; ValidationError when unset
     check_id_scope / check_registration_id / check_key / check_endpoint(text) -> str
+    looks_like_key(text) -> bool    # a file name that is a key: never repeated
 
 The rules are DPS's own: an ID scope looks like ``0ne00000A0A`` (``0ne`` and 8 hexadecimal
 digits); a registration ID is at most 128 characters of lowercase letters, digits and
@@ -122,6 +123,16 @@ def check_key(key_b64: bytes | str, group: bool = False) -> bytes:
                               f"{low}-{high} bytes (usually 88 base64 characters): copy the "
                               "whole primary key", part=which)
     return text
+
+
+def looks_like_key(text: str) -> bool:
+    """Whether ``text`` (a file name given where a key file was asked for) is a key itself:
+    then it must not be repeated in a message."""
+    try:
+        check_key(text)
+    except ValidationError:
+        return False
+    return True
 
 
 def check_endpoint(text: str) -> str:

@@ -79,8 +79,8 @@ class DpsError(SetupError):
     """DPS or the hub said no, or could not be reached; ``reason`` names which (one word)."""
 
     def __init__(self, reason: str, message: str, exit_code: int = EX_UNAVAILABLE,
-                 field: Field | None = None):
-        super().__init__(message, field)
+                 field: Field | None = None, part: str | None = None):
+        super().__init__(message, field, part)
         self.reason, self.exit_code = reason, exit_code
 
 
@@ -174,7 +174,8 @@ def _request(link: Link, host: str, port: int, method: str, path: str, body: dic
                        f"{where}: TLS handshake failed: {_one_line(exc)}") from None
     # A watchdog: socket timeouts bound each read, not a peer sending a byte a second.
     left = limit - (time.monotonic() - started)
-    guard = threading.Timer(max(0.0, left), _shut, (sock,))
+    fired = threading.Event()
+    guard = threading.Timer(max(0.0, left), _shut, (sock, fired))
     guard.daemon = True
     guard.start()
     try:
@@ -191,7 +192,7 @@ def _request(link: Link, host: str, port: int, method: str, path: str, body: dic
         raw = response.read(MAX_BODY + 1)
         answer_headers = {k.lower(): v for k, v in response.getheaders()}
     except (OSError, http.client.HTTPException, ValueError) as exc:
-        if not guard.is_alive() or _is_timeout(exc):
+        if fired.is_set() or _is_timeout(exc):
             raise DpsError("unreachable", _timed_out(where, limit)) from None
         raise DpsError("unreachable", f"{where}: the connection failed: {_one_line(exc)}") \
             from None
@@ -207,7 +208,8 @@ def _request(link: Link, host: str, port: int, method: str, path: str, body: dic
     return Answer(response.status, answer_headers, parsed if isinstance(parsed, dict) else {})
 
 
-def _shut(sock) -> None:
+def _shut(sock, fired: threading.Event) -> None:
+    fired.set()  # first: the reader that wakes up must know why
     try:
         sock.shutdown(socket.SHUT_RDWR)
     except OSError:
@@ -253,8 +255,10 @@ def _refused(answer: Answer, what: str, enrollment, where: str) -> DpsError:
         fix = ("check the device certificate and that its CA is verified in the enrollment"
                if enrollment.attestation == X509 else
                "check the key (and whether it is the group key: --group-key-file)")
+        group = getattr(enrollment, "group_key", False) and key_field == Field.DPS_KEY
         return DpsError("unauthorized", f"unauthorized: {where} refused {what} ({said}); "
-                        f"{fix}", EX_DATAERR, key_field)
+                        f"{fix}", EX_DATAERR, key_field,
+                        "DPS enrollment group key" if group else None)
     if answer.status == 429:
         wait = _retry_after(answer, 0)
         return DpsError("throttled", f"throttled: {where} asks to wait "
