@@ -11,6 +11,7 @@ Interface::
     reprovision(root, out, *, boot=False, bounds=None, clock=time.time, sleep=time.sleep)
         -> bool   # verify.settle's hook: a new set was written (restart and verify it)
     registration(root) -> dict | None      # the DPS record (status, check): never a secret
+    made_by_dps(stored, record) -> bool    # the stored set is the identity DPS gave
     device_key(root, runner=None) -> bytes | None   # the kept device key (root-only)
     RECORD = "dps.json", KEY_RECORD = "dps-device-key", MARKER (under /run)
 
@@ -83,6 +84,21 @@ def _terminable():
 def registration(root) -> dict | None:
     """The last registration's record (``dps.json``), or None."""
     return AgentDir(root).record(RECORD)
+
+
+def made_by_dps(stored, record: dict | None) -> bool:
+    """Whether the stored set (``provision.Stored``) is the module identity of the recorded
+    registration: stored by ``provision``, or that same set rolled back to."""
+    if not record or stored is None:
+        return False
+    if (stored.origin or {}).get("source") == ORIGIN:
+        return True
+    try:
+        c = stored.loaded.connection_string
+    except SetupError:
+        return False
+    return (c.host_name, c.device_id, c.module_id) == (
+        record.get("assigned_hub"), record.get("device_id"), record.get("module_id"))
 
 
 def device_key(root, runner=None) -> bytes | None:
@@ -189,7 +205,11 @@ def reprovision(root, out, *, boot: bool = False, bounds=None, clock=time.time,
 
     agent = AgentDir(root)
     record = agent.record(RECORD)
-    if (agent.origin() or {}).get("source") != ORIGIN or not record:
+    try:
+        stored = provision.read_locked(agent)
+    except SetupError:
+        return False
+    if not made_by_dps(stored, record):
         return False
     marker = Path(root) / MARKER
     if boot and marker.exists():
@@ -208,7 +228,6 @@ def reprovision(root, out, *, boot: bool = False, bounds=None, clock=time.time,
         enrollment = Enrollment(record["id_scope"], record["registration_id"], SYMMETRIC_KEY,
                                 key=key, endpoint=record["endpoint"],
                                 module_id=record["module_id"]).checked(root)
-        stored = provision.read_locked(agent)
         text, assigned = _obtain(root, enrollment, stored, out, bounds, clock, sleep)
         p = provision.plan(provision.Request(connection_string=text, origin=ORIGIN), stored)
         lines = provision.commit(agent, p)

@@ -300,3 +300,127 @@ def test_sigterm_ends_provision_within_2_s_and_no_secret_reaches_argv_or_env(sta
         "defender-setup: error: interrupted by SIGTERM while registering; nothing was written"]
     assert not (root / "var").exists()
     secrets_absent([out.decode(), err.decode()], GROUP_KEY)
+
+
+# -- re-provisioning inside the verification, against a fake systemctl ---------------------
+def settle_here(root, fake, monkeypatch, boot=False):
+    import io
+
+    from defender_setup.service import Service
+    from defender_setup.verify import settle
+    from tests.fakes import FakeClock, FakeJournal
+
+    fake.path_env(monkeypatch)
+    out, clock = io.StringIO(), FakeClock()
+    svc = Service(root, environ={}, journal=lambda: FakeJournal(), manages_root=True)
+    result = settle(root, timeout=30, strict=False, out=out, service=svc, clock=clock,
+                    sleep=clock.sleep, boot=boot)
+    return result, out.getvalue()
+
+
+@pytest.fixture
+def provisioned(stand, booted_root, tmp_path, capsys, monkeypatch):
+    """dev-1 provisioned on hub A, then re-assigned to hub B and deleted from hub A."""
+    stand.conf(booted_root)
+    run = Run(booted_root, tmp_path, capsys, monkeypatch)
+    assert provision(run, stand, "--registration-id", "dev-1")[0] == 0
+    stand.dps.reassign("dev-1", HUB_B)
+    stand.hubs[HUB_A].rest.remove_device("dev-1")
+    return booted_root
+
+
+def registrations(stand) -> int:
+    return sum(r.method == "PUT" for r in stand.dps.server.requests)
+
+
+@pytest.mark.allow_subprocess("systemctl")
+def test_a_device_the_old_hub_refuses_registers_again_and_follows(provisioned, stand,
+                                                                   tmp_path, monkeypatch):
+    from tests.fakes import FakeSystemd, failed, running
+
+    fake = FakeSystemd(tmp_path, [running("inv-0")],
+                       [{"states": [failed("inv-1", 76)]}, {"states": [running("inv-2")]}])
+    result, out = settle_here(provisioned, fake, monkeypatch)
+    assert (result.code, result.outcome) == (0, "healthy"), out
+    assert "the hub refused the module identity: registering with DPS again (once)" in out
+    assert "assigned: hub 127.0.0.2, device dev-1 (reprovisionedToNewHub)" in out
+    assert (provisioned / CS).read_text().startswith(f"HostName={HUB_B};DeviceId=dev-1;")
+    assert ("dev-1", MODULE) in stand.hubs[HUB_B].rest.modules
+    assert AgentDir(provisioned).record("dps.json")["assigned_hub"] == HUB_B
+    assert AgentDir(provisioned).origin()["source"] == "dps"
+    assert len(fake.restarts()) == 2
+    secrets_absent([out], GROUP_KEY)
+
+
+@pytest.mark.allow_subprocess("systemctl")
+def test_re_provisioning_is_tried_once_then_the_usual_roll_back(provisioned, stand, tmp_path,
+                                                               monkeypatch):
+    from tests.fakes import FakeSystemd, failed, running
+
+    fake = FakeSystemd(tmp_path, [running("inv-0")], [{"states": [failed("inv-1", 76)]}])
+    before = registrations(stand)
+    result, out = settle_here(provisioned, fake, monkeypatch)
+    assert result.code == 69, out
+    assert registrations(stand) == before + 1  # once, not once per failed restart
+    assert "the re-provisioned identity fails too" in out
+    assert "rolled back to the previous credentials" in out
+    assert len(fake.restarts()) == 3  # refused, re-provisioned, rolled back
+
+
+@pytest.mark.allow_subprocess("systemctl")
+def test_at_boot_re_provisioning_is_tried_once_a_boot(provisioned, stand, tmp_path,
+                                                      monkeypatch):
+    from tests.fakes import FakeSystemd, failed, running
+
+    stand.dps.disable("fleet")  # it fails: the next boot-time verification must not retry
+    fake = FakeSystemd(tmp_path, [running("inv-0")], [{"states": [failed("inv-1", 76)]}])
+    _, out = settle_here(provisioned, fake, monkeypatch, boot=True)
+    assert "re-provisioning failed: DPS enrollment: disabled" in out
+    assert (provisioned / zerotouch.MARKER).exists()
+    AgentDir(provisioned).rollback()  # the refused set back (origin "rollback"): still DPS's
+    before = registrations(stand)
+    _, out = settle_here(provisioned, fake, monkeypatch, boot=True)
+    assert "not tried again: tried once this boot already" in out
+    assert registrations(stand) == before
+
+
+@pytest.mark.allow_subprocess("systemctl")
+def test_a_set_not_from_dps_is_never_re_provisioned(stand, booted_root, tmp_path, monkeypatch,
+                                                    capsys, sas_inputs):
+    from tests.fakes import FakeSystemd, failed, running
+
+    run = Run(booted_root, tmp_path, capsys, monkeypatch)
+    assert run("apply", "--no-restart", *run.inputs(sas_inputs))[0] == 0
+    fake = FakeSystemd(tmp_path, [running("inv-0")], [{"states": [failed("inv-1", 76)]}])
+    _, out = settle_here(booted_root, fake, monkeypatch)
+    assert "DPS" not in out and stand.dps.server.requests == []
+
+
+# -- check -----------------------------------------------------------------------------------
+def dps_checks(run) -> dict:
+    code, out, _ = run("check", "--json")
+    return {c["id"]: c for c in json.loads(out) if c["id"].startswith("dps-")}
+
+
+def test_check_asks_dps_where_the_device_is_without_changing_anything(run, stand, root):
+    assert provision(run, stand, "--registration-id", "dev-1")[0] == 0
+    puts = registrations(stand)
+    checks = dps_checks(run)
+    assert [checks[i]["status"] for i in ("dps-dns", "dps-tcp", "dps-tls", "dps-auth")] == \
+        ["ok"] * 4, checks
+    assert checks["dps-auth"]["message"] == "DPS assigns dev-1 to 127.0.0.1 as dev-1, as stored"
+    assert registrations(stand) == puts  # a status query (POST), never a registration
+    stand.dps.reassign("dev-1", HUB_B)
+    stand.dps.registrations["dev-1"]["assignedHub"] = HUB_B  # as DPS says once re-assigned
+    warning = dps_checks(run)["dps-auth"]
+    assert warning["status"] == "warning" and "the device was re-assigned" in warning["message"]
+    code, out, _ = run("check", "--json", "--offline")
+    assert {c["id"]: c["status"] for c in json.loads(out) if c["id"].startswith("dps-")} == \
+        dict.fromkeys(("dps-dns", "dps-tcp", "dps-tls", "dps-auth"), "skipped")
+
+
+def test_check_skips_the_dps_checks_for_a_set_not_from_dps(run, sas_inputs):
+    assert run("apply", "--no-restart", *run.inputs(sas_inputs))[0] == 0
+    checks = dps_checks(run)
+    assert {c["status"] for c in checks.values()} == {"skipped"}
+    assert checks["dps-auth"]["message"] == "not provisioned through DPS (defender-setup provision)"
