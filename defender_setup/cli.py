@@ -154,6 +154,9 @@ def cmd_seal(args, out) -> int:
         p = provision.plan(provision.Request.again(stored, seal=want, origin=args.command),
                            stored)
         lines = provision.commit(agent, p)
+        from .zerotouch import key_like_set
+
+        key_like_set(agent)  # a DPS device key kept beside the set follows it
         if not lines:
             later = "; sealing deferred to the first boot" if stored.seal_pending else ""
             print(f"nothing to do: the credentials are {stored.sealing.describe()}{later}",

@@ -13,6 +13,7 @@ Interface::
     registration(root) -> dict | None      # the DPS record (status, check): never a secret
     made_by_dps(stored, record) -> bool    # the stored set is the identity DPS gave
     device_key(root, runner=None) -> bytes | None   # the kept device key (root-only)
+    key_like_set(agent, runner=None)       # the kept key sealed iff the set is (seal, unseal)
     RECORD = "dps.json", KEY_RECORD = "dps-device-key", MARKER (under /run)
 
 ``run``: 1. register with DPS (:mod:`defender_setup.dpsclient`; symmetric key, group key or
@@ -115,6 +116,22 @@ def device_key(root, runner=None) -> bytes | None:
     return key.encode("ascii") if isinstance(key, str) else None
 
 
+def key_like_set(agent, runner=None, key: bytes | None = None) -> None:
+    """Keep the device key (``key``, or the one kept already) sealed when the stored set is
+    sealed and plain when it is not; nothing kept, nothing done. The caller holds the lock."""
+    if key is None:
+        key = device_key(agent.root, runner)
+        if key is None:
+            return
+    if any(name.endswith(".cred") for name in agent.current()):
+        from .sealing import encrypt
+
+        agent.save_record(KEY_RECORD, {"sealed": encrypt(KEY_RECORD, key, runner)
+                                       .decode("ascii")})
+    else:
+        agent.save_record(KEY_RECORD, {"key": key.decode("ascii")})
+
+
 def _connection_string(hub: str, device: str, module: str, key: str) -> bytes:
     return f"HostName={hub};DeviceId={device};ModuleId={module};SharedAccessKey={key}" \
         .encode("ascii")
@@ -168,12 +185,8 @@ def _keeper(enrollment: Enrollment, assigned):
         key = enrollment.device_key
         if key is None:
             agent.drop_record(KEY_RECORD)
-        elif any(name.endswith(".cred") for name in agent.current()):
-            from .sealing import encrypt
-
-            agent.save_record(KEY_RECORD, {"sealed": encrypt(KEY_RECORD, key).decode("ascii")})
         else:
-            agent.save_record(KEY_RECORD, {"key": key.decode("ascii")})
+            key_like_set(agent, key=key)
         record["device_key_kept"] = key is not None
         agent.save_record(RECORD, record)
     return keep

@@ -424,3 +424,25 @@ def test_check_skips_the_dps_checks_for_a_set_not_from_dps(run, sas_inputs):
     checks = dps_checks(run)
     assert {c["status"] for c in checks.values()} == {"skipped"}
     assert checks["dps-auth"]["message"] == "not provisioned through DPS (defender-setup provision)"
+
+
+@pytest.mark.allow_subprocess("systemd-creds")
+def test_the_kept_device_key_is_sealed_with_the_set_and_unsealed_with_it(run, stand, root,
+                                                                         tmp_path, monkeypatch):
+    from defender_setup import provision as core
+    from defender_setup import sealing
+    from tests.fakes import FakeCreds, debian12, seal_here
+    from tests.hubsim.dps import derive
+
+    assert provision(run, stand, "--registration-id", "dev-1")[0] == 0
+    debian12(root)
+    FakeCreds(tmp_path).path_env(monkeypatch)
+    agent = AgentDir(root)
+    kept = agent.state / "dps-device-key"
+    for seal_it in (True, False):  # what 'seal' and 'unseal' do, then the key follows
+        stored = core.read(agent)
+        sealing.store(agent, stored.loaded.files, stored.method, seal_it, defer=seal_here)
+        zerotouch.key_like_set(agent)
+        assert set(json.loads(kept.read_text())) == {"sealed" if seal_it else "key"}
+        assert (derive(GROUP_KEY, "dev-1").encode() in kept.read_bytes()) is not seal_it
+        assert zerotouch.device_key(root) == derive(GROUP_KEY, "dev-1").encode()
