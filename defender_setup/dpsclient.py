@@ -65,6 +65,7 @@ HUB_API_VERSION = "2021-04-12"
 MAX_BODY = 64 * 1024
 USER_AGENT = f"defender-setup/{__version__}"
 DEFAULT_POLL = 2.0   # seconds between polls when DPS sends no Retry-After
+MIN_POLL = 0.1       # ... and at least this: "Retry-After: 0" must not make a busy loop
 
 
 @dataclass(frozen=True)
@@ -335,7 +336,7 @@ def register(link: Link, enrollment, *, clock=time.time, monotonic=time.monotoni
         operation = answer.body.get("operationId")
         if not isinstance(operation, str) or not operation:
             raise DpsError("protocol", f"{where} is assigning but gave no operationId")
-        wait = _retry_after(answer, DEFAULT_POLL)
+        wait = max(MIN_POLL, _retry_after(answer, DEFAULT_POLL))
         if monotonic() + wait >= deadline:
             raise DpsError("timeout", f"{where} did not assign {enrollment.registration_id} "
                            f"within {link.bounds.total:g} s (still assigning; it asks to wait "

@@ -245,6 +245,8 @@ def reprovision(root, out, *, boot: bool = False, bounds=None, clock=time.time,
         p = provision.plan(provision.Request(connection_string=text, origin=ORIGIN), stored)
         lines = provision.commit(agent, p)
         _keeper(enrollment, assigned)(agent, p, lines)
+    except Terminated:
+        raise  # SIGTERM ends the command, it does not fall through to the roll-back
     except (SetupError, KeyError, TypeError) as exc:
         print(f"re-provisioning failed: {exc}", file=out)
         return False
