@@ -217,7 +217,10 @@ class Enrollment:
         scope = check_id_scope(self.id_scope)
         endpoint = check_endpoint(self.endpoint or GLOBAL_ENDPOINT)
         module = (self.module_id or DEFAULT_MODULE).strip()
-        _check_id(MODULE_ID, module)  # the hub's rules for a module ID
+        try:
+            _check_id(MODULE_ID, module)  # the hub's rules for a module ID
+        except ValidationError as exc:  # about --module (debconf: module-id), not a string
+            raise ValidationError(Field.MODULE_ID, exc.message) from None
         if self.attestation not in ATTESTATIONS:
             raise ValidationError(Field.DPS_ATTESTATION, f"must be {' or '.join(ATTESTATIONS)}")
         given = None if self.registration_id is None or not self.registration_id.strip() \

@@ -166,3 +166,9 @@ def test_x509_needs_both_files():
     ident = certfactory.make_identity("dev-x509", key="p256")
     assert "is missing" in refused(PRIVATE_KEY, id_scope=SCOPE, certificate=ident.cert_pem)
     assert "is missing" in refused(CERTIFICATE, id_scope=SCOPE, private_key=ident.key_pem)
+
+
+def test_a_module_id_the_hub_refuses_is_about_the_module_id():
+    text = refused(Field.MODULE_ID, id_scope=SCOPE, registration_id="d", symmetric_key=KEY,
+                   module_id="Defender IoT")
+    assert text.startswith("module id: character 9 is not allowed")
