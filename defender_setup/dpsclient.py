@@ -170,7 +170,11 @@ def _request(link: Link, host: str, port: int, method: str, path: str, body: dic
     except ssl.SSLCertVerificationError as exc:
         raise DpsError("unreachable", f"the certificate of {where} does not verify against "
                        f"{link.trust}: {exc.verify_message}") from None
-    except (ssl.SSLError, OSError) as exc:
+    except ssl.SSLError as exc:
+        _certificate_refused(exc, where)
+        raise DpsError("unreachable", f"{where}: TLS handshake failed: {_one_line(exc)}") \
+            from None
+    except OSError as exc:
         raise DpsError("unreachable", _timed_out(where, limit) if _is_timeout(exc) else
                        f"{where}: TLS handshake failed: {_one_line(exc)}") from None
     # A watchdog: socket timeouts bound each read, not a peer sending a byte a second.
@@ -193,6 +197,8 @@ def _request(link: Link, host: str, port: int, method: str, path: str, body: dic
         raw = response.read(MAX_BODY + 1)
         answer_headers = {k.lower(): v for k, v in response.getheaders()}
     except (OSError, http.client.HTTPException, ValueError) as exc:
+        if isinstance(exc, ssl.SSLError):  # TLS 1.3 refuses a certificate after the handshake
+            _certificate_refused(exc, where)
         if fired.is_set() or _is_timeout(exc):
             raise DpsError("unreachable", _timed_out(where, limit)) from None
         raise DpsError("unreachable", f"{where}: the connection failed: {_one_line(exc)}") \
@@ -207,6 +213,17 @@ def _request(link: Link, host: str, port: int, method: str, path: str, body: dic
     except ValueError:
         parsed = {}
     return Answer(response.status, answer_headers, parsed if isinstance(parsed, dict) else {})
+
+
+def _certificate_refused(exc: ssl.SSLError, where: str) -> None:
+    """Raise "unauthorized" when the peer's TLS alert refuses our client certificate."""
+    from .agent.verdicts import CERT_ALERTS
+
+    alert = CERT_ALERTS.get(exc.reason or "")
+    if alert:
+        raise DpsError("unauthorized", f"unauthorized: {where} refused the device certificate "
+                       f"(TLS alert: {alert}); check that DPS or the hub trusts its CA",
+                       EX_DATAERR, CERTIFICATE) from None
 
 
 def _shut(sock, fired: threading.Event) -> None:

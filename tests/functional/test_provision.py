@@ -19,6 +19,7 @@ from defender_setup import zerotouch
 from defender_setup.agentdir import AgentDir
 from defender_setup.dps import enrollment
 from defender_setup.dpsclient import Bounds
+from tests import certfactory
 from tests.agentproc import Agent
 from tests.clirun import Run
 from tests.conftest import snapshot
@@ -134,6 +135,20 @@ def test_x509_registers_with_the_certificate_and_creates_the_module_with_it(run,
     assert put.peer_cn == "dev-x509" and "authorization" not in put.headers
     assert (root / CS).read_text().startswith(f"HostName={HUB_A};DeviceId=dev-x509;")
     assert not (AgentDir(root).state / "dps-device-key").exists()
+
+
+def test_a_certificate_refused_in_the_tls_handshake_is_unauthorized(run, stand, root):
+    import ssl
+
+    # DPS answers an unknown certificate with HTTP 401 (tested above for keys); a server that
+    # refuses it in the handshake (TLS 1.2: the alert comes within it) is named the same way
+    stand.dps.server.ctx.maximum_version = ssl.TLSVersion.TLSv1_2
+    stand.dps.x509_group("factory", HUB_A)
+    cert, key = stand.device_cert("dev-x509", issuer=certfactory.make_ca("Unknown CA"))
+    code, out, err = run("provision", "--id-scope", SCOPE, "--endpoint", stand.endpoint,
+                         "--no-restart", "--certificate", str(cert), "--private-key", str(key))
+    assert code == 65 and "unauthorized" in err and "certificate" in err, err
+    assert not (root / "var").exists()
 
 
 def test_running_it_again_changes_nothing(run, stand, root):
