@@ -120,7 +120,10 @@ def key_like_set(agent, runner=None, key: bytes | None = None) -> None:
     """Keep the device key (``key``, or the one kept already) sealed when the stored set is
     sealed and plain when it is not; nothing kept, nothing done. The caller holds the lock."""
     if key is None:
-        key = device_key(agent.root, runner)
+        try:
+            key = device_key(agent.root, runner)
+        except SetupError:  # sealed on another machine: left as it is (check says so)
+            return
         if key is None:
             return
     if any(name.endswith(".cred") for name in agent.current()):
