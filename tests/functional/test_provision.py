@@ -214,6 +214,18 @@ def test_the_hub_refusing_the_device_is_named(run, stand, root):
                                  65, "unauthorized: the hub 127.0.0.1 refused the module")
 
 
+@pytest.mark.parametrize("answer,words", [
+    ((200, {"status": "assigned", "pad": "x" * 100_000}, {}), "larger than 65536 bytes"),
+    ((202, {"status": "assigning"}, {}), "gave no operationId"),
+    ((200, {"status": "assigned", "registrationState": {"deviceId": "dev-1"}}, {}),
+     "named no hub"),
+])
+def test_a_dps_that_floods_or_talks_nonsense_is_named(run, stand, root, answer, words):
+    stand.dps.server.handle = lambda req: answer
+    one_line_and_nothing_written(provision(run, stand, "--registration-id", "dev-1"), root,
+                                 69, words)
+
+
 @pytest.mark.parametrize("args,field", [
     (("--id-scope", "One00000A0A"), "DPS ID scope"),
     (("--registration-id", "Dev-1"), "DPS registration ID"),
