@@ -77,6 +77,7 @@ ORIGIN = "origin.json"        # where the current set came from (never a secret)
 IMPORT_RECORD = "import.json"  # the last boot-time import's outcome (importer.py writes it)
 VERIFY_RECORD = "verification.json"  # the last verification's time and outcome (verify.py)
 COUNTERS = "counters.json"    # {"rollbacks": n}: for the metrics' counters
+DPS_RECORD = "dps.json"        # the last DPS registration (zerotouch.py writes it)
 STATE_DIRS = (STAGING, PREVIOUS, PREVIOUS_NEW)
 STATE_FILES = (JOURNAL, JOURNAL + ".tmp", LOCK, ORIGIN)
 DIR_MODE = 0o700

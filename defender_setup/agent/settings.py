@@ -14,7 +14,9 @@ The file is a JSON object; every key is optional and none is needed for the defa
       "ca_file": "/etc/ssl/private/hub-ca.pem",   # trust only this CA file (gateways, private hubs)
       "heartbeat_interval": 300,              # seconds between heartbeat messages; 0 = off
       "sas_lifetime": 3600,                   # seconds a SAS token is valid (renewed at 80 %)
-      "port": 8883                            # only for test hubs and unusual gateways
+      "port": 8883,                           # only for test hubs and unusual gateways
+      "https_port": 443                       # the hub's HTTPS API (zero-touch provisioning
+                                              # creates the module there); test hubs only
     }
 
 Microsoft's micro agent reads the same file with its own two keys, and so does this one, so one
@@ -75,7 +77,7 @@ MS_AMQP = {"AMQP_Protocol": "MQTT_Protocol", "AMQP_WebSocket_Protocol": "MQTT_We
 SAME_SETTING = {"proxy": MS_PROXY, "transport": MS_TRANSPORT}  # ours -> Microsoft's
 MS_PROXY_SHAPE = '"<proxy_ipv4>,<port>" or "<proxy_ipv4>,<port>,<username>,<password>"'
 KNOWN = ("transport", "proxy", "ca_file", "heartbeat_interval", "sas_lifetime", "port",
-         MS_PROXY, MS_TRANSPORT)
+         "https_port", MS_PROXY, MS_TRANSPORT)
 _KINDS = ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO (named pipe)"),
           (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
           (stat.S_ISSOCK, "a socket"))
@@ -114,6 +116,7 @@ class Settings:
     heartbeat_interval: int = 300
     sas_lifetime: int = 3600
     port: int | None = None
+    https_port: int = 443
     # Which key the file used, ours or Microsoft's, so advice names the key to edit.
     transport_key: str = field(default="transport", repr=False, compare=False)
     proxy_key: str = field(default="proxy", repr=False, compare=False)
@@ -232,7 +235,8 @@ def parse(text, source: str = "conf.json", root: Path = Path("/")) -> Settings:
     heartbeat = _int(obj, "heartbeat_interval", 300, HEARTBEAT_RANGE, err, zero_ok=True)
     lifetime = _int(obj, "sas_lifetime", 3600, SAS_LIFETIME_RANGE, err)
     port = _int(obj, "port", None, (1, 65535), err)
-    return Settings(transport, proxy, ca_file, heartbeat, lifetime, port,
+    https_port = _int(obj, "https_port", 443, (1, 65535), err)
+    return Settings(transport, proxy, ca_file, heartbeat, lifetime, port, https_port,
                     MS_TRANSPORT if _given(obj, MS_TRANSPORT) else "transport",
                     MS_PROXY if _given(obj, MS_PROXY) else "proxy")
 

@@ -269,3 +269,10 @@ def test_microsofts_keys_next_to_our_others():
                           "heartbeat_interval": 60, "port": 8443}))
     assert (s.transport, s.hub_port, s.proxy.describe(), s.heartbeat_interval) == (
         "websocket", 8443, "http://192.0.2.7:3128", 60)
+
+
+def test_https_port_for_test_hubs():
+    assert parse("{}").https_port == 443
+    assert parse('{"https_port": 8443}').https_port == 8443
+    with pytest.raises(SettingsError, match="https_port: must be between 1 and 65535"):
+        parse('{"https_port": 0}')
