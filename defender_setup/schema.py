@@ -49,7 +49,10 @@ STATUS_HISTORY = (
         "+last_import +last_import.time +last_import.source +last_import.from{} "
         "+last_import.identity +last_import.identity.method +last_import.identity.hub "
         "+last_import.identity.device +last_import.identity.module +last_import.result "
-        "+last_import.message +last_import.exit_code +last_import.folder"),
+        "+last_import.message +last_import.exit_code +last_import.folder "
+        "+dps +dps.id_scope +dps.registration_id +dps.endpoint +dps.attestation +dps.group_key "
+        "+dps.module_id +dps.assigned_hub +dps.device_id +dps.substatus +dps.registered "
+        "+dps.device_key_kept"),
 )
 
 

@@ -426,7 +426,7 @@ def test_a_set_not_from_dps_is_never_re_provisioned(stand, booted_root, tmp_path
 # -- check -----------------------------------------------------------------------------------
 def dps_checks(run) -> dict:
     code, out, _ = run("check", "--json")
-    return {c["id"]: c for c in json.loads(out) if c["id"].startswith("dps-")}
+    return {c["id"]: c for c in json.loads(out)["checks"] if c["id"].startswith("dps-")}
 
 
 def test_check_asks_dps_where_the_device_is_without_changing_anything(run, stand, root):
@@ -442,7 +442,8 @@ def test_check_asks_dps_where_the_device_is_without_changing_anything(run, stand
     warning = dps_checks(run)["dps-auth"]
     assert warning["status"] == "warning" and "the device was re-assigned" in warning["message"]
     code, out, _ = run("check", "--json", "--offline")
-    assert {c["id"]: c["status"] for c in json.loads(out) if c["id"].startswith("dps-")} == \
+    checks = json.loads(out)["checks"]
+    assert {c["id"]: c["status"] for c in checks if c["id"].startswith("dps-")} == \
         dict.fromkeys(("dps-dns", "dps-tcp", "dps-tls", "dps-auth"), "skipped")
 
 

@@ -14,8 +14,10 @@ from defender_setup.service import Service
 from defender_setup.status import collect
 from tests.clirun import Run
 from tests.fakes import FakeSystemd, running
+from tests.hubsim.zerotouch import Stand
 from tests.offers import CRED, CS, NAMES, sas
 
+GROUP_KEY = "AQIDBAUGBwgJCgsMDQ4PEBESExQVFhcYGRobHB0eHyA="
 HOW = ("append one line with the next version to schema.{} (and list the fields in the "
        "README): fleet tools parse these documents")
 
@@ -45,6 +47,13 @@ def seen(root, tmp_path, capsys, monkeypatch, sas_inputs, cert_inputs):
     offer.write_bytes(b"HostName=x")
     assert run("import", "--no-restart")[0] == 65
     documents(run, "import refused", docs)
+    with Stand(tmp_path / "stand") as stand:  # a device that provisioned itself through DPS
+        stand.dps.group("fleet", GROUP_KEY, "127.0.0.1")
+        stand.conf(root)
+        assert run("provision", "--id-scope", "0ne00000A0A", "--endpoint", stand.endpoint,
+                   "--registration-id", "dev-1", "--no-restart", "--group-key-file", "-",
+                   stdin=GROUP_KEY.encode())[0] == 0
+        documents(run, "dps", docs)
     # The service's fields come from systemd: asked here through the fake systemctl
     # (--root never asks the host's systemd), in a tree that looks booted.
     (root / "run/systemd/system").mkdir(parents=True)
