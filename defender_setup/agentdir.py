@@ -71,6 +71,7 @@ JOURNAL = "txn"
 LOCK = "lock"
 ORIGIN = "origin.json"        # where the current set came from (never a secret)
 IMPORT_RECORD = "import.json"  # the last boot-time import's outcome (importer.py writes it)
+DPS_RECORD = "dps.json"        # the last DPS registration (zerotouch.py writes it)
 STATE_DIRS = (STAGING, PREVIOUS, PREVIOUS_NEW)
 STATE_FILES = (JOURNAL, JOURNAL + ".tmp", LOCK, ORIGIN)
 DIR_MODE = 0o700

@@ -75,10 +75,9 @@ def _request(args, **kw):
 
 
 def _print_found(validated, out) -> None:
-    for line in validated.summary_lines():
-        print(f"  {line}", file=out)
-    for warning in validated.warnings:
-        print(f"warning: {warning}", file=out)
+    from .applying import print_found
+
+    print_found(validated, out)
 
 
 def cmd_validate(args, out) -> int:
@@ -92,69 +91,43 @@ def cmd_validate(args, out) -> int:
     return EX_OK
 
 
-class _Writing:
-    """``with _Writing(args, out) as agent``: the writers' lock around a whole command (write,
-    restart, verify, roll-back), and the completion of an update left half done before."""
+def _Writing(args, out):
+    """``with _Writing(args, out) as agent``: :class:`defender_setup.applying.Writing`."""
+    from .applying import Writing
 
-    def __init__(self, args, out):
-        from .agentdir import WRITE_WAIT, AgentDir
-
-        self.agent, self.out = AgentDir(args.root), out
-        self.timeout = WRITE_WAIT if args.lock_timeout is None else args.lock_timeout
-
-    def __enter__(self):
-        self._lock = self.agent.lock(self.timeout)
-        self._lock.__enter__()
-        try:
-            if self.agent.repair():
-                print("repaired: an interrupted credential update was completed", file=self.out)
-        except BaseException:
-            self._lock.__exit__(None, None, None)
-            raise
-        return self.agent
-
-    def __exit__(self, *exc):
-        return self._lock.__exit__(*exc)
+    return Writing(args.root, out, args.lock_timeout)
 
 
 def cmd_apply(args, out) -> int:
-    from . import provision
-    from .agentdir import AgentDir
+    from .applying import apply
 
     request = _request(args, seal=True if args.seal else None, probe=args.probe,
                        origin="apply")  # before any lock: standard input may take a while
-    writing = _Writing(args, out)
-    p = provision.plan(request, provision.read(AgentDir(args.root), writing.timeout))
-    print("found:", file=out)
-    _print_found(p.validated, out)
-    if p.probe:  # before the lock and before anything is written: a refusal changes nothing
-        from .probe import probe
-
-        outcome = probe(p.validated, args.root)
-        if outcome.error is not None:
-            raise outcome.error  # reported once, as the error
-        print(outcome.line, file=out)
-    elif args.probe:
-        print("probe: not tried: these are the credentials stored now (a second connection "
-              "as the running identity would knock the agent off the hub)", file=out)
-    if p.seal and not p.unchanged:  # before the lock, which creates the agent directory
-        from .sealing import require
-
-        require(args.root)
-    with writing as agent:
-        lines = provision.commit(agent, p)
-        if not lines:
-            return _unchanged(p, out)
-        _print_stored(lines, out)
-        return _after_write(args, out)
+    return apply(args.root, request, out=out, restart=not args.no_restart,
+                 timeout=args.timeout, strict=args.strict, lock_timeout=args.lock_timeout,
+                 service=args.service, probe_asked=args.probe)
 
 
-def _unchanged(p, out) -> int:
-    ident = p.validated.connection_string
-    print(f"unchanged: the {p.validated.method} credentials for {ident.device_id}/"
-          f"{ident.module_id} are stored already; nothing written, nothing restarted "
-          "(defender-setup restart restarts the service)", file=out)
-    return EX_OK
+def cmd_provision(args, out) -> int:
+    from .dps import enrollment
+    from .errors import Field
+    from .zerotouch import run
+
+    used: list = []
+    symmetric = _read_input(args.symmetric_key_file, Field.DPS_KEY, used)
+    group = _read_input(args.group_key_file, Field.DPS_KEY, used)
+    cert = _read_input(args.certificate, CERTIFICATE, used)
+    key = _read_input(args.private_key, PRIVATE_KEY, used)
+    if symmetric is None and group is None and cert is None and key is None:
+        raise InputError("give --symmetric-key-file FILE, --group-key-file FILE, or "
+                         "--certificate FILE --private-key FILE (- for standard input)",
+                         Field.DPS_KEY)
+    e = enrollment(args.id_scope, args.registration_id, symmetric_key=symmetric,
+                   group_key=group, certificate=cert, private_key=key, endpoint=args.endpoint,
+                   module_id=args.module, root=args.root)
+    return run(args.root, e, restart=not args.no_restart, timeout=args.timeout,
+               lock_timeout=args.lock_timeout, out=out, service=args.service,
+               strict=args.strict)
 
 
 def cmd_seal(args, out) -> int:
@@ -179,9 +152,9 @@ def cmd_seal(args, out) -> int:
 
 
 def _print_stored(lines: list[str], out) -> None:
-    print(f"{lines[0]} (previous set kept for 'defender-setup rollback')", file=out)
-    for line in lines[1:]:
-        print(line, file=out)
+    from .applying import print_stored
+
+    print_stored(lines, out)
 
 
 def _after_write(args, out) -> int:
@@ -192,10 +165,10 @@ def _after_write(args, out) -> int:
 
 
 def _restart(args, out) -> int:
-    from .verify import settle
+    from .applying import settle_code
 
-    return settle(args.root, timeout=args.timeout, strict=args.strict, out=out,
-                  service=args.service).code
+    return settle_code(args.root, timeout=args.timeout, strict=args.strict, out=out,
+                       service=args.service)
 
 
 def cmd_restart(args, out) -> int:
@@ -409,6 +382,31 @@ def build_parser() -> argparse.ArgumentParser:
                    "nothing when the hub refuses them")
     add("restart", cmd_restart, writer, "restart the service once and verify it is active and "
         "stable; roll back on failure")
+    p = add("provision", cmd_provision, writer, "zero-touch: register this device with the "
+            "Device Provisioning Service (DPS), create its agent module on the assigned hub "
+            "with a key made here, store the module's connection string, then restart and "
+            "verify the service")
+    p.add_argument("--id-scope", required=True, metavar="SCOPE",
+                   help="the DPS ID scope (0ne followed by 8 hexadecimal digits)")
+    p.add_argument("--registration-id", metavar="ID", help="the registration ID (default: "
+                   "the machine ID from /etc/machine-id; X.509: the certificate's CN)")
+    attestation = p.add_mutually_exclusive_group()
+    attestation.add_argument("--symmetric-key-file", metavar="FILE", help="file holding the "
+                             "enrollment's own symmetric key (base64), or - for standard input")
+    attestation.add_argument("--group-key-file", metavar="FILE", help="file holding the "
+                             "enrollment group's key (base64), or -: the device key is derived "
+                             "from it and the group key is never stored")
+    attestation.add_argument("--certificate", metavar="FILE", help="X.509 attestation: the "
+                             "device certificate (PEM, chain allowed; its CN is the "
+                             "registration ID)")
+    p.add_argument("--private-key", metavar="FILE", help="the device certificate's private "
+                   "key (PEM, unencrypted)")
+    p.add_argument("--endpoint", default="global.azure-devices-provisioning.net",
+                   metavar="HOST", help="the DPS device endpoint (default "
+                   "global.azure-devices-provisioning.net; HOST:PORT for a private one)")
+    p.add_argument("--module", default="DefenderIotMicroAgent", metavar="ID",
+                   help="the module identity to create (default DefenderIotMicroAgent)")
+    p.add_argument("--no-restart", action="store_true", help="write the files only")
     p = add("status", cmd_status, [common, locking], "show method, identity, certificate, file "
             "modes and service state (secrets redacted)")
     p.add_argument("--json", action="store_true", help="machine-readable output")

@@ -27,6 +27,7 @@ EX_REJECTED = 76  # agent: the hub refused the identity (the unit's RestartPreve
 EX_NOPERM = 77
 EX_CONFIG = 78
 EX_INTERRUPTED = 130  # SIGINT / Ctrl-C, as shells report it (128 + 2)
+EX_TERMINATED = 143  # SIGTERM during provisioning's network part, as shells report it (128 + 15)
 
 class Field(enum.Enum):
     """What an error is about: the key callers route by (the debconf bridge maps each to its
@@ -40,6 +41,12 @@ class Field(enum.Enum):
     DEVICE_ID = enum.auto()
     MODULE_ID = enum.auto()
     SEALING = enum.auto()
+    DPS_ID_SCOPE = enum.auto()  # zero-touch provisioning through DPS (defender_setup.dps)
+    DPS_REGISTRATION_ID = enum.auto()
+    DPS_ATTESTATION = enum.auto()
+    DPS_KEY = enum.auto()  # the enrollment's symmetric key or group key
+    DPS_ENDPOINT = enum.auto()
+    DPS_ENROLLMENT = enum.auto()  # what DPS says about the enrollment (disabled, failed)
 
     def __str__(self) -> str:  # in a message, a field reads as its label
         return LABELS[self]
@@ -56,6 +63,12 @@ LABELS = {
     Field.DEVICE_ID: "device id",
     Field.MODULE_ID: "module id",
     Field.SEALING: "credential sealing",
+    Field.DPS_ID_SCOPE: "DPS ID scope",
+    Field.DPS_REGISTRATION_ID: "DPS registration ID",
+    Field.DPS_ATTESTATION: "DPS attestation",
+    Field.DPS_KEY: "DPS symmetric key",
+    Field.DPS_ENDPOINT: "DPS endpoint",
+    Field.DPS_ENROLLMENT: "DPS enrollment",
 }
 AUTH_METHOD = Field.AUTH_METHOD
 CONNECTION_STRING = Field.CONNECTION_STRING

@@ -21,7 +21,14 @@ from __future__ import annotations
 import os
 import stat
 
-from .errors import CERTIFICATE, CONNECTION_STRING, PRIVATE_KEY, InputError, ValidationError
+from .errors import (
+    CERTIFICATE,
+    CONNECTION_STRING,
+    PRIVATE_KEY,
+    Field,
+    InputError,
+    ValidationError,
+)
 from .errors import printable as _printable
 
 # The longest valid connection string (253-character host and gateway names, 128-character
@@ -34,12 +41,14 @@ CONNECTION_STRING_MAX = 1024
 # a 1 MiB tmpfs. With conf.json at its 64 KiB, the largest set still fits in all three.
 CERTIFICATE_MAX = 768 * 1024  # a chain of a dozen 4096-bit certificates is under 30 KiB
 PRIVATE_KEY_MAX = 64 * 1024  # an RSA 16384-bit key is under 13 KiB
+DPS_KEY_MAX = 1024  # a 64-byte key is 88 base64 characters; the rest is room for pasting
 LIMITS = {CONNECTION_STRING: CONNECTION_STRING_MAX, CERTIFICATE: CERTIFICATE_MAX,
-          PRIVATE_KEY: PRIVATE_KEY_MAX}
+          PRIVATE_KEY: PRIVATE_KEY_MAX, Field.DPS_KEY: DPS_KEY_MAX}
 _SYSTEMD = "systemd hands the agent at most 1 MiB of credentials in all; "
 _FIXES = {CONNECTION_STRING: "is it the right file?",
           CERTIFICATE: _SYSTEMD + "the chain needs only the leaf and its issuers, each once",
-          PRIVATE_KEY: _SYSTEMD + "give the file that holds only the private key"}
+          PRIVATE_KEY: _SYSTEMD + "give the file that holds only the private key",
+          Field.DPS_KEY: "give the file that holds only the base64 key"}
 
 _KINDS = ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO (named pipe)"),
           (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),

@@ -6,6 +6,8 @@ Interface::
     require(root)                                # raises SealingError with that reason
     deferral(root, environ=None) -> str | None   # why it must wait for the first boot
     seal(files, method, runner=None) -> files    # {name: (data, mode)}: NAME -> NAME.cred
+    encrypt(name, data, runner=None) / decrypt(name, sealed, runner=None) -> bytes
+                                                 # one secret kept elsewhere (DPS device key)
     open_set(current, runner=None) -> (plain {name: bytes}, Sealing)   # what readers use
     decrypted(current, runner=None, context="") -> (plain, Sealing)   # ... or SealingError
     key_kind(sealed: bytes) -> str | None        # "host key", "TPM2 + host key", ... (pure)
@@ -127,6 +129,16 @@ def _creds(runner: Runner | None, verb: str, name: str, data: bytes) -> bytes:
         what = "does not decrypt on this machine" if verb == "decrypt" else "cannot be sealed"
         raise SealingError(f"{name} {what}: {reason}")
     return proc.stdout or b""
+
+
+def encrypt(name: str, data: bytes, runner: Runner | None = None) -> bytes:
+    """``data`` sealed under ``name`` (bound into it): a secret kept beside the set."""
+    return _creds(runner, "encrypt", name, data)
+
+
+def decrypt(name: str, sealed: bytes, runner: Runner | None = None) -> bytes:
+    """What :func:`encrypt` sealed; :raises SealingError: not on this machine, or renamed."""
+    return _creds(runner, "decrypt", name, sealed)
 
 
 def key_kind(sealed: bytes) -> str | None:

@@ -3,14 +3,15 @@
 Interface (pure, no I/O):
 
 - :func:`resource_uri` (host, device, module) -> ``"{host}/devices/{device}/modules/{module}"``
-- :func:`make_token` (resource, key_b64, expiry) -> :class:`Token`
+- :func:`make_token` (resource, key_b64, expiry, key_name=None) -> :class:`Token`
 - :func:`renewal_delay` (lifetime) -> seconds after issue at which a token is renewed
 - :func:`clock_looks_wrong` (now) -> a one-line hint or ``None``
 
 A token reads ``SharedAccessSignature sr={url-encoded resource}&sig={url-encoded signature}
 &se={expiry}``, where the signature is ``base64(HMAC-SHA256(base64decode(key), sr + "\\n" + se))``
-and ``sr`` is the url-encoded resource (IoT Hub signs the encoded form). A module identity's
-token carries no ``skn`` (that is for hub-level policies).
+and ``sr`` is the url-encoded resource (IoT Hub signs the encoded form). A module or device
+identity's token carries no ``skn`` (that is for hub-level policies); the Device Provisioning
+Service signs the same way and wants ``skn=registration`` (``key_name``).
 
 :class:`Token` hides its text from ``repr`` so a token never lands in a log by accident; the key
 itself never leaves :func:`make_token`.
@@ -66,23 +67,27 @@ def sign(resource: str, key_b64: str, expiry: int) -> str:
     return urllib.parse.quote(base64.b64encode(digest).decode("ascii"), safe="")
 
 
-def make_token(resource: str, key_b64: str, expiry: int) -> Token:
-    """Sign ``resource`` with the base64 ``key_b64`` until the POSIX time ``expiry``.
+def make_token(resource: str, key_b64: str, expiry: int, key_name: str | None = None) -> Token:
+    """Sign ``resource`` with the base64 ``key_b64`` until the POSIX time ``expiry``;
+    ``key_name`` adds ``skn`` (a policy's name; DPS: ``registration``).
 
     :raises ValueError: the key is not base64 (message never contains the key).
     """
     expiry = int(expiry)
     encoded = urllib.parse.quote(resource, safe="")
     sig = sign(resource, key_b64, expiry)
-    return Token(f"SharedAccessSignature sr={encoded}&sig={sig}&se={expiry}", resource, expiry)
+    skn = f"&skn={urllib.parse.quote(key_name, safe='')}" if key_name else ""
+    return Token(f"SharedAccessSignature sr={encoded}&sig={sig}&se={expiry}{skn}", resource,
+                 expiry)
 
 
 def new_token(
-    resource: str, key_b64: str, lifetime: int = DEFAULT_LIFETIME, now: float | None = None
+    resource: str, key_b64: str, lifetime: int = DEFAULT_LIFETIME, now: float | None = None,
+    key_name: str | None = None,
 ) -> Token:
     """A token valid for ``lifetime`` seconds from ``now`` (default: the system clock)."""
     issued = time.time() if now is None else now
-    return make_token(resource, key_b64, int(issued) + int(lifetime))
+    return make_token(resource, key_b64, int(issued) + int(lifetime), key_name)
 
 
 def renewal_delay(lifetime: int) -> float:

@@ -14,7 +14,9 @@ The file is a JSON object; every key is optional and none is needed for the defa
       "ca_file": "/etc/ssl/private/hub-ca.pem",   # trust only this CA file (gateways, private hubs)
       "heartbeat_interval": 300,              # seconds between heartbeat messages; 0 = off
       "sas_lifetime": 3600,                   # seconds a SAS token is valid (renewed at 80 %)
-      "port": 8883                            # only for test hubs and unusual gateways
+      "port": 8883,                           # only for test hubs and unusual gateways
+      "https_port": 443                       # the hub's HTTPS API (zero-touch provisioning
+                                              # creates the module there); test hubs only
     }
 
 Unknown keys are errors (a typo such as ``"transprot"`` would otherwise be ignored silently),
@@ -56,7 +58,8 @@ SAS_LIFETIME_RANGE = (5, 7 * 86400)
 MAX_CONF_BYTES = 64 * 1024  # the largest sensible file is under 1 KiB
 MAX_CA_BYTES = 1024 * 1024  # a bundle of all of Debian's ~140 roots is about 220 KiB
 MAX_DIGITS = 18  # every accepted number has at most 6 digits
-KNOWN = ("transport", "proxy", "ca_file", "heartbeat_interval", "sas_lifetime", "port")
+KNOWN = ("transport", "proxy", "ca_file", "heartbeat_interval", "sas_lifetime", "port",
+         "https_port")
 _KINDS = ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO (named pipe)"),
           (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
           (stat.S_ISSOCK, "a socket"))
@@ -95,6 +98,7 @@ class Settings:
     heartbeat_interval: int = 300
     sas_lifetime: int = 3600
     port: int | None = None
+    https_port: int = 443
 
     @property
     def hub_port(self) -> int:
@@ -194,7 +198,8 @@ def parse(text, source: str = "conf.json", root: Path = Path("/")) -> Settings:
     heartbeat = _int(obj, "heartbeat_interval", 300, HEARTBEAT_RANGE, err, zero_ok=True)
     lifetime = _int(obj, "sas_lifetime", 3600, SAS_LIFETIME_RANGE, err)
     port = _int(obj, "port", None, (1, 65535), err)
-    return Settings(transport, proxy, ca_file, heartbeat, lifetime, port)
+    https_port = _int(obj, "https_port", 443, (1, 65535), err)
+    return Settings(transport, proxy, ca_file, heartbeat, lifetime, port, https_port)
 
 
 class _Opaque:

@@ -1,0 +1,111 @@
+"""What ``apply`` does with a request, for every adapter that does the same: the command line's
+``apply`` and ``provision`` (zero-touch, :mod:`defender_setup.zerotouch`).
+
+Interface::
+
+    with Writing(root, out, lock_timeout) as agent: ...   # the writers' lock + repair
+    apply(root, request, *, out, restart=True, timeout=30.0, strict=False,
+          lock_timeout=None, service=None, probe_asked=False, on_commit=None) -> exit code
+
+``apply`` plans the request against the stored set (:mod:`defender_setup.provision`), prints
+what it found (redacted), probes the hub when asked, takes the writers' lock, commits, and
+restarts and verifies (:func:`defender_setup.verify.settle`) unless ``restart`` is false.
+``on_commit(agent, plan, lines)`` runs under the same lock right after the commit (also when
+the set was unchanged): what an adapter keeps beside the set (zero-touch's registration).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .errors import EX_OK
+
+
+class Writing:
+    """``with Writing(root, out, lock_timeout) as agent``: the writers' lock around a whole
+    command (write, restart, verify, roll-back), and the completion of an update left half
+    done before."""
+
+    def __init__(self, root, out, lock_timeout: float | None = None):
+        from .agentdir import WRITE_WAIT, AgentDir
+
+        self.agent, self.out = AgentDir(root), out
+        self.timeout = WRITE_WAIT if lock_timeout is None else lock_timeout
+
+    def __enter__(self):
+        self._lock = self.agent.lock(self.timeout)
+        self._lock.__enter__()
+        try:
+            if self.agent.repair():
+                print("repaired: an interrupted credential update was completed", file=self.out)
+        except BaseException:
+            self._lock.__exit__(None, None, None)
+            raise
+        return self.agent
+
+    def __exit__(self, *exc):
+        return self._lock.__exit__(*exc)
+
+
+def print_found(validated, out) -> None:
+    for line in validated.summary_lines():
+        print(f"  {line}", file=out)
+    for warning in validated.warnings:
+        print(f"warning: {warning}", file=out)
+
+
+def print_stored(lines: list[str], out) -> None:
+    print(f"{lines[0]} (previous set kept for 'defender-setup rollback')", file=out)
+    for line in lines[1:]:
+        print(line, file=out)
+
+
+def print_unchanged(p, out) -> None:
+    ident = p.validated.connection_string
+    print(f"unchanged: the {p.validated.method} credentials for {ident.device_id}/"
+          f"{ident.module_id} are stored already; nothing written, nothing restarted "
+          "(defender-setup restart restarts the service)", file=out)
+
+
+def settle_code(root, *, out, timeout: float, strict: bool, service=None) -> int:
+    from .verify import settle
+
+    return settle(Path(root), timeout=timeout, strict=strict, out=out, service=service).code
+
+
+def apply(root, request, *, out, restart: bool = True, timeout: float = 30.0,
+          strict: bool = False, lock_timeout: float | None = None, service=None,
+          probe_asked: bool = False, on_commit=None) -> int:
+    """See the module docstring; the exit code."""
+    from . import provision
+
+    writing = Writing(root, out, lock_timeout)
+    p = provision.plan(request, provision.read(writing.agent, writing.timeout))
+    print("found:", file=out)
+    print_found(p.validated, out)
+    if p.probe:  # before the lock and before anything is written: a refusal changes nothing
+        from .probe import probe
+
+        outcome = probe(p.validated, root)
+        if outcome.error is not None:
+            raise outcome.error  # reported once, as the error
+        print(outcome.line, file=out)
+    elif probe_asked:
+        print("probe: not tried: these are the credentials stored now (a second connection "
+              "as the running identity would knock the agent off the hub)", file=out)
+    if p.seal and not p.unchanged:  # before the lock, which creates the agent directory
+        from .sealing import require
+
+        require(root)
+    with writing as agent:
+        lines = provision.commit(agent, p)
+        if on_commit is not None:
+            on_commit(agent, p, lines)
+        if not lines:
+            print_unchanged(p, out)
+            return EX_OK
+        print_stored(lines, out)
+        if not restart:
+            print("restart skipped (--no-restart)", file=out)
+            return EX_OK
+        return settle_code(root, out=out, timeout=timeout, strict=strict, service=service)
