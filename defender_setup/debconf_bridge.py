@@ -209,6 +209,8 @@ def question_for(error: SetupError, answers: Answers) -> str:
     if answers.method == "certificate" and not answers.connection_string \
             and error.field == CONNECTION_STRING and error.part in IDENTITY_QUESTIONS:
         return IDENTITY_QUESTIONS[error.part]
+    if answers.method == METHOD_DPS and error.part == cs.MODULE_ID:  # DPS checks the hub's rule
+        return "module-id"
     if error.field in QUESTIONS:
         return QUESTIONS[error.field]
     first = {"connection-string": "connection-string", METHOD_DPS: "dps-id-scope"}

@@ -283,6 +283,10 @@ def run(root: Path | str, mode: str, *, timeout: float, out, environ=None, decry
     offer = job.find(environ, decrypt)
     if offer is None or (mode == "boot" and job.refused_before(offer)):
         return EX_OK
+    if offer.dps:
+        from .importdps import run_dps
+
+        return run_dps(job, mode, offer, wait)
     # Read-only first (no lock file created): an ordinary boot, offered the configured set,
     # writes nothing at all.
     record, p = job.judge(offer, provision.read(job.agent, wait))
