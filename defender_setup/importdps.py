@@ -126,9 +126,8 @@ def run_dps(job, mode: str, offer: Offer, wait: float) -> int:
     :param job: the importer's run (its records, its service, its output).
     """
     from . import provision, zerotouch
-    from .service import Service
 
-    unavailable = Service(job.root).unavailable_reason()
+    unavailable = job.svc.unavailable_reason()
     if unavailable:
         job.say(f"{offer.describe()} hold a DPS enrollment; not registered here "
                 f"({unavailable}): a device registers itself on its own first boot")
