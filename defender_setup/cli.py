@@ -276,6 +276,10 @@ def cmd_check(args, out) -> int:
     results = extend(Path(args.root), run_checks(Path(args.root), state,
                                                  lock_timeout=_read_wait(args), stored=stored),
                      state, offline=args.offline, dont_run=args.dont_run, stored=stored)
+    from . import dpscheck
+
+    results = dpscheck.extend(Path(args.root), results, offline=args.offline,
+                              dont_run=args.dont_run, stored=stored)
     unknown = set(args.dont_run) - {r.id for r in results}
     if unknown:
         print(f"defender-setup: warning: --dont-run: no check named {', '.join(sorted(unknown))}",
@@ -415,7 +419,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.add_argument("--offline", action="store_true",
                    help="leave out the network checks (hub-dns, hub-tcp, hub-tls, hub-clock, "
-                   "hub-auth)")
+                   "hub-auth, and dps-dns, dps-tcp, dps-tls, dps-auth)")
     p.add_argument("--dont-run", default=[], metavar="ID,...", type=_ids,
                    help="comma-separated check ids to leave out (reported as skipped)")
     p = add("rollback", cmd_rollback, writer, "restore the previous generation of credentials, "

@@ -107,7 +107,9 @@ class Link:
 
     @classmethod
     def of(cls, enrollment, settings, bounds: Bounds | None = None) -> Link:
-        """:raises SetupError: the CA file or the client certificate cannot be loaded."""
+        """``enrollment`` None: no client certificate (``check``'s reachability tests).
+
+        :raises SetupError: the CA file or the client certificate cannot be loaded."""
         from .safefs import memory_file
 
         ca = getattr(settings, "ca_file", None)
@@ -117,7 +119,7 @@ class Link:
             raise SetupError(f"cannot load the CA file {ca}: {exc}", Field.DPS_ENDPOINT) \
                 from None
         fds = []
-        if enrollment.attestation == X509:
+        if enrollment is not None and enrollment.attestation == X509:
             try:
                 cert_fd, cert = memory_file("dps-certificate", enrollment.certificate)
                 fds.append(cert_fd)

@@ -337,8 +337,9 @@ def _import(job: _Run, mode: str, offer: Offer, record: dict, p: provision.Plan)
 def _settle(job: _Run, restart: bool):
     from .verify import settle
 
+    # boot-verify (restart False) runs at every boot: DPS re-provisioning once a boot
     return settle(job.root, timeout=job.timeout, strict=True, out=job.out, restart=restart,
-                  service=job.svc, clock=job.clock, sleep=job.sleep)
+                  service=job.svc, clock=job.clock, sleep=job.sleep, boot=not restart)
 
 
 def _boot_verify(job: _Run) -> int:

@@ -15,7 +15,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from . import UNIT
-from .agentdir import IMPORT_RECORD, AgentDir
+from .agentdir import DPS_RECORD, IMPORT_RECORD, AgentDir
 from .errors import BusyError, SetupError
 from .provision import read
 from .sealing import PLAIN_LEFT
@@ -48,7 +48,8 @@ def collect(root: Path, service_state: dict | None = None, lock_timeout: float =
                     "certificate": None, "problem": None, "warnings": [], "files": {},
                     "previous_generation": False, "interrupted_update": False,
                     "origin": None, "service": service_state,
-                    "last_import": agent.record(IMPORT_RECORD), "sealing": None}
+                    "last_import": agent.record(IMPORT_RECORD), "sealing": None,
+                    "dps": agent.record(DPS_RECORD)}
     try:
         stored = read(agent, lock_timeout)  # one snapshot: sealed files decrypted once
     except BusyError:
@@ -123,6 +124,13 @@ def render(report: dict) -> list[str]:
     service = report["service"]
     if service is not None:
         lines.append(f"service:         {UNIT}: {service.get('summary', 'unknown')}")
+    dps = report.get("dps")
+    if dps:
+        how = "group key" if dps.get("group_key") else dps.get("attestation")
+        lines += [f"DPS:             registration {dps.get('registration_id')}, ID scope "
+                  f"{dps.get('id_scope')}, {dps.get('endpoint')} ({how})",
+                  f"DPS assignment:  hub {dps.get('assigned_hub')}, device "
+                  f"{dps.get('device_id')}, last registered {dps.get('registered')}"]
     last = report.get("last_import")
     if last:
         lines.append(f"last import:     {last.get('result')} at {last.get('time')} from "

@@ -3,7 +3,8 @@
 Interface::
 
     settle(root: Path, *, timeout: float, strict: bool, out, restart=True, service=None,
-           clock=time.monotonic, sleep=time.sleep) -> Result(code, outcome, message, verdict)
+           clock=time.monotonic, sleep=time.sleep, boot=False)
+        -> Result(code, outcome, message, verdict)
 
 The one verification policy of the provisioning core (:mod:`defender_setup.provision`): the
 command line, the debconf trigger and the boot-time import all end here.
@@ -24,6 +25,10 @@ command line, the debconf trigger and the boot-time import all end here.
    and the hub refusing the identity (the agent's exit 76), ``AgentDir.unconfigure()`` instead
    (the device is unconfigured, as before, and the refused set is kept as the previous one);
    any other failure with no previous set (a broken conf.json) keeps the credentials.
+   Before that, when the hub refused the identity (76) and the set came from DPS with the
+   device key kept, :func:`defender_setup.zerotouch.reprovision` registers again and
+   re-creates the module (the device was re-assigned, or its module deleted): once per call,
+   and once per boot with ``boot`` (a marker under /run); a new set that is healthy ends it.
    Returns 0 after a successful roll-back (so ``dpkg-reconfigure`` stays usable), 69 with
    ``strict``, when unconfigured again, or when the roll-back fails too. ``restart=False``
    watches a start already queued (the boot-time import, ordered before the agent) instead
@@ -155,7 +160,7 @@ HEALTHY, ROLLED_BACK, UNCONFIGURED, FAILED, SKIPPED = (
 
 
 def settle(root: Path, *, timeout: float, strict: bool, out, restart: bool = True,
-           service=None, clock=time.monotonic, sleep=time.sleep) -> Result:
+           service=None, clock=time.monotonic, sleep=time.sleep, boot: bool = False) -> Result:
     """The one verification policy (see the module docstring): restart once (or, with
     ``restart`` False, watch the start already under way), judge, and on failure go back to
     the previous set, or to unconfigured when there is none.
@@ -209,6 +214,19 @@ def settle(root: Path, *, timeout: float, strict: bool, out, restart: bool = Tru
         return Result(EX_UNAVAILABLE, FAILED, f"{refused}; no roll-back possible: {why}",
                       verdict)
 
+    if verdict.state.exec_main_status == EX_REJECTED:
+        from .zerotouch import reprovision
+
+        if reprovision(root, out, boot=boot):
+            again = restart_once(svc, timeout, clock=clock, sleep=sleep)
+            if again.ok:
+                print(_healthy_line(unit, again), file=out)
+                return Result(EX_OK, HEALTHY, "re-provisioned through DPS: the new module "
+                              "identity is active and stable", again)
+            print(f"VERIFICATION FAILED: the re-provisioned identity fails too: {unit} "
+                  f"{again.reason}", file=out)
+            _print_journal(svc, again, out)
+            verdict = again
     if not agent.has_previous():
         if verdict.state.exec_main_status != EX_REJECTED:
             # Not the hub refusing the identity (a broken conf.json, say): the credentials

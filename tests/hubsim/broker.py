@@ -4,7 +4,7 @@ Interface::
 
     hub = Broker(auth=callable(client_id, username, password) -> connack code,
                  tls=(cert_file, key_file), websocket=False, mode="normal", clock=time.time)
-    port = hub.start(port=0)     # 127.0.0.1 only
+    port = hub.start(port=0)     # on host (default 127.0.0.1; loopback only)
     hub.connections              # list of Conn records (client_id, username, code, sni, ...)
     hub.messages                 # list of (client_id, topic, payload bytes)
     hub.wait_for(predicate, timeout)
@@ -145,8 +145,9 @@ def _str(buf: bytes, pos: int):
 
 class Broker:
     def __init__(self, auth=None, tls=None, websocket=False, mode="normal", connack=None,
-                 expire=False, client_ca=None, clock=time.time):
+                 expire=False, client_ca=None, clock=time.time, host="127.0.0.1"):
         self.auth = auth or (lambda *_: 0)
+        self.host = host
         self.tls, self.websocket, self.mode = tls, websocket, mode
         self.connack, self.expire, self.client_ca = connack, expire, client_ca
         self.clock = clock
@@ -200,10 +201,10 @@ class Broker:
 
     async def _start(self, port: int) -> int:
         if self.mode == "drop-tls":
-            self._server = await asyncio.start_server(self._drop, "127.0.0.1", port)
+            self._server = await asyncio.start_server(self._drop, self.host, port)
         else:
             self._server = await asyncio.start_server(
-                self._serve, "127.0.0.1", port, ssl=self._ssl_context(),
+                self._serve, self.host, port, ssl=self._ssl_context(),
                 ssl_handshake_timeout=10)
         return self._server.sockets[0].getsockname()[1]
 

@@ -1,0 +1,188 @@
+"""The DPS checks of ``defender-setup check``, for a device provisioned through DPS.
+
+Interface::
+
+    DPS_IDS = ("dps-dns", "dps-tcp", "dps-tls", "dps-auth")
+    extend(root, results, *, offline=False, dont_run=(), budget=BUDGET, stored=None)
+        -> list[CheckResult]
+
+They follow the hub's checks (:mod:`defender_setup.netcheck`) and use what ``provision``
+used: the registration kept in ``dps.json``, conf.json's trust (``ca_file``) and proxy.
+
+- ``dps-dns``: the endpoint's name resolves (the proxy's, with a proxy).
+- ``dps-tcp``: its HTTPS port connects.
+- ``dps-tls``: its certificate verifies against the agent's trust.
+- ``dps-auth``: DPS accepts the kept device key and says where the device is assigned (POST
+  ``…/registrations/{registrationId}``: a status query that changes nothing). A hub other than
+  the stored identity's is a warning: the device was re-assigned.
+
+All are ``skipped`` when the set was not provisioned through DPS, with ``--offline`` and
+``--dont-run``; a check whose prerequisite failed is skipped. Each is bounded by
+:data:`PER_CHECK` seconds and all of them by ``budget``. Nothing is written.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from .checks import ERROR, OK, SKIPPED, WARNING, CheckResult
+from .errors import EX_CONFIG, EX_OK, EX_UNAVAILABLE, SetupError
+
+DPS_IDS = ("dps-dns", "dps-tcp", "dps-tls", "dps-auth")
+PER_CHECK = 3.0
+BUDGET = 6.0
+DESCRIPTIONS = {
+    "dps-dns": "the DPS endpoint's name resolves (through the proxy when one is set)",
+    "dps-tcp": "the DPS endpoint's HTTPS port accepts a TCP connection",
+    "dps-tls": "the DPS endpoint's TLS certificate verifies against the agent's trust",
+    "dps-auth": "DPS accepts the kept device key and names the hub this device is on",
+}
+NEEDS = {"dps-tcp": "dps-dns", "dps-tls": "dps-tcp", "dps-auth": "dps-tls"}
+
+
+def extend(root, results: list, *, offline: bool = False, dont_run=(), budget: float = BUDGET,
+           stored=None) -> list[CheckResult]:
+    """See the module docstring."""
+    out = list(results)
+
+    def add(check_id, status, message="", code=EX_OK):
+        out.append(CheckResult(check_id, DESCRIPTIONS[check_id], status, message, code))
+
+    blocked = _blocker(Path(root), stored, offline)
+    if blocked is not None:
+        for check_id in DPS_IDS:
+            add(check_id, SKIPPED, "not run (--dont-run)" if check_id in dont_run else blocked)
+        return out
+    try:
+        ctx = _Context.of(Path(root), stored)
+    except SetupError as exc:
+        for check_id in DPS_IDS:
+            add(check_id, SKIPPED, f"cannot be run: {exc}")
+        return out
+    deadline = time.monotonic() + budget
+    failed: set = set()
+    for check_id in DPS_IDS:
+        if check_id in dont_run:
+            add(check_id, SKIPPED, "not run (--dont-run)")
+            continue
+        need = NEEDS.get(check_id)
+        if need in failed:
+            failed.add(check_id)
+            add(check_id, SKIPPED, f"needs {need}")
+            continue
+        left = deadline - time.monotonic()
+        if left < 0.5:
+            add(check_id, SKIPPED, f"not run: the DPS checks' {budget:g} s are used up")
+            continue
+        status, message, code = getattr(ctx, check_id.replace("-", "_"))(min(PER_CHECK, left))
+        if status in (ERROR, SKIPPED):
+            failed.add(check_id)
+        add(check_id, status, message, code)
+    return out
+
+
+def _blocker(root: Path, stored, offline: bool) -> str | None:
+    origin = (stored.origin if stored is not None else None) or {}
+    if origin.get("source") != "dps":
+        return "not provisioned through DPS (defender-setup provision)"
+    if offline:
+        return "not run (--offline)"
+    return None
+
+
+class _Context:
+    """What the DPS checks share: the registration, the settings, the addresses found."""
+
+    def __init__(self, record: dict, settings, stored, root: Path):
+        self.record, self.settings, self.stored, self.root = record, settings, stored, root
+        self.addresses = None
+        self.host, _, port = record["endpoint"].partition(":")
+        self.port = int(port) if port else 443
+        self.where = record["endpoint"]
+
+    @classmethod
+    def of(cls, root: Path, stored) -> _Context:
+        from .agent import settings as settings_mod
+        from .zerotouch import registration
+
+        record = registration(root)
+        if not record or not isinstance(record.get("endpoint"), str):
+            raise SetupError("no DPS registration is recorded (dps.json)")
+        return cls(record, settings_mod.load(root), stored, root)
+
+    def _link(self, limit: float):
+        from .dpsclient import Bounds, Link
+
+        return Link.of(None, self.settings, Bounds(limit, limit))
+
+    def dps_dns(self, limit: float):
+        from . import hubpath
+
+        try:
+            self.addresses = hubpath.first_hop(self.host, self.port, self.settings.proxy, limit)
+        except hubpath.PathError as err:
+            return ERROR, f"{err.text}: check the endpoint and /etc/resolv.conf", \
+                EX_UNAVAILABLE
+        return OK, f"{self.host} resolves to {hubpath.addresses(self.addresses)}", EX_OK
+
+    def dps_tcp(self, limit: float):
+        from . import hubpath
+
+        try:
+            hubpath.open_tcp(self.host, self.port, self.settings.proxy, limit,
+                             self.addresses).close()
+        except hubpath.PathError as err:
+            return ERROR, f"{err.text}: a firewall? DPS takes HTTPS on 443", EX_UNAVAILABLE
+        return OK, f"connected to {self.where}", EX_OK
+
+    def dps_tls(self, limit: float):
+        import ssl
+
+        from . import hubpath
+
+        with self._link(limit) as link:
+            try:
+                tls = hubpath.handshake(self.host, self.port, self.settings.proxy, link.ctx,
+                                        limit, self.addresses)
+            except ssl.SSLCertVerificationError as err:
+                return ERROR, (f"the certificate of {self.where} does not verify against "
+                               f"{link.trust}: {err.verify_message}"), EX_UNAVAILABLE
+            except (hubpath.PathError, OSError) as err:
+                return ERROR, f"{self.where}: TLS handshake failed: {err}", EX_UNAVAILABLE
+            tls.close()
+            return OK, f"{self.where}'s certificate verified against {link.trust}", EX_OK
+
+    def dps_auth(self, limit: float):
+        from .dps import SYMMETRIC_KEY, Enrollment
+        from .dpsclient import DpsError, query
+        from .zerotouch import device_key
+
+        record = self.record
+        if record.get("attestation") != SYMMETRIC_KEY:
+            return SKIPPED, ("X.509 attestation: the device certificate is not kept; run "
+                             "'defender-setup provision' with it to register again"), EX_OK
+        try:
+            key = device_key(self.root)
+            if key is None:
+                return ERROR, "no device key is kept (dps-device-key)", EX_CONFIG
+            enrollment = Enrollment(record["id_scope"], record["registration_id"],
+                                    SYMMETRIC_KEY, key=key, endpoint=record["endpoint"],
+                                    module_id=record.get("module_id") or "").checked(self.root)
+            with self._link(limit) as link:
+                state = query(link, enrollment)
+        except DpsError as err:
+            return ERROR, str(err), err.exit_code
+        except (SetupError, KeyError) as err:
+            return ERROR, f"the DPS registration record cannot be used: {err}", EX_CONFIG
+        said = f"DPS assigns {record['registration_id']} to {state.hub} as {state.device_id}"
+        try:
+            c = self.stored.loaded.connection_string
+        except SetupError:
+            return OK, said, EX_OK
+        if (state.hub, state.device_id) != (c.host_name, c.device_id):
+            return WARNING, (f"{said}, but the stored identity is {c.device_id} on "
+                             f"{c.host_name}: the device was re-assigned; run 'defender-setup "
+                             "provision' again (or 'defender-setup restart': when the old hub "
+                             "refuses it, it registers again)"), EX_OK
+        return OK, f"{said}, as stored", EX_OK
