@@ -114,7 +114,7 @@ def test_each_device_registers_itself_and_connects_as_its_own_module(zerotouch):
         found = ct.run(["grep", "-rlF", GROUP, AGENT_DIR, "/etc", "/var/lib"],
                        check=False).stdout
         assert found == "", found
-    clients = {c.client_id for c in hub.accepted()}
+    clients = {c.client_id for c in hub.broker.accepted()}
     assert {f"{MACHINES['zt-1']}/{MODULE}", f"{MACHINES['zt-2']}/{MODULE}"} <= clients
 
 
