@@ -31,11 +31,12 @@ Guarantees kept from the import of a set:
 
 from __future__ import annotations
 
+from . import UNIT
 from .agentdir import now
 from .errors import EX_OK, EX_UNAVAILABLE, Field, ServiceError, SetupError, ValidationError
 
 # importer.run imports this module only when it finds a DPS offer: no import cycle.
-from .importer import PENDING, RECORD, REFUSED
+from .importer import PENDING, RECORD, REFUSED, VERIFY_UNIT
 from .offer import (
     DPS_ENDPOINT_FILE,
     DPS_GROUP_KEY_FILE,
@@ -180,6 +181,8 @@ def run_dps(job, mode: str, offer: Offer, wait: float) -> int:
         job.svc.queue_restart()
     except ServiceError as exc:  # reported; the verify unit still judges what runs
         job.say(f"warning: {exc}")
+        return EX_OK
+    job.say(f"{UNIT} (re)start queued; {VERIFY_UNIT} verifies it once it has started")
     return EX_OK
 
 
