@@ -419,7 +419,7 @@ def _apply_dps(db, answers: Answers, agent, root: Path, out) -> int:
 
     code = debconf_dps.apply(answers, root, out, stored_origin=_origin(agent),
                              read=read_input, deferred=debconf_dps.deferral(root),
-                             register=run)
+                             register=run, strict=db.get(PREFIX + "strict-verify") == "true")
     _sealing_done(db)
     return code
 

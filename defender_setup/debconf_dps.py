@@ -5,7 +5,7 @@ Interface (called by :mod:`defender_setup.debconf_bridge` for ``auth-method`` ``
     enrollment_of(answers, read) -> dps.Enrollment | None   # None: no new secret, keep
     deferral(root, environ=None) -> str | None               # why not register here
     check(answers, root, stored_origin, read, deferred) -> None   # raises; nothing written
-    apply(answers, root, out, stored_origin, read, deferred, register) -> int
+    apply(answers, root, out, stored_origin, read, deferred, register, strict) -> int
 
 What each answer becomes: ``dps-id-scope``, ``dps-registration-id`` (empty: the machine id),
 ``dps-attestation``, ``dps-symmetric-key`` (a password, the device's own key or, with
@@ -21,6 +21,12 @@ and would bake a module key into every copy. So the answers are only checked (th
 by a stand-in), nothing is stored, and each device registers at its first boot when it is
 offered the ID scope and key (``defender-setup import``: systemd credentials or the boot drop
 folder). The group key is never written by the package.
+
+Why DPS out of reach does not fail the dpkg run (unless ``strict-verify``): nothing was
+written, the answers may be right, and a package left half-configured by a network outage
+could not even be reconfigured. It says so, and the device stays unconfigured. DPS refusing
+the answers (a wrong key, a disabled enrollment) fails it, naming the question, as an invalid
+answer does.
 """
 
 from __future__ import annotations
@@ -28,11 +34,12 @@ from __future__ import annotations
 from dataclasses import replace
 from pathlib import Path
 
-from .errors import CERTIFICATE, EX_OK, Field, ValidationError
+from .errors import CERTIFICATE, EX_OK, Field, SetupError, ValidationError
 
 # Only for validating in an image build: any registration id DPS accepts; never registered.
 IMAGE_STAND_IN = "image-build"
 ORIGIN = "dps"
+NOT_NOW = ("unreachable", "throttled")  # DpsError reasons that say nothing about the answers
 
 
 def enrollment_of(answers, read):
@@ -106,11 +113,12 @@ def check(answers, root: Path | str, stored_origin, read, deferred: bool) -> Non
 
 
 def apply(answers, root: Path | str, out, *, stored_origin, read, deferred: str | None,
-          register) -> int:
+          register, strict: bool = False) -> int:
     """Register and store (postinst ``configure``), or only check in an image build.
 
     :param deferred: :func:`deferral`'s reason, or None on the running device.
     :param register: :func:`defender_setup.zerotouch.run` (tests pass their own).
+    :param strict: ``strict-verify``: DPS out of reach fails the run too.
     :returns: the exit code; the restart is the postinst trigger's, as for every method.
     """
     e = checked(answers, root, stored_origin, read, bool(deferred))
@@ -125,4 +133,12 @@ def apply(answers, root: Path | str, out, *, stored_origin, read, deferred: str 
               "defender-setup.dps-group-key or defender-setup.dps-symmetric-key, or the boot "
               "drop folder; see defender-setup(8), import). Nothing was stored.", file=out)
         return EX_OK
-    return register(Path(root), e, origin=ORIGIN, restart=False, out=out)
+    try:
+        return register(Path(root), e, origin=ORIGIN, restart=False, out=out)
+    except SetupError as exc:
+        if strict or getattr(exc, "reason", None) not in NOT_NOW:
+            raise
+        print(f"defender-setup: not registered: {exc}; nothing was written and the agent "
+              "stays unconfigured: run 'dpkg-reconfigure defender-setup' (or "
+              "'defender-setup provision') once DPS can be reached", file=out)
+        return EX_OK

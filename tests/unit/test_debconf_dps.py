@@ -143,3 +143,30 @@ def test_dps_errors_are_routed_by_their_field(field, question):
     # DPS's own refusals (unauthorized: the key; disabled: the enrollment) route the same way.
     error = SetupError("the endpoint, the key, the certificate", field)
     assert question_for(error, answers()) == question
+
+
+class Unreachable(Register):
+    def __call__(self, root, enrollment, **kw):
+        from defender_setup.dpsclient import DpsError
+
+        self.calls.append(enrollment)
+        raise DpsError(self.reason, "cannot reach DPS 127.0.0.1:9: connection refused")
+
+
+@pytest.mark.parametrize("reason, strict, fails", [
+    ("unreachable", False, False), ("throttled", False, False),
+    ("unreachable", True, True), ("unauthorized", False, True), ("disabled", False, True),
+])
+def test_dps_out_of_reach_leaves_the_device_unconfigured_and_the_run_going(
+        device, reason, strict, fails):
+    register, out = Unreachable(), io.StringIO()
+    register.reason = reason
+    run = lambda: apply(answers(), device, out, stored_origin=None,  # noqa: E731
+                        read=no_read, deferred=None, register=register, strict=strict)
+    if fails:
+        with pytest.raises(SetupError):
+            run()
+    else:
+        assert run() == 0
+        assert "not registered" in out.getvalue() and "dpkg-reconfigure" in out.getvalue()
+    assert register.calls
