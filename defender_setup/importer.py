@@ -19,7 +19,8 @@ It is an adapter over the provisioning core (:mod:`defender_setup.provision`, th
 agent is started and verified; a set the agent refuses (the hub rejected it: exit 76, or 78)
 is rolled back to the previous set, or removed again when the device had none. An offer the
 agent refused is not imported again at boot while it stays the same (each attempt would
-restart the agent twice); ``import`` by hand tries it again.
+restart the agent twice); ``import`` by hand tries it again. An offer holding a DPS ID
+scope is an enrollment, not a set: :mod:`defender_setup.importdps` registers it (zero-touch).
 
 Why two boot steps: defender-setup-import.service is ordered Before= the agent, so the agent's
 start job waits for it. A synchronous ``systemctl restart`` of the agent from there would wait
