@@ -501,3 +501,15 @@ def test_dps_config_teletype_asks_the_dps_questions_and_reasks_a_bad_key(debconf
     dump = (debconf.dir / "config.dat").read_bytes() + \
         (debconf.dir / "templates.dat").read_bytes()
     assert DPS_KEY.encode() not in dump
+
+
+@pytest.mark.allow_subprocess(*DEBCONF)
+def test_config_shows_dps_for_a_module_the_device_made_itself(debconf, dpkg_root):
+    agent = dpkg_root / "var" / "defender_iot_micro_agent"
+    (agent / ".defender-setup").mkdir(parents=True, mode=0o700)
+    (agent / CONNECTION_STRING_FILE).write_text(CS + "\n")
+    (agent / ".defender-setup" / "origin.json").write_text(
+        '{"source": "dps", "time": "2026-12-04T14:00:00Z"}')
+    result = debconf.config("configure", "0.1.0")
+    assert result.returncode == 0, result.stderr
+    assert debconf.get("auth-method") == "dps"
