@@ -108,14 +108,26 @@ def cmd_apply(args, out) -> int:
                  service=args.service, probe_asked=args.probe)
 
 
+def _read_key(name: str | None, used: list) -> bytes | None:
+    """A DPS key file; a "file name" that is the key itself is refused without repeating it."""
+    from .dps import looks_like_key
+    from .errors import Field
+
+    if name not in (None, "-") and not os.path.lexists(name) and looks_like_key(name):
+        raise InputError("no such file, and the name given looks like a key: give a FILE "
+                         "holding the key, or - and the key on standard input, never the key "
+                         "itself on the command line", Field.DPS_KEY)
+    return _read_input(name, Field.DPS_KEY, used)
+
+
 def cmd_provision(args, out) -> int:
     from .dps import enrollment
     from .errors import Field
     from .zerotouch import run
 
     used: list = []
-    symmetric = _read_input(args.symmetric_key_file, Field.DPS_KEY, used)
-    group = _read_input(args.group_key_file, Field.DPS_KEY, used)
+    symmetric = _read_key(args.symmetric_key_file, used)
+    group = _read_key(args.group_key_file, used)
     cert = _read_input(args.certificate, CERTIFICATE, used)
     key = _read_input(args.private_key, PRIVATE_KEY, used)
     if symmetric is None and group is None and cert is None and key is None:
@@ -142,6 +154,9 @@ def cmd_seal(args, out) -> int:
         p = provision.plan(provision.Request.again(stored, seal=want, origin=args.command),
                            stored)
         lines = provision.commit(agent, p)
+        from .zerotouch import key_like_set
+
+        key_like_set(agent)  # a DPS device key kept beside the set follows it
         if not lines:
             later = "; sealing deferred to the first boot" if stored.seal_pending else ""
             print(f"nothing to do: the credentials are {stored.sealing.describe()}{later}",

@@ -15,6 +15,7 @@ Interface::
     derive_device_key(group_key_b64, registration_id) -> bytes
     machine_id(root) -> str         # /etc/machine-id under root; ValidationError when unset
     check_id_scope / check_registration_id / check_key / check_endpoint(text) -> str
+    looks_like_key(text) -> bool    # a file name that is a key: never repeated
 
 The rules are DPS's own: an ID scope looks like ``0ne00000A0A`` (``0ne`` and 8 hexadecimal
 digits); a registration ID is at most 128 characters of lowercase letters, digits and
@@ -124,6 +125,16 @@ def check_key(key_b64: bytes | str, group: bool = False) -> bytes:
     return text
 
 
+def looks_like_key(text: str) -> bool:
+    """Whether ``text`` (a file name given where a key file was asked for) is a key itself:
+    then it must not be repeated in a message."""
+    try:
+        check_key(text)
+    except ValidationError:
+        return False
+    return True
+
+
 def check_endpoint(text: str) -> str:
     """``HOST`` or ``HOST:PORT`` (a private endpoint, a test stand-in), stripped."""
     value = text.strip()
@@ -206,7 +217,10 @@ class Enrollment:
         scope = check_id_scope(self.id_scope)
         endpoint = check_endpoint(self.endpoint or GLOBAL_ENDPOINT)
         module = (self.module_id or DEFAULT_MODULE).strip()
-        _check_id(MODULE_ID, module)  # the hub's rules for a module ID
+        try:
+            _check_id(MODULE_ID, module)  # the hub's rules for a module ID
+        except ValidationError as exc:  # about --module (debconf: module-id), not a string
+            raise ValidationError(Field.MODULE_ID, exc.message) from None
         if self.attestation not in ATTESTATIONS:
             raise ValidationError(Field.DPS_ATTESTATION, f"must be {' or '.join(ATTESTATIONS)}")
         given = None if self.registration_id is None or not self.registration_id.strip() \

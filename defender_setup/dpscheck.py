@@ -16,7 +16,8 @@ used: the registration kept in ``dps.json``, conf.json's trust (``ca_file``) and
   ``…/registrations/{registrationId}``: a status query that changes nothing). A hub other than
   the stored identity's is a warning: the device was re-assigned.
 
-All are ``skipped`` when the set was not provisioned through DPS, with ``--offline`` and
+All are ``skipped`` when the stored set is not the identity DPS gave (``provision``, or that
+set rolled back to), with ``--offline`` and
 ``--dont-run``; a check whose prerequisite failed is skipped. Each is bounded by
 :data:`PER_CHECK` seconds and all of them by ``budget``. Nothing is written.
 """
@@ -49,7 +50,9 @@ def extend(root, results: list, *, offline: bool = False, dont_run=(), budget: f
     def add(check_id, status, message="", code=EX_OK):
         out.append(CheckResult(check_id, DESCRIPTIONS[check_id], status, message, code))
 
-    blocked = _blocker(Path(root), stored, offline)
+    from .zerotouch import registration
+
+    blocked = _blocker(stored, registration(Path(root)), offline)
     if blocked is not None:
         for check_id in DPS_IDS:
             add(check_id, SKIPPED, "not run (--dont-run)" if check_id in dont_run else blocked)
@@ -82,9 +85,10 @@ def extend(root, results: list, *, offline: bool = False, dont_run=(), budget: f
     return out
 
 
-def _blocker(root: Path, stored, offline: bool) -> str | None:
-    origin = (stored.origin if stored is not None else None) or {}
-    if origin.get("source") != "dps":
+def _blocker(stored, record, offline: bool) -> str | None:
+    from .zerotouch import made_by_dps
+
+    if not made_by_dps(stored, record):
         return "not provisioned through DPS (defender-setup provision)"
     if offline:
         return "not run (--offline)"

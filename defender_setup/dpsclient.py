@@ -65,6 +65,7 @@ HUB_API_VERSION = "2021-04-12"
 MAX_BODY = 64 * 1024
 USER_AGENT = f"defender-setup/{__version__}"
 DEFAULT_POLL = 2.0   # seconds between polls when DPS sends no Retry-After
+MIN_POLL = 0.1       # ... and at least this: "Retry-After: 0" must not make a busy loop
 
 
 @dataclass(frozen=True)
@@ -79,8 +80,8 @@ class DpsError(SetupError):
     """DPS or the hub said no, or could not be reached; ``reason`` names which (one word)."""
 
     def __init__(self, reason: str, message: str, exit_code: int = EX_UNAVAILABLE,
-                 field: Field | None = None):
-        super().__init__(message, field)
+                 field: Field | None = None, part: str | None = None):
+        super().__init__(message, field, part)
         self.reason, self.exit_code = reason, exit_code
 
 
@@ -169,12 +170,17 @@ def _request(link: Link, host: str, port: int, method: str, path: str, body: dic
     except ssl.SSLCertVerificationError as exc:
         raise DpsError("unreachable", f"the certificate of {where} does not verify against "
                        f"{link.trust}: {exc.verify_message}") from None
-    except (ssl.SSLError, OSError) as exc:
+    except ssl.SSLError as exc:
+        _certificate_refused(exc, where)
+        raise DpsError("unreachable", f"{where}: TLS handshake failed: {_one_line(exc)}") \
+            from None
+    except OSError as exc:
         raise DpsError("unreachable", _timed_out(where, limit) if _is_timeout(exc) else
                        f"{where}: TLS handshake failed: {_one_line(exc)}") from None
     # A watchdog: socket timeouts bound each read, not a peer sending a byte a second.
     left = limit - (time.monotonic() - started)
-    guard = threading.Timer(max(0.0, left), _shut, (sock,))
+    fired = threading.Event()
+    guard = threading.Timer(max(0.0, left), _shut, (sock, fired))
     guard.daemon = True
     guard.start()
     try:
@@ -191,7 +197,9 @@ def _request(link: Link, host: str, port: int, method: str, path: str, body: dic
         raw = response.read(MAX_BODY + 1)
         answer_headers = {k.lower(): v for k, v in response.getheaders()}
     except (OSError, http.client.HTTPException, ValueError) as exc:
-        if not guard.is_alive() or _is_timeout(exc):
+        if isinstance(exc, ssl.SSLError):  # TLS 1.3 refuses a certificate after the handshake
+            _certificate_refused(exc, where)
+        if fired.is_set() or _is_timeout(exc):
             raise DpsError("unreachable", _timed_out(where, limit)) from None
         raise DpsError("unreachable", f"{where}: the connection failed: {_one_line(exc)}") \
             from None
@@ -207,7 +215,19 @@ def _request(link: Link, host: str, port: int, method: str, path: str, body: dic
     return Answer(response.status, answer_headers, parsed if isinstance(parsed, dict) else {})
 
 
-def _shut(sock) -> None:
+def _certificate_refused(exc: ssl.SSLError, where: str) -> None:
+    """Raise "unauthorized" when the peer's TLS alert refuses our client certificate."""
+    from .agent.verdicts import CERT_ALERTS
+
+    alert = CERT_ALERTS.get(exc.reason or "")
+    if alert:
+        raise DpsError("unauthorized", f"unauthorized: {where} refused the device certificate "
+                       f"(TLS alert: {alert}); check that DPS or the hub trusts its CA",
+                       EX_DATAERR, CERTIFICATE) from None
+
+
+def _shut(sock, fired: threading.Event) -> None:
+    fired.set()  # first: the reader that wakes up must know why
     try:
         sock.shutdown(socket.SHUT_RDWR)
     except OSError:
@@ -253,8 +273,10 @@ def _refused(answer: Answer, what: str, enrollment, where: str) -> DpsError:
         fix = ("check the device certificate and that its CA is verified in the enrollment"
                if enrollment.attestation == X509 else
                "check the key (and whether it is the group key: --group-key-file)")
+        group = getattr(enrollment, "group_key", False) and key_field == Field.DPS_KEY
         return DpsError("unauthorized", f"unauthorized: {where} refused {what} ({said}); "
-                        f"{fix}", EX_DATAERR, key_field)
+                        f"{fix}", EX_DATAERR, key_field,
+                        "DPS enrollment group key" if group else None)
     if answer.status == 429:
         wait = _retry_after(answer, 0)
         return DpsError("throttled", f"throttled: {where} asks to wait "
@@ -331,7 +353,7 @@ def register(link: Link, enrollment, *, clock=time.time, monotonic=time.monotoni
         operation = answer.body.get("operationId")
         if not isinstance(operation, str) or not operation:
             raise DpsError("protocol", f"{where} is assigning but gave no operationId")
-        wait = _retry_after(answer, DEFAULT_POLL)
+        wait = max(MIN_POLL, _retry_after(answer, DEFAULT_POLL))
         if monotonic() + wait >= deadline:
             raise DpsError("timeout", f"{where} did not assign {enrollment.registration_id} "
                            f"within {link.bounds.total:g} s (still assigning; it asks to wait "

@@ -49,7 +49,6 @@ NETWORK_IDS = ("hub-dns", "hub-tcp", "hub-tls", "hub-clock", "hub-auth")
 PER_CHECK = 3.0   # seconds, each network check
 BUDGET = 8.0      # seconds, all of them: `check` stays under 10 s with the hub unreachable
 CLOCK_ERROR, CLOCK_WARNING = 300, 30   # seconds of skew
-HTTPS_PORT = 443
 CONF = "/etc/defender_iot_micro_agent/conf.json"
 
 DESCRIPTIONS = {
@@ -250,7 +249,7 @@ def _tcp(p: _Path, limit: float):
 
     start = time.monotonic()
     workers = [threading.Thread(target=reach, args=("main", p.port), daemon=True)]
-    alt = p.https_port or HTTPS_PORT
+    alt = p.https_port or p.settings.https_port  # 443, or conf.json's (test hubs)
     if p.settings.transport == "mqtt" and p.port != alt:
         # tried alongside, not after: it says whether WebSocket would do, and is the clock's
         # source, at no extra wait
@@ -332,7 +331,8 @@ def _verify_failure(p: _Path, err: ssl.SSLCertVerificationError) -> str:
 
 
 def _clock(p: _Path, limit: float):
-    port = p.port if p.settings.transport == "websocket" else (p.https_port or HTTPS_PORT)
+    port = p.port if p.settings.transport == "websocket" else \
+        (p.https_port or p.settings.https_port)
     where = f"{p.host}:{port}"
     if port != p.port and p.alt_open is False:
         return SKIPPED, (f"no time source: {where} does not answer (the clock is compared with "

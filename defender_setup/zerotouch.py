@@ -11,7 +11,9 @@ Interface::
     reprovision(root, out, *, boot=False, bounds=None, clock=time.time, sleep=time.sleep)
         -> bool   # verify.settle's hook: a new set was written (restart and verify it)
     registration(root) -> dict | None      # the DPS record (status, check): never a secret
+    made_by_dps(stored, record) -> bool    # the stored set is the identity DPS gave
     device_key(root, runner=None) -> bytes | None   # the kept device key (root-only)
+    key_like_set(agent, runner=None)       # the kept key sealed iff the set is (seal, unseal)
     RECORD = "dps.json", KEY_RECORD = "dps-device-key", MARKER (under /run)
 
 ``run``: 1. register with DPS (:mod:`defender_setup.dpsclient`; symmetric key, group key or
@@ -85,6 +87,21 @@ def registration(root) -> dict | None:
     return AgentDir(root).record(RECORD)
 
 
+def made_by_dps(stored, record: dict | None) -> bool:
+    """Whether the stored set (``provision.Stored``) is the module identity of the recorded
+    registration: stored by ``provision``, or that same set rolled back to."""
+    if not record or stored is None:
+        return False
+    if (stored.origin or {}).get("source") == ORIGIN:
+        return True
+    try:
+        c = stored.loaded.connection_string
+    except SetupError:
+        return False
+    return (c.host_name, c.device_id, c.module_id) == (
+        record.get("assigned_hub"), record.get("device_id"), record.get("module_id"))
+
+
 def device_key(root, runner=None) -> bytes | None:
     """The device's own key kept for re-provisioning (decrypted when sealed), or None.
 
@@ -97,6 +114,25 @@ def device_key(root, runner=None) -> bytes | None:
         return decrypt(KEY_RECORD, kept["sealed"].encode("ascii"), runner).strip()
     key = kept.get("key")
     return key.encode("ascii") if isinstance(key, str) else None
+
+
+def key_like_set(agent, runner=None, key: bytes | None = None) -> None:
+    """Keep the device key (``key``, or the one kept already) sealed when the stored set is
+    sealed and plain when it is not; nothing kept, nothing done. The caller holds the lock."""
+    if key is None:
+        try:
+            key = device_key(agent.root, runner)
+        except SetupError:  # sealed on another machine: left as it is (check says so)
+            return
+        if key is None:
+            return
+    if any(name.endswith(".cred") for name in agent.current()):
+        from .sealing import encrypt
+
+        agent.save_record(KEY_RECORD, {"sealed": encrypt(KEY_RECORD, key, runner)
+                                       .decode("ascii")})
+    else:
+        agent.save_record(KEY_RECORD, {"key": key.decode("ascii")})
 
 
 def _connection_string(hub: str, device: str, module: str, key: str) -> bytes:
@@ -152,12 +188,8 @@ def _keeper(enrollment: Enrollment, assigned):
         key = enrollment.device_key
         if key is None:
             agent.drop_record(KEY_RECORD)
-        elif any(name.endswith(".cred") for name in agent.current()):
-            from .sealing import encrypt
-
-            agent.save_record(KEY_RECORD, {"sealed": encrypt(KEY_RECORD, key).decode("ascii")})
         else:
-            agent.save_record(KEY_RECORD, {"key": key.decode("ascii")})
+            key_like_set(agent, key=key)
         record["device_key_kept"] = key is not None
         agent.save_record(RECORD, record)
     return keep
@@ -189,7 +221,11 @@ def reprovision(root, out, *, boot: bool = False, bounds=None, clock=time.time,
 
     agent = AgentDir(root)
     record = agent.record(RECORD)
-    if (agent.origin() or {}).get("source") != ORIGIN or not record:
+    try:
+        stored = provision.read_locked(agent)
+    except SetupError:
+        return False
+    if not made_by_dps(stored, record):
         return False
     marker = Path(root) / MARKER
     if boot and marker.exists():
@@ -208,11 +244,12 @@ def reprovision(root, out, *, boot: bool = False, bounds=None, clock=time.time,
         enrollment = Enrollment(record["id_scope"], record["registration_id"], SYMMETRIC_KEY,
                                 key=key, endpoint=record["endpoint"],
                                 module_id=record["module_id"]).checked(root)
-        stored = provision.read_locked(agent)
         text, assigned = _obtain(root, enrollment, stored, out, bounds, clock, sleep)
         p = provision.plan(provision.Request(connection_string=text, origin=ORIGIN), stored)
         lines = provision.commit(agent, p)
         _keeper(enrollment, assigned)(agent, p, lines)
+    except Terminated:
+        raise  # SIGTERM ends the command, it does not fall through to the roll-back
     except (SetupError, KeyError, TypeError) as exc:
         print(f"re-provisioning failed: {exc}", file=out)
         return False

@@ -350,7 +350,9 @@ def test_cli_check_exit_code_and_json_shape(hub_pki, sas_broker, root, capsys):
     assert code == 65
     assert all(set(c) == {"id", "description", "status", "message", "exit_code"}
                for c in checks_out)
-    assert [c["id"] for c in checks_out][-6:] == ["agent-settings", *netcheck.NETWORK_IDS]
+    # the hub's checks, then the DPS checks (skipped here: not provisioned through DPS)
+    assert [c["id"] for c in checks_out][-10:] == ["agent-settings", *netcheck.NETWORK_IDS,
+                                                   "dps-dns", "dps-tcp", "dps-tls", "dps-auth"]
     code = cli.main(["check", "--root", str(root), "--dont-run", "hub-auth,hub-nonsense"])
     out, err = capsys.readouterr()
     assert code == 0, out

@@ -6,6 +6,7 @@ Interface::
     port = server.start(port=0)
     server.requests          # [Req(method, path, query, headers, body, peer_cn)]
     server.stall = True      # accept and finish TLS, then never answer (a stalled peer)
+    server.trickle = True    # ... or answer one byte every 0.1 s, never ending a line
     server.stop()
 
 ``handle(req) -> (status, body dict, headers dict)``. The TLS handshake happens in the
@@ -79,6 +80,11 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         if owner.stall:
             owner.stopped.wait(3600)
             return
+        if owner.trickle:
+            while not owner.stopped.wait(0.1):
+                self.wfile.write(b"H")
+                self.wfile.flush()
+            return
         status, answer, headers = owner.handle(req)
         data = json.dumps(answer).encode() if answer is not None else b""
         self.send_response(status)
@@ -112,7 +118,7 @@ class JsonServer:
             self.ctx.verify_mode = ssl.CERT_OPTIONAL
         self.requests: list[Req] = []
         self.lock = threading.Lock()
-        self.stall = False
+        self.stall = self.trickle = False
         self.errors = 0  # connections that ended in an exception (a handshake cut short)
         self.stopped = threading.Event()
         self.httpd = None
@@ -122,7 +128,7 @@ class JsonServer:
         self.httpd = _Server((self.host, port), _Handler)
         self.httpd.owner = self
         self.port = self.httpd.server_address[1]
-        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+        threading.Thread(target=self.httpd.serve_forever, args=(0.05,), daemon=True).start()
         return self.port
 
     def stop(self) -> None:

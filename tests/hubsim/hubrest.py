@@ -8,6 +8,7 @@ Interface::
     rest.remove_device(device_id)                     # and its modules (a deleted device)
     rest.delete_module(device_id, module_id)
     rest.modules                                      # {(device, module): primary key}
+    rest.refuse_all = True                            # 401 for every request
     rest.server.requests                              # every request (tests.hubsim.https)
 
 ``PUT /devices/{deviceId}/modules/{moduleId}?api-version=…``: creates the module (200), or
@@ -66,6 +67,7 @@ class HubRest:
         self.devices: dict = {}    # device id -> {"key": b64 | None, "x509": bool}
         self.modules: dict = {}    # (device, module) -> primary key
         self.refusals: list = []   # why each 401 was given
+        self.refuse_all = False
         self._lock = threading.Lock()
         self.server = JsonServer(self._handle, (pki.server_cert, pki.server_key),
                                  client_ca=client_ca, host=host)
@@ -101,6 +103,8 @@ class HubRest:
                 or parts[2] != "modules":
             return 404, {"Message": "ErrorCode:NotFound"}, {}
         device, module = parts[1], parts[3]
+        if self.refuse_all:
+            return self._refuse("refusing everyone")
         with self._lock:
             known = self.devices.get(device)
             if known is None:

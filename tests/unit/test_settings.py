@@ -168,3 +168,10 @@ def test_not_utf8(tmp_path):
 def test_socks_default_port():
     s = parse('{"proxy": "socks5://proxy"}')
     assert s.proxy.describe() == "socks5://proxy:1080"
+
+
+def test_https_port_for_test_hubs():
+    assert parse("{}").https_port == 443
+    assert parse('{"https_port": 8443}').https_port == 8443
+    with pytest.raises(SettingsError, match="https_port: must be between 1 and 65535"):
+        parse('{"https_port": 0}')
