@@ -69,8 +69,8 @@ def labelled(exc: SetupError, offer: Offer) -> SetupError:
     if name is None:
         return labelled_set(exc, offer)  # the certificate and the private key
     if name in offer.where:
-        where = offer.label(name)
-        exc.part = f"{where}: {exc.part}" if exc.part else where
+        # The credential's name says what it is ("DPS enrollment group key" would repeat it).
+        exc.part = offer.label(name)
     return exc
 
 

@@ -105,5 +105,5 @@ def test_a_wrong_key_names_the_credential(device, stand):
           dps_endpoint=stand.endpoint)
     code, out = device("boot")
     assert code == 65, out
-    assert "credential defender-setup.dps-group-key: unauthorized" in out
+    assert "credential defender-setup.dps-group-key: unauthorized: " in out, out
     assert not AgentDir(device.root).current()
