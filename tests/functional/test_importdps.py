@@ -107,3 +107,38 @@ def test_a_wrong_key_names_the_credential(device, stand):
     assert code == 65, out
     assert "credential defender-setup.dps-group-key: unauthorized: " in out, out
     assert not AgentDir(device.root).current()
+
+
+def test_a_factory_certificate_provisions_the_device_under_its_cn(device, stand):
+    root = device.root
+    stand.dps.x509_group("factory", HUBS[1])
+    cert, key = stand.device_cert("sensor-0042")
+    offer(root, CRED, dps_id_scope=stand.id_scope, dps_endpoint=stand.endpoint)
+    for name, path in (("certificate", cert), ("private-key", key)):
+        target = root / CRED / f"defender-setup.{name}"
+        target.write_bytes(path.read_bytes())
+        target.chmod(0o600)
+    code, out = device("no-restart")
+    assert code == 0, out
+    assert stand.dps.registrations["sensor-0042"]["assignedHub"] == HUBS[1]
+    stored = AgentDir(root).current()["connection_string.txt"]
+    assert f"HostName={HUBS[1]};DeviceId=sensor-0042;".encode() in stored
+    assert b"PRIVATE KEY" not in b"".join(
+        p.read_bytes() for p in (root / "var").rglob("*") if p.is_file())
+
+
+def test_import_by_hand_registers_restarts_and_verifies(device, stand, tmp_path, monkeypatch):
+    from tests.fakes import running
+
+    root = device.root
+    (tmp_path / "manual").mkdir()
+    device = Importer(root, tmp_path / "manual", monkeypatch, restart_plan=[
+        {"states": [dict(running(inv="inv-2"), LoadState="loaded")]}])
+    folder = root / "boot/defender-setup"
+    offer(root, "boot/defender-setup", dps_id_scope=stand.id_scope, dps_group_key=GROUP,
+          dps_endpoint=stand.endpoint)
+    code, out = device("manual")
+    assert code == 0, out
+    assert last_import(root)["result"] == "verified"
+    assert len(device.fake.restarts()) == 1  # restarted and judged now, not queued
+    assert list(folder.iterdir()) == []  # provisioned and verified: the folder emptied
