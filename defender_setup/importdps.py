@@ -36,7 +36,7 @@ from .agentdir import now
 from .errors import EX_OK, EX_UNAVAILABLE, Field, ServiceError, SetupError, ValidationError
 
 # importer.run imports this module only when it finds a DPS offer: no import cycle.
-from .importer import PENDING, RECORD, REFUSED, VERIFY_UNIT
+from .importer import _SETTLED, PENDING, RECORD, REFUSED, VERIFY_UNIT
 from .offer import (
     DPS_ENDPOINT_FILE,
     DPS_GROUP_KEY_FILE,
@@ -144,11 +144,9 @@ def run_dps(job, mode: str, offer: Offer, wait: float) -> int:
     if mode == "boot" and _provisioned_from(job, digest):
         return _keep(job, offer, record, enrollment)
     before = provision.read(job.agent, wait).files
+    note = " (the group key is not stored)" if enrollment.group_key else ""
     job.say(f"{offer.describe()} hold a DPS enrollment: registering "
-            f"{enrollment.registration_id} (the group key is not stored)"
-            if enrollment.group_key else
-            f"{offer.describe()} hold a DPS enrollment: registering "
-            f"{enrollment.registration_id}")
+            f"{enrollment.registration_id}{note}")
     try:
         code = zerotouch.run(job.root, enrollment, origin="dps", restart=mode == "manual",
                              timeout=job.timeout, lock_timeout=wait, out=job.out,
@@ -190,8 +188,7 @@ def _keep(job, offer: Offer, record: dict, enrollment) -> int:
     job.say(f"already provisioned through DPS as {enrollment.registration_id} from "
             f"{offer.describe()}; nothing to do")
     previous = job.agent.record(RECORD) or {}
-    if previous.get("result") not in ("verified", "unchanged", "written") \
-            or previous.get("source") != offer.source:
+    if previous.get("result") not in _SETTLED or previous.get("source") != offer.source:
         job.save(dict(record, identity=_identity(job.agent)), result="unchanged",
                  message="provisioned from this offer already")
     if offer.folder is not None and job.agent.record(PENDING) is None:
