@@ -1,8 +1,8 @@
 """The boot import of a DPS offer (zero-touch): the device registers itself and creates its
 own module, through :func:`defender_setup.zerotouch.run` (origin ``dps``).
 
-Interface (called by :func:`defender_setup.importer.run` when the offer holds
-``dps-id-scope``)::
+Interface (called by :func:`defender_setup.importer.run` when the offer holds a DPS input,
+``dps-id-scope``, ``dps-group-key``...)::
 
     enrollment_of(offer, root) -> dps.Enrollment     # checked; errors name the offered input
     run_dps(job, mode, offer, wait) -> exit code
@@ -88,7 +88,7 @@ def enrollment_of(offer: Offer, root):
             raise ValidationError(Field.CONNECTION_STRING, "is offered with a DPS ID scope; "
                                   "offer either a module's connection string or a DPS "
                                   "enrollment, not both")
-        return dps.enrollment(_text(offer, DPS_ID_SCOPE_FILE),
+        return dps.enrollment(_text(offer, DPS_ID_SCOPE_FILE) or "",
                               _text(offer, DPS_REGISTRATION_ID_FILE) or None,
                               symmetric_key=files.get(DPS_SYMMETRIC_KEY_FILE),
                               group_key=files.get(DPS_GROUP_KEY_FILE),

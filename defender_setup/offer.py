@@ -11,7 +11,7 @@ Interface::
     Offer.label(name) what a person calls that input: "credential defender-setup.certificate"
                       or "/boot/firmware/defender-setup/certificate_public.pem"
     Offer.folder      the drop folder (None for credentials)
-    Offer.dps         True when it is a DPS enrollment (``dps-id-scope`` offered): the
+    Offer.dps         True when it is a DPS enrollment (a ``dps-*`` input offered): the
                       device registers itself (zero-touch) instead of storing a set
     waiting_folder(root) -> Path | None      a drop folder with files in it (not read)
     clear_folder(folder) / note_rejection(folder, reason)
@@ -41,10 +41,11 @@ folder opened O_NOFOLLOW, by names created O_EXCL|O_NOFOLLOW, never writing into
 linked elsewhere. Under a ``root`` other than ``/`` (``--root TREE``) no directory between
 the tree and an input may be a link either: nothing is read or written outside the tree.
 
-A DPS offer (zero-touch) holds ``dps-id-scope`` and a key (``dps-symmetric-key``, the device's
-own, or ``dps-group-key``, its enrollment group's), or a certificate and private key for X.509,
-optionally ``dps-registration-id`` (default: the machine id) and ``dps-endpoint``; as
-credentials they are named ``defender-setup.dps-id-scope`` and so on.
+A DPS offer (zero-touch: any ``dps-*`` input) holds ``dps-id-scope`` and a key
+(``dps-symmetric-key``, the device's own, or ``dps-group-key``, its enrollment group's), or a
+certificate and private key for X.509, optionally ``dps-registration-id`` (default: the
+machine id) and ``dps-endpoint``; as credentials they are named ``defender-setup.dps-id-scope``
+and so on.
 """
 
 from __future__ import annotations
@@ -112,7 +113,9 @@ class Offer:
 
     @property
     def dps(self) -> bool:
-        return DPS_ID_SCOPE_FILE in self.files
+        # Any DPS input: a group key offered without its ID scope is named as such, not as a
+        # set missing its connection string.
+        return any(name in self.files for name in DPS_FILES)
 
     def label(self, name: str) -> str:
         if self.source == SOURCE_CREDENTIAL:

@@ -105,3 +105,12 @@ def test_an_unset_machine_id_is_about_no_offered_file(root):
     put(root / "etc/machine-id", b"uninitialized\n")
     message = error_of({"dps-id-scope": SCOPE, "dps-group-key": GROUP}, root)
     assert message.startswith("DPS registration ID: not given, and /etc/machine-id")
+
+
+def test_a_group_key_without_its_id_scope_is_named_as_such(device):
+    put(device / CRED / "defender-setup.dps-group-key", GROUP)
+    offer = find_offer(device, environ={})
+    assert offer.dps
+    with pytest.raises(SetupError) as caught:
+        enrollment_of(offer, device)
+    assert str(caught.value).startswith("DPS ID scope: empty is not an ID scope")
