@@ -15,9 +15,11 @@ and ``debian/*.postinst`` call it after sourcing the shell confmodule)::
 Pure core, used by both and by the tests::
 
     Answers(method, connection_string, hub_hostname, device_id, module_id,
-            certificate_file, private_key_file, seal)   # Answers.read(db) fills it over debconf
+            certificate_file, private_key_file, seal, dps_*)   # Answers.read(db) fills it
     resolve(answers, current, read=read_input) -> Inputs | None   # None: keep what is there
     question_for(error, answers) -> str                # which question to re-ask (by field)
+
+The ``dps`` method (the device registers itself) is :mod:`defender_setup.debconf_dps`.
 
 Why over the debconf protocol: the shell confmodule already holds the frontend on standard
 input and file descriptor 3, so the secret travels from debconf to Python without touching
@@ -33,7 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from . import DEFAULT_MODULE_ID
+from . import DEFAULT_MODULE_ID, debconf_dps
 from . import connection_string as cs
 from .credentials import CERTIFICATE_FILE, CONNECTION_STRING_FILE, PRIVATE_KEY_FILE
 from .errors import (
@@ -56,6 +58,7 @@ from .sealing import FIELD as SEALING
 
 PREFIX = "defender-setup/"
 METHOD_LATER = "later"
+METHOD_DPS = "dps"
 SEAL_QUESTION = "seal-credentials"  # a boolean, acted on once (see _sealing_done)
 # The question that holds each field's answer (errors carry their field: see errors.py).
 QUESTIONS = {
@@ -67,6 +70,12 @@ QUESTIONS = {
     DEVICE_ID: "device-id",
     MODULE_ID: "module-id",
     SEALING: SEAL_QUESTION,
+    Field.DPS_ID_SCOPE: "dps-id-scope",
+    Field.DPS_REGISTRATION_ID: "dps-registration-id",
+    Field.DPS_ATTESTATION: "dps-attestation",
+    Field.DPS_KEY: "dps-symmetric-key",
+    Field.DPS_ENDPOINT: "dps-endpoint",
+    Field.DPS_ENROLLMENT: "dps-id-scope",  # DPS knows no such enrollment, or it is disabled
 }
 # When the certificate method's identity comes from its own questions (no connection string
 # answer), the connection string is built from them: its keys (an error's part) are those
@@ -75,7 +84,7 @@ IDENTITY_QUESTIONS = {cs.HOST_NAME: "hub-hostname", cs.DEVICE_ID: "device-id",
                       cs.MODULE_ID: "module-id"}
 # One-shot inputs: cleared (keeping "seen") whatever happens, so no secret stays in debconf and
 # a later noninteractive reconfigure does not re-read files the admin has since removed.
-ONE_SHOT = ("connection-string", "certificate-file", "private-key-file")
+ONE_SHOT = ("connection-string", "certificate-file", "private-key-file", "dps-symmetric-key")
 
 
 @dataclass(frozen=True)
@@ -90,6 +99,12 @@ class Answers:
     certificate_file: str = ""
     private_key_file: str = ""
     seal: bool = False
+    dps_id_scope: str = ""
+    dps_registration_id: str = ""
+    dps_attestation: str = "symmetric-key"
+    dps_key: str = field(default="", repr=False)
+    dps_group_key: bool = False
+    dps_endpoint: str = ""
 
     @classmethod
     def read(cls, db) -> Answers:
@@ -104,7 +119,13 @@ class Answers:
                    module_id=get("module-id").strip() or DEFAULT_MODULE_ID,
                    certificate_file=get("certificate-file").strip(),
                    private_key_file=get("private-key-file").strip(),
-                   seal=get(SEAL_QUESTION) == "true")
+                   seal=get(SEAL_QUESTION) == "true",
+                   dps_id_scope=get("dps-id-scope").strip(),
+                   dps_registration_id=get("dps-registration-id").strip(),
+                   dps_attestation=get("dps-attestation").strip() or "symmetric-key",
+                   dps_key=get("dps-symmetric-key"),
+                   dps_group_key=get("dps-key-is-group-key") == "true",
+                   dps_endpoint=get("dps-endpoint").strip())
 
 
 def read_input(path: str, field_name: str) -> bytes:
@@ -158,7 +179,7 @@ def resolve(answers: Answers, stored, read: Callable[[str, str], bytes] = read_i
         return Request(answers.connection_string.encode("utf-8"), **kw)
     if method != "certificate":
         raise ValidationError(AUTH_METHOD, "is none of connection-string, certificate, "
-                              "later; preseed one of them")
+                              "dps, later; preseed one of them")
     if answers.connection_string:
         text = answers.connection_string.encode("utf-8")
     elif not answers.hub_hostname and not answers.device_id and same:
@@ -188,9 +209,12 @@ def question_for(error: SetupError, answers: Answers) -> str:
     if answers.method == "certificate" and not answers.connection_string \
             and error.field == CONNECTION_STRING and error.part in IDENTITY_QUESTIONS:
         return IDENTITY_QUESTIONS[error.part]
+    if answers.method == METHOD_DPS and error.part == cs.MODULE_ID:  # DPS checks the hub's rule
+        return "module-id"
     if error.field in QUESTIONS:
         return QUESTIONS[error.field]
-    return "connection-string" if answers.method == "connection-string" else "auth-method"
+    first = {"connection-string": "connection-string", METHOD_DPS: "dps-id-scope"}
+    return first.get(answers.method, "auth-method")
 
 
 def _reason(error: SetupError) -> tuple[str, str]:
@@ -222,6 +246,10 @@ def check(db, root: Path) -> tuple[int, str]:
     answers = Answers.read(db)
     try:
         agent = AgentDir(root)
+        if answers.method == METHOD_DPS:
+            debconf_dps.check(answers, root, _origin(agent), read_input,
+                              debconf_dps.deferral(root) is not None)
+            return EX_OK, ""
         stored = provision.read(agent)
         request = resolve(answers, stored)
         if request is not None:
@@ -338,6 +366,8 @@ def apply(db, root: Path, out) -> int:
     answers = None
     try:
         answers = Answers.read(db)
+        if answers.method == METHOD_DPS:
+            return _apply_dps(db, answers, agent, root, out)
         stored = provision.read(agent, WRITE_WAIT)  # sealed files decrypted: "keep" needs them
         request = resolve(answers, stored)
         if request is None:  # later: the postinst says how to configure
@@ -376,6 +406,22 @@ def apply(db, root: Path, out) -> int:
         return exc.exit_code
     finally:
         _clear_one_shot(db)
+
+
+def _origin(agent) -> str | None:
+    return (agent.origin() or {}).get("source")
+
+
+def _apply_dps(db, answers: Answers, agent, root: Path, out) -> int:
+    """Register through DPS (or, in an image build, only check); the postinst's trigger
+    restarts and verifies as for the other methods."""
+    from .zerotouch import run
+
+    code = debconf_dps.apply(answers, root, out, stored_origin=_origin(agent),
+                             read=read_input, deferred=debconf_dps.deferral(root),
+                             register=run, strict=db.get(PREFIX + "strict-verify") == "true")
+    _sealing_done(db)
+    return code
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -19,7 +19,8 @@ It is an adapter over the provisioning core (:mod:`defender_setup.provision`, th
 agent is started and verified; a set the agent refuses (the hub rejected it: exit 76, or 78)
 is rolled back to the previous set, or removed again when the device had none. An offer the
 agent refused is not imported again at boot while it stays the same (each attempt would
-restart the agent twice); ``import`` by hand tries it again.
+restart the agent twice); ``import`` by hand tries it again. An offer holding a DPS ID
+scope is an enrollment, not a set: :mod:`defender_setup.importdps` registers it (zero-touch).
 
 Why two boot steps: defender-setup-import.service is ordered Before= the agent, so the agent's
 start job waits for it. A synchronous ``systemctl restart`` of the agent from there would wait
@@ -283,6 +284,10 @@ def run(root: Path | str, mode: str, *, timeout: float, out, environ=None, decry
     offer = job.find(environ, decrypt)
     if offer is None or (mode == "boot" and job.refused_before(offer)):
         return EX_OK
+    if offer.dps:
+        from .importdps import run_dps
+
+        return run_dps(job, mode, offer, wait)
     # Read-only first (no lock file created): an ordinary boot, offered the configured set,
     # writes nothing at all.
     record, p = job.judge(offer, provision.read(job.agent, wait))

@@ -42,13 +42,19 @@ CONNECTION_STRING_MAX = 1024
 CERTIFICATE_MAX = 768 * 1024  # a chain of a dozen 4096-bit certificates is under 30 KiB
 PRIVATE_KEY_MAX = 64 * 1024  # an RSA 16384-bit key is under 13 KiB
 DPS_KEY_MAX = 1024  # a 64-byte key is 88 base64 characters; the rest is room for pasting
+DPS_TEXT_MAX = 1024  # an ID scope, a registration ID (128), an endpoint (253 + a port)
 LIMITS = {CONNECTION_STRING: CONNECTION_STRING_MAX, CERTIFICATE: CERTIFICATE_MAX,
-          PRIVATE_KEY: PRIVATE_KEY_MAX, Field.DPS_KEY: DPS_KEY_MAX}
+          PRIVATE_KEY: PRIVATE_KEY_MAX, Field.DPS_KEY: DPS_KEY_MAX,
+          Field.DPS_ID_SCOPE: DPS_TEXT_MAX, Field.DPS_REGISTRATION_ID: DPS_TEXT_MAX,
+          Field.DPS_ENDPOINT: DPS_TEXT_MAX}
 _SYSTEMD = "systemd hands the agent at most 1 MiB of credentials in all; "
 _FIXES = {CONNECTION_STRING: "is it the right file?",
           CERTIFICATE: _SYSTEMD + "the chain needs only the leaf and its issuers, each once",
           PRIVATE_KEY: _SYSTEMD + "give the file that holds only the private key",
-          Field.DPS_KEY: "give the file that holds only the base64 key"}
+          Field.DPS_KEY: "give the file that holds only the base64 key",
+          Field.DPS_ID_SCOPE: "give the file that holds only the ID scope",
+          Field.DPS_REGISTRATION_ID: "give the file that holds only the registration ID",
+          Field.DPS_ENDPOINT: "give the file that holds only the host name"}
 
 _KINDS = ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO (named pipe)"),
           (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),

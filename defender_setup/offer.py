@@ -11,6 +11,8 @@ Interface::
     Offer.label(name) what a person calls that input: "credential defender-setup.certificate"
                       or "/boot/firmware/defender-setup/certificate_public.pem"
     Offer.folder      the drop folder (None for credentials)
+    Offer.dps         True when it is a DPS enrollment (a ``dps-*`` input offered): the
+                      device registers itself (zero-touch) instead of storing a set
     waiting_folder(root) -> Path | None      a drop folder with files in it (not read)
     clear_folder(folder) / note_rejection(folder, reason)
 
@@ -38,6 +40,12 @@ files are never links (refused, 77), and it is changed only through a descriptor
 folder opened O_NOFOLLOW, by names created O_EXCL|O_NOFOLLOW, never writing into a file
 linked elsewhere. Under a ``root`` other than ``/`` (``--root TREE``) no directory between
 the tree and an input may be a link either: nothing is read or written outside the tree.
+
+A DPS offer (zero-touch: any ``dps-*`` input) holds ``dps-id-scope`` and a key
+(``dps-symmetric-key``, the device's own, or ``dps-group-key``, its enrollment group's), or a
+certificate and private key for X.509, optionally ``dps-registration-id`` (default: the
+machine id) and ``dps-endpoint``; as credentials they are named ``defender-setup.dps-id-scope``
+and so on.
 """
 
 from __future__ import annotations
@@ -55,6 +63,7 @@ from .errors import (
     CERTIFICATE,
     CONNECTION_STRING,
     PRIVATE_KEY,
+    Field,
     InputError,
     SetupError,
     UnsafeTargetError,
@@ -68,6 +77,17 @@ CREDENTIALS = {
     "defender-setup.certificate": CERTIFICATE_FILE,
     "defender-setup.private-key": PRIVATE_KEY_FILE,
 }
+# Zero-touch: what a device registers with DPS by (credential -> drop-folder file).
+DPS_ID_SCOPE_FILE = "dps-id-scope"
+DPS_REGISTRATION_ID_FILE = "dps-registration-id"
+DPS_SYMMETRIC_KEY_FILE = "dps-symmetric-key"
+DPS_GROUP_KEY_FILE = "dps-group-key"
+DPS_ENDPOINT_FILE = "dps-endpoint"
+DPS_FILES = {DPS_ID_SCOPE_FILE: Field.DPS_ID_SCOPE,
+             DPS_REGISTRATION_ID_FILE: Field.DPS_REGISTRATION_ID,
+             DPS_SYMMETRIC_KEY_FILE: Field.DPS_KEY, DPS_GROUP_KEY_FILE: Field.DPS_KEY,
+             DPS_ENDPOINT_FILE: Field.DPS_ENDPOINT}
+CREDENTIALS.update({f"defender-setup.{name}": name for name in DPS_FILES})
 CREDENTIAL_OF = {file: name for name, file in CREDENTIALS.items()}
 SYSTEM_CREDENTIALS = "run/credentials/@system"
 CREDSTORES = ("etc/credstore", "run/credstore")
@@ -76,7 +96,7 @@ DROP_FOLDERS = ("boot/firmware/defender-setup", "boot/defender-setup")
 REJECTED_NOTE = "defender-setup.rejected.txt"
 # The field each file is validated as; inputs.LIMITS bounds what is read for it.
 FIELD_OF = {CONNECTION_STRING_FILE: CONNECTION_STRING, CERTIFICATE_FILE: CERTIFICATE,
-            PRIVATE_KEY_FILE: PRIVATE_KEY}
+            PRIVATE_KEY_FILE: PRIVATE_KEY, **DPS_FILES}
 DECRYPT_TIMEOUT = 30
 SOURCE_CREDENTIAL = "credential"
 SOURCE_DROP_FOLDER = "drop-folder"
@@ -90,6 +110,12 @@ class Offer:
     files: dict = field(repr=False)
     where: dict
     folder: Path | None = None
+
+    @property
+    def dps(self) -> bool:
+        # Any DPS input: a group key offered without its ID scope is named as such, not as a
+        # set missing its connection string.
+        return any(name in self.files for name in DPS_FILES)
 
     def label(self, name: str) -> str:
         if self.source == SOURCE_CREDENTIAL:

@@ -482,3 +482,75 @@ def test_apply_warns_of_a_mis_cased_module_id_question(debconf, dpkg_root, tmp_p
     assert f"defender-setup: warning: {WARNED}" in result.stderr  # what dpkg shows
     assert b"ModuleId=DefenderIoTMicroAgent;x509=true" in \
         AgentDir(dpkg_root).current()[CONNECTION_STRING_FILE]
+
+
+# -- the dps method (zero-touch) through the real debconf protocol -------------------------------
+# Here DPKG_ROOT is set: an image build, where the device is not the one that will run the image.
+DPS_KEY = "Zm9vYmFyYmF6cXV4cXV1eGZvb2JhcmJhenF1eHF1dXg="
+
+
+def _dps_answers(scope="0ne0000ABCD", key=DPS_KEY, group="true"):
+    return [_seed("auth-method", "select", "dps"), _seed("dps-id-scope", "string", scope),
+            _seed("dps-symmetric-key", "password", key),
+            _seed("dps-key-is-group-key", "boolean", group)]
+
+
+@pytest.mark.allow_subprocess(*DEBCONF)
+def test_dps_in_an_image_build_is_checked_not_registered_and_the_key_cleared(debconf,
+                                                                             dpkg_root):
+    debconf.preseed(_dps_answers())
+    assert DPS_KEY.encode() in debconf.database()
+    result = debconf.helper("apply", "--root", str(dpkg_root))
+    assert result.returncode == 0, result.stderr
+    assert "first boot" in result.stderr and DPS_KEY not in result.stderr + result.stdout
+    assert not (dpkg_root / "var").exists()  # nothing stored: not a module key, not the key
+    assert DPS_KEY.encode() not in debconf.database()
+    assert debconf.get("dps-id-scope") == "0ne0000ABCD"  # not secret: kept for reconfigure
+    assert debconf.get("auth-method") == "dps"
+
+
+@pytest.mark.allow_subprocess(*DEBCONF)
+def test_dps_bad_id_scope_goes_back_to_its_question_without_the_key(debconf, dpkg_root):
+    debconf.preseed(_dps_answers(scope="one0000ABCD"))
+    result = debconf.helper("check", "--root", str(dpkg_root))
+    assert result.returncode == 65
+    question, field, reason = result.stdout.rstrip("\n").split("\t")
+    assert (question, field) == ("dps-id-scope", "DPS ID scope")
+    assert "0ne" in reason and DPS_KEY not in result.stdout + result.stderr
+    failed = debconf.helper("apply", "--root", str(dpkg_root))
+    assert failed.returncode == 65
+    assert "defender-setup/dps-id-scope" in failed.stderr
+    assert DPS_KEY.encode() not in debconf.database()
+    assert not (dpkg_root / "var").exists()
+
+
+@pytest.mark.allow_subprocess(*DEBCONF)
+def test_dps_config_teletype_asks_the_dps_questions_and_reasks_a_bad_key(debconf):
+    """The real config script, the helper installed: dps, ID scope, attestation, a key that
+    is not base64 (re-asked with the error), then a good one; nothing secret stays."""
+    result = debconf.config("configure", "", unpacked=True,
+                            input=f"3\n0ne0000ABCD\n1\nnot base64!\nyes\n{DPS_KEY}\n",
+                            extra_env={"DEBIAN_FRONTEND": "teletype"})
+    assert result.returncode == 0, result.stderr
+    for prompt in ("DPS ID scope", "How the device proves its identity to DPS",
+                   "DPS symmetric key", "Is this the key of an enrollment group"):
+        assert prompt in result.stdout, (prompt, result.stdout)
+    assert result.stdout.count("Invalid DPS enrollment group key") == 1, result.stdout
+    assert debconf.get("dps-key-is-group-key") == "true"
+    assert "DPS registration ID" not in result.stdout  # medium: the machine id by default
+    assert set(debconf.variables("defender-setup/invalid").values()) <= {""}
+    dump = (debconf.dir / "config.dat").read_bytes() + \
+        (debconf.dir / "templates.dat").read_bytes()
+    assert DPS_KEY.encode() not in dump
+
+
+@pytest.mark.allow_subprocess(*DEBCONF)
+def test_config_shows_dps_for_a_module_the_device_made_itself(debconf, dpkg_root):
+    agent = dpkg_root / "var" / "defender_iot_micro_agent"
+    (agent / ".defender-setup").mkdir(parents=True, mode=0o700)
+    (agent / CONNECTION_STRING_FILE).write_text(CS + "\n")
+    (agent / ".defender-setup" / "origin.json").write_text(
+        '{"source": "dps", "time": "2026-12-04T14:00:00Z"}')
+    result = debconf.config("configure", "0.1.0")
+    assert result.returncode == 0, result.stderr
+    assert debconf.get("auth-method") == "dps"

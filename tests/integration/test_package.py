@@ -6,6 +6,7 @@ and installs the package with apt, as an administrator would (docs/testing.md).
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 
@@ -319,3 +320,39 @@ def test_remove_keeps_credentials_and_purge_leaves_nothing(booted, preseed):
     assert leftovers.strip() == "", leftovers
     assert booted.run(["dpkg", "-l", "defender-setup"], check=False).returncode != 0 or \
         "un " in booted.run(["dpkg", "-l", "defender-setup"], check=False).stdout
+
+
+# -- zero-touch: a preseeded dps install on the running device ----------------------------------
+def test_apt_install_dps_group_key_registers_and_connects(booted, preseed, tmp_path):
+    """auth-method dps with an enrollment group key, on the device itself (a running system):
+    the postinst registers with DPS (the stand-in on the host), the device makes its own
+    module, the trigger restarts the agent once, and no key is left anywhere."""
+    from tests.hubsim.zerotouch import HUBS, Stand
+
+    group = base64.b64encode(bytes((i * 3 + 1) % 256 for i in range(64))).decode()
+    with Stand(tmp_path / "stand") as stand:
+        stand.dps.group("fleet", group, HUBS[0])
+        booted.sh("install -d -m 0755 /etc/defender_iot_micro_agent")
+        booted.run(["sh", "-c", "cat > /etc/defender_iot_micro_agent/hub-ca.pem"],
+                   input=stand.pki.ca_file.read_text())
+        booted.run(["sh", "-c", "cat > /etc/defender_iot_micro_agent/conf.json"],
+                   input=json.dumps({"ca_file": "/etc/defender_iot_micro_agent/hub-ca.pem",
+                                     "port": stand.mqtt_port, "https_port": stand.https_port}))
+        machine = booted.read("/etc/machine-id").strip()
+        result = booted.install_deb([
+            preseed.line("auth-method", "select", "dps"),
+            preseed.line("dps-id-scope", "string", stand.id_scope),
+            preseed.line("dps-symmetric-key", "password", group),
+            preseed.line("dps-key-is-group-key", "boolean", "true"),
+            preseed.line("dps-endpoint", "string", f"{HUBS[0]}:{stand.dps_port}")])
+        out = result.stdout + result.stderr
+        assert f"assigned: hub {HUBS[0]}, device {machine}" in out, out
+        assert VERDICT in out and group not in out
+        assert stand.dps.registrations[machine]["assignedHub"] == HUBS[0]
+        assert any(c.client_id == f"{machine}/DefenderIotMicroAgent"
+                   for c in stand.hubs[HUBS[0]].broker.accepted())
+        report = json.loads(booted.run(["defender-setup", "status", "--json"]).stdout)
+        assert report["origin"]["source"] == "dps"
+        assert booted.run(["debconf-show", "defender-setup"]).stdout.count("dps") >= 2
+        assert_no_leak(booted, [group])
+        assert booted.run(["grep", "-rlF", group, "/etc", "/var"], check=False).stdout == ""
