@@ -142,6 +142,34 @@ def cmd_provision(args, out) -> int:
                strict=args.strict)
 
 
+def cmd_reprovision(args, out) -> int:
+    """Run by defender-setup-reprovision.service, which the agent's unit starts when it fails
+    (``OnFailure=``): only when the hub refused the identity (exit 76) of a set that came from
+    DPS, register again (once a boot), then restart and verify; anything else is left alone.
+    An ordinary boot or a running agent otherwise never learns that the device moved hubs."""
+    from . import zerotouch
+    from .errors import BusyError
+    from .service import Service
+    from .verify import refused, settle
+
+    svc = args.service or Service(args.root)
+    try:
+        with _Writing(args, out):
+            if not refused(svc.show()):
+                print("nothing to do: the agent was not stopped by the hub refusing its "
+                      "identity", file=out)
+                return EX_OK
+            if not zerotouch.reprovision(args.root, out, boot=True):
+                print("not re-provisioned: the agent stays stopped; 'defender-setup check' "
+                      "says why the hub refuses it", file=out)
+                return EX_OK
+            return settle(args.root, timeout=args.timeout, strict=False, out=out,
+                          service=args.service, boot=True).code
+    except BusyError:  # the command holding the lock verifies the agent itself
+        print("nothing to do: another defender-setup command is verifying the agent", file=out)
+        return EX_OK
+
+
 def cmd_seal(args, out) -> int:
     """``seal`` / ``unseal``: store the current set sealed, or as plain files again."""
     from . import provision, sealing
@@ -458,6 +486,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--module", default="DefenderIotMicroAgent", metavar="ID",
                    help="the module identity to create (default DefenderIotMicroAgent)")
     p.add_argument("--no-restart", action="store_true", help="write the files only")
+    p = add("reprovision", cmd_reprovision, [common, locking], "after the hub refused the "
+            "agent's identity: when it came from DPS, register again (once a boot) and verify "
+            "(run by defender-setup-reprovision.service)")
+    p.add_argument("--timeout", type=_TIMEOUT, default=30.0, metavar="S",
+                   help="seconds to wait for the service to become active (default 30)")
     p = add("status", cmd_status, [common, locking], "show method, identity, certificate, file "
             "modes and service state (secrets redacted)")
     p.add_argument("--json", action="store_true", help="machine-readable output")

@@ -159,6 +159,11 @@ HEALTHY, ROLLED_BACK, UNCONFIGURED, FAILED, SKIPPED = (
     "healthy", "rolled back", "unconfigured", "failed", "skipped")
 
 
+def refused(state: UnitState) -> bool:
+    """The unit stopped because the hub refused the identity (the agent's exit 76)."""
+    return state.active_state == "failed" and state.exec_main_status == EX_REJECTED
+
+
 def settle(root: Path, *, timeout: float, strict: bool, out, restart: bool = True,
            service=None, clock=time.monotonic, sleep=time.sleep, boot: bool = False) -> Result:
     """:func:`_settle`, then its outcome recorded with the time (``status``, the metrics);

@@ -423,6 +423,55 @@ def test_a_set_not_from_dps_is_never_re_provisioned(stand, booted_root, tmp_path
     assert "DPS" not in out and stand.dps.server.requests == []
 
 
+# -- the agent's unit failed: defender-setup reprovision (its OnFailure= unit) ---------------
+def reprovision_here(root, fake, monkeypatch, capsys):
+    from defender_setup import cli
+    from defender_setup.service import Service
+    from tests.fakes import FakeJournal
+
+    fake.path_env(monkeypatch)  # the real clock: one stability window (1.5 s) when it restarts
+    svc = Service(root, environ={}, journal=lambda: FakeJournal(), manages_root=True)
+    code = cli.main(["reprovision", "--root", str(root)], service=svc)
+    out, err = capsys.readouterr()
+    return code, out + err
+
+
+@pytest.mark.allow_subprocess("systemctl")
+def test_an_agent_the_hub_refused_at_boot_follows_its_device_to_the_new_hub(
+        provisioned, stand, tmp_path, monkeypatch, capsys):
+    """No command ran: the agent started at boot (or reconnected) and the old hub refused it;
+    its unit's OnFailure= runs 'reprovision', which registers again and verifies."""
+    from tests.fakes import FakeSystemd, failed, running
+
+    fake = FakeSystemd(tmp_path, [failed("inv-1", 76)], [{"states": [running("inv-2")]}])
+    code, out = reprovision_here(provisioned, fake, monkeypatch, capsys)
+    assert code == 0, out
+    assert "assigned: hub 127.0.0.2, device dev-1 (reprovisionedToNewHub)" in out
+    assert (provisioned / CS).read_text().startswith(f"HostName={HUB_B};DeviceId=dev-1;")
+    assert len(fake.restarts()) == 1
+    assert (provisioned / zerotouch.MARKER).exists()  # once a boot
+    secrets_absent([out], GROUP_KEY)
+
+
+@pytest.mark.parametrize("state", ["running", "crashed", "refused again this boot"])
+@pytest.mark.allow_subprocess("systemctl")
+def test_reprovision_leaves_any_other_failure_alone(provisioned, stand, tmp_path, monkeypatch,
+                                                    capsys, state):
+    from tests.fakes import FakeSystemd, failed, running
+
+    shown = {"running": running("inv-0"), "crashed": failed("inv-1", 1)}.get(
+        state, failed("inv-1", 76))
+    if state == "refused again this boot":
+        (provisioned / zerotouch.MARKER).parent.mkdir(parents=True, exist_ok=True)
+        (provisioned / zerotouch.MARKER).write_text("{}")
+    before, text = registrations(stand), (provisioned / CS).read_bytes()
+    fake = FakeSystemd(tmp_path, [shown], [])
+    code, out = reprovision_here(provisioned, fake, monkeypatch, capsys)
+    assert code == 0, out
+    assert registrations(stand) == before and fake.restarts() == []
+    assert (provisioned / CS).read_bytes() == text
+
+
 # -- check -----------------------------------------------------------------------------------
 def dps_checks(run) -> dict:
     code, out, _ = run("check", "--json")

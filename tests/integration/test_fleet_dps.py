@@ -132,17 +132,21 @@ def test_a_device_in_a_disabled_enrollment_is_reported_and_stays_unconfigured(ze
 
 
 def test_a_device_reassigned_to_the_second_hub_follows_it(zerotouch):
-    """DPS moves zt-1 to the second hub and the first forgets it: the hub refuses the module
-    identity, the device registers again once, makes its module there and connects."""
+    """DPS moves zt-1 to the second hub and the first forgets it: the next time the agent
+    connects (a reboot, a reconnect, here a plain systemctl restart: no defender-setup command
+    runs), the hub refuses the module identity, the agent's unit fails and its OnFailure= unit
+    registers again once, makes the module there and the agent connects."""
     stand, devices, _build = zerotouch
     ct, machine = devices["zt-1"], MACHINES["zt-1"]
     stand.dps.reassign(machine, HUBS[1])
     stand.hubs[HUBS[0]].rest.remove_device(machine)
-    result = ct.run(["defender-setup", "restart"], check=False, timeout=BOOT_TIMEOUT)
-    assert result.returncode == 0, result.stdout + result.stderr
-    assert "registering with DPS again" in result.stdout + result.stderr
+    ct.run(["systemctl", "restart", UNIT], check=False, timeout=BOOT_TIMEOUT)  # refused: 76
     assert wait_for(lambda: status_text(ct) ==
-                    f"connected to {HUBS[1]} as {machine}/{MODULE}", 30), status_text(ct)
+                    f"connected to {HUBS[1]} as {machine}/{MODULE}", 90), \
+        status_text(ct) + journal(ct, "-u", "defender-setup-reprovision.service")
+    said = lambda: journal(ct, "-u", "defender-setup-reprovision.service")  # noqa: E731
+    assert wait_for(lambda: "Finished defender-setup-reprovision" in said(), 30), said()
+    assert "registering with DPS again" in said()
     assert (machine, MODULE) in stand.hubs[HUBS[1]].rest.modules
     assert status_json(ct)["identity"]["hub"] == HUBS[1]
     # zt-2, in the same group, stays where it is.
