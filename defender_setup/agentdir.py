@@ -328,16 +328,21 @@ class AgentDir:
             for name in set(ALL_FILES) - set(wanted):
                 if (self.path / name).exists():
                     (self.path / name).unlink()
-            if journal.get("origin") == ORIGIN and (staging / ORIGIN).exists():
+            origin = journal.get("origin") == ORIGIN and (staging / ORIGIN).exists()
+            if origin:
                 os.replace(staging / ORIGIN, self.state / ORIGIN)
             fsync_dir(self.path)
             journal_path.unlink()
             shutil.rmtree(staging, ignore_errors=True)
             fsync_dir(self.state)
-            return True
         except (OSError, ValueError, KeyError, TypeError) as exc:
             raise WriteError(f"cannot complete the interrupted credential update in "
                              f"{self.path}: {exc}") from None
+        if origin:  # the public, non-secret copy (the agent cannot read ours)
+            from . import facts
+
+            facts.changed(self.root, self.origin() or {})
+        return True
 
     def rollback(self) -> dict[str, bytes]:
         """Make the previous set current again (the current set becomes previous).

@@ -162,8 +162,21 @@ def settle(root: Path, *, timeout: float, strict: bool, out, restart: bool = Tru
 
     ``code``: 0 when healthy, skipped or rolled back to a healthy set; 69 (EX_UNAVAILABLE)
     when unconfigured again, when the roll-back fails too, or with ``strict`` after any
-    failure.
+    failure. The outcome is recorded in the public facts (:mod:`.facts`) as the last
+    verification and the result of the change it judged (taken before a roll-back records
+    a change of its own).
     """
+    from . import facts
+
+    change = facts.pending_change(root)
+    result = _settle(root, timeout=timeout, strict=strict, out=out, restart=restart,
+                     service=service, clock=clock, sleep=sleep)
+    facts.settled(root, result.outcome, change)
+    return result
+
+
+def _settle(root: Path, *, timeout: float, strict: bool, out, restart: bool, service, clock,
+            sleep) -> Result:
     from .agentdir import AgentDir
 
     root = Path(root)

@@ -14,6 +14,8 @@ The file is a JSON object; every key is optional and none is needed for the defa
       "ca_file": "/etc/ssl/private/hub-ca.pem",   # trust only this CA file (gateways, private hubs)
       "heartbeat_interval": 300,              # seconds between heartbeat messages; 0 = off
       "sas_lifetime": 3600,                   # seconds a SAS token is valid (renewed at 80 %)
+      "twin_interval": 60,                    # at least this many seconds between two updates
+                                              # of the module twin's reported properties; 0 = off
       "port": 8883                            # only for test hubs and unusual gateways
     }
 
@@ -53,10 +55,12 @@ PROXY_SCHEMES = ("http", "socks5", "socks4")
 # Bounds keep a typo (ms instead of s) from flooding the hub or making tokens live for years.
 HEARTBEAT_RANGE = (5, 86400)
 SAS_LIFETIME_RANGE = (5, 7 * 86400)
+TWIN_INTERVAL_RANGE = (1, 86400)
 MAX_CONF_BYTES = 64 * 1024  # the largest sensible file is under 1 KiB
 MAX_CA_BYTES = 1024 * 1024  # a bundle of all of Debian's ~140 roots is about 220 KiB
 MAX_DIGITS = 18  # every accepted number has at most 6 digits
-KNOWN = ("transport", "proxy", "ca_file", "heartbeat_interval", "sas_lifetime", "port")
+KNOWN = ("transport", "proxy", "ca_file", "heartbeat_interval", "sas_lifetime", "port",
+         "twin_interval")
 _KINDS = ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO (named pipe)"),
           (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
           (stat.S_ISSOCK, "a socket"))
@@ -95,6 +99,7 @@ class Settings:
     heartbeat_interval: int = 300
     sas_lifetime: int = 3600
     port: int | None = None
+    twin_interval: int = 60
 
     @property
     def hub_port(self) -> int:
@@ -194,7 +199,8 @@ def parse(text, source: str = "conf.json", root: Path = Path("/")) -> Settings:
     heartbeat = _int(obj, "heartbeat_interval", 300, HEARTBEAT_RANGE, err, zero_ok=True)
     lifetime = _int(obj, "sas_lifetime", 3600, SAS_LIFETIME_RANGE, err)
     port = _int(obj, "port", None, (1, 65535), err)
-    return Settings(transport, proxy, ca_file, heartbeat, lifetime, port)
+    twin = _int(obj, "twin_interval", 60, TWIN_INTERVAL_RANGE, err, zero_ok=True)
+    return Settings(transport, proxy, ca_file, heartbeat, lifetime, port, twin)
 
 
 class _Opaque:
