@@ -3,10 +3,14 @@
 Interface::
 
     hub = Broker(auth=callable(client_id, username, password) -> connack code,
-                 tls=(cert_file, key_file), websocket=False, mode="normal", clock=time.time)
+                 tls=(cert_file, key_file), websocket=False, mode="normal", clock=time.time,
+                 twin="answer")
     port = hub.start(port=0)     # 127.0.0.1 only
     hub.connections              # list of Conn records (client_id, username, code, sni, ...)
-    hub.messages                 # list of (client_id, topic, payload bytes)
+    hub.messages                 # list of (client_id, topic, payload bytes), telemetry only
+    hub.twin_patches             # list of (client_id, topic, payload, time.monotonic() received)
+    hub.reported[(device, module)]   # the module twin's reported properties, merged as IoT Hub
+                                     # does ($version included)
     hub.wait_for(predicate, timeout)
     hub.stop()
 
@@ -19,6 +23,14 @@ pretend its clock is off (``clock=lambda: time.time() - 600``). ``mode`` makes i
 connection before the TLS handshake; ``connack=N`` answers every CONNECT with code N. With
 ``expire=True`` a connection is closed when the SAS token it authenticated with expires (as
 IoT Hub does), using ``auth.last_expiry``.
+
+The module twin, as IoT Hub's MQTT 3.1.1 surface has it: a PUBLISH to
+``$iothub/twin/PATCH/properties/reported/?$rid=N`` is merged into that identity's reported
+properties (a JSON merge: ``null`` removes a key; keys holding ``.``, ``$``, a space or a
+control character, a body that is not a JSON object, are refused with 400) and answered on
+``$iothub/twin/res/204/?$rid=N&$version=V`` to a connection that subscribed to
+``$iothub/twin/res/#``. ``twin="ignore"`` records the PATCH and never answers;
+``twin="fail"`` answers ``twin_status`` (default 500) and keeps nothing.
 """
 
 from __future__ import annotations
@@ -32,9 +44,12 @@ import threading
 import time
 from dataclasses import dataclass, field
 from email.utils import formatdate
+from urllib.parse import parse_qs
 
 WS_PATH = "/$iothub/websocket"
 WS_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
+TWIN_PATCH = "$iothub/twin/PATCH/properties/reported/"
+TWIN_RES = "$iothub/twin/res/"
 
 
 @dataclass
@@ -145,13 +160,17 @@ def _str(buf: bytes, pos: int):
 
 class Broker:
     def __init__(self, auth=None, tls=None, websocket=False, mode="normal", connack=None,
-                 expire=False, client_ca=None, clock=time.time):
+                 expire=False, client_ca=None, clock=time.time, twin="answer",
+                 twin_status=500):
         self.auth = auth or (lambda *_: 0)
         self.tls, self.websocket, self.mode = tls, websocket, mode
         self.connack, self.expire, self.client_ca = connack, expire, client_ca
         self.clock = clock
         self.connections: list[Conn] = []
         self.messages: list[tuple] = []
+        self.twin, self.twin_status = twin, twin_status
+        self.twin_patches: list[tuple] = []
+        self.reported: dict = {}
         self.tls_failures = 0
         self._cond = threading.Condition()
         self._loop = asyncio.new_event_loop()
@@ -275,6 +294,7 @@ class Broker:
         if code != 0:
             return
         timeout = None
+        subscribed: set = set()
         while True:
             if self.expire and expiry is not None:
                 timeout = expiry - time.time()
@@ -290,14 +310,20 @@ class Broker:
                     pos += 2
                 payload = body[pos:]
                 message = (conn.client_id, topic.decode(), payload)
-                self._record(lambda m=message: self.messages.append(m))
+                if message[1].startswith(TWIN_PATCH):
+                    patch = (*message, time.monotonic())
+                    self._record(lambda m=patch: self.twin_patches.append(m))
+                    self._twin_patch(stream, conn, message[1], payload, subscribed)
+                else:
+                    self._record(lambda m=message: self.messages.append(m))
                 if qos:
                     stream.write(bytes([0x40, 2]) + struct.pack("!H", mid))
             elif kind == 8:  # SUBSCRIBE
                 (mid,) = struct.unpack_from("!H", body, 0)
                 pos, granted = 2, []
                 while pos < len(body):
-                    _, pos = _str(body, pos)
+                    topic_filter, pos = _str(body, pos)
+                    subscribed.add(topic_filter.decode())
                     granted.append(min(body[pos], 1))
                     pos += 1
                 stream.write(bytes([0x90, 2 + len(granted)]) + struct.pack("!H", mid)
@@ -306,3 +332,73 @@ class Broker:
                 stream.write(bytes([0xD0, 0]))
             elif kind == 14:  # DISCONNECT
                 return
+
+    # -- the module twin (loop thread) ------------------------------------------------------
+    def _twin_patch(self, stream, conn: Conn, topic: str, payload: bytes, subscribed) -> None:
+        rid = parse_qs(topic.partition("?")[2]).get("$rid", [""])[0]
+        if self.twin == "ignore":
+            return
+        identity = tuple(conn.client_id.split("/", 1)) if "/" in conn.client_id else (
+            conn.client_id, "")
+        if self.twin == "fail":
+            status, version = self.twin_status, None
+        else:
+            with self._cond:
+                status, version = self._merge(identity, payload)
+                self._cond.notify_all()
+        if "$iothub/twin/res/#" not in subscribed:
+            return  # IoT Hub, too, publishes the answer to the subscription only
+        answer = f"{TWIN_RES}{status}/?$rid={rid}" + (
+            f"&$version={version}" if version is not None else "")
+        data = struct.pack("!H", len(answer)) + answer.encode()
+        stream.write(bytes([0x30]) + _length(len(data)) + data)  # QoS 0, empty payload
+
+    def _merge(self, identity: tuple, payload: bytes):
+        """(status, version): the patch merged into ``identity``'s reported properties."""
+        import json
+
+        try:
+            patch = json.loads(payload)
+        except ValueError:
+            return 400, None
+        if not isinstance(patch, dict) or not _valid_keys(patch):
+            return 400, None
+        current = self.reported.setdefault(identity, {"$version": 1})
+        _merge_into(current, patch)
+        current["$version"] += 1
+        return 204, current["$version"]
+
+
+def _length(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte, n = n % 128, n // 128
+        out.append(byte | (0x80 if n else 0))
+        if not n:
+            return bytes(out)
+
+
+def _valid_keys(obj) -> bool:
+    """IoT Hub's rule for property names: no '.', '$', space or control character."""
+    if not isinstance(obj, dict):
+        return True
+    for key, value in obj.items():
+        if not key or any(c in ".$ " or ord(c) < 32 or 127 <= ord(c) < 160 for c in key):
+            return False
+        if not _valid_keys(value):
+            return False
+    return True
+
+
+def _merge_into(target: dict, patch: dict) -> None:
+    """JSON merge (as a twin PATCH): objects merged key by key, null removes, else replaces."""
+    for key, value in patch.items():
+        if value is None:
+            target.pop(key, None)
+        elif isinstance(value, dict) and isinstance(target.get(key), dict):
+            _merge_into(target[key], value)
+        elif isinstance(value, dict):
+            target[key] = {}
+            _merge_into(target[key], value)
+        else:
+            target[key] = value
