@@ -131,6 +131,7 @@ def _write(root: Path, facts: Facts) -> None:
             st = lstat(directory)
             if st is None:
                 directory.mkdir(mode=0o755, parents=True, exist_ok=True)
+                directory.chmod(0o755)  # a umask of 077 (a unit's UMask=) would hide it
             elif not stat.S_ISDIR(st.st_mode):
                 return  # a link or a file planted there: write nothing through it
         replace(path, _dump(facts), 0o644)

@@ -93,3 +93,13 @@ def test_a_planted_link_is_not_written_through(tmp_path):
     store(tmp_path)  # the credential write itself succeeds: the facts are best effort
     assert list(target.iterdir()) == []
     assert AgentDir(tmp_path).method() == "connection-string"
+
+
+def test_readable_by_the_agent_whatever_the_umask(tmp_path):
+    old = os.umask(0o077)
+    try:
+        store(tmp_path)
+    finally:
+        os.umask(old)
+    assert oct((tmp_path / "var/lib/defender-setup").stat().st_mode & 0o777) == "0o755"
+    assert oct((tmp_path / facts.FACTS).stat().st_mode & 0o777) == "0o644"
