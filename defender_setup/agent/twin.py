@@ -117,7 +117,8 @@ def sealed(creds) -> bool:
     from defender_setup.credentials import SEALED_NAMES
 
     names = set(SEALED_NAMES.values())
-    return any(Path(source).name in names for source in (creds.sources or {}).values())
+    sources = getattr(creds, "sources", None) or {}
+    return any(Path(source).name in names for source in sources.values())
 
 
 class Report:
@@ -126,11 +127,13 @@ class Report:
 
     def __init__(self, creds, root: Path = Path("/")):
         self.root = Path(root)
-        cert = creds.certificate if creds.method == "certificate" else None
+        # a credentials.Validated; (tests hand the connector a bare hub.Identity instead)
+        method = getattr(creds, "method", None)
+        cert = getattr(creds, "certificate", None) if method == "certificate" else None
         self._static = {
             "packageVersion": package_version(self.root),
             "agentVersion": __version__,
-            "method": creds.method,
+            "method": method,
             "certificate": {"notAfter": _iso(cert.not_after)} if cert is not None else None,
             "sealed": sealed(creds),
             "osRelease": os_release(self.root),
