@@ -54,38 +54,60 @@ INFO, WARNING = 6, 4
 
 
 def package_version(root: Path = Path("/")) -> str | None:
-    """The installed version of the package that ships the runtime, from dpkg's status file
-    (read line by line, never whole); None when it is not installed (tests, a source tree)."""
+    """The version of the package that ships the runtime as dpkg knows it: its status file,
+    then the journal of the dpkg run in progress (``updates/``: during an install the
+    agent starts from the trigger, before dpkg folds the journal into ``status``), read line
+    by line, never whole. None when not unpacked (tests, a source tree)."""
+    dpkg = Path(root) / "var/lib/dpkg"
     found: dict = {}
-    name = version = None
-    installed = False
     try:
-        with open(Path(root) / "var/lib/dpkg/status", "rb") as handle:
-            read = 0
-            for line in handle:
-                read += len(line)
-                if read > MAX_STATUS:
-                    break
-                if line in (b"\n", b"\r\n"):
-                    if name in PACKAGES and installed and version:
-                        found[name] = version
-                    name = version = None
-                    installed = False
-                elif line.startswith(b"Package: "):
-                    name = line[9:].strip()
-                elif line.startswith(b"Version: "):
-                    version = line[9:].strip().decode("ascii", "replace")
-                elif line.startswith(b"Status: "):
-                    installed = line.split()[-1] == b"installed"
-            if name in PACKAGES and installed and version:
-                found[name] = version
+        journal = sorted((p for p in (dpkg / "updates").iterdir() if p.name.isdigit()),
+                         key=lambda p: int(p.name))
     except OSError:
-        return None
+        journal = []
+    for path in [dpkg / "status", *journal[:1000]]:
+        _paragraphs(path, found)
     for package in PACKAGES:
         value = found.get(package)
         if value and _VERSION.fullmatch(value):
             return value
     return None
+
+
+# dpkg states in which the package's files (and so this version) are on disk
+_UNPACKED = (b"unpacked", b"half-configured", b"triggers-awaited", b"triggers-pending",
+             b"installed")
+
+
+def _paragraphs(path: Path, found: dict) -> None:
+    """Record (or clear) in ``found`` the version of each of :data:`PACKAGES` in ``path``."""
+    fields: dict = {}
+
+    def end():
+        name = fields.get(b"Package")
+        if name in PACKAGES:
+            status = fields.get(b"Status", b"").split()
+            unpacked = bool(status) and status[-1] in _UNPACKED
+            version = fields.get(b"Version")
+            found[name] = version.decode("ascii", "replace") if unpacked and version else None
+        fields.clear()
+
+    try:
+        with open(path, "rb") as handle:
+            read = 0
+            for line in handle:
+                read += len(line)
+                if read > MAX_STATUS:
+                    break
+                if not line.strip():
+                    end()
+                elif line[:1] not in (b" ", b"\t"):
+                    key, _, value = line.partition(b":")
+                    if key in (b"Package", b"Status", b"Version"):
+                        fields[key] = value.strip()
+            end()
+    except OSError:
+        pass
 
 
 def os_release(root: Path = Path("/")) -> dict:

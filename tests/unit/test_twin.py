@@ -152,3 +152,18 @@ def test_a_shared_access_key_set_reports_no_certificate_and_not_sealed(tmp_path)
     assert props["certificate"] is None and props["sealed"] is False
     assert props["packageVersion"] is None  # not installed: no dpkg status
     assert props["osRelease"] == {"id": None, "versionId": None, "prettyName": None}
+
+
+def test_the_package_version_during_the_dpkg_run_comes_from_its_journal(tmp_path):
+    dpkg = tmp_path / "var/lib/dpkg"
+    (dpkg / "updates").mkdir(parents=True)
+    (dpkg / "status").write_text("Package: defender-setup\nStatus: install ok installed\n"
+                                 "Version: 0.0.9-1\n")
+    assert twin.package_version(tmp_path) == "0.0.9-1"
+    # an upgrade in progress: the new version unpacked, its postinst running
+    (dpkg / "updates/0001").write_text("Package: defender-setup\nStatus: install ok "
+                                       "half-configured\nVersion: 0.1.0-1\n")
+    assert twin.package_version(tmp_path) == "0.1.0-1"
+    (dpkg / "updates/0002").write_text("Package: defender-setup\nStatus: purge ok "
+                                       "not-installed\n")
+    assert twin.package_version(tmp_path) is None
