@@ -97,7 +97,7 @@ def test_agent_connects_to_the_hub_and_sends_heartbeats(ct, pki, hub, preseed):
 
 
 def test_rejected_key_rolls_back_to_the_connected_set(ct, pki, hub, preseed):
-    point_at_hub(ct, pki, hub)
+    point_at_hub(ct, pki, hub, twin_interval=1)
     good = connection_string(preseed, "good-dev", preseed.sas_key(1))
     ct.install_deb(preseed=preseed.for_connection_string(good))
     assert status(ct)["StatusText"].startswith("connected to"), status(ct)
@@ -122,6 +122,14 @@ def test_rejected_key_rolls_back_to_the_connected_set(ct, pki, hub, preseed):
     s = status(ct)
     assert s["SubState"] == "running" and s["StatusText"].startswith("connected to"), s
     assert preseed.sas_key(7) not in out
+    # the fleet sees it in the twin: the last change was rolled back, the roll-back runs
+    def change():
+        return hub.reported.get(("good-dev", MODULE), {}).get("defenderSetup", {}).get(
+            "lastChange") or {}
+
+    assert hub.wait_for(lambda: change().get("result") == "rolled-back", 15), hub.reported
+    props = hub.reported[("good-dev", MODULE)]["defenderSetup"]
+    assert (props["origin"], change()["origin"]) == ("rollback", "debconf"), props
 
 
 def test_unreachable_hub_is_active_and_says_why(ct, pki, preseed):
