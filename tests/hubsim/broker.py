@@ -44,12 +44,11 @@ import threading
 import time
 from dataclasses import dataclass, field
 from email.utils import formatdate
-from urllib.parse import parse_qs
+
+from tests.hubsim.twin import PATCH_PREFIX, RESPONSES, Twins, answer_topic
 
 WS_PATH = "/$iothub/websocket"
 WS_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
-TWIN_PATCH = "$iothub/twin/PATCH/properties/reported/"
-TWIN_RES = "$iothub/twin/res/"
 
 
 @dataclass
@@ -170,7 +169,7 @@ class Broker:
         self.messages: list[tuple] = []
         self.twin, self.twin_status = twin, twin_status
         self.twin_patches: list[tuple] = []
-        self.reported: dict = {}
+        self.twins = Twins()
         self.tls_failures = 0
         self._cond = threading.Condition()
         self._loop = asyncio.new_event_loop()
@@ -310,7 +309,7 @@ class Broker:
                     pos += 2
                 payload = body[pos:]
                 message = (conn.client_id, topic.decode(), payload)
-                if message[1].startswith(TWIN_PATCH):
+                if message[1].startswith(PATCH_PREFIX):
                     patch = (*message, time.monotonic())
                     self._record(lambda m=patch: self.twin_patches.append(m))
                     self._twin_patch(stream, conn, message[1], payload, subscribed)
@@ -334,8 +333,11 @@ class Broker:
                 return
 
     # -- the module twin (loop thread) ------------------------------------------------------
+    @property
+    def reported(self) -> dict:
+        return self.twins.reported
+
     def _twin_patch(self, stream, conn: Conn, topic: str, payload: bytes, subscribed) -> None:
-        rid = parse_qs(topic.partition("?")[2]).get("$rid", [""])[0]
         if self.twin == "ignore":
             return
         identity = tuple(conn.client_id.split("/", 1)) if "/" in conn.client_id else (
@@ -343,30 +345,13 @@ class Broker:
         if self.twin == "fail":
             status, version = self.twin_status, None
         else:
-            with self._cond:
-                status, version = self._merge(identity, payload)
-                self._cond.notify_all()
-        if "$iothub/twin/res/#" not in subscribed:
+            status, version = self.twins.patch(identity, payload)
+            self._record(lambda: None)  # wake wait_for()
+        if RESPONSES not in subscribed:
             return  # IoT Hub, too, publishes the answer to the subscription only
-        answer = f"{TWIN_RES}{status}/?$rid={rid}" + (
-            f"&$version={version}" if version is not None else "")
-        data = struct.pack("!H", len(answer)) + answer.encode()
+        data = answer_topic(topic, status, version).encode()
+        data = struct.pack("!H", len(data)) + data
         stream.write(bytes([0x30]) + _length(len(data)) + data)  # QoS 0, empty payload
-
-    def _merge(self, identity: tuple, payload: bytes):
-        """(status, version): the patch merged into ``identity``'s reported properties."""
-        import json
-
-        try:
-            patch = json.loads(payload)
-        except ValueError:
-            return 400, None
-        if not isinstance(patch, dict) or not _valid_keys(patch):
-            return 400, None
-        current = self.reported.setdefault(identity, {"$version": 1})
-        _merge_into(current, patch)
-        current["$version"] += 1
-        return 204, current["$version"]
 
 
 def _length(n: int) -> bytes:
@@ -376,29 +361,3 @@ def _length(n: int) -> bytes:
         out.append(byte | (0x80 if n else 0))
         if not n:
             return bytes(out)
-
-
-def _valid_keys(obj) -> bool:
-    """IoT Hub's rule for property names: no '.', '$', space or control character."""
-    if not isinstance(obj, dict):
-        return True
-    for key, value in obj.items():
-        if not key or any(c in ".$ " or ord(c) < 32 or 127 <= ord(c) < 160 for c in key):
-            return False
-        if not _valid_keys(value):
-            return False
-    return True
-
-
-def _merge_into(target: dict, patch: dict) -> None:
-    """JSON merge (as a twin PATCH): objects merged key by key, null removes, else replaces."""
-    for key, value in patch.items():
-        if value is None:
-            target.pop(key, None)
-        elif isinstance(value, dict) and isinstance(target.get(key), dict):
-            _merge_into(target[key], value)
-        elif isinstance(value, dict):
-            target[key] = {}
-            _merge_into(target[key], value)
-        else:
-            target[key] = value
