@@ -356,13 +356,6 @@ class HubConnector:
 
 
 def os_release(root: Path = Path("/")) -> str:
-    """PRETTY_NAME from /etc/os-release (or /usr/lib/os-release), else "unknown"."""
-    for name in ("etc/os-release", "usr/lib/os-release"):
-        try:
-            text = (Path(root) / name).read_text(encoding="utf-8", errors="replace")
-        except OSError:
-            continue
-        for line in text.splitlines():
-            if line.startswith("PRETTY_NAME="):
-                return line.split("=", 1)[1].strip().strip('"\'')[:100]
-    return "unknown"
+    """PRETTY_NAME from /etc/os-release (or /usr/lib/os-release), else "unknown" (read where
+    the twin report reads it: :func:`.twin.os_release`)."""
+    return twin.os_release(root)["prettyName"] or "unknown"
