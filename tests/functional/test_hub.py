@@ -368,6 +368,7 @@ def test_a_bug_in_the_twin_report_turns_it_off_and_keeps_the_connection(hub_pki,
     c, n = run(ident, conf(hub_pki, port=broker.port, twin_interval=1), broker)
     assert n.failed is None and c.state == "connected"
     assert n.statuses[-1] == f"connected to localhost as {DEVICE}/{MODULE}"
+    assert n.wait(lambda: any(line.startswith("twin: ") for _, line in n.lines), 5)
     off = [line for level, line in n.lines if line.startswith("twin: ")]
     assert off == ["twin: reported properties turned off after an internal error: "
                    "RuntimeError at test_hub.py:" + off[0].rpartition(":")[2]], off
