@@ -18,6 +18,9 @@ Interface::
     d.save_record(name, {...}) / d.record(name) / d.drop_record(name)
                           # small JSON facts in the private state (the last import's outcome)
 
+Every committed change (write, rollback, unconfigure, a rolled-forward repair) also updates
+the public, non-secret copy of its origin for the agent (:func:`defender_setup.facts.changed`).
+
 Why it is built this way:
 
 * Each file is private from its first byte: created ``O_EXCL|O_NOFOLLOW`` with its final mode in
