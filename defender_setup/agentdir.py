@@ -19,6 +19,9 @@ Interface::
                           # small JSON facts in the private state (the last import's outcome)
     d.count(name)         # += 1 in the counters record (roll-backs, for the metrics)
 
+Every committed change (write, rollback, unconfigure, a rolled-forward repair) also updates
+the public, non-secret copy of its origin for the agent (:func:`defender_setup.facts.changed`).
+
 Why it is built this way:
 
 * Each file is private from its first byte: created ``O_EXCL|O_NOFOLLOW`` with its final mode in
@@ -75,7 +78,6 @@ JOURNAL = "txn"
 LOCK = "lock"
 ORIGIN = "origin.json"        # where the current set came from (never a secret)
 IMPORT_RECORD = "import.json"  # the last boot-time import's outcome (importer.py writes it)
-VERIFY_RECORD = "verification.json"  # the last verification's time and outcome (verify.py)
 COUNTERS = "counters.json"    # {"rollbacks": n}: for the metrics' counters
 DPS_RECORD = "dps.json"        # the last DPS registration (zerotouch.py writes it)
 STATE_DIRS = (STAGING, PREVIOUS, PREVIOUS_NEW)
@@ -350,16 +352,21 @@ class AgentDir:
             for name in set(ALL_FILES) - set(wanted):
                 if (self.path / name).exists():
                     (self.path / name).unlink()
-            if journal.get("origin") == ORIGIN and (staging / ORIGIN).exists():
+            origin = journal.get("origin") == ORIGIN and (staging / ORIGIN).exists()
+            if origin:
                 os.replace(staging / ORIGIN, self.state / ORIGIN)
             fsync_dir(self.path)
             journal_path.unlink()
             shutil.rmtree(staging, ignore_errors=True)
             fsync_dir(self.state)
-            return True
         except (OSError, ValueError, KeyError, TypeError) as exc:
             raise WriteError(f"cannot complete the interrupted credential update in "
                              f"{self.path}: {exc}") from None
+        if origin:  # the public, non-secret copy (the agent cannot read ours)
+            from . import facts
+
+            facts.changed(self.root, self.origin() or {})
+        return True
 
     def rollback(self) -> dict[str, bytes]:
         """Make the previous set current again (the current set becomes previous).

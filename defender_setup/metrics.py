@@ -79,7 +79,8 @@ def collect(root: Path | str, lock_timeout: float = 5.0) -> dict:
     :raises BusyError: a writer kept the lock ``lock_timeout`` seconds (it refreshes the
         metrics itself when it ends).
     """
-    from .agentdir import COUNTERS, VERIFY_RECORD, AgentDir, when
+    from . import facts as public
+    from .agentdir import COUNTERS, AgentDir, when
     from .checks import run_checks
     from .errors import BusyError
     from .provision import read
@@ -97,7 +98,7 @@ def collect(root: Path | str, lock_timeout: float = 5.0) -> dict:
     results = run_checks(root, state, lock_timeout, stored=stored)
     facts = {"version": __version__, "method": None, "sealed": None, "origin": None,
              "certificate_not_after": None, "service": state,
-             "verification": agent.record(VERIFY_RECORD),
+             "verification": _verification(public.read(root).last_verification),
              "rollbacks": (agent.record(COUNTERS) or {}).get("rollbacks", 0),
              "checks": [r.as_dict() for r in results]}
     if stored is not None:
@@ -115,6 +116,15 @@ def collect(root: Path | str, lock_timeout: float = 5.0) -> dict:
         if facts[name] is not None:
             facts[name] = dict(facts[name], timestamp=when(facts[name].get("time")))
     return facts
+
+
+def _verification(last: dict | None) -> dict | None:
+    """The last verification as the public facts (:mod:`.facts`, the one record of it) say,
+    in verify.settle's words, which the metrics' labels use."""
+    if not last:
+        return None
+    words = {"verified": "healthy", "rolled-back": "rolled back"}
+    return {"time": last.get("time"), "result": words.get(last.get("result"), last.get("result"))}
 
 
 # -- rendering (pure) ----------------------------------------------------------------------

@@ -166,32 +166,27 @@ def refused(state: UnitState) -> bool:
 
 def settle(root: Path, *, timeout: float, strict: bool, out, restart: bool = True,
            service=None, clock=time.monotonic, sleep=time.sleep, boot: bool = False) -> Result:
-    """:func:`_settle`, then its outcome recorded with the time (``status``, the metrics);
-    a verification that did not happen (``skipped``) is not one."""
-    result = _settle(root, timeout=timeout, strict=strict, out=out, restart=restart,
-                     service=service, clock=clock, sleep=sleep,
-                     boot=boot)
-    if result.outcome != SKIPPED:
-        from .agentdir import VERIFY_RECORD, AgentDir, now
-
-        try:
-            AgentDir(root).save_record(VERIFY_RECORD, {"time": now(), "exit_code": result.code,
-                                                       "result": result.outcome})
-        except SetupError as exc:  # the verdict stands; only its record is missing
-            print(f"warning: the verification was not recorded: {exc}", file=out)
-    return result
-
-
-def _settle(root: Path, *, timeout: float, strict: bool, out, restart: bool = True,
-            service=None, clock=time.monotonic, sleep=time.sleep, boot: bool = False) -> Result:
     """The one verification policy (see the module docstring): restart once (or, with
     ``restart`` False, watch the start already under way), judge, and on failure go back to
     the previous set, or to unconfigured when there is none.
 
     ``code``: 0 when healthy, skipped or rolled back to a healthy set; 69 (EX_UNAVAILABLE)
     when unconfigured again, when the roll-back fails too, or with ``strict`` after any
-    failure.
+    failure. The outcome is recorded in the public facts (:mod:`.facts`) as the last
+    verification and the result of the change it judged (taken before a roll-back records
+    a change of its own).
     """
+    from . import facts
+
+    change = facts.pending_change(root)
+    result = _settle(root, timeout=timeout, strict=strict, out=out, restart=restart,
+                     service=service, clock=clock, sleep=sleep, boot=boot)
+    facts.settled(root, result.outcome, change)
+    return result
+
+
+def _settle(root: Path, *, timeout: float, strict: bool, out, restart: bool, service, clock,
+            sleep, boot: bool) -> Result:
     from .agentdir import AgentDir
 
     root = Path(root)

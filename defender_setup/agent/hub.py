@@ -3,7 +3,8 @@
 Interface (the runtime's connector seam, see :mod:`defender_setup.agent.runtime`)::
 
     HubConnector(root=Path("/"), settings=None, *, ready_timeout=10.0, backoff=(1.0, 60.0),
-                 heartbeat_interval=None, sas_lifetime=None, clock=time.time)
+                 heartbeat_interval=None, sas_lifetime=None, twin_interval=None,
+                 clock=time.time)
     .start(creds, notify)   # returns at once; notify.ready() once the first attempt has an
                             # outcome (the runtime sends READY=1 then, or after ready_timeout)
     .stop()                 # returns within STOP_WITHIN seconds, whatever the hub does
@@ -37,6 +38,9 @@ SAS tokens live ``sas_lifetime`` seconds; at 80 % of it the connector disconnect
 reconnects with a fresh token. Messages are removed from the queue only when the hub acks them,
 so a renewal or a lost connection re-sends, never drops (at-least-once). A heartbeat (agent
 version, uptime, OS release) is sent on connect and every ``heartbeat_interval`` seconds.
+The module twin's reported properties (:mod:`.twin`) go over the same connection, as the same
+identity: a PATCH on connect and on change, at most one per ``twin_interval`` seconds; the
+twin's answers, or their absence, change nothing here.
 paho is imported lazily; both its 1.x and 2.x APIs are supported. Nothing here logs a secret.
 """
 
@@ -51,7 +55,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from defender_setup import AGENT_DIR, __version__
-from defender_setup.agent import credsdir, hubnet, sas
+from defender_setup.agent import credsdir, hubnet, sas, twin
 from defender_setup.agent import settings as settings_mod
 from defender_setup.credentials import CERTIFICATE_FILE, PRIVATE_KEY_FILE
 from defender_setup.errors import EX_CONFIG, EX_REJECTED, EX_SOFTWARE, SetupError
@@ -150,13 +154,15 @@ class HubConnector:
 
     def __init__(self, root: Path = Path("/"), settings=None, *, ready_timeout: float = 10.0,
                  backoff=(1.0, 60.0), heartbeat_interval=None, sas_lifetime=None,
-                 clock=time.time):
+                 twin_interval=None, clock=time.time):
         self.root = Path(root)
         self._settings = settings
         self.ready_timeout = ready_timeout
         self._backoff = Backoff(*backoff)
         self._heartbeat_override = heartbeat_interval
         self._lifetime_override = sas_lifetime
+        self._twin_override = twin_interval
+        self.twin: twin.Twin | None = None
         self._clock = clock
         self._queue: collections.deque = collections.deque(maxlen=QUEUE_MAX)
         self._thread: threading.Thread | None = None
@@ -183,6 +189,15 @@ class HubConnector:
         self.heartbeat_interval = (self._heartbeat_override if self._heartbeat_override
                                    is not None else self.settings.heartbeat_interval)
         self.sas_lifetime = self._lifetime_override or self.settings.sas_lifetime
+        interval = (self._twin_override if self._twin_override is not None
+                    else self.settings.twin_interval)
+        self.twin = None
+        if interval:
+            try:
+                report = twin.Report(creds, self.root)
+                self.twin = twin.Twin(report.body, interval, log=notify.log)
+            except Exception as err:  # a report is never worth the connection: see _twin
+                self._twin_off(err)
         self.state = "connecting"
         self._backoff.reset()
         self._last_reason = None
@@ -284,6 +299,9 @@ class HubConnector:
             left = token.expiry - self._clock()
             renew_at = time.monotonic() + max(1.0, left - self.sas_lifetime + sas.renewal_delay(
                 self.sas_lifetime))
+        if self.twin is not None:
+            session.subscribe(twin.RESPONSES)
+            self.twin.connected()
         try:
             while True:
                 now = time.monotonic()
@@ -291,6 +309,8 @@ class HubConnector:
                     self.send(self._heartbeat())
                     self._next_beat = now + self.heartbeat_interval
                 session.publish_from(self._queue, self.identity.topic)
+                if self.twin is not None:
+                    self._twin(session)
                 if stop.is_set():
                     session.close(drain=STOP_DRAIN)
                     return hubnet.Result("stopped")
@@ -305,6 +325,27 @@ class HubConnector:
             session.close()
             session.requeue(self._queue)
 
+    def _twin(self, session) -> None:
+        """The twin's turn in the connection loop. A bug in it turns the twin off (one line)
+        instead of ending the connection: the report must never change the agent's verdict."""
+        try:
+            while session.answers:
+                self.twin.answer(session.answers.popleft())
+            patch = self.twin.due()
+            if patch is not None:
+                session.publish_once(*patch)  # not queued: no answer, so tried again later
+        except Exception as err:
+            self._twin_off(err)
+
+    def _twin_off(self, err: BaseException) -> None:
+        import traceback
+
+        where = traceback.extract_tb(err.__traceback__)[-1]
+        self.twin = None
+        self._notify.log(f"twin: reported properties turned off after an internal error: "
+                         f"{type(err).__name__} at {Path(where.filename).name}:{where.lineno}",
+                         WARNING)
+
     def _heartbeat(self) -> bytes:
         return json.dumps({
             "type": "heartbeat",
@@ -315,13 +356,6 @@ class HubConnector:
 
 
 def os_release(root: Path = Path("/")) -> str:
-    """PRETTY_NAME from /etc/os-release (or /usr/lib/os-release), else "unknown"."""
-    for name in ("etc/os-release", "usr/lib/os-release"):
-        try:
-            text = (Path(root) / name).read_text(encoding="utf-8", errors="replace")
-        except OSError:
-            continue
-        for line in text.splitlines():
-            if line.startswith("PRETTY_NAME="):
-                return line.split("=", 1)[1].strip().strip('"\'')[:100]
-    return "unknown"
+    """PRETTY_NAME from /etc/os-release (or /usr/lib/os-release), else "unknown" (read where
+    the twin report reads it: :func:`.twin.os_release`)."""
+    return twin.os_release(root)["prettyName"] or "unknown"

@@ -8,6 +8,8 @@ Interface (used by :mod:`defender_setup.agent.hub`)::
                                                 # resolved already (mqttclient.open_tcp)
     session.result        # None when the hub accepted the identity, else a Result
     session.publish_from(queue, topic); session.pump(seconds) -> Result | None
+    session.subscribe(topic_filter); session.publish_once(topic, payload) -> bool  # QoS 0
+    session.answers       # deque of the topics of messages the hub sent us (the twin's)
     session.close(drain=seconds); session.requeue(queue)
 
     link.abort()          # from another thread: ends the attempt in progress, and any later
@@ -29,6 +31,7 @@ after the third one.
 
 from __future__ import annotations
 
+import collections
 import socket
 import ssl
 import time
@@ -50,6 +53,10 @@ _V5_TO_V311 = {132: 1, 133: 2, 134: 4, 135: 5, 136: 3, 137: 3, 140: 5, 159: 3}
 WS_PATH = "/$iothub/websocket"
 KEEPALIVE = 60
 INFLIGHT_MAX = 20
+# Topics of messages from the hub kept until the connector reads them (twin answers: one
+# PATCH at a time is outstanding, so a handful is plenty; a flood only pushes old ones out).
+ANSWERS_MAX = 16
+TWIN_PREFIX = "$iothub/twin/res/"
 # Answers (PUBACKs, PINGRESPs) paho may queue for a hub that does not read them: the agent
 # itself has at most INFLIGHT_MAX messages out, so anything near this is a flood.
 BACKLOG_MAX = 1000
@@ -161,7 +168,9 @@ class Session:
         self.connack: int | None = None
         self.disconnected = False
         self.inflight: dict = {}
+        self.answers = collections.deque(maxlen=ANSWERS_MAX)
         client.on_connect = self._on_connect
+        client.on_message = self._on_message
         client.on_publish = self._on_publish
         client.on_disconnect = self._on_disconnect
 
@@ -199,6 +208,16 @@ class Session:
 
     def _on_disconnect(self, *args):
         self.disconnected = True
+
+    def _on_message(self, *args):
+        # Called from inside paho's packet handling, where an exception would end the
+        # connection: whatever the hub sends here, nothing is raised.
+        try:
+            topic = args[2].topic
+        except Exception:  # noqa: BLE001  (a topic that is not UTF-8, say)
+            return
+        if isinstance(topic, str) and topic.startswith(TWIN_PREFIX) and len(topic) < 256:
+            self.answers.append(topic)
 
     def connect(self, timeout: float) -> None:
         try:
@@ -320,6 +339,21 @@ class Session:
                 return
             self.inflight[info.mid] = payload
 
+    def subscribe(self, topic_filter: str) -> None:
+        """QoS 0; a refusal (SUBACK 0x80) only means no answers will come."""
+        try:
+            self.client.subscribe(topic_filter, qos=0)
+        except (OSError, ValueError):  # the next pump() reports a lost connection
+            pass
+
+    def publish_once(self, topic: str, payload: bytes) -> bool:
+        """QoS 0, outside the acknowledged queue (a twin request is answered on its own
+        topic); False when paho could not queue it."""
+        try:
+            return self.client.publish(topic, payload, qos=0).rc == 0
+        except (OSError, ValueError):
+            return False
+
     def pump(self, seconds: float) -> Result | None:
         rc = self._loop(seconds)
         if rc == 0 and not self.disconnected:
@@ -353,6 +387,7 @@ class Session:
             sock.close()
         # Break the client <-> callback cycle so the sockets are freed at once.
         client.on_connect = client.on_publish = client.on_disconnect = None
+        client.on_message = None
         self.client = None
 
     def requeue(self, queue) -> None:

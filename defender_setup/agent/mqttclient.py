@@ -22,7 +22,8 @@ A hub, or whatever sits in front of it, can lie, stall or flood; the agent stays
 - **Shape**: a packet paho cannot parse (its handlers trust the announced lengths and raise
   ``struct.error``/``IndexError``), a first packet that is not a CONNACK, a CONNACK with reserved
   flags, a QoS 2 PUBLISH (paho keeps each one until a PUBREL that may never come; the agent
-  subscribes to nothing) all end the connection as a protocol error instead of an exception.
+  subscribes at QoS 0 only, to the twin's answers) all end the connection as a protocol
+  error instead of an exception.
 - **Flood**: :meth:`backlog` lets the caller end a connection whose peer sends faster than it
   reads (every PUBLISH it sends makes paho queue a PUBACK).
 - **Time**: every blocking step of an attempt (TCP connect, the proxy's CONNECT, the TLS
@@ -327,7 +328,7 @@ def _bounded_client(mqtt):
                 return self.refuse(f"{name} instead of CONNACK")
             if command & 0xF0 == PUBLISH and command & 0x06 >= 0x04:
                 return self.refuse(f"unexpected QoS {(command >> 1) & 3} PUBLISH",
-                                    "the agent subscribes to nothing")
+                                    "the agent subscribes at QoS 0 only")
             try:
                 rc = super()._packet_handle()
             except Exception as err:

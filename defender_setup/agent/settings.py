@@ -14,6 +14,8 @@ The file is a JSON object; every key is optional and none is needed for the defa
       "ca_file": "/etc/ssl/private/hub-ca.pem",   # trust only this CA file (gateways, private hubs)
       "heartbeat_interval": 300,              # seconds between heartbeat messages; 0 = off
       "sas_lifetime": 3600,                   # seconds a SAS token is valid (renewed at 80 %)
+      "twin_interval": 60,                    # at least this many seconds between two updates
+                                              # of the module twin's reported properties; 0 = off
       "port": 8883,                           # only for test hubs and unusual gateways
       "https_port": 443                       # the hub's HTTPS API (zero-touch provisioning
                                               # creates the module there); test hubs only
@@ -66,6 +68,7 @@ PROXY_SCHEMES = ("http", "socks5", "socks4")
 # Bounds keep a typo (ms instead of s) from flooding the hub or making tokens live for years.
 HEARTBEAT_RANGE = (5, 86400)
 SAS_LIFETIME_RANGE = (5, 7 * 86400)
+TWIN_INTERVAL_RANGE = (1, 86400)
 MAX_CONF_BYTES = 64 * 1024  # the largest sensible file is under 1 KiB
 MAX_CA_BYTES = 1024 * 1024  # a bundle of all of Debian's ~140 roots is about 220 KiB
 MAX_DIGITS = 18  # every accepted number has at most 6 digits
@@ -77,7 +80,7 @@ MS_AMQP = {"AMQP_Protocol": "MQTT_Protocol", "AMQP_WebSocket_Protocol": "MQTT_We
 SAME_SETTING = {"proxy": MS_PROXY, "transport": MS_TRANSPORT}  # ours -> Microsoft's
 MS_PROXY_SHAPE = '"<proxy_ipv4>,<port>" or "<proxy_ipv4>,<port>,<username>,<password>"'
 KNOWN = ("transport", "proxy", "ca_file", "heartbeat_interval", "sas_lifetime", "port",
-         "https_port", MS_PROXY, MS_TRANSPORT)
+         "https_port", "twin_interval", MS_PROXY, MS_TRANSPORT)
 _KINDS = ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO (named pipe)"),
           (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
           (stat.S_ISSOCK, "a socket"))
@@ -117,6 +120,7 @@ class Settings:
     sas_lifetime: int = 3600
     port: int | None = None
     https_port: int = 443
+    twin_interval: int = 60
     # Which key the file used, ours or Microsoft's, so advice names the key to edit.
     transport_key: str = field(default="transport", repr=False, compare=False)
     proxy_key: str = field(default="proxy", repr=False, compare=False)
@@ -236,7 +240,8 @@ def parse(text, source: str = "conf.json", root: Path = Path("/")) -> Settings:
     lifetime = _int(obj, "sas_lifetime", 3600, SAS_LIFETIME_RANGE, err)
     port = _int(obj, "port", None, (1, 65535), err)
     https_port = _int(obj, "https_port", 443, (1, 65535), err)
-    return Settings(transport, proxy, ca_file, heartbeat, lifetime, port, https_port,
+    twin = _int(obj, "twin_interval", 60, TWIN_INTERVAL_RANGE, err, zero_ok=True)
+    return Settings(transport, proxy, ca_file, heartbeat, lifetime, port, https_port, twin,
                     MS_TRANSPORT if _given(obj, MS_TRANSPORT) else "transport",
                     MS_PROXY if _given(obj, MS_PROXY) else "proxy")
 

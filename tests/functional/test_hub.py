@@ -352,3 +352,34 @@ def test_one_attempt_gives_the_hubs_answer_and_the_cause_apart(hub_pki):
         assert broker.wait_for(lambda: broker.connections[-1].closed is not None, 5)
     finally:
         broker.stop()
+
+
+class _BrokenSet(hub.Identity):
+    """An identity whose facts cannot be gathered: a stand-in for a bug in the twin's code."""
+
+    @property
+    def method(self):
+        raise RuntimeError("a bug in the report")
+
+
+def test_a_bug_in_the_twin_report_turns_it_off_and_keeps_the_connection(hub_pki, run):
+    broker, _ = sas_hub(hub_pki)
+    ident = _BrokenSet("localhost", DEVICE, MODULE, None, KEY)
+    c, n = run(ident, conf(hub_pki, port=broker.port, twin_interval=1), broker)
+    assert n.failed is None and c.state == "connected"
+    assert n.statuses[-1] == f"connected to localhost as {DEVICE}/{MODULE}"
+    assert n.wait(lambda: any(line.startswith("twin: ") for _, line in n.lines), 5)
+    off = [line for level, line in n.lines if line.startswith("twin: ")]
+    assert off == ["twin: reported properties turned off after an internal error: "
+                   "RuntimeError at test_hub.py:" + off[0].rpartition(":")[2]], off
+    assert c.twin is None
+    time.sleep(1.5)
+    assert broker.twin_patches == [] and c.state == "connected"
+
+
+def test_the_connector_reports_the_twin_and_a_failing_twin_is_just_retried(hub_pki, run):
+    broker, _ = sas_hub(hub_pki, twin="fail", twin_status=429)
+    c, n = run(identity(), conf(hub_pki, port=broker.port, twin_interval=1), broker)
+    assert broker.wait_for(lambda: broker.twin_patches)
+    assert n.wait(lambda: any("answered 429" in line for _, line in n.lines), 5)
+    assert c.state == "connected" and n.failed is None and len(broker.accepted()) == 1

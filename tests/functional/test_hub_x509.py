@@ -77,3 +77,18 @@ def test_encrypted_key_never_prompts(hub_pki, broker, tmp_path):
     key.write_bytes(certfactory.encrypted_pem(ident.key))
     c, n = connect(hub_pki, broker, cert, key)
     assert n.failed[0] == 78 and "cannot load the client certificate" in n.failed[1]
+
+
+def test_the_twin_is_reported_to_mosquitto_as_the_certificate_identity(hub_pki, broker):
+    cert, key = hub_pki.client(f"{DEVICE}/{MODULE}")
+    c, n = connect(hub_pki, broker, cert, key)
+    try:
+        assert n.failed is None, n.failed
+        assert broker.wait_for(lambda: (DEVICE, MODULE) in broker.reported)
+        props = broker.reported[(DEVICE, MODULE)]["defenderSetup"]
+        assert props["agentVersion"] and props["schemaVersion"] == 1
+        assert n.wait(lambda: any("reported properties updated" in line
+                                  for _, line in n.lines), 5), n.lines  # the 204 came back
+    finally:
+        c.stop()
+    assert all(b"BEGIN" not in payload for *_, payload, _ in broker.twin_patches)

@@ -32,3 +32,17 @@ def test_refusal_then_acceptance_each_logged_with_its_own_reason(hub_pki):
     assert lines[0].endswith("CONNECT dev-1/DefenderIotMicroAgent -> CONNACK 5 "
                              "(signature mismatch)")
     assert lines[1].endswith("CONNECT dev-1/DefenderIotMicroAgent -> CONNACK 0 (accepted)")
+
+
+def test_twins_merge_patches_as_iot_hub_does():
+    from tests.hubsim.twin import Twins, answer_topic
+
+    twins, who = Twins(), ("dev", "mod")
+    assert twins.patch(who, b'{"a": {"b": 1, "c": 2}, "d": 3}') == (204, 2)
+    assert twins.patch(who, b'{"a": {"b": null}, "d": null}') == (204, 3)
+    assert twins.reported[who] == {"$version": 3, "a": {"c": 2}}
+    for bad in (b"[1]", b"not json", b'{"a.b": 1}', b'{"$x": 1}', b'{"a": {"b c": 1}}'):
+        assert twins.patch(who, bad) == (400, None)
+    assert twins.reported[who]["$version"] == 3
+    assert answer_topic("$iothub/twin/PATCH/properties/reported/?$rid=7", 204, 3) == (
+        "$iothub/twin/res/204/?$rid=7&$version=3")

@@ -10,6 +10,7 @@ import os
 
 import pytest
 
+from defender_setup import facts
 from defender_setup.agentdir import AgentDir
 from defender_setup.credentials import validate
 from defender_setup.service import Service
@@ -53,7 +54,9 @@ def test_healthy_single_restart(booted_root, tmp_path, monkeypatch):
         f"{STABILITY_WINDOW:.1f} s, status: hub.example.net/dev-1"
     )
     assert len(fake.restarts()) == 1
-    assert AgentDir(booted_root).record("verification.json")["result"] == "healthy"
+    known = facts.read(booted_root)
+    assert (known.last_change["result"], known.last_verification["result"]) == (
+        "verified", "verified")
     calls = fake.calls()
     assert calls.index("reset-failed defender-iot-micro-agent.service") < calls.index(
         "restart defender-iot-micro-agent.service")
@@ -77,8 +80,12 @@ def test_crash_after_ready_rolls_back(booted_root, tmp_path, monkeypatch, strict
     assert len(fake.restarts()) == 2  # the failed one, then the rolled-back set
     assert KEY_A not in out and KEY_B not in out
     agent = AgentDir(booted_root)
-    assert (agent.record("verification.json")["result"], agent.record("counters.json")) == \
-        ("rolled back", {"rollbacks": 1})
+    assert agent.record("counters.json") == {"rollbacks": 1}
+    # the public facts: the judged change was rolled back; the current set is the roll-back's
+    known = facts.read(booted_root)
+    assert known.origin == "rollback"
+    assert known.last_change["result"] == "rolled-back"
+    assert known.last_verification["result"] == "rolled-back"
 
 
 def test_start_failure_without_previous_set_unconfigures_and_is_69(booted_root, tmp_path,

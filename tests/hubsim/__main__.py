@@ -71,7 +71,7 @@ def main(argv=None) -> int:
 
     done = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: done.set())
-    seen_conns = seen_msgs = 0
+    seen_conns = seen_msgs = seen_twin = 0
     try:
         while not done.wait(0.2):
             for conn in hub.connections[seen_conns:]:
@@ -81,6 +81,10 @@ def main(argv=None) -> int:
                 print(f"{time.strftime('%H:%M:%S')} {client_id} {topic}: "
                       f"{payload[:200].decode('utf-8', 'replace')}", flush=True)
             seen_msgs = len(hub.messages)
+            for client_id, _, payload, _ in hub.twin_patches[seen_twin:]:
+                print(f"{time.strftime('%H:%M:%S')} {client_id} twin reported: "
+                      f"{payload[:300].decode('utf-8', 'replace')}", flush=True)
+            seen_twin = len(hub.twin_patches)
     except KeyboardInterrupt:
         pass
     finally:

@@ -3,10 +3,14 @@
 Interface::
 
     hub = Broker(auth=callable(client_id, username, password) -> connack code,
-                 tls=(cert_file, key_file), websocket=False, mode="normal", clock=time.time)
+                 tls=(cert_file, key_file), websocket=False, mode="normal", clock=time.time,
+                 twin="answer")
     port = hub.start(port=0)     # on host (default 127.0.0.1; loopback only)
     hub.connections              # list of Conn records (client_id, username, code, sni, ...)
-    hub.messages                 # list of (client_id, topic, payload bytes)
+    hub.messages                 # list of (client_id, topic, payload bytes), telemetry only
+    hub.twin_patches             # list of (client_id, topic, payload, time.monotonic() received)
+    hub.reported[(device, module)]   # the module twin's reported properties, merged as IoT Hub
+                                     # does ($version included)
     hub.wait_for(predicate, timeout)
     hub.stop()
 
@@ -19,6 +23,14 @@ pretend its clock is off (``clock=lambda: time.time() - 600``). ``mode`` makes i
 connection before the TLS handshake; ``connack=N`` answers every CONNECT with code N. With
 ``expire=True`` a connection is closed when the SAS token it authenticated with expires (as
 IoT Hub does), using ``auth.last_expiry``.
+
+The module twin, as IoT Hub's MQTT 3.1.1 surface has it: a PUBLISH to
+``$iothub/twin/PATCH/properties/reported/?$rid=N`` is merged into that identity's reported
+properties (a JSON merge: ``null`` removes a key; keys holding ``.``, ``$``, a space or a
+control character, a body that is not a JSON object, are refused with 400) and answered on
+``$iothub/twin/res/204/?$rid=N&$version=V`` to a connection that subscribed to
+``$iothub/twin/res/#``. ``twin="ignore"`` records the PATCH and never answers;
+``twin="fail"`` answers ``twin_status`` (default 500) and keeps nothing.
 """
 
 from __future__ import annotations
@@ -32,6 +44,8 @@ import threading
 import time
 from dataclasses import dataclass, field
 from email.utils import formatdate
+
+from tests.hubsim.twin import PATCH_PREFIX, RESPONSES, Twins, answer_topic
 
 WS_PATH = "/$iothub/websocket"
 WS_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
@@ -145,7 +159,8 @@ def _str(buf: bytes, pos: int):
 
 class Broker:
     def __init__(self, auth=None, tls=None, websocket=False, mode="normal", connack=None,
-                 expire=False, client_ca=None, clock=time.time, host="127.0.0.1"):
+                 expire=False, client_ca=None, clock=time.time, host="127.0.0.1",
+                 twin="answer", twin_status=500):
         self.auth = auth or (lambda *_: 0)
         self.host = host
         self.tls, self.websocket, self.mode = tls, websocket, mode
@@ -153,6 +168,9 @@ class Broker:
         self.clock = clock
         self.connections: list[Conn] = []
         self.messages: list[tuple] = []
+        self.twin, self.twin_status = twin, twin_status
+        self.twin_patches: list[tuple] = []
+        self.twins = Twins()
         self.tls_failures = 0
         self._cond = threading.Condition()
         self._loop = asyncio.new_event_loop()
@@ -276,6 +294,7 @@ class Broker:
         if code != 0:
             return
         timeout = None
+        subscribed: set = set()
         while True:
             if self.expire and expiry is not None:
                 timeout = expiry - time.time()
@@ -291,14 +310,20 @@ class Broker:
                     pos += 2
                 payload = body[pos:]
                 message = (conn.client_id, topic.decode(), payload)
-                self._record(lambda m=message: self.messages.append(m))
+                if message[1].startswith(PATCH_PREFIX):
+                    patch = (*message, time.monotonic())
+                    self._record(lambda m=patch: self.twin_patches.append(m))
+                    self._twin_patch(stream, conn, message[1], payload, subscribed)
+                else:
+                    self._record(lambda m=message: self.messages.append(m))
                 if qos:
                     stream.write(bytes([0x40, 2]) + struct.pack("!H", mid))
             elif kind == 8:  # SUBSCRIBE
                 (mid,) = struct.unpack_from("!H", body, 0)
                 pos, granted = 2, []
                 while pos < len(body):
-                    _, pos = _str(body, pos)
+                    topic_filter, pos = _str(body, pos)
+                    subscribed.add(topic_filter.decode())
                     granted.append(min(body[pos], 1))
                     pos += 1
                 stream.write(bytes([0x90, 2 + len(granted)]) + struct.pack("!H", mid)
@@ -307,3 +332,33 @@ class Broker:
                 stream.write(bytes([0xD0, 0]))
             elif kind == 14:  # DISCONNECT
                 return
+
+    # -- the module twin (loop thread) ------------------------------------------------------
+    @property
+    def reported(self) -> dict:
+        return self.twins.reported
+
+    def _twin_patch(self, stream, conn: Conn, topic: str, payload: bytes, subscribed) -> None:
+        if self.twin == "ignore":
+            return
+        identity = tuple(conn.client_id.split("/", 1)) if "/" in conn.client_id else (
+            conn.client_id, "")
+        if self.twin == "fail":
+            status, version = self.twin_status, None
+        else:
+            status, version = self.twins.patch(identity, payload)
+            self._record(lambda: None)  # wake wait_for()
+        if RESPONSES not in subscribed:
+            return  # IoT Hub, too, publishes the answer to the subscription only
+        data = answer_topic(topic, status, version).encode()
+        data = struct.pack("!H", len(data)) + data
+        stream.write(bytes([0x30]) + _length(len(data)) + data)  # QoS 0, empty payload
+
+
+def _length(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte, n = n % 128, n // 128
+        out.append(byte | (0x80 if n else 0))
+        if not n:
+            return bytes(out)

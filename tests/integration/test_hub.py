@@ -50,10 +50,11 @@ def hub(pki, preseed):
     broker.stop()
 
 
-def point_at_hub(ct, pki, hub):
+def point_at_hub(ct, pki, hub, **settings):
     ct.copy_in(pki.ca_file, f"{CONF_DIR}/hub-ca.pem", mode=0o644)
     ct.copy_in(json.dumps({"ca_file": f"{CONF_DIR}/hub-ca.pem", "port": hub.port,
-                           "heartbeat_interval": 5}), f"{CONF_DIR}/conf.json", mode=0o644)
+                           "heartbeat_interval": 5, **settings}), f"{CONF_DIR}/conf.json",
+               mode=0o644)
 
 
 def status(ct) -> dict:
@@ -61,7 +62,7 @@ def status(ct) -> dict:
 
 
 def test_agent_connects_to_the_hub_and_sends_heartbeats(ct, pki, hub, preseed):
-    point_at_hub(ct, pki, hub)
+    point_at_hub(ct, pki, hub, twin_interval=1)
     text = connection_string(preseed, "good-dev", preseed.sas_key(1))
     r = ct.install_deb(preseed=preseed.for_connection_string(text))
     out = r.stdout + r.stderr
@@ -81,10 +82,22 @@ def test_agent_connects_to_the_hub_and_sends_heartbeats(ct, pki, hub, preseed):
     assert key not in out and key not in log and "Traceback" not in log
     # the status command shows the hub state too
     assert "connected to" in ct.run(["defender-setup", "status"]).stdout
+    # the module twin: reported by the sandboxed agent, with what the package's own writers
+    # recorded (the debconf answers, then the trigger's verdict, reached after the start)
+    def reported():
+        return hub.reported.get(("good-dev", MODULE), {}).get("defenderSetup", {})
+
+    assert hub.wait_for(lambda: reported().get("lastVerification"), 15), hub.twin_patches
+    props = reported()
+    assert (props["origin"], props["method"]) == ("debconf", "connection-string"), props
+    assert props["lastChange"]["result"] == "verified", props
+    assert re.fullmatch(r"0\.1\.0-\d+", props["packageVersion"]), props
+    assert props["osRelease"]["id"] == "debian" and props["sealed"] is False, props
+    assert all(key.encode() not in payload for *_, payload, _ in hub.twin_patches)
 
 
 def test_rejected_key_rolls_back_to_the_connected_set(ct, pki, hub, preseed):
-    point_at_hub(ct, pki, hub)
+    point_at_hub(ct, pki, hub, twin_interval=1)
     good = connection_string(preseed, "good-dev", preseed.sas_key(1))
     ct.install_deb(preseed=preseed.for_connection_string(good))
     assert status(ct)["StatusText"].startswith("connected to"), status(ct)
@@ -109,6 +122,14 @@ def test_rejected_key_rolls_back_to_the_connected_set(ct, pki, hub, preseed):
     s = status(ct)
     assert s["SubState"] == "running" and s["StatusText"].startswith("connected to"), s
     assert preseed.sas_key(7) not in out
+    # the fleet sees it in the twin: the last change was rolled back, the roll-back runs
+    def change():
+        return hub.reported.get(("good-dev", MODULE), {}).get("defenderSetup", {}).get(
+            "lastChange") or {}
+
+    assert hub.wait_for(lambda: change().get("result") == "rolled-back", 15), hub.reported
+    props = hub.reported[("good-dev", MODULE)]["defenderSetup"]
+    assert (props["origin"], change()["origin"]) == ("rollback", "debconf"), props
 
 
 def test_unreachable_hub_is_active_and_says_why(ct, pki, preseed):
