@@ -172,7 +172,10 @@ def test_a_verification_that_rolls_back_shows_in_the_metrics(booted_root, tmp_pa
               "ActiveState": "activating"}]
     fake = FakeSystemd(tmp_path, [running("inv-0")],
                        [{"states": crash}, {"states": [running("inv-2", pid=200)]}])
-    assert verify(booted_root, fake, monkeypatch)[0] == 0
+    from defender_setup.agentdir import AgentDir
+
+    with AgentDir(booted_root).lock():  # as every command verifies: inside the writers' lock,
+        assert verify(booted_root, fake, monkeypatch)[0] == 0  # whose release writes them
     got = parsed(textfile / "defender_setup.prom")
     assert got['defender_setup_last_verification_result{result="rolled_back"}'] == 1
     assert got['defender_setup_last_change_result{result="rolled_back"}'] == 1
