@@ -10,6 +10,7 @@ Interface::
 ``apply`` plans the request against the stored set (:mod:`defender_setup.provision`), prints
 what it found (redacted), probes the hub when asked, takes the writers' lock, commits, and
 restarts and verifies (:func:`defender_setup.verify.settle`) unless ``restart`` is false.
+``held_back``: what to say when ``restart`` is false (who restarts instead), or "" for nothing.
 ``on_commit(agent, plan, lines)`` runs under the same lock right after the commit (also when
 the set was unchanged): what an adapter keeps beside the set (zero-touch's registration).
 """
@@ -75,7 +76,8 @@ def settle_code(root, *, out, timeout: float, strict: bool, service=None) -> int
 
 def apply(root, request, *, out, restart: bool = True, timeout: float = 30.0,
           strict: bool = False, lock_timeout: float | None = None, service=None,
-          probe_asked: bool = False, on_commit=None) -> int:
+          probe_asked: bool = False, on_commit=None,
+          held_back: str = "restart skipped (--no-restart)") -> int:
     """See the module docstring; the exit code."""
     from . import provision
 
@@ -106,6 +108,7 @@ def apply(root, request, *, out, restart: bool = True, timeout: float = 30.0,
             return EX_OK
         print_stored(lines, out)
         if not restart:
-            print("restart skipped (--no-restart)", file=out)
+            if held_back:
+                print(held_back, file=out)
             return EX_OK
         return settle_code(root, out=out, timeout=timeout, strict=strict, service=service)

@@ -134,7 +134,8 @@ def apply(answers, root: Path | str, out, *, stored_origin, read, deferred: str 
               "drop folder; see defender-setup(8), import). Nothing was stored.", file=out)
         return EX_OK
     try:
-        return register(Path(root), e, origin=ORIGIN, restart=False, out=out)
+        return register(Path(root), e, origin=ORIGIN, restart=False, out=out,
+                        held_back="the package's trigger restarts and verifies the service")
     except SetupError as exc:
         if strict or getattr(exc, "reason", None) not in NOT_NOW:
             raise

@@ -272,7 +272,8 @@ def _refused(answer: Answer, what: str, enrollment, where: str) -> DpsError:
     if answer.status in (401, 403):
         fix = ("check the device certificate and that its CA is verified in the enrollment"
                if enrollment.attestation == X509 else
-               "check the key (and whether it is the group key: --group-key-file)")
+               "check the key, and whether it is an enrollment group's key or the "
+               "device's own")
         group = getattr(enrollment, "group_key", False) and key_field == Field.DPS_KEY
         return DpsError("unauthorized", f"unauthorized: {where} refused {what} ({said}); "
                         f"{fix}", EX_DATAERR, key_field,

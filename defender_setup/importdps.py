@@ -150,7 +150,10 @@ def run_dps(job, mode: str, offer: Offer, wait: float) -> int:
     try:
         code = zerotouch.run(job.root, enrollment, origin="dps", restart=mode == "manual",
                              timeout=job.timeout, lock_timeout=wait, out=job.out,
-                             service=job._service, strict=True)
+                             service=job._service, strict=True,
+                             held_back="" if mode == "manual" else
+                             "the service starts (or is verified) next, by the import's units"
+                             if mode.startswith("boot") else "restart skipped (--no-restart)")
     except SetupError as exc:  # DPS or the hub refused, unreachable, ...: nothing written
         job._fail(record, "invalid" if isinstance(exc, ValidationError) else "failed",
                   labelled(exc, offer), offer)

@@ -197,7 +197,8 @@ def _keeper(enrollment: Enrollment, assigned):
 
 def run(root, enrollment: Enrollment, *, origin: str = ORIGIN, restart: bool = True,
         timeout: float = 30.0, lock_timeout: float | None = None, out, service=None,
-        strict: bool = False, bounds=None, clock=time.time, sleep=time.sleep) -> int:
+        strict: bool = False, bounds=None, clock=time.time, sleep=time.sleep,
+        held_back: str = "restart skipped (--no-restart)") -> int:
     """See the module docstring; the exit code (``applying.apply``'s, or a
     :class:`~defender_setup.dpsclient.DpsError` raised before anything is written)."""
     from . import applying, provision
@@ -208,7 +209,7 @@ def run(root, enrollment: Enrollment, *, origin: str = ORIGIN, restart: bool = T
     request = provision.Request(connection_string=text, origin=origin)
     return applying.apply(root, request, out=out, restart=restart, timeout=timeout,
                           strict=strict, lock_timeout=lock_timeout, service=service,
-                          on_commit=_keeper(enrollment, assigned))
+                          on_commit=_keeper(enrollment, assigned), held_back=held_back)
 
 
 def reprovision(root, out, *, boot: bool = False, bounds=None, clock=time.time,

@@ -90,7 +90,8 @@ def test_on_the_device_it_registers_with_the_machine_id_and_leaves_the_restart(d
                  deferred=None, register=register) == 0
     [(root, e, kw)] = register.calls
     assert root == device and e.registration_id == MACHINE and e.group_key
-    assert kw == {"origin": "dps", "restart": False, "out": out}  # the trigger restarts
+    assert kw == {"origin": "dps", "restart": False, "out": out,  # the trigger restarts
+                  "held_back": "the package's trigger restarts and verifies the service"}
 
 
 def test_in_an_image_build_it_only_checks_and_registers_nothing(image):
