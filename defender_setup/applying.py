@@ -55,8 +55,10 @@ def print_found(validated, out) -> None:
         print(f"warning: {warning}", file=out)
 
 
-def print_stored(lines: list[str], out) -> None:
-    print(f"{lines[0]} (previous set kept for 'defender-setup rollback')", file=out)
+def print_stored(lines: list[str], out, kept: bool = True) -> None:
+    """``kept``: there is a previous set to roll back to (not after a first configuration)."""
+    note = " (previous set kept for 'defender-setup rollback')" if kept else ""
+    print(f"{lines[0]}{note}", file=out)
     for line in lines[1:]:
         print(line, file=out)
 
@@ -106,7 +108,7 @@ def apply(root, request, *, out, restart: bool = True, timeout: float = 30.0,
         if not lines:
             print_unchanged(p, out)
             return EX_OK
-        print_stored(lines, out)
+        print_stored(lines, out, agent.has_previous())
         if not restart:
             if held_back:
                 print(held_back, file=out)

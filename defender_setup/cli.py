@@ -190,14 +190,10 @@ def cmd_seal(args, out) -> int:
             print(f"nothing to do: the credentials are {stored.sealing.describe()}{later}",
                   file=out)
             return EX_OK
-        _print_stored(lines, out)
+        from .applying import print_stored
+
+        print_stored(lines, out, agent.has_previous())
         return _after_write(args, out)
-
-
-def _print_stored(lines: list[str], out) -> None:
-    from .applying import print_stored
-
-    print_stored(lines, out)
 
 
 def _after_write(args, out) -> int:
