@@ -119,12 +119,13 @@ class _Writing:
 
 def cmd_apply(args, out) -> int:
     from . import provision
-    from .agentdir import AgentDir
 
-    request = _request(args, seal=True if args.seal else None, probe=args.probe,
+    writing = _Writing(args, out)  # takes no lock yet
+    # Microsoft's agent says nothing about the hub: there the probe is the hub's answer.
+    probing = args.probe or writing.agent.target.microsoft
+    request = _request(args, seal=True if args.seal else None, probe=probing,
                        origin="apply")  # before any lock: standard input may take a while
-    writing = _Writing(args, out)
-    p = provision.plan(request, provision.read(AgentDir(args.root), writing.timeout))
+    p = provision.plan(request, provision.read(writing.agent, writing.timeout))
     print("found:", file=out)
     _print_found(p.validated, out)
     if p.probe:  # before the lock and before anything is written: a refusal changes nothing

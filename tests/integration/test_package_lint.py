@@ -17,7 +17,8 @@ import pytest
 
 REPO = harness.REPO
 SCRIPTS = ["debian/defender-setup.config", "debian/defender-setup.postinst",
-           "debian/defender-setup.prerm", "debian/defender-setup.postrm",
+           "debian/defender-setup-agent.prerm", "debian/defender-setup.postrm",
+           "debian/defender-setup-agent.postinst", "debian/defender-setup-agent.postrm",
            "debian/generator/defender-setup-generator"]
 
 
