@@ -197,7 +197,8 @@ def settle(root: Path, *, timeout: float, strict: bool, out, restart: bool = Tru
               "defender-setup", file=out)
         return Result(EX_UNAVAILABLE, FAILED, "the unit is not installed")
 
-    forget_stale_cache(agent, out)
+    if restart:  # watching a start under way: too late for the cache, the next restart sees it
+        forget_stale_cache(agent, out)
     started = clock()
     verdict = (restart_once if restart else watch)(svc, timeout, clock=clock, sleep=sleep)
     if verdict.ok:
