@@ -32,12 +32,14 @@ def standin(tmp_path_factory):
 def unit_runs_as_shipped(ct) -> None:
     """The stand-in's own unit, unchanged by anything of ours, its process root's."""
     props = ct.show(UNIT, "FragmentPath", "DropInPaths", "User", "DynamicUser", "MainPID",
-                    "LoadCredential", "ProtectSystem", "Description")
+                    "ProtectSystem", "Description")
     assert props["FragmentPath"] == f"/lib/systemd/system/{UNIT}", props
     assert "stand-in" in props["Description"], props
     assert props["DropInPaths"] == "" and props["User"] == "", props
     assert props["DynamicUser"] == "no" and props["ProtectSystem"] == "no", props
-    assert props.get("LoadCredential", "") == "", props
+    text = ct.run(["systemctl", "cat", UNIT]).stdout  # every file systemd read for it
+    assert text.count("\n# /") + text.startswith("# /") == 1, text
+    assert "Credential" not in text and "Protect" not in text, text
     uid = ct.run(["ps", "-o", "uid=", "-p", props["MainPID"]]).stdout.strip()
     assert uid == "0", uid
 
