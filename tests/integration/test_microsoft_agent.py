@@ -71,7 +71,8 @@ def test_provision_microsoft_agent_apply_debconf_verify_rollback(boot, base, sta
     assert f"agent directory: {MS_DIR}" in status, status
     checks = json.loads(ct.run(["defender-setup", "check", "--json", "--offline"],
                                check=False).stdout)
-    in_use = next(c for c in checks["checks"] if c["id"] == "agent-in-use")
+    checks = checks["checks"] if isinstance(checks, dict) else checks
+    in_use = next(c for c in checks if c["id"] == "agent-in-use")
     assert "Microsoft's defender-iot-micro-agent 4.1.2" in in_use["message"], in_use
 
     # Its unit cannot load sealed files: refused, nothing written.
