@@ -71,3 +71,14 @@ def test_a_removed_microsoft_agent_with_its_configuration_left_is_not_the_target
 def test_debian_version_order(a, b, expected):
     assert compare_versions(a, b) == expected
     assert compare_versions(b, a) == -expected
+
+
+def test_the_maintainer_scripts_ask_the_same_place(tmp_path, capsys):
+    """debconf-helper agent-dir: the directory the config script and postinst test."""
+    from defender_setup.debconf_bridge import main
+
+    assert main(["agent-dir", "--root", str(tmp_path)]) == 0
+    assert capsys.readouterr().out.strip() == str(tmp_path / "var/defender_iot_micro_agent")
+    dpkg_status(tmp_path, stanza(MICROSOFT_PACKAGE, "4.1.2"))
+    assert main(["agent-dir", "--root", str(tmp_path)]) == 0
+    assert capsys.readouterr().out.strip() == str(tmp_path / "etc/defender_iot_micro_agent")
