@@ -2,8 +2,9 @@
 
     deb        (session) Path of defender-setup's .deb under test (tools/build-deb once, or
                $DEFENDER_SETUP_DEB); defender-setup-agent's lies beside it
-    previous_release (session) defender-setup's .deb of the release before the package
-               split (``main``'s tree built with its own tools/build-deb)
+    previous_release (session) defender-setup's .deb of the previous release: the tree
+               before the last ``__version__`` change (the single package before the split),
+               built with its own tools/build-deb ($DEFENDER_SETUP_PREVIOUS_REF: another ref)
     deb_dir    (session) a host directory holding only that build's two .debs (bound at
                /srv/deb): defender-setup and defender-setup-agent (harness.debs)
     deb_next   (session) the same package built as Debian revision -2 (upgrade tests)
@@ -78,7 +79,7 @@ def deb_dir(deb, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def previous_release(tmp_path_factory) -> Path:
-    ref = os.environ.get("DEFENDER_SETUP_PREVIOUS_REF", "main")
+    ref = os.environ.get("DEFENDER_SETUP_PREVIOUS_REF") or harness.previous_version_ref()
     return harness.build_release(ref, tmp_path_factory.mktemp("previous") / "dist")
 
 

@@ -5,6 +5,7 @@ Interface (the fixtures in ``conftest.py`` wrap these; see docs/testing.md)::
     build_deb(revision=None, dist_dir=None) -> Path   # tools/build-deb, or $DEFENDER_SETUP_DEB
     debs(deb) -> [agent .deb, deb]                 # both binary packages of that build
     build_release(ref, dist_dir) -> Path           # an earlier release (git ref), its own build
+    previous_version_ref() -> str                  # the tree before the last version bump
     base_image(extra=(), suite="bookworm") -> Path    # cached rootfs: systemd + dependencies
     build_image(dest, deb, preseed=(), files={}, extra=(), suite="bookworm")
     device_disk(layers, name) -> context manager yielding a copy-on-write rootfs (overlayfs)
@@ -88,6 +89,16 @@ def debs(deb: Path) -> list[Path]:
     deb = Path(deb)
     agent = deb.with_name(deb.name.replace("defender-setup_", "defender-setup-agent_", 1))
     return [agent, deb] if agent != deb and agent.exists() else [deb]
+
+
+def previous_version_ref() -> str:
+    """The tree just before the last change of ``__version__``: the previous release, in
+    this history whatever was merged since (a branch's base, or main after the merge)."""
+    bump = _run(["git", "-C", str(REPO), "log", "-n1", "--format=%H", "-G^__version__ = ",
+                 "--", "defender_setup/__init__.py"]).stdout.strip()
+    if not bump:
+        raise RuntimeError("no commit changed __version__: no previous release to build")
+    return f"{bump}^"
 
 
 def build_release(ref: str, dist_dir: Path) -> Path:
