@@ -12,11 +12,11 @@ help: ## show this help
 deps: ## install the Debian packages the build, tests and demo need (root)
 	tools/install-deps
 
-deb: ## build deb_dist/defender-setup_<version>-1_all.deb with stdeb
+deb: ## build deb_dist/defender-setup{,-agent}_<version>-1_all.deb with stdeb
 	tools/build-deb
 
 repo: deb ## signed apt repository in repo/ (reprepro; REPO_KEY=<fingerprint>, else a local key)
-	tools/make-repo --out repo $(if $(REPO_KEY),--key $(REPO_KEY)) deb_dist/defender-setup_*_all.deb
+	tools/make-repo --out repo $(if $(REPO_KEY),--key $(REPO_KEY)) deb_dist/defender-setup_*_all.deb deb_dist/defender-setup-agent_*_all.deb
 
 test: deps test-unit test-functional test-integration ## all tests: unit, functional, then the .deb in booted containers
 
@@ -29,7 +29,7 @@ test-unit: ## unit tests only: pure, in one process (seconds, no root needed)
 test-functional: ## processes and sockets: the agent against test hubs, fake systemctl, debconf, kills
 	$(PY) -m pytest -q tests/functional
 
-test-integration: deb ## install the built .deb into mmdebstrap images booted with systemd-nspawn
+test-integration: deb ## install the built .debs into mmdebstrap images booted with systemd-nspawn
 	tools/integration-test
 
 lint: ## ruff (tools-only venv), shellcheck on maintainer scripts, lintian on the .deb

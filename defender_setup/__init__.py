@@ -6,7 +6,7 @@ The package is split by responsibility (see README.md, "Layout"): pure validator
 and the command line (:mod:`cli`).
 """
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 AGENT_DIR = "var/defender_iot_micro_agent"  # relative to a root; see agentdir.AgentDir
 UNIT = "defender-iot-micro-agent.service"

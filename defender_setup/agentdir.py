@@ -2,7 +2,7 @@
 
 Interface::
 
-    d = AgentDir(root=Path("/"))
+    d = AgentDir(root=Path("/"))   # the directory of the agent target.detect(root) finds
     with d.lock(timeout=30):   # writers: one exclusive lock around the whole command (exit 75)
         d.write({"connection_string.txt": (b"...", 0o600)}, origin="apply")  # whole set
         d.write(files, origin, previous={...})  # ... keeping this as the previous generation
@@ -56,7 +56,7 @@ import stat
 from contextlib import contextmanager
 from pathlib import Path
 
-from . import AGENT_DIR, lock
+from . import lock
 from .credentials import ALL_FILES, SEALED_NAMES, method_of
 from .errors import InputError, SetupError, UnsafeTargetError, ValidationError, WriteError
 from .safefs import (
@@ -69,6 +69,7 @@ from .safefs import (
     read,
     replace,
 )
+from .target import Target, detect
 
 STATE = ".defender-setup"     # our private state inside the agent directory
 STAGING = "staging"
@@ -108,9 +109,11 @@ def when(text) -> float | None:
 class AgentDir:
     """The credential files of the micro agent under ``root``."""
 
-    def __init__(self, root: Path | str = "/"):
+    def __init__(self, root: Path | str = "/", target: Target | None = None):
         self.root = Path(root)
-        self.path = self.root / AGENT_DIR
+        # Which agent, hence which directory: target.detect decides (its one place).
+        self.target = target if target is not None else detect(self.root)
+        self.path = self.root / self.target.agent_dir
         self.state = self.path / STATE
 
     # -- checks -----------------------------------------------------------------------------
@@ -132,8 +135,8 @@ class AgentDir:
 
     def _parents(self) -> list[Path]:
         """The directories between ``root`` and the agent directory (``root/var``)."""
-        return [self.root.joinpath(*Path(AGENT_DIR).parts[:i])
-                for i in range(1, len(Path(AGENT_DIR).parts))]
+        parts = Path(self.target.agent_dir).parts
+        return [self.root.joinpath(*parts[:i]) for i in range(1, len(parts))]
 
     def _check_parents(self) -> None:
         # On the running system /var is the administrator's; in a tree given with --root a

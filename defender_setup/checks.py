@@ -64,6 +64,9 @@ def run_checks(root: Path, service_state: dict | None = None, lock_timeout: floa
         return status in (OK, WARNING)
 
     agent = AgentDir(root)
+    # Which agent the credentials are for (target.detect): the name and version, never an error.
+    add("agent-in-use", "the micro agent the credentials are for", OK,
+        f"{agent.target.describe()}, reading {agent.path}")
     description = "agent directory, files and private state are root's and not links"
     try:
         stored = stored if stored is not None else read(agent, lock_timeout)

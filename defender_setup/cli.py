@@ -99,9 +99,12 @@ def _Writing(args, out):
 
 
 def cmd_apply(args, out) -> int:
+    from .agentdir import AgentDir
     from .applying import apply
 
-    request = _request(args, seal=True if args.seal else None, probe=args.probe,
+    # Microsoft's agent says nothing about the hub: there the probe is the hub's answer.
+    probing = args.probe or AgentDir(args.root).target.microsoft
+    request = _request(args, seal=True if args.seal else None, probe=probing,
                        origin="apply")  # before any lock: standard input may take a while
     return apply(args.root, request, out=out, restart=not args.no_restart,
                  timeout=args.timeout, strict=args.strict, lock_timeout=args.lock_timeout,

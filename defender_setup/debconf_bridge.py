@@ -8,6 +8,8 @@ and ``debian/*.postinst`` call it after sourcing the shell confmodule)::
         exit 0 when valid (or nothing to change); otherwise prints one line
         "QUESTION<TAB>FIELD<TAB>REASON" on standard output (for the shell to re-ask
         defender-setup/QUESTION) and exits with the error's exit code (65, 66, 77...)
+    debconf-helper agent-dir [--root DIR]   # the directory of the installed agent (the
+        maintainer scripts test for files there; no debconf needed)
     debconf-helper apply [--root DIR]   # postinst configure: validate, probe, write, clear
         like ``defender-setup apply --no-restart --probe``; prints the summary on standard
         error; a refusal by the hub fails it before anything is written
@@ -427,10 +429,15 @@ def _apply_dps(db, answers: Answers, agent, root: Path, out) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="debconf-helper",
                                      description="internal: called by the maintainer scripts")
-    parser.add_argument("command", choices=("check", "apply"))
+    parser.add_argument("command", choices=("check", "apply", "agent-dir"))
     parser.add_argument("--root", default="/", metavar="DIR")
     args = parser.parse_args(argv)
     root = Path(args.root)
+    if args.command == "agent-dir":  # where the installed agent reads (target.detect decides)
+        from .agentdir import AgentDir
+
+        print(AgentDir(root).path)
+        return 0
     out = sys.stderr  # standard output is the shell's (check's result line only)
     db = open_channel()
     if args.command == "check":

@@ -153,6 +153,12 @@ def key_kind(sealed: bytes) -> str | None:
 def refusal(root: Path | str = "/") -> str | None:
     """One line saying why sealing cannot work on the system under ``root``, or None."""
     root = Path(root)
+    from .target import detect
+
+    agent = detect(root)
+    if agent.microsoft:  # its unit is Microsoft's: no systemd credential decrypts for it
+        return (f"{agent.describe()} reads plain files only (sealed files are decrypted by "
+                "defender-setup-agent's unit): leave the credentials unsealed")
     # The same test as the config script (which asks the question) and the generator (which
     # loads sealed files): systemd >= 250 installs it there.
     if (root / "usr/bin" / SYSTEMD_CREDS).exists():

@@ -44,7 +44,8 @@ def collect(root: Path, service_state: dict | None = None, lock_timeout: float =
     :raises BusyError: when a writer kept the lock for ``lock_timeout`` seconds.
     """
     agent = AgentDir(root)
-    report: dict = {"agent_dir": str(agent.path), "method": None, "identity": None,
+    report: dict = {"agent": agent.target.describe(), "agent_dir": str(agent.path),
+                    "method": None, "identity": None,
                     "certificate": None, "problem": None, "warnings": [], "files": {},
                     "previous_generation": False, "interrupted_update": False,
                     "origin": None, "service": service_state,
@@ -94,7 +95,8 @@ def collect(root: Path, service_state: dict | None = None, lock_timeout: float =
 
 
 def render(report: dict) -> list[str]:
-    lines = [f"agent directory: {report['agent_dir']}"]
+    lines = [f"agent:           {report['agent']}",
+             f"agent directory: {report['agent_dir']}"]
     if report["method"]:
         lines.append(f"method:          {report['method']}")
     ident = report["identity"]

@@ -33,6 +33,9 @@ command line, the debconf trigger and the boot-time import all end here.
    ``strict``, when unconfigured again, or when the roll-back fails too. ``restart=False``
    watches a start already queued (the boot-time import, ordered before the agent) instead
    of restarting.
+5. Microsoft's agent (:mod:`defender_setup.target`): the same verdict; its settings cache is
+   deleted first when ``conf.json`` changed (:mod:`defender_setup.msagent`), and the healthy
+   line says the hub's answer is the pre-flight probe's (this agent reports no status text).
 
 Why a 1.5 s window: READY=1 already means the runtime validated the files and its connector
 had a first outcome, so what the window must still catch is an agent that dies right after
@@ -54,6 +57,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import EX_OK, EX_REJECTED, EX_UNAVAILABLE, ServiceError, SetupError
+from .msagent import forget_stale_cache
 from .service import Service, UnitState
 
 STABILITY_WINDOW = 1.5  # seconds; see the module docstring
@@ -124,10 +128,15 @@ def _stable(svc: Service, first: UnitState, deadline: float, timeout: float, *, 
                            f"(NRestarts {first.n_restarts} -> {state.n_restarts})")
 
 
-def _healthy_line(unit: str, verdict: Verdict) -> str:
+def _healthy_line(unit: str, verdict: Verdict, target=None) -> str:
     line = f"{unit}: {verdict.state.describe()}, stable for {verdict.stable_for:.1f} s"
     if verdict.state.status_text:
         line += f", status: {verdict.state.status_text}"
+    elif target is not None and target.microsoft:
+        # Same criterion (active, same process for the window); the hub's word comes from
+        # the pre-flight probe, since this agent reports no status text.
+        line += (f" ({target.describe()} reports no hub status; the pre-flight probe "
+                 "is the hub's answer)")
     return line
 
 
@@ -211,10 +220,12 @@ def _settle(root: Path, *, timeout: float, strict: bool, out, restart: bool, ser
               "defender-setup", file=out)
         return Result(EX_UNAVAILABLE, FAILED, "the unit is not installed")
 
+    if restart:  # watching a start under way: too late for the cache, the next restart sees it
+        forget_stale_cache(agent, out)
     started = clock()
     verdict = (restart_once if restart else watch)(svc, timeout, clock=clock, sleep=sleep)
     if verdict.ok:
-        print(_healthy_line(unit, verdict), file=out)
+        print(_healthy_line(unit, verdict, agent.target), file=out)
         return Result(EX_OK, HEALTHY, verdict.state.status_text or "active and stable", verdict)
     if verdict.state.condition_result == "no":
         print(f"{unit}: not configured (start condition not met); configure it with "
@@ -272,7 +283,7 @@ def _settle(root: Path, *, timeout: float, strict: bool, out, restart: bool, ser
         _print_journal(svc, again, out)
         return Result(EX_UNAVAILABLE, FAILED, f"{refused}; rolled back to the previous "
                       f"credentials, which fail too: {again.reason}", again)
-    print(_healthy_line(unit, again), file=out)
+    print(_healthy_line(unit, again, agent.target), file=out)
     print(f"VERIFICATION FAILED for the new credentials: rolled back to the previous "
           f"credentials, service healthy; {advice}"
           f"{' (strict mode: exit 69)' if strict else ''}", file=out)

@@ -12,7 +12,15 @@ outdated() {
         -newer "$1" -not -name '*.pyc' -print -quit)" ]
 }
 
-# The path of this tree's .deb: the one in deb_dist/ unless it is outdated, else built now.
+# Both binary packages of one build, comma-separated (mmdebstrap --include takes that): the
+# defender-setup .deb given and the defender-setup-agent .deb that tools/build-deb puts beside it.
+package_debs() {
+    local agent
+    agent=$(dirname "$1")/$(basename "$1" | sed 's/^defender-setup_/defender-setup-agent_/')
+    if [ -f "$agent" ]; then echo "$agent,$1"; else echo "$1"; fi
+}
+
+# The path of this tree's defender-setup .deb (defender-setup-agent's is beside it): the one in deb_dist/ unless it is outdated, else built now.
 current_deb() {
     local deb
     deb=$PWD/deb_dist/defender-setup_$(package_version)-1_all.deb

@@ -5,6 +5,7 @@ Interface (the ``apt_repo`` fixture in ``conftest.py`` wraps these)::
     server = Server(directory).start()      # http://127.0.0.1:PORT/ serving ``directory``
     repo = Repository(directory / "name", gnupghome, base_url=server.url + "/name")
     repo.publish(deb, ...)                  # tools/make-repo: include, sign, export the key
+                                            # (each defender-setup .deb with its agent's)
     repo.strip_signatures(suite)            # make it an unsigned repository
     repo.keyring                            # the exported public key (binary, for Signed-By)
     use_repository(ct, repo, suite)         # the README's .sources file and key on a device
@@ -68,7 +69,8 @@ class Repository:
     def publish(self, *debs: Path) -> None:
         result = subprocess.run([str(harness.REPO / "tools" / "make-repo"), "--out",
                                  str(self.root), "--gnupghome", str(self.gnupghome),
-                                 *map(str, debs)], capture_output=True, text=True, timeout=120)
+                                 *(str(d) for deb in debs for d in harness.debs(deb))],
+                                capture_output=True, text=True, timeout=120)
         assert result.returncode == 0, f"make-repo failed:\n{result.stderr[-3000:]}"
 
     @property

@@ -1,8 +1,12 @@
 """Fixtures for tests with real parts: the built .deb, mmdebstrap images, booted systemd.
 
-    deb        (session) Path of the .deb under test (tools/build-deb once, or
-               $DEFENDER_SETUP_DEB)
-    deb_dir    (session) a host directory holding only that .deb (bound at /srv/deb)
+    deb        (session) Path of defender-setup's .deb under test (tools/build-deb once, or
+               $DEFENDER_SETUP_DEB); defender-setup-agent's lies beside it
+    previous_release (session) defender-setup's .deb of the previous release: the tree
+               before the last ``__version__`` change (the single package before the split),
+               built with its own tools/build-deb ($DEFENDER_SETUP_PREVIOUS_REF: another ref)
+    deb_dir    (session) a host directory holding only that build's two .debs (bound at
+               /srv/deb): defender-setup and defender-setup-agent (harness.debs)
     deb_next   (session) the same package built as Debian revision -2 (upgrade tests)
     suite      (session) the Debian release of the booted tests, one of ``SUITES``
     base       (session) the cached base rootfs of that release (harness.base_image())
@@ -68,8 +72,15 @@ def deb() -> Path:
 @pytest.fixture(scope="session")
 def deb_dir(deb, tmp_path_factory) -> Path:
     directory = tmp_path_factory.mktemp("deb")
-    shutil.copy2(deb, directory / deb.name)
+    for package in harness.debs(deb):  # defender-setup and defender-setup-agent
+        shutil.copy2(package, directory / package.name)
     return directory
+
+
+@pytest.fixture(scope="session")
+def previous_release(tmp_path_factory) -> Path:
+    ref = os.environ.get("DEFENDER_SETUP_PREVIOUS_REF") or harness.previous_version_ref()
+    return harness.build_release(ref, tmp_path_factory.mktemp("previous") / "dist")
 
 
 @pytest.fixture(scope="session")

@@ -3,6 +3,9 @@
 Interface (the fixtures in ``conftest.py`` wrap these; see docs/testing.md)::
 
     build_deb(revision=None, dist_dir=None) -> Path   # tools/build-deb, or $DEFENDER_SETUP_DEB
+    debs(deb) -> [agent .deb, deb]                 # both binary packages of that build
+    build_release(ref, dist_dir) -> Path           # an earlier release (git ref), its own build
+    previous_version_ref() -> str                  # the tree before the last version bump
     base_image(extra=(), suite="bookworm") -> Path    # cached rootfs: systemd + dependencies
     build_image(dest, deb, preseed=(), files={}, extra=(), suite="bookworm")
     device_disk(layers, name) -> context manager yielding a copy-on-write rootfs (overlayfs)
@@ -79,6 +82,41 @@ def build_deb(revision: int | None = None, dist_dir: Path | None = None) -> Path
     return Path(out.stdout.strip().splitlines()[-1])
 
 
+def debs(deb: Path) -> list[Path]:
+    """Both binary packages of one build: ``deb`` (defender-setup's, the path the fixtures
+    pass around) and defender-setup-agent's beside it, when there is one (a release before
+    the split has none). The agent comes first: dpkg -i unpacks in this order."""
+    deb = Path(deb)
+    agent = deb.with_name(deb.name.replace("defender-setup_", "defender-setup-agent_", 1))
+    return [agent, deb] if agent != deb and agent.exists() else [deb]
+
+
+def previous_version_ref() -> str:
+    """The tree just before the last change of ``__version__``: the previous release, in
+    this history whatever was merged since (a branch's base, or main after the merge)."""
+    bump = _run(["git", "-C", str(REPO), "log", "-n1", "--format=%H", "-G^__version__ = ",
+                 "--", "defender_setup/__init__.py"]).stdout.strip()
+    if not bump:
+        raise RuntimeError("no commit changed __version__: no previous release to build")
+    return f"{bump}^"
+
+
+def build_release(ref: str, dist_dir: Path) -> Path:
+    """A released tree (a git ref, e.g. ``main`` before the package split) built with its own
+    tools/build-deb into ``dist_dir``: the previous release, for upgrade tests."""
+    with tempfile.TemporaryDirectory(prefix="release-") as tmp:
+        archive = _run(["git", "-C", str(REPO), "archive", "--format=tar", ref],
+                       text=False)
+        if archive.returncode != 0:
+            raise RuntimeError(f"git archive {ref} failed: {archive.stderr[-2000:]}")
+        subprocess.run(["tar", "-C", tmp, "-xf", "-"], input=archive.stdout, check=True)
+        out = _run([str(Path(tmp) / "tools" / "build-deb")], cwd=tmp,
+                   env=dict(os.environ, DEB_DIST_DIR=str(dist_dir)))
+        if out.returncode != 0:
+            raise RuntimeError(f"build-deb of {ref} failed:\n{out.stderr[-4000:]}")
+        return Path(out.stdout.strip().splitlines()[-1])
+
+
 @contextmanager
 def _lock(name: str):
     CACHE.mkdir(parents=True, exist_ok=True)
@@ -147,7 +185,8 @@ def build_image(dest: Path, deb: Path, preseed=(), files: dict | None = None,
             hooks.append(f"--essential-hook=copy-in {local} {parent}")
             hooks.append(f'--essential-hook=mv "$1{parent}/{local.name}" "$1{guest}"')
         # --verbose: the maintainer scripts' messages are part of what the tests check.
-        return _mmdebstrap(Path(dest), ["--verbose", f"--include={packages},{deb}",
+        both = ",".join(map(str, debs(deb)))
+        return _mmdebstrap(Path(dest), ["--verbose", f"--include={packages},{both}",
                                         "--hook-dir=/usr/share/mmdebstrap/hooks/"
                                         "file-mirror-automount", *hooks], suite)
 
@@ -181,7 +220,8 @@ def install_layer(base: Path, deb: Path, dest: Path) -> subprocess.CompletedProc
         return _run(["systemd-nspawn", "-q", "--register=no", "--keep-unit", "-D", str(merged),
                      f"--bind-ro={deb.parent}:{GUEST_DEB_DIR}", "--timezone=off",
                      "env", "-i", f"PATH={GUEST_PATH}", "DEBIAN_FRONTEND=noninteractive",
-                     "dpkg", "-i", f"{GUEST_DEB_DIR}/{deb.name}"], timeout=300)
+                     "dpkg", "-i", *(f"{GUEST_DEB_DIR}/{d.name}" for d in debs(deb))],
+                    timeout=300)
 
 
 CGROUP_HIERARCHIES = (Path("/sys/fs/cgroup/systemd"), Path("/sys/fs/cgroup/unified"))
@@ -363,18 +403,23 @@ class Container:
     def install_deb(self, preseed=(), frontend: str = "noninteractive", check: bool = True,
                     deb: str | None = None, input: str | None = None,
                     ) -> subprocess.CompletedProcess:
-        """``apt-get install`` the bound .deb (see :func:`booted`), after preseeding."""
+        """``apt-get install`` the bound .debs (see :func:`booted`; ``deb``: defender-setup's
+        elsewhere in the guest, with its defender-setup-agent beside it), after preseeding."""
         if preseed:
             self.preseed(preseed)
-        deb = deb or self.guest_deb()
-        return self.run(["apt-get", "install", "-y", "--no-install-recommends", deb],
+        found = [deb] if deb else self.guest_debs()
+        if deb:
+            agent = deb.replace("defender-setup_", "defender-setup-agent_", 1)
+            found += [agent] if agent != deb and self.exists(agent) else []
+        return self.run(["apt-get", "install", "-y", "--no-install-recommends", *found],
                         env={"DEBIAN_FRONTEND": frontend}, check=check, input=input,
                         timeout=300)
 
-    def guest_deb(self) -> str:
+    def guest_debs(self) -> list[str]:
+        """The bound build's packages: defender-setup and defender-setup-agent."""
         found = self.run(["sh", "-c", f"ls {GUEST_DEB_DIR}/*.deb"]).stdout.split()
-        assert len(found) == 1, found
-        return found[0]
+        assert len(found) == 2, found
+        return found
 
     def show(self, unit: str, *props: str) -> dict:
         out = self.run(["systemctl", "show", unit, *(f"-p{p}" for p in props)]).stdout

@@ -32,7 +32,7 @@ def test_autopkgtest_null_in_a_booted_container(suite, deb, boot, tmp_path):
     # null claims isolation-machine up to Debian 12's autopkgtest and no isolation from
     # Debian 13's on; this testbed is a booted container, what isolation-container asks for.
     result = ct.run(["autopkgtest", "--ignore-restrictions=isolation-container",
-                     ct.guest_deb(), "/srv/autopkgtest/source/", "--", "null"],
+                     *ct.guest_debs(), "/srv/autopkgtest/source/", "--", "null"],
                     check=False, timeout=600)
     out = result.stdout + result.stderr
     assert result.returncode == 0, out[-6000:]

@@ -168,18 +168,28 @@ def test_reconfigure_without_new_answers_keeps_credentials(booted, preseed):
         {k: v for k, v in files.items() if k.startswith("connection")}
 
 
-def test_upgrade_restarts_exactly_once_and_keeps_credentials(boot, base, deb_next, preseed):
-    ct = boot(base, binds={str(deb_next.parent): "/srv/next"})
-    ct.install_deb(preseed.for_connection_string())
+def test_upgrade_from_the_single_package_restarts_exactly_once_and_keeps_credentials(
+        boot, base, previous_release, preseed):
+    """The release before the split (one package, defender-setup) upgraded to this build's
+    two: dpkg hands the unit, generator and runtime over to defender-setup-agent (Breaks +
+    Replaces), the identity stays, the agent restarts once and stays enabled."""
+    ct = boot(base, binds={str(previous_release.parent): "/srv/previous"})
+    ct.install_deb(preseed.for_connection_string(), deb=f"/srv/previous/{previous_release.name}")
     files, before = agent_files(ct), state(ct)
+    assert before["ActiveState"] == "active"
     cursor = journal_cursor(ct)
-    result = ct.install_deb(deb=f"/srv/next/{deb_next.name}")
+    result = ct.install_deb()
     after = state(ct)
-    assert VERDICT in result.stdout + result.stderr
-    assert after["ActiveState"] == "active"
+    out = result.stdout + result.stderr
+    assert VERDICT in out, out
+    assert after["ActiveState"] == "active" and after["UnitFileState"] == "enabled"
     assert starts_since(ct, cursor) == [after["InvocationID"]] != [before["InvocationID"]]
     current = {k: v for k, v in agent_files(ct).items() if not k.startswith(".")}
     assert current == {k: v for k, v in files.items() if not k.startswith(".")}
+    owner = ct.run(["dpkg", "-S", "/lib/systemd/system/defender-iot-micro-agent.service",
+                    "/lib/systemd/system-generators/defender-setup-generator"]).stdout
+    assert owner.count("defender-setup-agent:") == 2, owner
+    assert ct.run(["dpkg", "--audit"]).stdout == ""
 
 
 # -- invalid answers ----------------------------------------------------------------------------

@@ -36,7 +36,7 @@ def german(boot):
 def test_preseeded_install_under_a_german_locale(german, preseed):
     german.preseed(preseed.for_connection_string())
     result = german.run(["apt-get", "install", "-y", "--no-install-recommends",
-                         german.guest_deb()], env={**GERMAN, "DEBIAN_FRONTEND": "noninteractive"},
+                         *german.guest_debs()], env={**GERMAN, "DEBIAN_FRONTEND": "noninteractive"},
                         timeout=300)
     out = result.stdout + result.stderr
     assert "defender-setup (" in out and "wird eingerichtet" in out, out  # dpkg speaks German

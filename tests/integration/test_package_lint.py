@@ -1,7 +1,7 @@
 """Static checks of the built package: lintian --pedantic, shellcheck, and piuparts.
 
 piuparts installs the .deb with no answers into a minimal chroot (policy-rc.d 101, no
-systemd), removes and purges it, upgrades to it from the previous revision, and fails on
+systemd), removes and purges it, upgrades to it from the previous release, and fails on
 anything left behind.
 """
 
@@ -17,7 +17,8 @@ import pytest
 
 REPO = harness.REPO
 SCRIPTS = ["debian/defender-setup.config", "debian/defender-setup.postinst",
-           "debian/defender-setup.prerm", "debian/defender-setup.postrm",
+           "debian/defender-setup-agent.prerm", "debian/defender-setup.postrm",
+           "debian/defender-setup-agent.postinst", "debian/defender-setup-agent.postrm",
            "debian/generator/defender-setup-generator"]
 
 
@@ -38,8 +39,9 @@ def test_lintian_pedantic_has_no_errors_or_warnings(deb):
     assert "unused-debconf-template" not in out, out
 
 
-def test_lintian_overrides_say_why():
-    text = (REPO / "debian" / "defender-setup.lintian-overrides").read_text()
+@pytest.mark.parametrize("package", ["defender-setup", "defender-setup-agent"])
+def test_lintian_overrides_say_why(package):
+    text = (REPO / "debian" / f"{package}.lintian-overrides").read_text()
     previous = ""
     for line in text.splitlines():
         if line and not line.startswith("#"):
@@ -55,21 +57,23 @@ def test_shellcheck_maintainer_scripts():
 
 
 @needs("piuparts")
-def test_piuparts_install_purge_and_upgrade_from_the_previous_revision(
-        suite, deb, deb_next, apt_repo, public_dir):
-    """The previous revision (-1) is in a signed repository; the new one (-2) is tested.
+def test_piuparts_install_purge_and_upgrade_from_the_previous_release(
+        suite, deb, previous_release, apt_repo, public_dir):
+    """The previous release (the single defender-setup package, before the split) is in a
+    signed repository; this build's two packages are tested.
 
-    piuparts installs and purges -2, then installs -1 from the repository, upgrades it to -2
-    and purges it, failing on anything left behind each time.
+    piuparts installs and purges both, then installs the previous release from the
+    repository, upgrades it to both (files move to defender-setup-agent) and purges them,
+    failing on anything left behind each time.
     """
     repo = apt_repo(directory=public_dir)
-    repo.publish(deb)
+    repo.publish(previous_release)
     line = f"deb [signed-by={repo.keyring}] file://{repo.root} {suite} main"
     result = subprocess.run(
         ["piuparts", "-b", str(piuparts_base(suite)), "-d", suite,
          f"--bindmount={repo.root}", f"--extra-repo={line}",
          # Debian 13's debconf keeps dpkg-preconfigure's temporary directory after purge.
-         "-i", "/var/cache/debconf/tmp.ci/", str(deb_next)],
+         "-i", "/var/cache/debconf/tmp.ci/", *map(str, harness.debs(deb))],
         capture_output=True, text=True, timeout=900)
     out = result.stdout + result.stderr
     assert result.returncode == 0, out[-5000:]

@@ -62,7 +62,7 @@ def test_a_device_id_holding_x509_is_still_a_sas_string(sas_inputs):
 # --- what systemd hands the unit ----------------------------------------------------------------
 
 UNIT_FILE = (Path(__file__).resolve().parents[2]
-             / "debian/defender-setup.defender-iot-micro-agent.service")
+             / "debian/defender-setup-agent.defender-iot-micro-agent.service")
 PAGE = 4096
 SYSTEMD_CREDENTIALS_MAX = 1024 * 1024  # CREDENTIALS_TOTAL_SIZE_MAX, systemd 247, 252, 257
 

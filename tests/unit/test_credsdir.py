@@ -18,7 +18,7 @@ from defender_setup.errors import SetupError
 from tests.fakes import IDS, handed_over
 
 REPO = Path(__file__).resolve().parents[2]
-UNIT_FILE = REPO / "debian" / "defender-setup.defender-iot-micro-agent.service"
+UNIT_FILE = REPO / "debian" / "defender-setup-agent.defender-iot-micro-agent.service"
 GENERATOR = REPO / "debian" / "generator" / "defender-setup-generator"  # the sealed files
 
 

@@ -80,7 +80,10 @@ def test_stderr_lines_name_the_problem_without_the_content():
 
 
 def unit_directives(name: str) -> list[str]:
-    path = Path(__file__).resolve().parents[2] / "debian" / f"defender-setup.{name}.service"
+    debian = Path(__file__).resolve().parents[2] / "debian"
+    # The runtime's units are defender-setup-agent's, the others defender-setup's.
+    path = next(p for package in ("defender-setup", "defender-setup-agent")
+                if (p := debian / f"{package}.{name}.service").exists())
     return [line.strip() for line in path.read_text().splitlines()
             if line.strip() and not line.startswith("#")]
 
