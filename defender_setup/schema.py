@@ -35,7 +35,8 @@ CHECK_HISTORY = (
 )
 
 STATUS_HISTORY = (
-    (1, "+schemaVersion +agent_dir +method +problem +warnings +files{} +previous_generation "
+    (1, "+schemaVersion +agent +agent.package +agent.version +agent.microsoft +agent.summary "
+        "+agent_dir +method +problem +warnings +files{} +previous_generation "
         "+interrupted_update "
         "+identity +identity.hub +identity.device +identity.module +identity.gateway "
         "+certificate +certificate.subject +certificate.issuer +certificate.not_before "

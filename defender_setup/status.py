@@ -44,7 +44,11 @@ def collect(root: Path, service_state: dict | None = None, lock_timeout: float =
     :raises BusyError: when a writer kept the lock for ``lock_timeout`` seconds.
     """
     agent = AgentDir(root)
-    report: dict = {"agent": agent.target.describe(), "agent_dir": str(agent.path),
+    target = agent.target
+    # Structured for fleet tools (the JSON schema); rendered as one line below.
+    report: dict = {"agent": {"package": target.package, "version": target.version,
+                              "microsoft": target.microsoft, "summary": target.describe()},
+                    "agent_dir": str(agent.path),
                     "method": None, "identity": None,
                     "certificate": None, "problem": None, "warnings": [], "files": {},
                     "previous_generation": False, "interrupted_update": False,
@@ -95,7 +99,7 @@ def collect(root: Path, service_state: dict | None = None, lock_timeout: float =
 
 
 def render(report: dict) -> list[str]:
-    lines = [f"agent:           {report['agent']}",
+    lines = [f"agent:           {report['agent']['summary']}",
              f"agent directory: {report['agent_dir']}"]
     if report["method"]:
         lines.append(f"method:          {report['method']}")

@@ -8,7 +8,7 @@ import subprocess
 
 import pytest
 
-from defender_setup import metrics
+from defender_setup import __version__, metrics
 from tests.clirun import Run, agent_path, assert_no_secret
 from tests.conftest import snapshot
 from tests.holder import Holder
@@ -98,8 +98,8 @@ def test_every_writer_refreshes_them_when_it_ends(run, sas_inputs, cert_inputs, 
     prom = textfile / "defender_setup.prom"
     assert run("apply", "--no-restart", *run.inputs(sas_inputs))[0] == 0
     got = parsed(prom)
-    assert got['defender_setup_info{version="0.1.0",method="connection-string",origin="apply"}'] \
-        == 1
+    assert got[f'defender_setup_info{{version="{__version__}",method="connection-string",'
+               'origin="apply"}'] == 1
     assert got['defender_setup_last_change_result{result="unverified"}'] == 1
     assert got["defender_setup_rollbacks_total"] == 0
     assert os.stat(prom).st_mode & 0o777 == 0o644
@@ -112,7 +112,7 @@ def test_every_writer_refreshes_them_when_it_ends(run, sas_inputs, cert_inputs, 
 
     assert run("rollback", "--no-restart")[0] == 0
     got = parsed(prom)
-    assert got['defender_setup_info{version="0.1.0",method="connection-string",'
+    assert got[f'defender_setup_info{{version="{__version__}",method="connection-string",'
                'origin="rollback"}'] == 1
     assert got["defender_setup_rollbacks_total"] == 1
     assert "defender_setup_certificate_expiry_timestamp_seconds" not in got
