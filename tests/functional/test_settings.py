@@ -1,5 +1,6 @@
 """Agent settings read by an unprivileged process (root reads any file)."""
 
+import importlib.util
 import shutil
 import sys
 
@@ -74,6 +75,8 @@ def test_agent_connects_over_websocket_with_microsofts_transport_key(hub_pki, ag
 
 
 @pytest.mark.allow_subprocess("python3")
+@pytest.mark.skipif(importlib.util.find_spec("socks") is None,
+                    reason="python3-socks is not installed (a proxy needs it)")
 def test_agent_connects_through_microsofts_proxy_config_never_showing_the_password(
         hub_pki, agent_root):
     from tests.agentproc import DEVICE, HUB, MODULE, configure
