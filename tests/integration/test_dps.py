@@ -43,7 +43,7 @@ def test_a_booted_device_provisions_itself_and_follows_a_reassignment(boot, base
     assert f"status: connected to 127.0.0.1 as booted-1/{MODULE}" in r.stdout, r.stdout
     assert stand.hubs["127.0.0.1"].broker.accepted()[-1].client_id == f"booted-1/{MODULE}"
     checks = {c["id"]: c for c in json.loads(ct.run(["defender-setup", "check", "--json"],
-                                                    check=False).stdout)}
+                                                    check=False).stdout)["checks"]}
     assert checks["dps-auth"]["status"] == "ok", checks["dps-auth"]
 
     # DPS moves the device to the second hub; the first one forgets it

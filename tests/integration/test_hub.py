@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from defender_setup import __version__
 from tests.hubsim.broker import Broker
 from tests.hubsim.pki import Pki
 from tests.hubsim.sasauth import SasAuth
@@ -91,7 +92,7 @@ def test_agent_connects_to_the_hub_and_sends_heartbeats(ct, pki, hub, preseed):
     props = reported()
     assert (props["origin"], props["method"]) == ("debconf", "connection-string"), props
     assert props["lastChange"]["result"] == "verified", props
-    assert re.fullmatch(r"0\.1\.0-\d+", props["packageVersion"]), props
+    assert re.fullmatch(re.escape(__version__) + r"-\d+", props["packageVersion"]), props
     assert props["osRelease"]["id"] == "debian" and props["sealed"] is False, props
     assert all(key.encode() not in payload for *_, payload, _ in hub.twin_patches)
 
