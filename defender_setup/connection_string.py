@@ -189,7 +189,7 @@ def _check_host(key: str, value: str, *, need_dot: bool) -> None:
                               "myhub.azure-devices.net")
 
 
-def _check_id(key: str, value: str) -> None:
+def check_id(key: str, value: str) -> None:
     if len(value) > _ID_MAX:
         raise _key_error(key, f"is {len(value)} characters long; IoT Hub allows at most "
                               f"{_ID_MAX}")
@@ -263,8 +263,8 @@ def parse(text: str | bytes, *, method: str | None = None) -> ConnectionString:
     _check_host(HOST_NAME, pairs[HOST_NAME], need_dot=True)
     if GATEWAY_HOST_NAME in pairs:
         _check_host(GATEWAY_HOST_NAME, pairs[GATEWAY_HOST_NAME], need_dot=False)
-    _check_id(DEVICE_ID, pairs[DEVICE_ID])
-    _check_id(MODULE_ID, pairs[MODULE_ID])
+    check_id(DEVICE_ID, pairs[DEVICE_ID])
+    check_id(MODULE_ID, pairs[MODULE_ID])
 
     has_key, has_x509 = SHARED_ACCESS_KEY in pairs, X509 in pairs
     if has_key and has_x509:

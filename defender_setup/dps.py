@@ -212,13 +212,13 @@ class Enrollment:
         :param now: the time the certificate is checked against (tests).
         :raises ValidationError: one line naming the field and the fix.
         """
-        from .connection_string import MODULE_ID, _check_id
+        from .connection_string import MODULE_ID, check_id
 
         scope = check_id_scope(self.id_scope)
         endpoint = check_endpoint(self.endpoint or GLOBAL_ENDPOINT)
         module = (self.module_id or DEFAULT_MODULE).strip()
         try:
-            _check_id(MODULE_ID, module)  # the hub's rules for a module ID
+            check_id(MODULE_ID, module)  # the hub's rules for a module ID
         except ValidationError as exc:  # about --module (debconf: module-id), not a string
             raise ValidationError(Field.MODULE_ID, exc.message) from None
         if self.attestation not in ATTESTATIONS:

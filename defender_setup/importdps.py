@@ -31,12 +31,11 @@ Guarantees kept from the import of a set:
 
 from __future__ import annotations
 
-from . import UNIT
 from .agentdir import now
-from .errors import EX_OK, EX_UNAVAILABLE, Field, ServiceError, SetupError, ValidationError
+from .errors import EX_OK, EX_UNAVAILABLE, Field, SetupError, ValidationError
 
 # importer.run imports this module only when it finds a DPS offer: no import cycle.
-from .importer import _SETTLED, PENDING, RECORD, REFUSED, VERIFY_UNIT
+from .importer import REFUSED
 from .offer import (
     DPS_ENDPOINT_FILE,
     DPS_GROUP_KEY_FILE,
@@ -175,28 +174,14 @@ def run_dps(job, mode: str, offer: Offer, wait: float) -> int:
         return EX_OK
     if job.agent_missing():
         return EX_OK
-    with job.agent.lock(wait):
-        job.agent.save_record(PENDING, {"time": record["time"], "digest": digest})
-    job.svc.reset_failed()
-    try:
-        job.svc.queue_restart()
-    except ServiceError as exc:  # reported; the verify unit still judges what runs
-        job.say(f"warning: {exc}")
-        return EX_OK
-    job.say(f"{UNIT} (re)start queued; {VERIFY_UNIT} verifies it once it has started")
-    return EX_OK
+    return job.queue_start(record, digest, lock_wait=wait)  # zerotouch released the lock
 
 
 def _keep(job, offer: Offer, record: dict, enrollment) -> int:
     job.say(f"already provisioned through DPS as {enrollment.registration_id} from "
             f"{offer.describe()}; nothing to do")
-    previous = job.agent.record(RECORD) or {}
-    if previous.get("result") not in _SETTLED or previous.get("source") != offer.source:
-        job.save(dict(record, identity=_identity(job.agent)), result="unchanged",
-                 message="provisioned from this offer already")
-    if offer.folder is not None and job.agent.record(PENDING) is None:
-        job.clear(offer.folder, "already provisioned", record)
-    return EX_OK
+    return job.unchanged(offer, dict(record, identity=_identity(job.agent)),
+                         "provisioned from this offer already", "already provisioned")
 
 
 def _verdict(job, code: int, record: dict, digest: str) -> int:

@@ -73,7 +73,7 @@ VERIFY_UNIT = "defender-setup-import-verify.service"
 FILE_OF = {CONNECTION_STRING: CONNECTION_STRING_FILE, CERTIFICATE: CERTIFICATE_FILE,
            PRIVATE_KEY: PRIVATE_KEY_FILE}
 # Results after which an unchanged set need not be recorded again (no write at every boot).
-_SETTLED = ("verified", "unchanged", "written")
+SETTLED = ("verified", "unchanged", "written")
 MODES = ("manual", "no-restart", "boot", "boot-verify")
 
 
@@ -187,11 +187,35 @@ class _Run:
         self.say(f"{offer.describe()} hold the configured {ident['method']} credentials for "
                  f"{ident['device']}/{ident['module']} on {ident['hub']}; nothing written, "
                  "nothing restarted")
+        return self.unchanged(offer, record, "equal to the configured set", "already imported")
+
+    def unchanged(self, offer: Offer, record: dict, message: str, why: str) -> int:
+        """An offer already in place: recorded once (an ordinary boot writes nothing), its
+        drop folder emptied unless a verification still waits for it."""
         previous = self.agent.record(RECORD) or {}
-        if previous.get("result") not in _SETTLED or previous.get("source") != offer.source:
-            self.save(record, result="unchanged", message="equal to the configured set")
+        if previous.get("result") not in SETTLED or previous.get("source") != offer.source:
+            self.save(record, result="unchanged", message=message)
         if offer.folder is not None and self.agent.record(PENDING) is None:
-            self.clear(offer.folder, "already imported", record)
+            self.clear(offer.folder, why, record)
+        return EX_OK
+
+    def queue_start(self, record: dict, digest: str | None, lock_wait=None) -> int:
+        """At boot: mark the set for the verify unit and queue the agent's start (never wait
+        for it: the agent is ordered after this unit). ``lock_wait``: take the writers' lock
+        for the mark (the caller does not hold it)."""
+        mark = {"time": record["time"], "digest": digest}
+        if lock_wait is None:
+            self.agent.save_record(PENDING, mark)
+        else:
+            with self.agent.lock(lock_wait):
+                self.agent.save_record(PENDING, mark)
+        self.svc.reset_failed()
+        try:
+            self.svc.queue_restart()
+        except ServiceError as exc:  # reported; the verify unit still judges what runs
+            self.say(f"warning: {exc}")
+            return EX_OK
+        self.say(f"{UNIT} (re)start queued; {VERIFY_UNIT} verifies it once it has started")
         return EX_OK
 
     def _fail(self, record: dict, result: str, exc: SetupError, offer: Offer | None = None):
@@ -323,15 +347,7 @@ def _import(job: _Run, mode: str, offer: Offer, record: dict, p: provision.Plan)
     if job.agent_missing():
         return EX_OK
     if mode == "boot":
-        job.agent.save_record(PENDING, {"time": record["time"], "digest": digest})
-        job.svc.reset_failed()
-        try:
-            job.svc.queue_restart()
-        except ServiceError as exc:  # reported; the verify unit still judges what runs
-            job.say(f"warning: {exc}")
-            return EX_OK
-        job.say(f"{UNIT} (re)start queued; {VERIFY_UNIT} verifies it once it has started")
-        return EX_OK
+        return job.queue_start(record, digest)
     return job.settled(_settle(job, restart=True), record, digest)
 
 
