@@ -126,7 +126,9 @@ def key_like_set(agent, runner=None, key: bytes | None = None) -> None:
             return
         if key is None:
             return
-    if any(name.endswith(".cred") for name in agent.current()):
+    from .credentials import SEALED_NAMES
+
+    if set(SEALED_NAMES.values()) & agent.current().keys():  # the set as stored is sealed
         from .sealing import encrypt
 
         agent.save_record(KEY_RECORD, {"sealed": encrypt(KEY_RECORD, key, runner)
