@@ -62,9 +62,14 @@ def connected(ct) -> bool:
 
 
 def install_connected(ct, pki, hub, preseed) -> None:
+    """A preseeded install with the probe on: the config script and the postinst both see the
+    new credentials, yet the hub hears them twice only: one probe for the whole dpkg run, then
+    the agent (a second CONNECT as the same identity would knock the agent off the hub)."""
     wire(ct, pki, hub.port)
     ct.install_deb(preseed=preseed.for_connection_string(preseed.connection_string(key=GOOD)))
     assert connected(ct), ct.show(UNIT, "StatusText")
+    assert [(c.username.split("/")[1], c.code) for c in hub.connections] == \
+        [("dev1", 0), ("dev1", 0)], hub.connections
 
 
 def test_check_diagnoses_the_path_and_leaves_the_connected_agent_alone(boot, base, pki, hub,
