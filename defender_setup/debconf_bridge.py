@@ -10,6 +10,8 @@ and ``debian/*.postinst`` call it after sourcing the shell confmodule)::
         defender-setup/QUESTION) and exits with the error's exit code (65, 66, 77...)
     debconf-helper agent-dir [--root DIR]   # the directory of the installed agent (the
         maintainer scripts test for files there; no debconf needed)
+    debconf-helper current [--root DIR]   # config: what is configured now, as
+        "NAME<TAB>VALUE" lines (method, sealed, HostName, DeviceId, ModuleId; no secret)
     debconf-helper apply [--root DIR]   # postinst configure: validate, probe, write, clear
         like ``defender-setup apply --no-restart --probe``; prints the summary on standard
         error; a refusal by the hub fails it before anything is written
@@ -414,6 +416,38 @@ def _origin(agent) -> str | None:
     return (agent.origin() or {}).get("source")
 
 
+def current(root: Path) -> dict[str, str]:
+    """What is configured now, for the config script to start from.
+
+    The core's one rule decides the method (:func:`credentials.method_of`: the connection
+    string), not which files exist; a module the device made itself through DPS is the
+    ``dps`` choice. Only non-secret fields, and none of a sealed connection string (nothing
+    is decrypted for a form's defaults).
+
+    :raises SetupError: the directory is unsafe, or a writer kept the lock.
+    """
+    from .agentdir import READ_WAIT, AgentDir
+    from .credentials import SEALED_NAMES, method_of
+
+    agent = AgentDir(root)
+    with agent.read_lock(READ_WAIT):
+        agent.check()
+        files, origin = agent.current(), _origin(agent)
+    method = method_of(files)
+    if method is None:
+        return {}
+    if method == cs.METHOD_CONNECTION_STRING and origin == debconf_dps.ORIGIN:
+        method = METHOD_DPS
+    now = {"method": method,
+           "sealed": str(any(n in files for n in SEALED_NAMES.values())).lower()}
+    try:
+        ident = cs.parse(files[CONNECTION_STRING_FILE])
+    except (KeyError, ValidationError):  # sealed, or hand-edited beyond use: no defaults
+        return now
+    return {**now, "HostName": ident.host_name, "DeviceId": ident.device_id,
+            "ModuleId": ident.module_id}
+
+
 def _apply_dps(db, answers: Answers, agent, root: Path, out) -> int:
     """Register through DPS (or, in an image build, only check); the postinst's trigger
     restarts and verifies as for the other methods."""
@@ -429,7 +463,7 @@ def _apply_dps(db, answers: Answers, agent, root: Path, out) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="debconf-helper",
                                      description="internal: called by the maintainer scripts")
-    parser.add_argument("command", choices=("check", "apply", "agent-dir"))
+    parser.add_argument("command", choices=("check", "apply", "agent-dir", "current"))
     parser.add_argument("--root", default="/", metavar="DIR")
     args = parser.parse_args(argv)
     root = Path(args.root)
@@ -437,6 +471,13 @@ def main(argv: list[str] | None = None) -> int:
         from .agentdir import AgentDir
 
         print(AgentDir(root).path)
+        return 0
+    if args.command == "current":
+        try:
+            now = current(root)
+        except SetupError as exc:  # the config script then starts from debconf's answers
+            return exc.exit_code
+        print("".join(f"{name}\t{value}\n" for name, value in now.items()), end="")
         return 0
     out = sys.stderr  # standard output is the shell's (check's result line only)
     db = open_channel()

@@ -273,7 +273,8 @@ def test_config_loads_current_identity(debconf, dpkg_root):
     agent = dpkg_root / "var" / "defender_iot_micro_agent"
     agent.mkdir(parents=True, mode=0o700)
     (agent / CONNECTION_STRING_FILE).write_text(CS.replace("dev1", "dev7") + "\n")
-    result = debconf.config("configure", "0.1.0")
+    # an upgrade: the installed helper says what is configured
+    result = debconf.config("configure", "0.1.0", unpacked=True)
     assert result.returncode == 0, result.stderr
     assert debconf.get("auth-method") == "connection-string"
     assert debconf.get("device-id") == "dev7"
@@ -551,6 +552,25 @@ def test_config_shows_dps_for_a_module_the_device_made_itself(debconf, dpkg_root
     (agent / CONNECTION_STRING_FILE).write_text(CS + "\n")
     (agent / ".defender-setup" / "origin.json").write_text(
         '{"source": "dps", "time": "2026-12-04T14:00:00Z"}')
-    result = debconf.config("configure", "0.1.0")
+    # an upgrade: the installed helper says what is configured
+    result = debconf.config("configure", "0.1.0", unpacked=True)
     assert result.returncode == 0, result.stderr
     assert debconf.get("auth-method") == "dps"
+
+
+@pytest.mark.allow_subprocess(*DEBCONF)
+@pytest.mark.parametrize("files, method", [
+    ({"certificate_private.pem": "-----BEGIN PRIVATE KEY-----\n"}, "later"),
+    ({CONNECTION_STRING_FILE: CS.split(";SharedAccessKey")[0] + ";x509=true\n"}, "certificate"),
+    ({CONNECTION_STRING_FILE: CS + "\n", "certificate_private.pem": "x\n"}, "connection-string"),
+], ids=["a-lone-key-file-is-unconfigured", "x509-decides", "the-connection-string-decides"])
+def test_config_starts_from_the_method_the_core_decides(debconf, dpkg_root, files, method):
+    """What the config script offers as the current method is the core's one rule (the
+    connection string decides), not a guess from which files exist."""
+    agent = dpkg_root / "var" / "defender_iot_micro_agent"
+    agent.mkdir(parents=True, mode=0o700)
+    for name, text in files.items():
+        (agent / name).write_text(text)
+    result = debconf.config("configure", "0.1.0", unpacked=True)
+    assert result.returncode == 0, result.stderr
+    assert debconf.get("auth-method") == method

@@ -168,3 +168,27 @@ def test_helper_is_pinned_to_debians_python():
     helper = REPO / "debian" / "helper" / "debconf-helper"
     assert helper.read_text().startswith("#!/usr/bin/python3 -I\n")
     assert os.access(helper, os.X_OK)
+
+
+def test_current_gives_defaults_and_never_a_secret(tmp_path, capsys):
+    """debconf-helper current: the config script's defaults; a sealed connection string is
+    not decrypted for them, and an unsafe directory gives none (exit 77)."""
+    from defender_setup.debconf_bridge import main
+
+    agent = tmp_path / "var" / "defender_iot_micro_agent"
+    agent.mkdir(parents=True, mode=0o700)
+    (agent / CONNECTION_STRING_FILE).write_text(CS + "\n")
+    assert main(["current", "--root", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert out == ("method\tconnection-string\nsealed\tfalse\nHostName\thub.azure-devices.net\n"
+                   "DeviceId\tdev1\nModuleId\tDefenderIotMicroAgent\n")
+    assert KEY not in out
+
+    (agent / CONNECTION_STRING_FILE).rename(agent / (CONNECTION_STRING_FILE + ".cred"))
+    assert main(["current", "--root", str(tmp_path)]) == 0
+    assert capsys.readouterr().out == "method\tconnection-string\nsealed\ttrue\n"
+
+    agent.rename(tmp_path / "elsewhere")  # a link where the directory should be
+    agent.symlink_to(tmp_path / "elsewhere")
+    assert main(["current", "--root", str(tmp_path)]) == 77
+    assert capsys.readouterr().out == ""
