@@ -262,11 +262,7 @@ class AgentDir:
 
     def origin(self) -> dict | None:
         """Where the current set came from (``{"source", "time", ...}``), None if unknown."""
-        try:
-            data = json.loads(read(self.state / ORIGIN))
-        except (OSError, ValueError):
-            return None
-        return data if isinstance(data, dict) else None
+        return self.record(ORIGIN)
 
     # -- writing ----------------------------------------------------------------------------
     def write(self, files: dict[str, tuple[bytes, int]],
