@@ -74,18 +74,12 @@ def _request(args, **kw):
     return Request(text, cert, key, method=args.method, **kw)
 
 
-def _print_found(validated, out) -> None:
-    from .applying import print_found
-
-    print_found(validated, out)
-
-
 def cmd_validate(args, out) -> int:
+    from .applying import print_found
     from .provision import NOTHING_STORED, plan
 
     validated = plan(_request(args), NOTHING_STORED).validated
-    print("found:", file=out)
-    _print_found(validated, out)
+    print_found(validated, out)
     print(f"valid: {validated.method} credentials for {validated.connection_string.device_id}/"
           f"{validated.connection_string.module_id}", file=out)
     return EX_OK
@@ -207,10 +201,10 @@ def _after_write(args, out) -> int:
 
 
 def _restart(args, out) -> int:
-    from .applying import settle_code
+    from .verify import settle
 
-    return settle_code(args.root, timeout=args.timeout, strict=args.strict, out=out,
-                       service=args.service)
+    return settle(args.root, timeout=args.timeout, strict=args.strict, out=out,
+                  service=args.service).code
 
 
 def cmd_restart(args, out) -> int:
