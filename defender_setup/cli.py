@@ -24,6 +24,7 @@ from .errors import (
     EX_OK,
     EX_SOFTWARE,
     PRIVATE_KEY,
+    Field,
     InputError,
     SetupError,
 )
@@ -46,7 +47,7 @@ Secrets are read from files or '-' (standard input), never from the command line
 See defender-setup(8)."""
 
 
-def _read_input(name: str | None, field: str, stdin_used: list) -> bytes | None:
+def _read_input(name: str | None, field: Field, stdin_used: list) -> bytes | None:
     if name is None:
         return None
     if name == "-":
@@ -56,7 +57,25 @@ def _read_input(name: str | None, field: str, stdin_used: list) -> bytes | None:
         # read_stream: closed (<&-, sys.stdin is None) or unreadable standard input is an
         # InputError, and no more than the limit + 1 bytes is read.
         return read_stream(getattr(sys.stdin, "buffer", None), field)
+    if field is Field.DPS_KEY and not os.path.lexists(name):
+        from .dps import looks_like_key
+
+        # A "file name" that is the key itself is refused without repeating it.
+        if looks_like_key(name):
+            raise InputError("no such file, and the name given looks like a key: give a FILE "
+                             "holding the key, or - and the key on standard input, never the "
+                             "key itself on the command line", field)
     return read_file(name, field)
+
+
+def _read_all(*named: tuple, missing: str, field: Field) -> list:
+    """The ``(file name or None, field)`` inputs read in order, at most one of them from
+    standard input; ``missing``: the error when none was given."""
+    used: list = []
+    data = [_read_input(name, what, used) for name, what in named]
+    if all(d is None for d in data):
+        raise InputError(missing, field)
+    return data
 
 
 def _request(args, **kw):
@@ -64,13 +83,10 @@ def _request(args, **kw):
     validated). A certificate and key alone re-key the stored certificate identity."""
     from .provision import Request
 
-    used: list = []
-    text = _read_input(args.connection_string_file, CONNECTION_STRING, used)
-    cert = _read_input(args.certificate, CERTIFICATE, used)
-    key = _read_input(args.private_key, PRIVATE_KEY, used)
-    if text is None and cert is None and key is None:
-        raise InputError("give --connection-string-file FILE (or - for standard input)",
-                         CONNECTION_STRING)
+    text, cert, key = _read_all(
+        (args.connection_string_file, CONNECTION_STRING), (args.certificate, CERTIFICATE),
+        (args.private_key, PRIVATE_KEY), field=CONNECTION_STRING,
+        missing="give --connection-string-file FILE (or - for standard input)")
     return Request(text, cert, key, method=args.method, **kw)
 
 
@@ -105,32 +121,15 @@ def cmd_apply(args, out) -> int:
                  service=args.service, probe_asked=args.probe)
 
 
-def _read_key(name: str | None, used: list) -> bytes | None:
-    """A DPS key file; a "file name" that is the key itself is refused without repeating it."""
-    from .dps import looks_like_key
-    from .errors import Field
-
-    if name not in (None, "-") and not os.path.lexists(name) and looks_like_key(name):
-        raise InputError("no such file, and the name given looks like a key: give a FILE "
-                         "holding the key, or - and the key on standard input, never the key "
-                         "itself on the command line", Field.DPS_KEY)
-    return _read_input(name, Field.DPS_KEY, used)
-
-
 def cmd_provision(args, out) -> int:
     from .dps import enrollment
-    from .errors import Field
     from .zerotouch import run
 
-    used: list = []
-    symmetric = _read_key(args.symmetric_key_file, used)
-    group = _read_key(args.group_key_file, used)
-    cert = _read_input(args.certificate, CERTIFICATE, used)
-    key = _read_input(args.private_key, PRIVATE_KEY, used)
-    if symmetric is None and group is None and cert is None and key is None:
-        raise InputError("give --symmetric-key-file FILE, --group-key-file FILE, or "
-                         "--certificate FILE --private-key FILE (- for standard input)",
-                         Field.DPS_KEY)
+    symmetric, group, cert, key = _read_all(
+        (args.symmetric_key_file, Field.DPS_KEY), (args.group_key_file, Field.DPS_KEY),
+        (args.certificate, CERTIFICATE), (args.private_key, PRIVATE_KEY), field=Field.DPS_KEY,
+        missing="give --symmetric-key-file FILE, --group-key-file FILE, or --certificate "
+        "FILE --private-key FILE (- for standard input)")
     e = enrollment(args.id_scope, args.registration_id, symmetric_key=symmetric,
                    group_key=group, certificate=cert, private_key=key, endpoint=args.endpoint,
                    module_id=args.module, root=args.root)
