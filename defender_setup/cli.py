@@ -228,17 +228,15 @@ def cmd_repair(args, out) -> int:
     nothing refused either: whatever else is wrong, the agent and ``check`` report it (a
     planted link in the private state must not keep a healthy set from starting).
     """
-    from .agentdir import AgentDir
+    from .applying import Writing
     from .errors import BusyError
 
-    agent = AgentDir(args.root)
-    if not agent.pending():
+    writing = Writing(args.root, out, 2.0 if args.lock_timeout is None else args.lock_timeout)
+    if not writing.agent.pending():
         return EX_OK
-    timeout = 2.0 if args.lock_timeout is None else args.lock_timeout
     try:
-        with agent.lock(timeout):
-            if agent.repair():
-                print("repaired: an interrupted credential update was completed", file=out)
+        with writing:  # taking the writers' lock completes the update
+            pass
     except BusyError as exc:
         print(f"repair skipped: {exc}", file=out)
     return EX_OK
