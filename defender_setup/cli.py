@@ -384,7 +384,7 @@ def _seconds(low: float, high: float):
                                              f"{high:g}")
         return value
 
-    seconds.bounds = (low, high)
+    seconds.bounds = (low, high)  # read by a test: every numeric option is bounded
     return seconds
 
 
@@ -405,9 +405,10 @@ def build_parser() -> argparse.ArgumentParser:
     creds.add_argument("--certificate", metavar="FILE",
                        help="PEM certificate (chain allowed, leaf first)")
     creds.add_argument("--private-key", metavar="FILE", help="PEM private key (unencrypted)")
+    timing = argparse.ArgumentParser(add_help=False)
+    timing.add_argument("--timeout", type=_TIMEOUT, default=30.0, metavar="S",
+                        help="seconds to wait for the service to become active (default 30)")
     service = argparse.ArgumentParser(add_help=False)
-    service.add_argument("--timeout", type=_TIMEOUT, default=30.0, metavar="S",
-                         help="seconds to wait for the service to become active (default 30)")
     service.add_argument("--strict", action="store_true",
                          help="exit 69 when verification fails, even after a successful "
                          "roll-back (for image pipelines)")
@@ -433,7 +434,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     add("validate", cmd_validate, [common, creds], "validate credentials only; print what was "
         "found (secrets redacted)")
-    writer = [common, service, locking]
+    writer = [common, timing, service, locking]
     p = add("apply", cmd_apply, [creds, *writer], "validate, write atomically (keeping the "
             "previous set), then restart and verify the service")
     p.add_argument("--no-restart", action="store_true", help="write the files only")
@@ -476,11 +477,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--module", default="DefenderIotMicroAgent", metavar="ID",
                    help="the module identity to create (default DefenderIotMicroAgent)")
     p.add_argument("--no-restart", action="store_true", help="write the files only")
-    p = add("reprovision", cmd_reprovision, [common, locking], "after the hub refused the "
-            "agent's identity: when it came from DPS, register again (once a boot) and verify "
-            "(run by defender-setup-reprovision.service)")
-    p.add_argument("--timeout", type=_TIMEOUT, default=30.0, metavar="S",
-                   help="seconds to wait for the service to become active (default 30)")
+    add("reprovision", cmd_reprovision, [common, locking, timing], "after the hub refused the "
+        "agent's identity: when it came from DPS, register again (once a boot) and verify "
+        "(run by defender-setup-reprovision.service)")
     p = add("status", cmd_status, [common, locking], "show method, identity, certificate, file "
             "modes and service state (secrets redacted)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
@@ -503,12 +502,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-restart", action="store_true", help="restore the files only")
     add("repair", cmd_repair, [common, locking], "complete a credential update that was "
         "interrupted (the service runs it before the agent starts; never waits long)")
-    p = add("import", cmd_import, [common, locking], "import the credentials offered to this "
-            "machine "
-            "(systemd credentials defender-setup.*, or the boot partition's drop folder), "
-            "then restart and verify the service")
-    p.add_argument("--timeout", type=_TIMEOUT, default=30.0, metavar="S",
-                   help="seconds to wait for the service to become active (default 30)")
+    p = add("import", cmd_import, [common, locking, timing], "import the credentials offered "
+            "to this machine (systemd credentials defender-setup.*, or the boot partition's "
+            "drop folder), then restart and verify the service")
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--no-restart", action="store_true", help="write the files only")
     mode.add_argument("--boot", action="store_true", help="as defender-setup-import.service "
@@ -544,8 +540,6 @@ class _Output:
 
     def close_quietly(self) -> None:
         """After a broken pipe, keep the interpreter's own flush at exit from failing."""
-        import os
-
         try:
             devnull = os.open(os.devnull, os.O_WRONLY)
             os.dup2(devnull, self.stream.fileno())
