@@ -169,6 +169,8 @@ def cmd_reprovision(args, out) -> int:
 def cmd_seal(args, out) -> int:
     """``seal`` / ``unseal``: store the current set sealed, or as plain files again."""
     from . import provision, sealing
+    from .applying import print_stored
+    from .zerotouch import key_like_set
 
     want = args.command == "seal"
     if want:  # before the lock, which writes to the agent directory
@@ -178,25 +180,17 @@ def cmd_seal(args, out) -> int:
         p = provision.plan(provision.Request.again(stored, seal=want, origin=args.command),
                            stored)
         lines = provision.commit(agent, p)
-        from .zerotouch import key_like_set
-
         key_like_set(agent)  # a DPS device key kept beside the set follows it
         if not lines:
             later = "; sealing deferred to the first boot" if stored.seal_pending else ""
             print(f"nothing to do: the credentials are {stored.sealing.describe()}{later}",
                   file=out)
             return EX_OK
-        from .applying import print_stored
-
         print_stored(lines, out, agent.has_previous())
-        return _after_write(args, out)
-
-
-def _after_write(args, out) -> int:
-    if args.no_restart:
-        print("restart skipped (--no-restart)", file=out)
-        return EX_OK
-    return _restart(args, out)
+        if args.no_restart:
+            print("restart skipped (--no-restart)", file=out)
+            return EX_OK
+        return _restart(args, out)
 
 
 def _restart(args, out) -> int:
@@ -215,9 +209,7 @@ def cmd_rollback(args, out) -> int:
     with _Writing(args, out) as agent:
         restored = agent.rollback()
         print(f"rolled back: {', '.join(sorted(restored))} restored in {agent.path}", file=out)
-        if args.no_restart:
-            return EX_OK
-        return _restart(args, out)
+        return EX_OK if args.no_restart else _restart(args, out)
 
 
 def cmd_repair(args, out) -> int:
