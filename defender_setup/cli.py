@@ -289,24 +289,23 @@ def cmd_check(args, out) -> int:
               "by root only (it changes nothing); run: sudo defender-setup check",
               file=sys.stderr)
         return EX_NOPERM
+    from . import dpscheck
     from .agentdir import AgentDir
     from .errors import BusyError
     from .provision import read
 
-    state = _service_state(args.root)
+    root, state, wait = Path(args.root), _service_state(args.root), _read_wait(args)
     try:  # one snapshot for the local and the network checks: the same set for both
-        stored = read(AgentDir(args.root), _read_wait(args))
+        stored = read(AgentDir(root), wait)
     except BusyError:
         raise
     except SetupError:
         stored = None  # agent-dir-safe reports it
-    results = extend(Path(args.root), run_checks(Path(args.root), state,
-                                                 lock_timeout=_read_wait(args), stored=stored),
-                     state, offline=args.offline, dont_run=args.dont_run, stored=stored)
-    from . import dpscheck
-
-    results = dpscheck.extend(Path(args.root), results, offline=args.offline,
-                              dont_run=args.dont_run, stored=stored)
+    results = run_checks(root, state, lock_timeout=wait, stored=stored)
+    results = extend(root, results, state, offline=args.offline, dont_run=args.dont_run,
+                     stored=stored)
+    results = dpscheck.extend(root, results, offline=args.offline, dont_run=args.dont_run,
+                              stored=stored)
     unknown = set(args.dont_run) - {r.id for r in results}
     if unknown:
         print(f"defender-setup: warning: --dont-run: no check named {', '.join(sorted(unknown))}",
