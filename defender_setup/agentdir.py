@@ -117,14 +117,17 @@ class AgentDir:
         self.state = self.path / STATE
 
     # -- checks -----------------------------------------------------------------------------
-    def _check_dir(self, path: Path) -> bool:
-        """Refuse an unsafe directory; return whether it exists."""
+    def _check_dir(self, path: Path, owned: bool = True) -> bool:
+        """Refuse an unsafe directory; return whether it exists. ``owned``: ours alone
+        (not writable by group or others, our uid), else only a real directory."""
         st = lstat(path)
         if st is None:
             return False
         if stat.S_ISLNK(st.st_mode) or not stat.S_ISDIR(st.st_mode):
             raise UnsafeTargetError(f"{path} is not a real directory (a symbolic link or a "
                                     "file); remove it and run the command again")
+        if not owned:
+            return True
         if st.st_mode & 0o022:
             raise UnsafeTargetError(f"{path} is writable by group or others; run "
                                     f"'chmod 0700 {path}' after checking its contents")
@@ -133,17 +136,13 @@ class AgentDir:
                                     f"{os.geteuid()}; run 'chown root:root {path}'")
         return True
 
-    def _parents(self) -> list[Path]:
-        """The directories between ``root`` and the agent directory (``root/var``)."""
-        parts = Path(self.target.agent_dir).parts
-        return [self.root.joinpath(*parts[:i]) for i in range(1, len(parts))]
-
     def _check_parents(self) -> None:
         # On the running system /var is the administrator's; in a tree given with --root a
         # symlinked var/ could lead out of the tree (into the host's /etc, say): refuse it.
         if self.root.resolve() == Path("/"):
             return
-        for parent in self._parents():
+        parts = Path(self.target.agent_dir).parts  # root/var, ... up to the agent directory
+        for parent in (self.root.joinpath(*parts[:i]) for i in range(1, len(parts))):
             st = lstat(parent)
             if st is not None and not stat.S_ISDIR(st.st_mode):
                 raise UnsafeTargetError(f"{parent} is not a real directory (a symbolic link "
@@ -154,11 +153,7 @@ class AgentDir:
         if not self._check_dir(self.state):
             return False
         for name in STATE_DIRS:
-            path = self.state / name
-            st = lstat(path)
-            if st is not None and (stat.S_ISLNK(st.st_mode) or not stat.S_ISDIR(st.st_mode)):
-                raise UnsafeTargetError(f"{path} is not a real directory (a symbolic link or "
-                                        "a file); remove it and run the command again")
+            self._check_dir(self.state / name, owned=False)
         for name in STATE_FILES:
             check_file(self.state / name)
         return True
@@ -318,7 +313,7 @@ class AgentDir:
         Takes the writers' lock. :returns: True if something was repaired.
         """
         self.check()
-        if not self._check_dir(self.path) or not self._check_dir(self.state):
+        if lstat(self.state) is None:  # (check() refused an unsafe one) nothing to repair
             return False
         with self.lock():
             return self._repair()
