@@ -185,15 +185,12 @@ class AgentDir:
             raise WriteError(f"cannot create {self.path}: {exc.strerror}") from None
 
     # -- locking ----------------------------------------------------------------------------
+    @contextmanager
     def lock(self, timeout: float = WRITE_WAIT):
         """Context manager: the writers' exclusive lock (creates the private state). When
         the outermost hold ends, the metrics are refreshed, still under the lock (one
         consistent snapshot); nested holds are free and refresh nothing."""
         self._ensure_dirs()
-        return self._writers(timeout)
-
-    @contextmanager
-    def _writers(self, timeout: float):
         path = self.state / LOCK
         outermost = not lock.holds(path)
         with lock.exclusive(path, timeout):
