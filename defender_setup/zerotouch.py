@@ -137,11 +137,6 @@ def key_like_set(agent, runner=None, key: bytes | None = None) -> None:
         agent.save_record(KEY_RECORD, {"key": key.decode("ascii")})
 
 
-def _connection_string(hub: str, device: str, module: str, key: str) -> bytes:
-    return f"HostName={hub};DeviceId={device};ModuleId={module};SharedAccessKey={key}" \
-        .encode("ascii")
-
-
 def _stored_key(stored, assigned, module: str) -> str | None:
     """The module key of the stored set when it is the same DPS identity (run again: keep)."""
     if (stored.origin or {}).get("source") != ORIGIN:
@@ -174,8 +169,9 @@ def _obtain(root, enrollment: Enrollment, stored, out, bounds, clock, sleep) -> 
                                            deadline=deadline)
     print(f"module {assigned.device_id}/{enrollment.module_id} {how} on {assigned.hub} "
           f"({'the stored key kept' if kept else 'with a key made on this device'})", file=out)
-    text = _connection_string(assigned.hub, assigned.device_id, enrollment.module_id, key)
-    return text, assigned
+    text = (f"HostName={assigned.hub};DeviceId={assigned.device_id};"
+            f"ModuleId={enrollment.module_id};SharedAccessKey={key}")
+    return text.encode("ascii"), assigned
 
 
 def _keeper(enrollment: Enrollment, assigned):
