@@ -17,6 +17,8 @@ the set was unchanged): what an adapter keeps beside the set (zero-touch's regis
 
 from __future__ import annotations
 
+from contextlib import ExitStack
+
 from .errors import EX_OK
 
 
@@ -32,18 +34,15 @@ class Writing:
         self.timeout = WRITE_WAIT if lock_timeout is None else lock_timeout
 
     def __enter__(self):
-        self._lock = self.agent.lock(self.timeout)
-        self._lock.__enter__()
-        try:
+        with ExitStack() as stack:  # the lock is released if the repair fails
+            stack.enter_context(self.agent.lock(self.timeout))
             if self.agent.repair():
                 print("repaired: an interrupted credential update was completed", file=self.out)
-        except BaseException:
-            self._lock.__exit__(None, None, None)
-            raise
+            self._held = stack.pop_all()
         return self.agent
 
     def __exit__(self, *exc):
-        return self._lock.__exit__(*exc)
+        return self._held.__exit__(*exc)
 
 
 def print_found(validated, out) -> None:
