@@ -169,10 +169,7 @@ class AgentDir:
     def _ensure_dirs(self) -> None:
         self.check()
         try:
-            missing, parent = [], self.path.parent
-            while lstat(parent) is None and parent != parent.parent:
-                missing.insert(0, parent)
-                parent = parent.parent
+            missing = [p for p in reversed(self.path.parents) if lstat(p) is None]  # top down
             for parent in missing:  # explicit modes: an umask of 000 must not make them 0777
                 parent.mkdir(mode=PARENT_MODE)
                 chmod_dir(parent, PARENT_MODE)
@@ -231,12 +228,8 @@ class AgentDir:
 
     def modes(self) -> dict[str, int]:
         """Permission bits of the directory and each present file (for ``status``)."""
-        result = {}
-        for path in [self.path] + [self.path / name for name in ALL_FILES]:
-            st = lstat(path)
-            if st is not None:
-                result[str(path)] = stat.S_IMODE(st.st_mode)
-        return result
+        paths = [self.path, *(self.path / name for name in ALL_FILES)]
+        return {str(p): stat.S_IMODE(st.st_mode) for p in paths if (st := lstat(p)) is not None}
 
     def has_previous(self) -> bool:
         """True when a non-empty previous generation exists to roll back to."""
