@@ -515,17 +515,16 @@ class _Output:
         self.stream, self.broken = stream, stream is None
 
     def write(self, text: str) -> int:
-        if not self.broken:
-            try:
-                self.stream.write(text)
-            except (BrokenPipeError, ValueError, OSError):
-                self.broken = True
+        self._guarded(lambda: self.stream.write(text))
         return len(text)
 
     def flush(self) -> None:
+        self._guarded(lambda: self.stream.flush())
+
+    def _guarded(self, call) -> None:
         if not self.broken:
             try:
-                self.stream.flush()
+                call()
             except (BrokenPipeError, ValueError, OSError):
                 self.broken = True
 
