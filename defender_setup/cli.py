@@ -24,6 +24,7 @@ from .errors import (
     EX_OK,
     EX_SOFTWARE,
     PRIVATE_KEY,
+    BusyError,
     Field,
     InputError,
     SetupError,
@@ -144,7 +145,6 @@ def cmd_reprovision(args, out) -> int:
     DPS, register again (once a boot), then restart and verify; anything else is left alone.
     An ordinary boot or a running agent otherwise never learns that the device moved hubs."""
     from . import zerotouch
-    from .errors import BusyError
     from .service import Service
     from .verify import refused, settle
 
@@ -221,7 +221,6 @@ def cmd_repair(args, out) -> int:
     planted link in the private state must not keep a healthy set from starting).
     """
     from .applying import Writing
-    from .errors import BusyError
 
     writing = Writing(args.root, out, 2.0 if args.lock_timeout is None else args.lock_timeout)
     if not writing.agent.pending():
@@ -291,7 +290,6 @@ def cmd_check(args, out) -> int:
         return EX_NOPERM
     from . import dpscheck
     from .agentdir import AgentDir
-    from .errors import BusyError
     from .provision import read
 
     root, state, wait = Path(args.root), _service_state(args.root), _read_wait(args)
@@ -325,7 +323,6 @@ def cmd_metrics(args, out) -> int:
     network ones (hub-auth would connect as the running identity and knock the agent off)."""
     from pathlib import Path
 
-    from .errors import BusyError
     from .metrics import TEXTFILE_DIR, collect, render, textfile_dir, write
 
     directory = textfile_dir(args.root)
@@ -343,8 +340,8 @@ def cmd_metrics(args, out) -> int:
         return EX_OK
     if args.print:
         print(text, end="", file=out)
-        return EX_OK
-    print(f"wrote {write(directory, text)}", file=out)
+    else:
+        print(f"wrote {write(directory, text)}", file=out)
     return EX_OK
 
 
