@@ -56,6 +56,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from . import facts
+from .agentdir import AgentDir
 from .errors import EX_OK, EX_REJECTED, EX_UNAVAILABLE, ServiceError, SetupError
 from .msagent import forget_stale_cache
 from .service import Service, UnitState
@@ -187,8 +189,6 @@ def settle(root: Path, *, timeout: float, strict: bool, out, restart: bool = Tru
     verification and the result of the change it judged (taken before a roll-back records
     a change of its own).
     """
-    from . import facts
-
     change = facts.pending_change(root)
     result = _settle(root, timeout=timeout, strict=strict, out=out, restart=restart,
                      service=service, clock=clock, sleep=sleep, boot=boot)
@@ -198,8 +198,6 @@ def settle(root: Path, *, timeout: float, strict: bool, out, restart: bool = Tru
 
 def _settle(root: Path, *, timeout: float, strict: bool, out, restart: bool, service, clock,
             sleep, boot: bool) -> Result:
-    from .agentdir import AgentDir
-
     root = Path(root)
     agent = AgentDir(root)
     svc = service or Service(root)
