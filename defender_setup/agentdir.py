@@ -56,8 +56,8 @@ import stat
 from contextlib import contextmanager
 from pathlib import Path
 
-from . import lock
-from .credentials import ALL_FILES, SEALED_NAMES, method_of
+from . import facts, lock
+from .credentials import ALL_FILES, SEALED_NAMES, load, method_of
 from .errors import InputError, SetupError, UnsafeTargetError, ValidationError, WriteError
 from .safefs import (
     check_file,
@@ -347,8 +347,6 @@ class AgentDir:
             raise WriteError(f"cannot complete the interrupted credential update in "
                              f"{self.path}: {exc}") from None
         if origin:  # the public, non-secret copy (the agent cannot read ours)
-            from . import facts
-
             facts.changed(self.root, self.origin() or {})
         return True
 
@@ -364,8 +362,6 @@ class AgentDir:
         :raises UnsafeTargetError: for a file there that is linked elsewhere, not a regular
             file or not ours (77); nothing is changed.
         """
-        from .credentials import load
-
         with self.lock():
             self._repair()
             previous = self.state / PREVIOUS
