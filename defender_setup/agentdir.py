@@ -56,8 +56,8 @@ import stat
 from contextlib import contextmanager
 from pathlib import Path
 
-from . import lock
-from .credentials import ALL_FILES, SEALED_NAMES, method_of
+from . import facts, lock
+from .credentials import ALL_FILES, SEALED_NAMES, load, method_of
 from .errors import InputError, SetupError, UnsafeTargetError, ValidationError, WriteError
 from .safefs import (
     check_file,
@@ -117,14 +117,17 @@ class AgentDir:
         self.state = self.path / STATE
 
     # -- checks -----------------------------------------------------------------------------
-    def _check_dir(self, path: Path) -> bool:
-        """Refuse an unsafe directory; return whether it exists."""
+    def _check_dir(self, path: Path, owned: bool = True) -> bool:
+        """Refuse an unsafe directory; return whether it exists. ``owned``: ours alone
+        (not writable by group or others, our uid), else only a real directory."""
         st = lstat(path)
         if st is None:
             return False
         if stat.S_ISLNK(st.st_mode) or not stat.S_ISDIR(st.st_mode):
             raise UnsafeTargetError(f"{path} is not a real directory (a symbolic link or a "
                                     "file); remove it and run the command again")
+        if not owned:
+            return True
         if st.st_mode & 0o022:
             raise UnsafeTargetError(f"{path} is writable by group or others; run "
                                     f"'chmod 0700 {path}' after checking its contents")
@@ -133,17 +136,13 @@ class AgentDir:
                                     f"{os.geteuid()}; run 'chown root:root {path}'")
         return True
 
-    def _parents(self) -> list[Path]:
-        """The directories between ``root`` and the agent directory (``root/var``)."""
-        parts = Path(self.target.agent_dir).parts
-        return [self.root.joinpath(*parts[:i]) for i in range(1, len(parts))]
-
     def _check_parents(self) -> None:
         # On the running system /var is the administrator's; in a tree given with --root a
         # symlinked var/ could lead out of the tree (into the host's /etc, say): refuse it.
         if self.root.resolve() == Path("/"):
             return
-        for parent in self._parents():
+        parts = Path(self.target.agent_dir).parts  # root/var, ... up to the agent directory
+        for parent in (self.root.joinpath(*parts[:i]) for i in range(1, len(parts))):
             st = lstat(parent)
             if st is not None and not stat.S_ISDIR(st.st_mode):
                 raise UnsafeTargetError(f"{parent} is not a real directory (a symbolic link "
@@ -154,11 +153,7 @@ class AgentDir:
         if not self._check_dir(self.state):
             return False
         for name in STATE_DIRS:
-            path = self.state / name
-            st = lstat(path)
-            if st is not None and (stat.S_ISLNK(st.st_mode) or not stat.S_ISDIR(st.st_mode)):
-                raise UnsafeTargetError(f"{path} is not a real directory (a symbolic link or "
-                                        "a file); remove it and run the command again")
+            self._check_dir(self.state / name, owned=False)
         for name in STATE_FILES:
             check_file(self.state / name)
         return True
@@ -174,10 +169,7 @@ class AgentDir:
     def _ensure_dirs(self) -> None:
         self.check()
         try:
-            missing, parent = [], self.path.parent
-            while lstat(parent) is None and parent != parent.parent:
-                missing.insert(0, parent)
-                parent = parent.parent
+            missing = [p for p in reversed(self.path.parents) if lstat(p) is None]  # top down
             for parent in missing:  # explicit modes: an umask of 000 must not make them 0777
                 parent.mkdir(mode=PARENT_MODE)
                 chmod_dir(parent, PARENT_MODE)
@@ -190,15 +182,12 @@ class AgentDir:
             raise WriteError(f"cannot create {self.path}: {exc.strerror}") from None
 
     # -- locking ----------------------------------------------------------------------------
+    @contextmanager
     def lock(self, timeout: float = WRITE_WAIT):
         """Context manager: the writers' exclusive lock (creates the private state). When
         the outermost hold ends, the metrics are refreshed, still under the lock (one
         consistent snapshot); nested holds are free and refresh nothing."""
         self._ensure_dirs()
-        return self._writers(timeout)
-
-    @contextmanager
-    def _writers(self, timeout: float):
         path = self.state / LOCK
         outermost = not lock.holds(path)
         with lock.exclusive(path, timeout):
@@ -239,12 +228,8 @@ class AgentDir:
 
     def modes(self) -> dict[str, int]:
         """Permission bits of the directory and each present file (for ``status``)."""
-        result = {}
-        for path in [self.path] + [self.path / name for name in ALL_FILES]:
-            st = lstat(path)
-            if st is not None:
-                result[str(path)] = stat.S_IMODE(st.st_mode)
-        return result
+        paths = [self.path, *(self.path / name for name in ALL_FILES)]
+        return {str(p): stat.S_IMODE(st.st_mode) for p in paths if (st := lstat(p)) is not None}
 
     def has_previous(self) -> bool:
         """True when a non-empty previous generation exists to roll back to."""
@@ -262,11 +247,7 @@ class AgentDir:
 
     def origin(self) -> dict | None:
         """Where the current set came from (``{"source", "time", ...}``), None if unknown."""
-        try:
-            data = json.loads(read(self.state / ORIGIN))
-        except (OSError, ValueError):
-            return None
-        return data if isinstance(data, dict) else None
+        return self.record(ORIGIN)
 
     # -- writing ----------------------------------------------------------------------------
     def write(self, files: dict[str, tuple[bytes, int]],
@@ -322,7 +303,7 @@ class AgentDir:
         Takes the writers' lock. :returns: True if something was repaired.
         """
         self.check()
-        if not self._check_dir(self.path) or not self._check_dir(self.state):
+        if lstat(self.state) is None:  # (check() refused an unsafe one) nothing to repair
             return False
         with self.lock():
             return self._repair()
@@ -366,8 +347,6 @@ class AgentDir:
             raise WriteError(f"cannot complete the interrupted credential update in "
                              f"{self.path}: {exc}") from None
         if origin:  # the public, non-secret copy (the agent cannot read ours)
-            from . import facts
-
             facts.changed(self.root, self.origin() or {})
         return True
 
@@ -383,8 +362,6 @@ class AgentDir:
         :raises UnsafeTargetError: for a file there that is linked elsewhere, not a regular
             file or not ours (77); nothing is changed.
         """
-        from .credentials import load
-
         with self.lock():
             self._repair()
             previous = self.state / PREVIOUS

@@ -17,7 +17,7 @@ the set was unchanged): what an adapter keeps beside the set (zero-touch's regis
 
 from __future__ import annotations
 
-from pathlib import Path
+from contextlib import ExitStack
 
 from .errors import EX_OK
 
@@ -34,21 +34,19 @@ class Writing:
         self.timeout = WRITE_WAIT if lock_timeout is None else lock_timeout
 
     def __enter__(self):
-        self._lock = self.agent.lock(self.timeout)
-        self._lock.__enter__()
-        try:
+        with ExitStack() as stack:  # the lock is released if the repair fails
+            stack.enter_context(self.agent.lock(self.timeout))
             if self.agent.repair():
                 print("repaired: an interrupted credential update was completed", file=self.out)
-        except BaseException:
-            self._lock.__exit__(None, None, None)
-            raise
+            self._held = stack.pop_all()
         return self.agent
 
     def __exit__(self, *exc):
-        return self._lock.__exit__(*exc)
+        return self._held.__exit__(*exc)
 
 
 def print_found(validated, out) -> None:
+    print("found:", file=out)
     for line in validated.summary_lines():
         print(f"  {line}", file=out)
     for warning in validated.warnings:
@@ -63,19 +61,6 @@ def print_stored(lines: list[str], out, kept: bool = True) -> None:
         print(line, file=out)
 
 
-def print_unchanged(p, out) -> None:
-    ident = p.validated.connection_string
-    print(f"unchanged: the {p.validated.method} credentials for {ident.device_id}/"
-          f"{ident.module_id} are stored already; nothing written, nothing restarted "
-          "(defender-setup restart restarts the service)", file=out)
-
-
-def settle_code(root, *, out, timeout: float, strict: bool, service=None) -> int:
-    from .verify import settle
-
-    return settle(Path(root), timeout=timeout, strict=strict, out=out, service=service).code
-
-
 def apply(root, request, *, out, restart: bool = True, timeout: float = 30.0,
           strict: bool = False, lock_timeout: float | None = None, service=None,
           probe_asked: bool = False, on_commit=None,
@@ -85,7 +70,6 @@ def apply(root, request, *, out, restart: bool = True, timeout: float = 30.0,
 
     writing = Writing(root, out, lock_timeout)
     p = provision.plan(request, provision.read(writing.agent, writing.timeout))
-    print("found:", file=out)
     print_found(p.validated, out)
     if p.probe:  # before the lock and before anything is written: a refusal changes nothing
         from .probe import probe
@@ -106,11 +90,16 @@ def apply(root, request, *, out, restart: bool = True, timeout: float = 30.0,
         if on_commit is not None:
             on_commit(agent, p, lines)
         if not lines:
-            print_unchanged(p, out)
+            ident = p.validated.connection_string
+            print(f"unchanged: the {p.validated.method} credentials for {ident.device_id}/"
+                  f"{ident.module_id} are stored already; nothing written, nothing restarted "
+                  "(defender-setup restart restarts the service)", file=out)
             return EX_OK
         print_stored(lines, out, agent.has_previous())
         if not restart:
             if held_back:
                 print(held_back, file=out)
             return EX_OK
-        return settle_code(root, out=out, timeout=timeout, strict=strict, service=service)
+        from .verify import settle
+
+        return settle(root, timeout=timeout, strict=strict, out=out, service=service).code

@@ -24,6 +24,8 @@ from .errors import (
     EX_OK,
     EX_SOFTWARE,
     PRIVATE_KEY,
+    BusyError,
+    Field,
     InputError,
     SetupError,
 )
@@ -46,7 +48,7 @@ Secrets are read from files or '-' (standard input), never from the command line
 See defender-setup(8)."""
 
 
-def _read_input(name: str | None, field: str, stdin_used: list) -> bytes | None:
+def _read_input(name: str | None, field: Field, stdin_used: list) -> bytes | None:
     if name is None:
         return None
     if name == "-":
@@ -56,7 +58,25 @@ def _read_input(name: str | None, field: str, stdin_used: list) -> bytes | None:
         # read_stream: closed (<&-, sys.stdin is None) or unreadable standard input is an
         # InputError, and no more than the limit + 1 bytes is read.
         return read_stream(getattr(sys.stdin, "buffer", None), field)
+    if field is Field.DPS_KEY and not os.path.lexists(name):
+        from .dps import looks_like_key
+
+        # A "file name" that is the key itself is refused without repeating it.
+        if looks_like_key(name):
+            raise InputError("no such file, and the name given looks like a key: give a FILE "
+                             "holding the key, or - and the key on standard input, never the "
+                             "key itself on the command line", field)
     return read_file(name, field)
+
+
+def _read_all(*named: tuple, missing: str, field: Field) -> list:
+    """The ``(file name or None, field)`` inputs read in order, at most one of them from
+    standard input; ``missing``: the error when none was given."""
+    used: list = []
+    data = [_read_input(name, what, used) for name, what in named]
+    if all(d is None for d in data):
+        raise InputError(missing, field)
+    return data
 
 
 def _request(args, **kw):
@@ -64,28 +84,19 @@ def _request(args, **kw):
     validated). A certificate and key alone re-key the stored certificate identity."""
     from .provision import Request
 
-    used: list = []
-    text = _read_input(args.connection_string_file, CONNECTION_STRING, used)
-    cert = _read_input(args.certificate, CERTIFICATE, used)
-    key = _read_input(args.private_key, PRIVATE_KEY, used)
-    if text is None and cert is None and key is None:
-        raise InputError("give --connection-string-file FILE (or - for standard input)",
-                         CONNECTION_STRING)
+    text, cert, key = _read_all(
+        (args.connection_string_file, CONNECTION_STRING), (args.certificate, CERTIFICATE),
+        (args.private_key, PRIVATE_KEY), field=CONNECTION_STRING,
+        missing="give --connection-string-file FILE (or - for standard input)")
     return Request(text, cert, key, method=args.method, **kw)
 
 
-def _print_found(validated, out) -> None:
-    from .applying import print_found
-
-    print_found(validated, out)
-
-
 def cmd_validate(args, out) -> int:
+    from .applying import print_found
     from .provision import NOTHING_STORED, plan
 
     validated = plan(_request(args), NOTHING_STORED).validated
-    print("found:", file=out)
-    _print_found(validated, out)
+    print_found(validated, out)
     print(f"valid: {validated.method} credentials for {validated.connection_string.device_id}/"
           f"{validated.connection_string.module_id}", file=out)
     return EX_OK
@@ -111,32 +122,15 @@ def cmd_apply(args, out) -> int:
                  service=args.service, probe_asked=args.probe)
 
 
-def _read_key(name: str | None, used: list) -> bytes | None:
-    """A DPS key file; a "file name" that is the key itself is refused without repeating it."""
-    from .dps import looks_like_key
-    from .errors import Field
-
-    if name not in (None, "-") and not os.path.lexists(name) and looks_like_key(name):
-        raise InputError("no such file, and the name given looks like a key: give a FILE "
-                         "holding the key, or - and the key on standard input, never the key "
-                         "itself on the command line", Field.DPS_KEY)
-    return _read_input(name, Field.DPS_KEY, used)
-
-
 def cmd_provision(args, out) -> int:
     from .dps import enrollment
-    from .errors import Field
     from .zerotouch import run
 
-    used: list = []
-    symmetric = _read_key(args.symmetric_key_file, used)
-    group = _read_key(args.group_key_file, used)
-    cert = _read_input(args.certificate, CERTIFICATE, used)
-    key = _read_input(args.private_key, PRIVATE_KEY, used)
-    if symmetric is None and group is None and cert is None and key is None:
-        raise InputError("give --symmetric-key-file FILE, --group-key-file FILE, or "
-                         "--certificate FILE --private-key FILE (- for standard input)",
-                         Field.DPS_KEY)
+    symmetric, group, cert, key = _read_all(
+        (args.symmetric_key_file, Field.DPS_KEY), (args.group_key_file, Field.DPS_KEY),
+        (args.certificate, CERTIFICATE), (args.private_key, PRIVATE_KEY), field=Field.DPS_KEY,
+        missing="give --symmetric-key-file FILE, --group-key-file FILE, or --certificate "
+        "FILE --private-key FILE (- for standard input)")
     e = enrollment(args.id_scope, args.registration_id, symmetric_key=symmetric,
                    group_key=group, certificate=cert, private_key=key, endpoint=args.endpoint,
                    module_id=args.module, root=args.root)
@@ -151,7 +145,6 @@ def cmd_reprovision(args, out) -> int:
     DPS, register again (once a boot), then restart and verify; anything else is left alone.
     An ordinary boot or a running agent otherwise never learns that the device moved hubs."""
     from . import zerotouch
-    from .errors import BusyError
     from .service import Service
     from .verify import refused, settle
 
@@ -176,6 +169,8 @@ def cmd_reprovision(args, out) -> int:
 def cmd_seal(args, out) -> int:
     """``seal`` / ``unseal``: store the current set sealed, or as plain files again."""
     from . import provision, sealing
+    from .applying import print_stored
+    from .zerotouch import key_like_set
 
     want = args.command == "seal"
     if want:  # before the lock, which writes to the agent directory
@@ -185,32 +180,24 @@ def cmd_seal(args, out) -> int:
         p = provision.plan(provision.Request.again(stored, seal=want, origin=args.command),
                            stored)
         lines = provision.commit(agent, p)
-        from .zerotouch import key_like_set
-
         key_like_set(agent)  # a DPS device key kept beside the set follows it
         if not lines:
             later = "; sealing deferred to the first boot" if stored.seal_pending else ""
             print(f"nothing to do: the credentials are {stored.sealing.describe()}{later}",
                   file=out)
             return EX_OK
-        from .applying import print_stored
-
         print_stored(lines, out, agent.has_previous())
-        return _after_write(args, out)
-
-
-def _after_write(args, out) -> int:
-    if args.no_restart:
-        print("restart skipped (--no-restart)", file=out)
-        return EX_OK
-    return _restart(args, out)
+        if args.no_restart:
+            print("restart skipped (--no-restart)", file=out)
+            return EX_OK
+        return _restart(args, out)
 
 
 def _restart(args, out) -> int:
-    from .applying import settle_code
+    from .verify import settle
 
-    return settle_code(args.root, timeout=args.timeout, strict=args.strict, out=out,
-                       service=args.service)
+    return settle(args.root, timeout=args.timeout, strict=args.strict, out=out,
+                  service=args.service).code
 
 
 def cmd_restart(args, out) -> int:
@@ -222,9 +209,7 @@ def cmd_rollback(args, out) -> int:
     with _Writing(args, out) as agent:
         restored = agent.rollback()
         print(f"rolled back: {', '.join(sorted(restored))} restored in {agent.path}", file=out)
-        if args.no_restart:
-            return EX_OK
-        return _restart(args, out)
+        return EX_OK if args.no_restart else _restart(args, out)
 
 
 def cmd_repair(args, out) -> int:
@@ -235,17 +220,14 @@ def cmd_repair(args, out) -> int:
     nothing refused either: whatever else is wrong, the agent and ``check`` report it (a
     planted link in the private state must not keep a healthy set from starting).
     """
-    from .agentdir import AgentDir
-    from .errors import BusyError
+    from .applying import Writing
 
-    agent = AgentDir(args.root)
-    if not agent.pending():
+    writing = Writing(args.root, out, 2.0 if args.lock_timeout is None else args.lock_timeout)
+    if not writing.agent.pending():
         return EX_OK
-    timeout = 2.0 if args.lock_timeout is None else args.lock_timeout
     try:
-        with agent.lock(timeout):
-            if agent.repair():
-                print("repaired: an interrupted credential update was completed", file=out)
+        with writing:  # taking the writers' lock completes the update
+            pass
     except BusyError as exc:
         print(f"repair skipped: {exc}", file=out)
     return EX_OK
@@ -306,24 +288,22 @@ def cmd_check(args, out) -> int:
               "by root only (it changes nothing); run: sudo defender-setup check",
               file=sys.stderr)
         return EX_NOPERM
+    from . import dpscheck
     from .agentdir import AgentDir
-    from .errors import BusyError
     from .provision import read
 
-    state = _service_state(args.root)
+    root, state, wait = Path(args.root), _service_state(args.root), _read_wait(args)
     try:  # one snapshot for the local and the network checks: the same set for both
-        stored = read(AgentDir(args.root), _read_wait(args))
+        stored = read(AgentDir(root), wait)
     except BusyError:
         raise
     except SetupError:
         stored = None  # agent-dir-safe reports it
-    results = extend(Path(args.root), run_checks(Path(args.root), state,
-                                                 lock_timeout=_read_wait(args), stored=stored),
-                     state, offline=args.offline, dont_run=args.dont_run, stored=stored)
-    from . import dpscheck
-
-    results = dpscheck.extend(Path(args.root), results, offline=args.offline,
-                              dont_run=args.dont_run, stored=stored)
+    results = run_checks(root, state, lock_timeout=wait, stored=stored)
+    results = extend(root, results, state, offline=args.offline, dont_run=args.dont_run,
+                     stored=stored)
+    results = dpscheck.extend(root, results, offline=args.offline, dont_run=args.dont_run,
+                              stored=stored)
     unknown = set(args.dont_run) - {r.id for r in results}
     if unknown:
         print(f"defender-setup: warning: --dont-run: no check named {', '.join(sorted(unknown))}",
@@ -343,7 +323,6 @@ def cmd_metrics(args, out) -> int:
     network ones (hub-auth would connect as the running identity and knock the agent off)."""
     from pathlib import Path
 
-    from .errors import BusyError
     from .metrics import TEXTFILE_DIR, collect, render, textfile_dir, write
 
     directory = textfile_dir(args.root)
@@ -361,8 +340,8 @@ def cmd_metrics(args, out) -> int:
         return EX_OK
     if args.print:
         print(text, end="", file=out)
-        return EX_OK
-    print(f"wrote {write(directory, text)}", file=out)
+    else:
+        print(f"wrote {write(directory, text)}", file=out)
     return EX_OK
 
 
@@ -393,7 +372,7 @@ def _seconds(low: float, high: float):
                                              f"{high:g}")
         return value
 
-    seconds.bounds = (low, high)
+    seconds.bounds = (low, high)  # read by a test: every numeric option is bounded
     return seconds
 
 
@@ -414,9 +393,10 @@ def build_parser() -> argparse.ArgumentParser:
     creds.add_argument("--certificate", metavar="FILE",
                        help="PEM certificate (chain allowed, leaf first)")
     creds.add_argument("--private-key", metavar="FILE", help="PEM private key (unencrypted)")
+    timing = argparse.ArgumentParser(add_help=False)
+    timing.add_argument("--timeout", type=_TIMEOUT, default=30.0, metavar="S",
+                        help="seconds to wait for the service to become active (default 30)")
     service = argparse.ArgumentParser(add_help=False)
-    service.add_argument("--timeout", type=_TIMEOUT, default=30.0, metavar="S",
-                         help="seconds to wait for the service to become active (default 30)")
     service.add_argument("--strict", action="store_true",
                          help="exit 69 when verification fails, even after a successful "
                          "roll-back (for image pipelines)")
@@ -442,7 +422,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     add("validate", cmd_validate, [common, creds], "validate credentials only; print what was "
         "found (secrets redacted)")
-    writer = [common, service, locking]
+    writer = [common, timing, service, locking]
     p = add("apply", cmd_apply, [creds, *writer], "validate, write atomically (keeping the "
             "previous set), then restart and verify the service")
     p.add_argument("--no-restart", action="store_true", help="write the files only")
@@ -485,11 +465,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--module", default="DefenderIotMicroAgent", metavar="ID",
                    help="the module identity to create (default DefenderIotMicroAgent)")
     p.add_argument("--no-restart", action="store_true", help="write the files only")
-    p = add("reprovision", cmd_reprovision, [common, locking], "after the hub refused the "
-            "agent's identity: when it came from DPS, register again (once a boot) and verify "
-            "(run by defender-setup-reprovision.service)")
-    p.add_argument("--timeout", type=_TIMEOUT, default=30.0, metavar="S",
-                   help="seconds to wait for the service to become active (default 30)")
+    add("reprovision", cmd_reprovision, [common, locking, timing], "after the hub refused the "
+        "agent's identity: when it came from DPS, register again (once a boot) and verify "
+        "(run by defender-setup-reprovision.service)")
     p = add("status", cmd_status, [common, locking], "show method, identity, certificate, file "
             "modes and service state (secrets redacted)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
@@ -512,12 +490,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-restart", action="store_true", help="restore the files only")
     add("repair", cmd_repair, [common, locking], "complete a credential update that was "
         "interrupted (the service runs it before the agent starts; never waits long)")
-    p = add("import", cmd_import, [common, locking], "import the credentials offered to this "
-            "machine "
-            "(systemd credentials defender-setup.*, or the boot partition's drop folder), "
-            "then restart and verify the service")
-    p.add_argument("--timeout", type=_TIMEOUT, default=30.0, metavar="S",
-                   help="seconds to wait for the service to become active (default 30)")
+    p = add("import", cmd_import, [common, locking, timing], "import the credentials offered "
+            "to this machine (systemd credentials defender-setup.*, or the boot partition's "
+            "drop folder), then restart and verify the service")
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--no-restart", action="store_true", help="write the files only")
     mode.add_argument("--boot", action="store_true", help="as defender-setup-import.service "
@@ -537,24 +512,21 @@ class _Output:
         self.stream, self.broken = stream, stream is None
 
     def write(self, text: str) -> int:
-        if not self.broken:
-            try:
-                self.stream.write(text)
-            except (BrokenPipeError, ValueError, OSError):
-                self.broken = True
+        self._guarded(lambda: self.stream.write(text))
         return len(text)
 
     def flush(self) -> None:
+        self._guarded(lambda: self.stream.flush())
+
+    def _guarded(self, call) -> None:
         if not self.broken:
             try:
-                self.stream.flush()
+                call()
             except (BrokenPipeError, ValueError, OSError):
                 self.broken = True
 
     def close_quietly(self) -> None:
         """After a broken pipe, keep the interpreter's own flush at exit from failing."""
-        import os
-
         try:
             devnull = os.open(os.devnull, os.O_WRONLY)
             os.dup2(devnull, self.stream.fileno())

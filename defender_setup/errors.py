@@ -29,47 +29,33 @@ EX_CONFIG = 78
 EX_INTERRUPTED = 130  # SIGINT / Ctrl-C, as shells report it (128 + 2)
 EX_TERMINATED = 143  # SIGTERM during provisioning's network part, as shells report it (128 + 15)
 
+
+@enum.unique  # two fields with one label would silently become one field
 class Field(enum.Enum):
     """What an error is about: the key callers route by (the debconf bridge maps each to its
-    question, the import to the file or credential it read). Never shown: see :data:`LABELS`."""
+    question, the import to the file or credential it read). Its value is what a person calls
+    the input, the prefix of its errors ("certificate: ..."): rewording one changes no
+    routing."""
 
-    AUTH_METHOD = enum.auto()
-    CONNECTION_STRING = enum.auto()
-    CERTIFICATE = enum.auto()
-    PRIVATE_KEY = enum.auto()
-    HUB_HOSTNAME = enum.auto()  # the certificate method's identity questions
-    DEVICE_ID = enum.auto()
-    MODULE_ID = enum.auto()
-    SEALING = enum.auto()
-    DPS_ID_SCOPE = enum.auto()  # zero-touch provisioning through DPS (defender_setup.dps)
-    DPS_REGISTRATION_ID = enum.auto()
-    DPS_ATTESTATION = enum.auto()
-    DPS_KEY = enum.auto()  # the enrollment's symmetric key or group key
-    DPS_ENDPOINT = enum.auto()
-    DPS_ENROLLMENT = enum.auto()  # what DPS says about the enrollment (disabled, failed)
+    AUTH_METHOD = "authentication method"
+    CONNECTION_STRING = "connection string"
+    CERTIFICATE = "certificate"
+    PRIVATE_KEY = "private key"
+    HUB_HOSTNAME = "IoT Hub host name"  # the certificate method's identity questions
+    DEVICE_ID = "device id"
+    MODULE_ID = "module id"
+    SEALING = "credential sealing"
+    DPS_ID_SCOPE = "DPS ID scope"  # zero-touch provisioning through DPS (defender_setup.dps)
+    DPS_REGISTRATION_ID = "DPS registration ID"
+    DPS_ATTESTATION = "DPS attestation"
+    DPS_KEY = "DPS symmetric key"  # the enrollment's symmetric key or group key
+    DPS_ENDPOINT = "DPS endpoint"
+    DPS_ENROLLMENT = "DPS enrollment"  # what DPS says about the enrollment (disabled, failed)
 
     def __str__(self) -> str:  # in a message, a field reads as its label
-        return LABELS[self]
+        return self.value
 
 
-# What a person calls each input: the prefix of its errors ("certificate: ..."). Rewording one
-# changes no routing.
-LABELS = {
-    Field.AUTH_METHOD: "authentication method",
-    Field.CONNECTION_STRING: "connection string",
-    Field.CERTIFICATE: "certificate",
-    Field.PRIVATE_KEY: "private key",
-    Field.HUB_HOSTNAME: "IoT Hub host name",
-    Field.DEVICE_ID: "device id",
-    Field.MODULE_ID: "module id",
-    Field.SEALING: "credential sealing",
-    Field.DPS_ID_SCOPE: "DPS ID scope",
-    Field.DPS_REGISTRATION_ID: "DPS registration ID",
-    Field.DPS_ATTESTATION: "DPS attestation",
-    Field.DPS_KEY: "DPS symmetric key",
-    Field.DPS_ENDPOINT: "DPS endpoint",
-    Field.DPS_ENROLLMENT: "DPS enrollment",
-}
 AUTH_METHOD = Field.AUTH_METHOD
 CONNECTION_STRING = Field.CONNECTION_STRING
 CERTIFICATE = Field.CERTIFICATE
@@ -106,16 +92,15 @@ class SetupError(Exception):
 
     @property
     def label(self) -> str | None:
-        return self.part or (LABELS[self.field] if self.field else None)
+        return self.part or (self.field.value if self.field else None)
 
     def __str__(self) -> str:
         return f"{self.label}: {self.message}" if self.label else self.message
 
 
 class NotConfigured(SetupError):
-    """No credential set is stored (no connection string): the device is not configured."""
-
-    exit_code = EX_CONFIG
+    """No credential set is stored (no connection string): the device is not configured
+    (exit 78, :data:`EX_CONFIG`, as every :class:`SetupError`)."""
 
 
 class ValidationError(SetupError):

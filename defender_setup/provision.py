@@ -127,15 +127,11 @@ def read(agent, timeout: float | None = None, runner=None, environ=None, defer=N
     from .agentdir import READ_WAIT
 
     with agent.read_lock(READ_WAIT if timeout is None else timeout):
-        return _read(agent, runner, environ, defer)
+        return read_locked(agent, runner, environ, defer)
 
 
 def read_locked(agent, runner=None, environ=None, defer=None) -> Stored:
     """:func:`read` for a writer that already holds the exclusive lock."""
-    return _read(agent, runner, environ, defer)
-
-
-def _read(agent, runner, environ, defer) -> Stored:
     agent.check()
     files = agent.current()
     plain, how = open_set(files, runner)

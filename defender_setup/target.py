@@ -110,19 +110,13 @@ def _order(char: str) -> int:
 
 def _compare_part(a: str, b: str) -> int:
     while a or b:
-        lead_a = re.match(r"[^0-9]*", a).group()
-        lead_b = re.match(r"[^0-9]*", b).group()
-        for x, y in zip(lead_a + "\0" * len(lead_b), lead_b + "\0" * len(lead_a)):
-            ox = 0 if x == "\0" else _order(x)
-            oy = 0 if y == "\0" else _order(y)
-            if ox != oy:
-                return -1 if ox < oy else 1
-        a, b = a[len(lead_a):], b[len(lead_b):]
-        num_a = re.match(r"[0-9]*", a).group()
-        num_b = re.match(r"[0-9]*", b).group()
-        if int(num_a or 0) != int(num_b or 0):
-            return -1 if int(num_a or 0) < int(num_b or 0) else 1
-        a, b = a[len(num_a):], b[len(num_b):]
+        lead_a, num_a, a = re.match(r"([^0-9]*)([0-9]*)(.*)", a, re.S).groups()
+        lead_b, num_b, b = re.match(r"([^0-9]*)([0-9]*)(.*)", b, re.S).groups()
+        # The end of the non-digits weighs 0: after "~", before any other character.
+        key_a = [_order(c) for c in lead_a] + [0], int(num_a or 0)
+        key_b = [_order(c) for c in lead_b] + [0], int(num_b or 0)
+        if key_a != key_b:
+            return -1 if key_a < key_b else 1
     return 0
 
 

@@ -56,6 +56,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from . import facts
+from .agentdir import AgentDir
 from .errors import EX_OK, EX_REJECTED, EX_UNAVAILABLE, ServiceError, SetupError
 from .msagent import forget_stale_cache
 from .service import Service, UnitState
@@ -140,7 +142,9 @@ def _healthy_line(unit: str, verdict: Verdict, target=None) -> str:
     return line
 
 
-def _print_journal(svc: Service, verdict: Verdict, out) -> None:
+def _print_failure(svc: Service, verdict: Verdict, what: str, out) -> None:
+    """``VERIFICATION FAILED: what``, then the failed invocation's last journal lines."""
+    print(f"VERIFICATION FAILED: {what}", file=out)
     if not verdict.state.invocation_id:
         return
     lines = svc.journal_lines(verdict.state.invocation_id, JOURNAL_LINES)
@@ -185,8 +189,6 @@ def settle(root: Path, *, timeout: float, strict: bool, out, restart: bool = Tru
     verification and the result of the change it judged (taken before a roll-back records
     a change of its own).
     """
-    from . import facts
-
     change = facts.pending_change(root)
     result = _settle(root, timeout=timeout, strict=strict, out=out, restart=restart,
                      service=service, clock=clock, sleep=sleep, boot=boot)
@@ -196,8 +198,6 @@ def settle(root: Path, *, timeout: float, strict: bool, out, restart: bool = Tru
 
 def _settle(root: Path, *, timeout: float, strict: bool, out, restart: bool, service, clock,
             sleep, boot: bool) -> Result:
-    from .agentdir import AgentDir
-
     root = Path(root)
     agent = AgentDir(root)
     svc = service or Service(root)
@@ -232,9 +232,8 @@ def _settle(root: Path, *, timeout: float, strict: bool, out, restart: bool, ser
               "'dpkg-reconfigure defender-setup'", file=out)
         return Result(EX_OK, SKIPPED, "not configured", verdict)
 
-    print(f"VERIFICATION FAILED: {unit} {verdict.reason} "
-          f"({clock() - started:.1f} s after the restart)", file=out)
-    _print_journal(svc, verdict, out)
+    _print_failure(svc, verdict, f"{unit} {verdict.reason} ({clock() - started:.1f} s after "
+                   "the restart)", out)
     refused = f"the agent refused the new credentials: {verdict.reason}"
     advice = "fix the new credentials and run 'dpkg-reconfigure defender-setup' again"
     def no_rollback(why: str) -> Result:
@@ -252,9 +251,8 @@ def _settle(root: Path, *, timeout: float, strict: bool, out, restart: bool, ser
                 print(_healthy_line(unit, again), file=out)
                 return Result(EX_OK, HEALTHY, "re-provisioned through DPS: the new module "
                               "identity is active and stable", again)
-            print(f"VERIFICATION FAILED: the re-provisioned identity fails too: {unit} "
-                  f"{again.reason}", file=out)
-            _print_journal(svc, again, out)
+            _print_failure(svc, again, f"the re-provisioned identity fails too: {unit} "
+                           f"{again.reason}", out)
             verdict = again
     if not agent.has_previous():
         if verdict.state.exec_main_status != EX_REJECTED:
@@ -278,9 +276,8 @@ def _settle(root: Path, *, timeout: float, strict: bool, out, restart: bool, ser
     print("rolled back to the previous credentials; restarting", file=out)
     again = restart_once(svc, timeout, clock=clock, sleep=sleep)
     if not again.ok:
-        print(f"VERIFICATION FAILED: the previous credentials fail too: {unit} "
-              f"{again.reason}", file=out)
-        _print_journal(svc, again, out)
+        _print_failure(svc, again, f"the previous credentials fail too: {unit} {again.reason}",
+                       out)
         return Result(EX_UNAVAILABLE, FAILED, f"{refused}; rolled back to the previous "
                       f"credentials, which fail too: {again.reason}", again)
     print(_healthy_line(unit, again, agent.target), file=out)

@@ -47,10 +47,12 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
-from . import dpsclient
+from . import applying, dpsclient, provision
 from .agentdir import DPS_RECORD, AgentDir, now
+from .credentials import SEALED_NAMES
 from .dps import SYMMETRIC_KEY, Enrollment
 from .errors import EX_TERMINATED, SetupError
+from .sealing import decrypt, encrypt
 
 RECORD = DPS_RECORD
 KEY_RECORD = "dps-device-key"
@@ -109,8 +111,6 @@ def device_key(root, runner=None) -> bytes | None:
     """
     kept = AgentDir(root).record(KEY_RECORD) or {}
     if isinstance(kept.get("sealed"), str):
-        from .sealing import decrypt
-
         return decrypt(KEY_RECORD, kept["sealed"].encode("ascii"), runner).strip()
     key = kept.get("key")
     return key.encode("ascii") if isinstance(key, str) else None
@@ -126,20 +126,11 @@ def key_like_set(agent, runner=None, key: bytes | None = None) -> None:
             return
         if key is None:
             return
-    from .credentials import SEALED_NAMES
-
     if set(SEALED_NAMES.values()) & agent.current().keys():  # the set as stored is sealed
-        from .sealing import encrypt
-
         agent.save_record(KEY_RECORD, {"sealed": encrypt(KEY_RECORD, key, runner)
                                        .decode("ascii")})
     else:
         agent.save_record(KEY_RECORD, {"key": key.decode("ascii")})
-
-
-def _connection_string(hub: str, device: str, module: str, key: str) -> bytes:
-    return f"HostName={hub};DeviceId={device};ModuleId={module};SharedAccessKey={key}" \
-        .encode("ascii")
 
 
 def _stored_key(stored, assigned, module: str) -> str | None:
@@ -174,8 +165,9 @@ def _obtain(root, enrollment: Enrollment, stored, out, bounds, clock, sleep) -> 
                                            deadline=deadline)
     print(f"module {assigned.device_id}/{enrollment.module_id} {how} on {assigned.hub} "
           f"({'the stored key kept' if kept else 'with a key made on this device'})", file=out)
-    text = _connection_string(assigned.hub, assigned.device_id, enrollment.module_id, key)
-    return text, assigned
+    text = (f"HostName={assigned.hub};DeviceId={assigned.device_id};"
+            f"ModuleId={enrollment.module_id};SharedAccessKey={key}")
+    return text.encode("ascii"), assigned
 
 
 def _keeper(enrollment: Enrollment, assigned):
@@ -203,8 +195,6 @@ def run(root, enrollment: Enrollment, *, origin: str = ORIGIN, restart: bool = T
         held_back: str = "restart skipped (--no-restart)") -> int:
     """See the module docstring; the exit code (``applying.apply``'s, or a
     :class:`~defender_setup.dpsclient.DpsError` raised before anything is written)."""
-    from . import applying, provision
-
     enrollment = enrollment.checked(root)
     stored = provision.read(AgentDir(root), lock_timeout)
     text, assigned = _obtain(root, enrollment, stored, out, bounds, clock, sleep)
@@ -220,8 +210,6 @@ def reprovision(root, out, *, boot: bool = False, bounds=None, clock=time.time,
     new set was written (the caller holds the writers' lock, restarts and verifies).
     False, saying why, when the set is not DPS's, no key is kept, it was tried this boot, or
     DPS or the hub refuse (the caller then rolls back as usual)."""
-    from . import provision
-
     agent = AgentDir(root)
     record = agent.record(RECORD)
     try:
