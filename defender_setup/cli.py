@@ -278,23 +278,22 @@ def cmd_check(args, out) -> int:
     import json
     from pathlib import Path
 
-    from . import AGENT_DIR
+    from . import dpscheck
+    from .agentdir import AgentDir
     from .checks import render, run_checks
     from .netcheck import extend
+    from .provision import read
 
-    agent_dir = Path(args.root) / AGENT_DIR
+    agent = AgentDir(Path(args.root))  # the agent in use decides the directory (target.py)
+    agent_dir = agent.path
     if os.geteuid() != 0 and _unreadable(agent_dir):
         print(f"defender-setup: check needs root: the credentials in {agent_dir} are readable "
               "by root only (it changes nothing); run: sudo defender-setup check",
               file=sys.stderr)
         return EX_NOPERM
-    from . import dpscheck
-    from .agentdir import AgentDir
-    from .provision import read
-
     root, state, wait = Path(args.root), _service_state(args.root), _read_wait(args)
     try:  # one snapshot for the local and the network checks: the same set for both
-        stored = read(AgentDir(root), wait)
+        stored = read(agent, wait)
     except BusyError:
         raise
     except SetupError:

@@ -346,16 +346,26 @@ def test_certificate_identity(hub_pki, root, tmp_path, registered):
 
 # -- the command line --------------------------------------------------------------------------
 @pytest.mark.allow_subprocess("setpriv", "python3")
-def test_check_as_another_user_says_it_needs_root(hub_pki):
+@pytest.mark.parametrize("agent", ["ours", "microsoft"])
+def test_check_as_another_user_says_it_needs_root(hub_pki, agent):
+    """In the directory of the agent in use: Microsoft's 4.1.2 reads /etc (target.detect)."""
     if os.geteuid() != 0:
         pytest.skip("needs root: the agent directory must be root's")
     top = shared_tmpdir()
     try:
+        where = top / "var/defender_iot_micro_agent"
+        if agent == "microsoft":
+            (top / "var/lib/dpkg").mkdir(parents=True)
+            (top / "var/lib/dpkg/status").write_text(
+                "Package: defender-iot-micro-agent\nStatus: install ok installed\n"
+                "Version: 4.1.2\n")
+            where = top / "etc/defender_iot_micro_agent"
         store(top, validated(sas_text()))   # the agent directory is root's, 0700
         before = snapshot(top)
         r = run_as_nobody([sys.executable, "-m", "defender_setup", "check", "--root", str(top)])
         assert r.returncode == 77, r
-        assert r.stderr.startswith("defender-setup: check needs root: the credentials in "), r
+        assert r.stderr.startswith("defender-setup: check needs root: the credentials in "
+                                   f"{where} are readable by root only"), r
         assert "sudo defender-setup check" in r.stderr
         assert snapshot(top) == before
     finally:
