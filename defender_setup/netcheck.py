@@ -5,6 +5,8 @@ Interface::
     NETWORK_IDS = ("hub-dns", "hub-tcp", "hub-tls", "hub-clock", "hub-auth")
     extend(root, results, service_state=None, *, offline=False, dont_run=(),
            budget=BUDGET, https_port=None, clock=time.time) -> list[CheckResult]
+    run_in_order(checks, shared, needs, descriptions, *, dont_run=(), blocked=None,
+                 budget, kind) -> list[CheckResult]   # this loop, for the DPS checks too
 
 ``extend`` takes the local checks' results (:func:`defender_setup.checks.run_checks`) and
 returns them followed by ``agent-settings`` (conf.json, local) and the network checks, each
@@ -113,41 +115,52 @@ def extend(root: Path, results: list, service_state: dict | None = None, *,
         out.append(CheckResult(check_id, DESCRIPTIONS[check_id], status, message, code))
 
     settings = _settings(Path(root), add, "agent-settings" in skip)
-    if offline:
-        for check_id in NETWORK_IDS:
-            add(check_id, SKIPPED, "not run (--offline)")
-        return out
-    blocked = _blocker(results, settings)
-    path = None
+    path, needs = None, NEEDS
+    if offline:  # the reason wins over --dont-run here
+        blocked, skip = "not run (--offline)", ()
+    else:
+        blocked = _blocker(results, settings)
     if blocked is None:
         try:
             path = _path(Path(root), settings, service_state, https_port, clock, stored)
         except SetupError as err:
             blocked = f"stored credentials cannot be read: {err}"
-    deadline = time.monotonic() + budget
+    if path is not None and path.settings.transport == "websocket":
+        needs = {**NEEDS, "hub-clock": ("hub-dns", "hub-tls")}  # the same endpoint as hub-tls
+    return out + run_in_order(CHECKS, path, needs, DESCRIPTIONS, dont_run=skip,
+                              blocked=blocked, budget=budget, kind="network")
+
+
+def run_in_order(checks: dict, shared, needs: dict, descriptions: dict, *, dont_run=(),
+                 blocked: str | None = None, budget: float, kind: str) -> list[CheckResult]:
+    """Run ``checks`` (id -> check(shared, seconds) -> (status, message, exit code)) in
+    order, each within :data:`PER_CHECK` seconds and all of them within ``budget``.
+
+    A check in ``dont_run`` is skipped, else every check when ``blocked`` (the reason) is
+    given; a check whose prerequisites (``needs``: id -> ids) failed or were skipped is
+    skipped naming them, and counts as failed for what needs it in turn. The network and
+    the DPS checks (``kind``, for the message) run through here.
+    """
+    out: list[CheckResult] = []
     failed: set = set()
-    for check_id in NETWORK_IDS:
-        if check_id in skip:
-            add(check_id, SKIPPED, "not run (--dont-run)")
-            continue
-        if blocked is not None:
-            add(check_id, SKIPPED, blocked)
-            continue
-        needs = [n for n in NEEDS.get(check_id, ()) if n in failed]
-        if check_id == "hub-clock" and path.settings.transport == "websocket":
-            needs += [n for n in ("hub-tls",) if n in failed]  # the same endpoint
-        if needs:
-            failed.add(check_id)
-            add(check_id, SKIPPED, f"needs {', '.join(needs)}")
-            continue
+    deadline = time.monotonic() + budget
+    for check_id, check in checks.items():
+        waiting = [n for n in needs.get(check_id, ()) if n in failed]
         left = deadline - time.monotonic()
-        if left < 0.5:  # not a failure: what depends on it meets the same end
-            add(check_id, SKIPPED, f"not run: the network checks' {budget:g} s are used up")
-            continue
-        status, message, code = CHECKS[check_id](path, min(PER_CHECK, left))
-        if status in (ERROR, SKIPPED):
+        if check_id in dont_run:
+            result = SKIPPED, "not run (--dont-run)", EX_OK
+        elif blocked is not None:
+            result = SKIPPED, blocked, EX_OK
+        elif waiting:
             failed.add(check_id)
-        add(check_id, status, message, code)
+            result = SKIPPED, f"needs {', '.join(waiting)}", EX_OK
+        elif left < 0.5:  # not a failure: what depends on it meets the same end
+            result = SKIPPED, f"not run: the {kind} checks' {budget:g} s are used up", EX_OK
+        else:
+            result = check(shared, min(PER_CHECK, left))
+            if result[0] in (ERROR, SKIPPED):
+                failed.add(check_id)
+        out.append(CheckResult(check_id, descriptions[check_id], *result))
     return out
 
 
@@ -380,6 +393,7 @@ def _auth(p: _Path, limit: float):
     return ERROR, f"no answer from the hub: {result.text}", EX_UNAVAILABLE
 
 
+# NETWORK_IDS' order: the order they run in and are shown
 CHECKS = {"hub-dns": _dns, "hub-tcp": _tcp, "hub-tls": _tls, "hub-clock": _clock,
           "hub-auth": _auth}
 
