@@ -155,7 +155,7 @@ class Answer:
 def _request(link: Link, host: str, port: int, method: str, path: str, body: dict | None,
              headers: dict, deadline: float) -> Answer:
     """One HTTPS request, answered within ``min(bounds.request, deadline)``."""
-    from .hubpath import PathError, handshake
+    from .hubpath import PathError, handshake, one_line, timed_out
 
     limit = min(link.bounds.request, deadline - time.monotonic())
     where = f"{host}:{port}" if port != 443 else host
@@ -172,11 +172,11 @@ def _request(link: Link, host: str, port: int, method: str, path: str, body: dic
                        f"{link.trust}: {exc.verify_message}") from None
     except ssl.SSLError as exc:
         _certificate_refused(exc, where)
-        raise DpsError("unreachable", f"{where}: TLS handshake failed: {_one_line(exc)}") \
+        raise DpsError("unreachable", f"{where}: TLS handshake failed: {one_line(exc)}") \
             from None
     except OSError as exc:
-        raise DpsError("unreachable", _timed_out(where, limit) if _is_timeout(exc) else
-                       f"{where}: TLS handshake failed: {_one_line(exc)}") from None
+        raise DpsError("unreachable", timed_out(where, limit) if _is_timeout(exc) else
+                       f"{where}: TLS handshake failed: {one_line(exc)}") from None
     # A watchdog: socket timeouts bound each read, not a peer sending a byte a second.
     left = limit - (time.monotonic() - started)
     fired = threading.Event()
@@ -200,8 +200,8 @@ def _request(link: Link, host: str, port: int, method: str, path: str, body: dic
         if isinstance(exc, ssl.SSLError):  # TLS 1.3 refuses a certificate after the handshake
             _certificate_refused(exc, where)
         if fired.is_set() or _is_timeout(exc):
-            raise DpsError("unreachable", _timed_out(where, limit)) from None
-        raise DpsError("unreachable", f"{where}: the connection failed: {_one_line(exc)}") \
+            raise DpsError("unreachable", timed_out(where, limit)) from None
+        raise DpsError("unreachable", f"{where}: the connection failed: {one_line(exc)}") \
             from None
     finally:
         guard.cancel()
@@ -236,16 +236,6 @@ def _shut(sock, fired: threading.Event) -> None:
 
 def _is_timeout(exc) -> bool:
     return isinstance(exc, (socket.timeout, TimeoutError)) or "timed out" in str(exc)
-
-
-def _timed_out(where: str, limit: float) -> str:
-    return f"no answer from {where} within {limit:.3g} s (timed out)"
-
-
-def _one_line(exc) -> str:
-    if isinstance(exc, ssl.SSLError) and exc.reason:
-        return exc.reason.replace("_", " ").lower()
-    return " ".join((getattr(exc, "strerror", None) or str(exc) or type(exc).__name__).split())
 
 
 def _said(answer: Answer) -> str:

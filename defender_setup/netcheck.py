@@ -41,6 +41,7 @@ import time
 from pathlib import Path
 
 from . import hubpath
+from .agent import hubnet
 from .agentdir import AgentDir
 from .checks import ERROR, OK, SKIPPED, WARNING, CheckResult
 from .credentials import SEALED_NAMES
@@ -94,7 +95,7 @@ class _Path:
 
     def link(self):
         if self._link is None:
-            self._link = hubpath.link(self.identity, self.settings)
+            self._link = hubnet.Link(self.identity, self.settings)
         return self._link
 
     def trust(self) -> str:
@@ -295,8 +296,6 @@ _NAME_MISMATCH, _EXPIRED, _NOT_YET_VALID = 62, 10, 9
 
 
 def _tls(p: _Path, limit: float):
-    from .agent.hubnet import CERT_ALERTS
-
     try:
         tls = hubpath.handshake(p.host, p.port, p.settings.proxy, p.link().ctx, limit,
                                 p.addresses)
@@ -307,17 +306,17 @@ def _tls(p: _Path, limit: float):
     except ssl.SSLCertVerificationError as err:
         return ERROR, _verify_failure(p, err), EX_UNAVAILABLE
     except ssl.SSLError as err:
-        if (err.reason or "") in CERT_ALERTS:  # the server was verified before it said this
+        if (err.reason or "") in hubnet.CERT_ALERTS:  # the server was verified before it said this
             return OK, (f"{p.where}'s certificate verified against {p.trust()}; the hub then "
-                        f"refused the client certificate ({CERT_ALERTS[err.reason]}): see "
+                        f"refused the client certificate ({hubnet.CERT_ALERTS[err.reason]}): see "
                         "hub-auth"), EX_OK
-        return ERROR, f"{p.where}: TLS handshake failed: {_one_line(err)}", EX_UNAVAILABLE
+        return ERROR, f"{p.where}: TLS handshake failed: {hubpath.one_line(err)}", EX_UNAVAILABLE
     except (socket.timeout, TimeoutError):
         return ERROR, f"no answer to the TLS handshake from {p.where} within {limit:g} s", \
             EX_UNAVAILABLE
     except OSError as err:
         return ERROR, (f"{p.where} closed the connection during the TLS handshake "
-                       f"({_one_line(err)}): not a TLS port, or a firewall"), EX_UNAVAILABLE
+                       f"({hubpath.one_line(err)}): not a TLS port, or a firewall"), EX_UNAVAILABLE
     with tls:
         cert, version = tls.getpeercert() or {}, tls.version()
     subject = _name(cert.get("subject")) or p.host
@@ -356,7 +355,7 @@ def _clock(p: _Path, limit: float):
         before, date, after = hubpath.http_date(p.host, port, p.settings.proxy,
                                                 p.link().ctx, limit, p.clock, p.addresses)
     except (hubpath.PathError, SetupError, OSError, ValueError) as err:
-        return SKIPPED, f"no time source: {where}: {_one_line(err)}", EX_OK
+        return SKIPPED, f"no time source: {where}: {hubpath.one_line(err)}", EX_OK
     skew = (before + after) / 2 - date
     if abs(skew) <= CLOCK_WARNING:
         return OK, (f"the local clock is within {max(1, round(abs(skew) + (after - before)))} s "
@@ -404,13 +403,6 @@ def _name(rdns) -> str:
             if key == "commonName":  # the peer's words: no escape sequence reaches a terminal
                 return f"CN={printable(value)}"
     return ""
-
-
-def _one_line(err) -> str:
-    if isinstance(err, ssl.SSLError) and err.reason:
-        return err.reason.replace("_", " ").lower()
-    text = getattr(err, "text", None) or getattr(err, "strerror", None) or str(err)
-    return " ".join(str(text).split())
 
 
 def _duration(seconds: float) -> str:
