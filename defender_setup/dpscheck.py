@@ -25,8 +25,10 @@ and all of them by ``budget``. Nothing is written.
 
 from __future__ import annotations
 
+import ssl
 from pathlib import Path
 
+from . import hubpath
 from .checks import ERROR, OK, SKIPPED, WARNING, CheckResult
 from .errors import EX_CONFIG, EX_OK, EX_UNAVAILABLE, SetupError
 from .netcheck import run_in_order
@@ -86,8 +88,6 @@ class _Context:
         return Link.of(None, self.settings, Bounds(limit, limit))
 
     def dps_dns(self, limit: float):
-        from . import hubpath
-
         try:
             self.addresses = hubpath.first_hop(self.host, self.port, self.settings.proxy, limit)
         except hubpath.PathError as err:
@@ -96,8 +96,6 @@ class _Context:
         return OK, f"{self.host} resolves to {hubpath.addresses(self.addresses)}", EX_OK
 
     def dps_tcp(self, limit: float):
-        from . import hubpath
-
         try:
             hubpath.open_tcp(self.host, self.port, self.settings.proxy, limit,
                              self.addresses).close()
@@ -106,10 +104,6 @@ class _Context:
         return OK, f"connected to {self.where}", EX_OK
 
     def dps_tls(self, limit: float):
-        import ssl
-
-        from . import hubpath
-
         with self._link(limit) as link:
             try:
                 tls = hubpath.handshake(self.host, self.port, self.settings.proxy, link.ctx,
