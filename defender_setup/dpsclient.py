@@ -320,14 +320,14 @@ def _outcome(body: dict, enrollment, where: str) -> Assignment | None:
                    f"{printable(status)[:20]}{said}", EX_CONFIG, Field.DPS_ENROLLMENT)
 
 
-def register(link: Link, enrollment, *, clock=time.time, monotonic=time.monotonic,
-             sleep=time.sleep, deadline: float | None = None) -> Assignment:
+def register(link: Link, enrollment, *, clock=time.time, sleep=time.sleep,
+             deadline: float | None = None) -> Assignment:
     """Register (PUT), then poll until DPS assigns the device, within ``bounds.total``.
 
     :raises DpsError: unauthorized (65), disabled (78), throttled (75), unreachable or out
         of time (69), failed (78).
     """
-    deadline = deadline if deadline is not None else monotonic() + link.bounds.total
+    deadline = deadline if deadline is not None else time.monotonic() + link.bounds.total
     where = f"DPS ({enrollment.endpoint})"
     host, port = enrollment.host, enrollment.port
     query = f"?api-version={API_VERSION}"
@@ -345,7 +345,7 @@ def register(link: Link, enrollment, *, clock=time.time, monotonic=time.monotoni
         if not isinstance(operation, str) or not operation:
             raise DpsError("protocol", f"{where} is assigning but gave no operationId")
         wait = max(MIN_POLL, _retry_after(answer, DEFAULT_POLL))
-        if monotonic() + wait >= deadline:
+        if time.monotonic() + wait >= deadline:
             raise DpsError("timeout", f"{where} did not assign {enrollment.registration_id} "
                            f"within {link.bounds.total:g} s (still assigning; it asks to wait "
                            f"{wait:g} s more); try again later")
@@ -355,13 +355,13 @@ def register(link: Link, enrollment, *, clock=time.time, monotonic=time.monotoni
                           _dps_headers(enrollment, clock), deadline)
 
 
-def query(link: Link, enrollment, *, clock=time.time) -> Assignment:
+def query(link: Link, enrollment) -> Assignment:
     """The registration's current state (POST …/registrations/{id}): changes nothing."""
     where = f"DPS ({enrollment.endpoint})"
     answer = _request(link, enrollment.host, enrollment.port, "POST",
                       _dps_path(enrollment) + f"?api-version={API_VERSION}",
                       {"registrationId": enrollment.registration_id},
-                      _dps_headers(enrollment, clock), time.monotonic() + link.bounds.request)
+                      _dps_headers(enrollment, time.time), time.monotonic() + link.bounds.request)
     if answer.status != 200:
         raise _refused(answer, f"the status of {enrollment.registration_id}", enrollment, where)
     return _assignment(answer.body, str(answer.body.get("status") or "unknown"))
