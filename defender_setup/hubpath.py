@@ -67,12 +67,10 @@ def resolve(host: str, port: int, timeout: float) -> list:
         err = box["error"]
         why = getattr(err, "strerror", None) or str(err)
         raise PathError("DNS", f"cannot resolve {host}: {why}")
-    seen, out = set(), []
+    unique: dict = {}  # each address once, in the resolver's order
     for family, _, _, _, sockaddr in box["infos"]:
-        if sockaddr[0] not in seen:
-            seen.add(sockaddr[0])
-            out.append((family, sockaddr))
-    return out
+        unique.setdefault(sockaddr[0], (family, sockaddr))
+    return list(unique.values())
 
 
 def addresses(infos) -> str:
