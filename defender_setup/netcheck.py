@@ -34,6 +34,7 @@ certificate says is shown with its control characters escaped.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import socket
 import ssl
 import threading
@@ -79,7 +80,6 @@ class _Path:
     clock: object
     alt_open: bool | None = None   # hub-tcp: whether 443 answered when the port is 8883
     addresses: list | None = None  # hub-dns: the first hop's (hubpath.first_hop)
-    _link: object = None
 
     @property
     def host(self) -> str:
@@ -93,10 +93,9 @@ class _Path:
     def where(self) -> str:
         return f"{self.host}:{self.port}"
 
-    def link(self):
-        if self._link is None:
-            self._link = hubnet.Link(self.identity, self.settings)
-        return self._link
+    @functools.cached_property
+    def link(self) -> hubnet.Link:  # made once, when a check first needs it
+        return hubnet.Link(self.identity, self.settings)
 
     def trust(self) -> str:
         ca = self.settings.ca_file
@@ -297,7 +296,7 @@ _NAME_MISMATCH, _EXPIRED, _NOT_YET_VALID = 62, 10, 9
 
 def _tls(p: _Path, limit: float):
     try:
-        tls = hubpath.handshake(p.host, p.port, p.settings.proxy, p.link().ctx, limit,
+        tls = hubpath.handshake(p.host, p.port, p.settings.proxy, p.link.ctx, limit,
                                 p.addresses)
     except hubpath.PathError as err:
         return ERROR, str(err), EX_UNAVAILABLE
@@ -336,7 +335,7 @@ def _verify_failure(p: _Path, err: ssl.SSLCertVerificationError) -> str:
     if code == _NAME_MISMATCH:
         return (f"the certificate of {p.where} does not name {p.host} (name mismatch: {why}): "
                 "check HostName, or GatewayHostName for a gateway")
-    now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(p.clock()))
+    now = _iso(p.clock())
     if code in (_EXPIRED, _NOT_YET_VALID):
         state = "has expired" if code == _EXPIRED else "is not valid yet"
         return (f"the certificate of {p.where} {state} at the local time {now} ({why}): check "
@@ -353,7 +352,7 @@ def _clock(p: _Path, limit: float):
                          "the Date of the hub's HTTPS answer)"), EX_OK
     try:
         before, date, after = hubpath.http_date(p.host, port, p.settings.proxy,
-                                                p.link().ctx, limit, p.clock, p.addresses)
+                                                p.link.ctx, limit, p.clock, p.addresses)
     except (hubpath.PathError, SetupError, OSError, ValueError) as err:
         return SKIPPED, f"no time source: {where}: {hubpath.one_line(err)}", EX_OK
     skew = (before + after) / 2 - date
@@ -379,7 +378,7 @@ def _auth(p: _Path, limit: float):
                     "one would disconnect the agent"), EX_OK
     what = "certificate" if p.method == "certificate" else "key"
     try:
-        result = hubpath.attempt(p.identity, p.settings, limit, p.clock, p.link(),
+        result = hubpath.attempt(p.identity, p.settings, limit, p.clock, p.link,
                                  p.addresses)
     except SetupError as err:
         return ERROR, str(err), EX_CONFIG
