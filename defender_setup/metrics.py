@@ -157,7 +157,6 @@ class _Text:
                               f"{_number(value)}")
 
 
-
 def _last_change(origin: dict | None, verification: dict | None) -> str | None:
     """The last change judged by the verification after it: a roll-back (or unconfigure)
     written by a verification is part of it, so it counts as that verification's result."""
