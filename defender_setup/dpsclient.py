@@ -113,28 +113,26 @@ class Link:
         :raises SetupError: the CA file or the client certificate cannot be loaded."""
         from .safefs import memory_file
 
-        ca = getattr(settings, "ca_file", None)
+        ca = settings.ca_file
         try:
             ctx = ssl.create_default_context(cafile=str(ca) if ca else None)
         except (OSError, ssl.SSLError) as exc:
             raise SetupError(f"cannot load the CA file {ca}: {exc}", Field.DPS_ENDPOINT) \
                 from None
-        fds = []
+        link = cls(ctx, settings.proxy, bounds or Bounds(),
+                   f"ca_file {ca}" if ca else "the system CA store", settings.https_port)
         if enrollment is not None and enrollment.attestation == X509:
-            try:
+            try:  # each memory file is the link's from the start: closed with it
                 cert_fd, cert = memory_file("dps-certificate", enrollment.certificate)
-                fds.append(cert_fd)
+                link._fds.append(cert_fd)
                 key_fd, key = memory_file("dps-key", enrollment.private_key)
-                fds.append(key_fd)
+                link._fds.append(key_fd)
                 ctx.load_cert_chain(str(cert), str(key))
             except (OSError, ssl.SSLError) as exc:
-                for fd in fds:
-                    os.close(fd)
+                link.__exit__()
                 raise SetupError(f"cannot hand the certificate to TLS: {exc}", CERTIFICATE) \
                     from None
-        trust = f"ca_file {ca}" if ca else "the system CA store"
-        return cls(ctx, getattr(settings, "proxy", None), bounds or Bounds(), trust,
-                   getattr(settings, "https_port", 443), fds)
+        return link
 
     def __enter__(self) -> Link:
         return self
@@ -170,11 +168,9 @@ def _request(link: Link, host: str, port: int, method: str, path: str, body: dic
     except ssl.SSLCertVerificationError as exc:
         raise DpsError("unreachable", f"the certificate of {where} does not verify against "
                        f"{link.trust}: {exc.verify_message}") from None
-    except ssl.SSLError as exc:
-        _certificate_refused(exc, where)
-        raise DpsError("unreachable", f"{where}: TLS handshake failed: {one_line(exc)}") \
-            from None
-    except OSError as exc:
+    except OSError as exc:  # the handshake (an ssl.SSLError may refuse our certificate)
+        if isinstance(exc, ssl.SSLError):
+            _certificate_refused(exc, where)
         raise DpsError("unreachable", timed_out(where, limit) if _is_timeout(exc) else
                        f"{where}: TLS handshake failed: {one_line(exc)}") from None
     # A watchdog: socket timeouts bound each read, not a peer sending a byte a second.
