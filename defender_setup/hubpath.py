@@ -172,18 +172,14 @@ def handshake(host: str, port: int, proxy, ctx: ssl.SSLContext, timeout: float,
     """
     deadline = time.monotonic() + timeout
     sock = open_tcp(host, port, proxy, timeout, addresses)
-    try:
-        tls = ctx.wrap_socket(sock, server_hostname=host, do_handshake_on_connect=False)
+    try:  # on any failure the socket is closed: the TCP one, or the TLS one that took it over
+        sock = ctx.wrap_socket(sock, server_hostname=host, do_handshake_on_connect=False)
+        sock.settimeout(max(0.05, deadline - time.monotonic()))
+        sock.do_handshake()
     except BaseException:
         sock.close()
         raise
-    try:
-        tls.settimeout(max(0.05, deadline - time.monotonic()))
-        tls.do_handshake()
-    except BaseException:
-        tls.close()
-        raise
-    return tls
+    return sock
 
 
 def http_date(host: str, port: int, proxy, ctx: ssl.SSLContext, timeout: float,
