@@ -33,6 +33,7 @@ from pathlib import Path
 
 from . import __version__
 from . import facts as public
+from .credentials import METHODS
 from .errors import SetupError
 
 TEXTFILE_DIR = "var/lib/prometheus/node-exporter"  # Debian's prometheus-node-exporter
@@ -40,7 +41,6 @@ FILE_NAME = "defender_setup.prom"  # the collector reads *.prom only: the .tmp i
 MODE = 0o644                        # node_exporter runs as its own user
 PREFIX = "defender_setup_"
 
-METHODS = ("connection-string", "certificate")
 ORIGINS = (*public.ORIGINS, "seal", "unseal")
 # verify.settle's outcomes, as label values.
 VERIFICATIONS = tuple(outcome.replace(" ", "_") for outcome in public.OUTCOMES)
