@@ -43,6 +43,7 @@ from pathlib import Path
 
 from . import hubpath
 from .agent import hubnet
+from .agent import settings as settings_mod
 from .agentdir import AgentDir
 from .checks import ERROR, OK, SKIPPED, WARNING, CheckResult
 from .credentials import SEALED_NAMES
@@ -53,7 +54,7 @@ NETWORK_IDS = ("hub-dns", "hub-tcp", "hub-tls", "hub-clock", "hub-auth")
 PER_CHECK = 3.0   # seconds, each network check
 BUDGET = 8.0      # seconds, all of them: `check` stays under 10 s with the hub unreachable
 CLOCK_ERROR, CLOCK_WARNING = 300, 30   # seconds of skew
-CONF = "/etc/defender_iot_micro_agent/conf.json"
+CONF = f"/{settings_mod.CONF_PATH}"  # as messages name it
 
 DESCRIPTIONS = {
     "agent-settings": "conf.json is valid (transport, port, proxy, ca_file)",
@@ -165,8 +166,6 @@ def run_in_order(checks: dict, shared, needs: dict, descriptions: dict, *, dont_
 
 
 def _settings(root: Path, add, not_run: bool):
-    from .agent import settings as settings_mod
-
     try:
         settings = settings_mod.load(root)
     except SetupError as err:
@@ -225,29 +224,26 @@ def _path(root: Path, settings, service_state, https_port, clock, stored=None) -
 def _dns(p: _Path, limit: float):
     proxy = p.settings.proxy
     start = time.monotonic()
-    if proxy is not None:
-        try:
-            infos = hubpath.resolve(proxy.host, proxy.port, limit)
-        except hubpath.PathError as err:
-            return ERROR, f"the proxy's name: {err.text}; check \"proxy\" in {CONF}", \
-                EX_UNAVAILABLE
-        try:
-            hubpath.open_tcp(proxy.host, proxy.port, None,
-                             limit - (time.monotonic() - start), infos).close()
-        except hubpath.PathError as err:
-            return ERROR, f"the proxy {proxy.describe()} does not answer: {err.text}", \
-                EX_UNAVAILABLE
-        p.addresses = infos
-        return OK, (f"proxy {proxy.describe()} resolves to {hubpath.addresses(infos)} and "
-                    f"answers; the proxy resolves {p.host}"), EX_OK
     try:
-        infos = hubpath.resolve(p.host, p.port, limit)
+        infos = hubpath.first_hop(p.host, p.port, proxy, limit)
     except hubpath.PathError as err:
+        if proxy is not None:  # the text names the proxy's name
+            return ERROR, f"{err.text}; check \"proxy\" in {CONF}", EX_UNAVAILABLE
         which = "GatewayHostName" if p.identity.gateway_host_name else "HostName"
         return ERROR, (f"{err.text}: check {which} in the connection string, and the name "
                        "server in /etc/resolv.conf"), EX_UNAVAILABLE
+    if proxy is None:
+        p.addresses = infos
+        return OK, f"{p.host} resolves to {hubpath.addresses(infos)}", EX_OK
+    try:
+        hubpath.open_tcp(proxy.host, proxy.port, None, limit - (time.monotonic() - start),
+                         infos).close()
+    except hubpath.PathError as err:
+        return ERROR, f"the proxy {proxy.describe()} does not answer: {err.text}", \
+            EX_UNAVAILABLE
     p.addresses = infos
-    return OK, f"{p.host} resolves to {hubpath.addresses(infos)}", EX_OK
+    return OK, (f"proxy {proxy.describe()} resolves to {hubpath.addresses(infos)} and "
+                f"answers; the proxy resolves {p.host}"), EX_OK
 
 
 def _tcp(p: _Path, limit: float):
