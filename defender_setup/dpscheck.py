@@ -29,6 +29,7 @@ import ssl
 from pathlib import Path
 
 from . import hubpath
+from .agent import settings as settings_mod
 from .checks import ERROR, OK, SKIPPED, WARNING, CheckResult
 from .errors import EX_CONFIG, EX_OK, EX_UNAVAILABLE, SetupError
 from .netcheck import run_in_order
@@ -56,7 +57,7 @@ def extend(root, results: list, *, offline: bool = False, dont_run=(), budget: f
         blocked = "not run (--offline)"
     else:
         try:
-            context, blocked = _Context.of(Path(root), record, stored), None
+            context, blocked = _Context(Path(root), record, stored), None
         except SetupError as exc:  # the reason wins over --dont-run here
             blocked, dont_run = f"cannot be run: {exc}", ()
     return list(results) + run_in_order(CHECKS, context, NEEDS, DESCRIPTIONS,
@@ -67,20 +68,16 @@ def extend(root, results: list, *, offline: bool = False, dont_run=(), budget: f
 class _Context:
     """What the DPS checks share: the registration, the settings, the addresses found."""
 
-    def __init__(self, record: dict, settings, stored, root: Path):
-        self.record, self.settings, self.stored, self.root = record, settings, stored, root
+    def __init__(self, root: Path, record: dict | None, stored):
+        """:raises SetupError: no usable registration record, or conf.json is not valid."""
+        if not record or not isinstance(record.get("endpoint"), str):
+            raise SetupError("no DPS registration is recorded (dps.json)")
+        self.record, self.stored, self.root = record, stored, root
+        self.settings = settings_mod.load(root)
         self.addresses = None
         self.host, _, port = record["endpoint"].partition(":")
         self.port = int(port) if port else 443
         self.where = record["endpoint"]
-
-    @classmethod
-    def of(cls, root: Path, record: dict | None, stored) -> _Context:
-        from .agent import settings as settings_mod
-
-        if not record or not isinstance(record.get("endpoint"), str):
-            raise SetupError("no DPS registration is recorded (dps.json)")
-        return cls(record, settings_mod.load(root), stored, root)
 
     def _link(self, limit: float):
         from .dpsclient import Bounds, Link
