@@ -275,9 +275,10 @@ def _refused(answer: Answer, what: str, enrollment, where: str) -> DpsError:
 
 
 def _dps_path(enrollment, tail: str = "") -> str:
+    """The registration's path (+ ``tail``), with the api-version every DPS request names."""
     scope = urllib.parse.quote(enrollment.id_scope, safe="")
     reg = urllib.parse.quote(enrollment.registration_id, safe="")
-    return f"/{scope}/registrations/{reg}{tail}"
+    return f"/{scope}/registrations/{reg}{tail}?api-version={API_VERSION}"
 
 
 def _dps_headers(enrollment, clock) -> dict:
@@ -326,8 +327,7 @@ def register(link: Link, enrollment, *, clock=time.time, sleep=time.sleep,
     deadline = deadline if deadline is not None else time.monotonic() + link.bounds.total
     where = f"DPS ({enrollment.endpoint})"
     host, port = enrollment.host, enrollment.port
-    query = f"?api-version={API_VERSION}"
-    answer = _request(link, host, port, "PUT", _dps_path(enrollment, "/register") + query,
+    answer = _request(link, host, port, "PUT", _dps_path(enrollment, "/register"),
                       {"registrationId": enrollment.registration_id},
                       _dps_headers(enrollment, clock), deadline)
     while True:
@@ -347,15 +347,14 @@ def register(link: Link, enrollment, *, clock=time.time, sleep=time.sleep,
                            f"{wait:g} s more); try again later")
         sleep(wait)
         path = _dps_path(enrollment, "/operations/" + urllib.parse.quote(operation, safe=""))
-        answer = _request(link, host, port, "GET", path + query, None,
+        answer = _request(link, host, port, "GET", path, None,
                           _dps_headers(enrollment, clock), deadline)
 
 
 def query(link: Link, enrollment) -> Assignment:
     """The registration's current state (POST …/registrations/{id}): changes nothing."""
     where = f"DPS ({enrollment.endpoint})"
-    answer = _request(link, enrollment.host, enrollment.port, "POST",
-                      _dps_path(enrollment) + f"?api-version={API_VERSION}",
+    answer = _request(link, enrollment.host, enrollment.port, "POST", _dps_path(enrollment),
                       {"registrationId": enrollment.registration_id},
                       _dps_headers(enrollment, time.time), time.monotonic() + link.bounds.request)
     if answer.status != 200:
