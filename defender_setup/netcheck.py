@@ -77,7 +77,7 @@ class _Path:
     identity: object
     method: str
     service_state: dict | None
-    https_port: int | None
+    https_port: int  # the caller's (tests), else conf.json's: 443 unless a test hub's
     clock: object
     alt_open: bool | None = None   # hub-tcp: whether 443 answered when the port is 8883
     addresses: list | None = None  # hub-dns: the first hop's (hubpath.first_hop)
@@ -217,7 +217,7 @@ def _path(root: Path, settings, service_state, https_port, clock, stored=None) -
             sources[name] = memory_file(name, stored.plain[name])[1]  # open while we run
     validated = dataclasses.replace(validated, sources=sources)
     return _Path(settings, Identity.from_credentials(validated, root), validated.method,
-                 service_state, https_port, clock)
+                 service_state, https_port or settings.https_port, clock)
 
 
 # -- the checks: (path, seconds) -> (status, message, exit code) ----------------------------
@@ -258,7 +258,7 @@ def _tcp(p: _Path, limit: float):
 
     start = time.monotonic()
     workers = [threading.Thread(target=reach, args=("main", p.port), daemon=True)]
-    alt = p.https_port or p.settings.https_port  # 443, or conf.json's (test hubs)
+    alt = p.https_port  # tried alongside the MQTT port
     if p.settings.transport == "mqtt" and p.port != alt:
         # tried alongside, not after: it says whether WebSocket would do, and is the clock's
         # source, at no extra wait
@@ -340,8 +340,7 @@ def _verify_failure(p: _Path, err: ssl.SSLCertVerificationError) -> str:
 
 
 def _clock(p: _Path, limit: float):
-    port = p.port if p.settings.transport == "websocket" else \
-        (p.https_port or p.settings.https_port)
+    port = p.port if p.settings.transport == "websocket" else p.https_port
     where = f"{p.host}:{port}"
     if port != p.port and p.alt_open is False:
         return SKIPPED, (f"no time source: {where} does not answer (the clock is compared with "
