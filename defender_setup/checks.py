@@ -183,21 +183,18 @@ def _check_expiry(stored, add, clock) -> None:
         return
     left = not_after - _dt.datetime.fromtimestamp(clock(), _dt.timezone.utc)
     shown = not_after.strftime("%Y-%m-%d %H:%M UTC")
-    days = left.days  # whole days left, rounded down
     renew = ("issue a new certificate, register its thumbprint (or CA) on the hub and "
              "apply it ('defender-setup apply --certificate … --private-key …')")
     if left.total_seconds() <= 0:
-        add("certificate-expiry", description, ERROR,
-            f"the certificate expired {shown}: {renew}", EX_CONFIG)
-    elif left < _dt.timedelta(days=EXPIRY_ERROR_DAYS):
-        add("certificate-expiry", description, ERROR,
-            f"the certificate expires in {_days(days)} ({shown}): {renew}", EX_CONFIG)
-    elif left < _dt.timedelta(days=EXPIRY_WARNING_DAYS):
-        add("certificate-expiry", description, WARNING,
-            f"the certificate expires in {_days(days)} ({shown}): {renew}")
+        status, message = ERROR, f"the certificate expired {shown}"
     else:
-        add("certificate-expiry", description, OK,
-            f"the certificate expires in {_days(days)} ({shown})")
+        status = (ERROR if left < _dt.timedelta(days=EXPIRY_ERROR_DAYS) else
+                  WARNING if left < _dt.timedelta(days=EXPIRY_WARNING_DAYS) else OK)
+        message = f"the certificate expires in {_days(left.days)} ({shown})"  # rounded down
+    if status != OK:  # and what to do about it
+        message += f": {renew}"
+    add("certificate-expiry", description, status, message,
+        EX_CONFIG if status == ERROR else EX_OK)
 
 
 def _days(days: int) -> str:

@@ -17,21 +17,24 @@ used: the registration kept in ``dps.json``, conf.json's trust (``ca_file``) and
   the stored identity's is a warning: the device was re-assigned.
 
 All are ``skipped`` when the stored set is not the identity DPS gave (``provision``, or that
-set rolled back to), with ``--offline`` and
-``--dont-run``; a check whose prerequisite failed is skipped. Each is bounded by
-:data:`PER_CHECK` seconds and all of them by ``budget``. Nothing is written.
+set rolled back to), with ``--offline`` and ``--dont-run``; a check whose prerequisite failed
+is skipped. They run through the network checks' loop
+(:func:`defender_setup.netcheck.run_in_order`): each is bounded by its ``PER_CHECK`` seconds
+and all of them by ``budget``. Nothing is written.
 """
 
 from __future__ import annotations
 
-import time
+import ssl
 from pathlib import Path
 
+from . import hubpath
+from .agent import settings as settings_mod
 from .checks import ERROR, OK, SKIPPED, WARNING, CheckResult
 from .errors import EX_CONFIG, EX_OK, EX_UNAVAILABLE, SetupError
+from .netcheck import run_in_order
 
 DPS_IDS = ("dps-dns", "dps-tcp", "dps-tls", "dps-auth")
-PER_CHECK = 3.0
 BUDGET = 6.0
 DESCRIPTIONS = {
     "dps-dns": "the DPS endpoint's name resolves (through the proxy when one is set)",
@@ -39,81 +42,42 @@ DESCRIPTIONS = {
     "dps-tls": "the DPS endpoint's TLS certificate verifies against the agent's trust",
     "dps-auth": "DPS accepts the kept device key and names the hub this device is on",
 }
-NEEDS = {"dps-tcp": "dps-dns", "dps-tls": "dps-tcp", "dps-auth": "dps-tls"}
+NEEDS = {"dps-tcp": ("dps-dns",), "dps-tls": ("dps-tcp",), "dps-auth": ("dps-tls",)}
 
 
 def extend(root, results: list, *, offline: bool = False, dont_run=(), budget: float = BUDGET,
            stored=None) -> list[CheckResult]:
     """See the module docstring."""
-    out = list(results)
+    from .zerotouch import made_by_dps, registration
 
-    def add(check_id, status, message="", code=EX_OK):
-        out.append(CheckResult(check_id, DESCRIPTIONS[check_id], status, message, code))
-
-    from .zerotouch import registration
-
-    blocked = _blocker(stored, registration(Path(root)), offline)
-    if blocked is not None:
-        for check_id in DPS_IDS:
-            add(check_id, SKIPPED, "not run (--dont-run)" if check_id in dont_run else blocked)
-        return out
-    try:
-        ctx = _Context.of(Path(root), stored)
-    except SetupError as exc:
-        for check_id in DPS_IDS:
-            add(check_id, SKIPPED, f"cannot be run: {exc}")
-        return out
-    deadline = time.monotonic() + budget
-    failed: set = set()
-    for check_id in DPS_IDS:
-        if check_id in dont_run:
-            add(check_id, SKIPPED, "not run (--dont-run)")
-            continue
-        need = NEEDS.get(check_id)
-        if need in failed:
-            failed.add(check_id)
-            add(check_id, SKIPPED, f"needs {need}")
-            continue
-        left = deadline - time.monotonic()
-        if left < 0.5:
-            add(check_id, SKIPPED, f"not run: the DPS checks' {budget:g} s are used up")
-            continue
-        status, message, code = getattr(ctx, check_id.replace("-", "_"))(min(PER_CHECK, left))
-        if status in (ERROR, SKIPPED):
-            failed.add(check_id)
-        add(check_id, status, message, code)
-    return out
-
-
-def _blocker(stored, record, offline: bool) -> str | None:
-    from .zerotouch import made_by_dps
-
+    record, context = registration(Path(root)), None
     if not made_by_dps(stored, record):
-        return "not provisioned through DPS (defender-setup provision)"
-    if offline:
-        return "not run (--offline)"
-    return None
+        blocked = "not provisioned through DPS (defender-setup provision)"
+    elif offline:
+        blocked = "not run (--offline)"
+    else:
+        try:
+            context, blocked = _Context(Path(root), record, stored), None
+        except SetupError as exc:  # the reason wins over --dont-run here
+            blocked, dont_run = f"cannot be run: {exc}", ()
+    return list(results) + run_in_order(CHECKS, context, NEEDS, DESCRIPTIONS,
+                                        dont_run=dont_run, blocked=blocked, budget=budget,
+                                        kind="DPS")
 
 
 class _Context:
     """What the DPS checks share: the registration, the settings, the addresses found."""
 
-    def __init__(self, record: dict, settings, stored, root: Path):
-        self.record, self.settings, self.stored, self.root = record, settings, stored, root
+    def __init__(self, root: Path, record: dict | None, stored):
+        """:raises SetupError: no usable registration record, or conf.json is not valid."""
+        if not record or not isinstance(record.get("endpoint"), str):
+            raise SetupError("no DPS registration is recorded (dps.json)")
+        self.record, self.stored, self.root = record, stored, root
+        self.settings = settings_mod.load(root)
         self.addresses = None
         self.host, _, port = record["endpoint"].partition(":")
         self.port = int(port) if port else 443
         self.where = record["endpoint"]
-
-    @classmethod
-    def of(cls, root: Path, stored) -> _Context:
-        from .agent import settings as settings_mod
-        from .zerotouch import registration
-
-        record = registration(root)
-        if not record or not isinstance(record.get("endpoint"), str):
-            raise SetupError("no DPS registration is recorded (dps.json)")
-        return cls(record, settings_mod.load(root), stored, root)
 
     def _link(self, limit: float):
         from .dpsclient import Bounds, Link
@@ -121,8 +85,6 @@ class _Context:
         return Link.of(None, self.settings, Bounds(limit, limit))
 
     def dps_dns(self, limit: float):
-        from . import hubpath
-
         try:
             self.addresses = hubpath.first_hop(self.host, self.port, self.settings.proxy, limit)
         except hubpath.PathError as err:
@@ -131,8 +93,6 @@ class _Context:
         return OK, f"{self.host} resolves to {hubpath.addresses(self.addresses)}", EX_OK
 
     def dps_tcp(self, limit: float):
-        from . import hubpath
-
         try:
             hubpath.open_tcp(self.host, self.port, self.settings.proxy, limit,
                              self.addresses).close()
@@ -141,10 +101,6 @@ class _Context:
         return OK, f"connected to {self.where}", EX_OK
 
     def dps_tls(self, limit: float):
-        import ssl
-
-        from . import hubpath
-
         with self._link(limit) as link:
             try:
                 tls = hubpath.handshake(self.host, self.port, self.settings.proxy, link.ctx,
@@ -190,3 +146,8 @@ class _Context:
                              "provision' again (or 'defender-setup restart': when the old hub "
                              "refuses it, it registers again)"), EX_OK
         return OK, f"{said}, as stored", EX_OK
+
+
+# DPS_IDS' order: the order they run in and are shown
+CHECKS = {"dps-dns": _Context.dps_dns, "dps-tcp": _Context.dps_tcp, "dps-tls": _Context.dps_tls,
+          "dps-auth": _Context.dps_auth}

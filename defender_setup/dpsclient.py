@@ -113,28 +113,26 @@ class Link:
         :raises SetupError: the CA file or the client certificate cannot be loaded."""
         from .safefs import memory_file
 
-        ca = getattr(settings, "ca_file", None)
+        ca = settings.ca_file
         try:
             ctx = ssl.create_default_context(cafile=str(ca) if ca else None)
         except (OSError, ssl.SSLError) as exc:
             raise SetupError(f"cannot load the CA file {ca}: {exc}", Field.DPS_ENDPOINT) \
                 from None
-        fds = []
+        link = cls(ctx, settings.proxy, bounds or Bounds(),
+                   f"ca_file {ca}" if ca else "the system CA store", settings.https_port)
         if enrollment is not None and enrollment.attestation == X509:
-            try:
+            try:  # each memory file is the link's from the start: closed with it
                 cert_fd, cert = memory_file("dps-certificate", enrollment.certificate)
-                fds.append(cert_fd)
+                link._fds.append(cert_fd)
                 key_fd, key = memory_file("dps-key", enrollment.private_key)
-                fds.append(key_fd)
+                link._fds.append(key_fd)
                 ctx.load_cert_chain(str(cert), str(key))
             except (OSError, ssl.SSLError) as exc:
-                for fd in fds:
-                    os.close(fd)
+                link.__exit__()
                 raise SetupError(f"cannot hand the certificate to TLS: {exc}", CERTIFICATE) \
                     from None
-        trust = f"ca_file {ca}" if ca else "the system CA store"
-        return cls(ctx, getattr(settings, "proxy", None), bounds or Bounds(), trust,
-                   getattr(settings, "https_port", 443), fds)
+        return link
 
     def __enter__(self) -> Link:
         return self
@@ -155,7 +153,7 @@ class Answer:
 def _request(link: Link, host: str, port: int, method: str, path: str, body: dict | None,
              headers: dict, deadline: float) -> Answer:
     """One HTTPS request, answered within ``min(bounds.request, deadline)``."""
-    from .hubpath import PathError, handshake
+    from .hubpath import PathError, handshake, one_line, timed_out
 
     limit = min(link.bounds.request, deadline - time.monotonic())
     where = f"{host}:{port}" if port != 443 else host
@@ -170,13 +168,11 @@ def _request(link: Link, host: str, port: int, method: str, path: str, body: dic
     except ssl.SSLCertVerificationError as exc:
         raise DpsError("unreachable", f"the certificate of {where} does not verify against "
                        f"{link.trust}: {exc.verify_message}") from None
-    except ssl.SSLError as exc:
-        _certificate_refused(exc, where)
-        raise DpsError("unreachable", f"{where}: TLS handshake failed: {_one_line(exc)}") \
-            from None
-    except OSError as exc:
-        raise DpsError("unreachable", _timed_out(where, limit) if _is_timeout(exc) else
-                       f"{where}: TLS handshake failed: {_one_line(exc)}") from None
+    except OSError as exc:  # the handshake (an ssl.SSLError may refuse our certificate)
+        if isinstance(exc, ssl.SSLError):
+            _certificate_refused(exc, where)
+        raise DpsError("unreachable", timed_out(where, limit) if _is_timeout(exc) else
+                       f"{where}: TLS handshake failed: {one_line(exc)}") from None
     # A watchdog: socket timeouts bound each read, not a peer sending a byte a second.
     left = limit - (time.monotonic() - started)
     fired = threading.Event()
@@ -200,8 +196,8 @@ def _request(link: Link, host: str, port: int, method: str, path: str, body: dic
         if isinstance(exc, ssl.SSLError):  # TLS 1.3 refuses a certificate after the handshake
             _certificate_refused(exc, where)
         if fired.is_set() or _is_timeout(exc):
-            raise DpsError("unreachable", _timed_out(where, limit)) from None
-        raise DpsError("unreachable", f"{where}: the connection failed: {_one_line(exc)}") \
+            raise DpsError("unreachable", timed_out(where, limit)) from None
+        raise DpsError("unreachable", f"{where}: the connection failed: {one_line(exc)}") \
             from None
     finally:
         guard.cancel()
@@ -236,16 +232,6 @@ def _shut(sock, fired: threading.Event) -> None:
 
 def _is_timeout(exc) -> bool:
     return isinstance(exc, (socket.timeout, TimeoutError)) or "timed out" in str(exc)
-
-
-def _timed_out(where: str, limit: float) -> str:
-    return f"no answer from {where} within {limit:.3g} s (timed out)"
-
-
-def _one_line(exc) -> str:
-    if isinstance(exc, ssl.SSLError) and exc.reason:
-        return exc.reason.replace("_", " ").lower()
-    return " ".join((getattr(exc, "strerror", None) or str(exc) or type(exc).__name__).split())
 
 
 def _said(answer: Answer) -> str:
@@ -289,9 +275,10 @@ def _refused(answer: Answer, what: str, enrollment, where: str) -> DpsError:
 
 
 def _dps_path(enrollment, tail: str = "") -> str:
+    """The registration's path (+ ``tail``), with the api-version every DPS request names."""
     scope = urllib.parse.quote(enrollment.id_scope, safe="")
     reg = urllib.parse.quote(enrollment.registration_id, safe="")
-    return f"/{scope}/registrations/{reg}{tail}"
+    return f"/{scope}/registrations/{reg}{tail}?api-version={API_VERSION}"
 
 
 def _dps_headers(enrollment, clock) -> dict:
@@ -330,18 +317,17 @@ def _outcome(body: dict, enrollment, where: str) -> Assignment | None:
                    f"{printable(status)[:20]}{said}", EX_CONFIG, Field.DPS_ENROLLMENT)
 
 
-def register(link: Link, enrollment, *, clock=time.time, monotonic=time.monotonic,
-             sleep=time.sleep, deadline: float | None = None) -> Assignment:
+def register(link: Link, enrollment, *, clock=time.time, sleep=time.sleep,
+             deadline: float | None = None) -> Assignment:
     """Register (PUT), then poll until DPS assigns the device, within ``bounds.total``.
 
     :raises DpsError: unauthorized (65), disabled (78), throttled (75), unreachable or out
         of time (69), failed (78).
     """
-    deadline = deadline if deadline is not None else monotonic() + link.bounds.total
+    deadline = deadline if deadline is not None else time.monotonic() + link.bounds.total
     where = f"DPS ({enrollment.endpoint})"
     host, port = enrollment.host, enrollment.port
-    query = f"?api-version={API_VERSION}"
-    answer = _request(link, host, port, "PUT", _dps_path(enrollment, "/register") + query,
+    answer = _request(link, host, port, "PUT", _dps_path(enrollment, "/register"),
                       {"registrationId": enrollment.registration_id},
                       _dps_headers(enrollment, clock), deadline)
     while True:
@@ -355,23 +341,22 @@ def register(link: Link, enrollment, *, clock=time.time, monotonic=time.monotoni
         if not isinstance(operation, str) or not operation:
             raise DpsError("protocol", f"{where} is assigning but gave no operationId")
         wait = max(MIN_POLL, _retry_after(answer, DEFAULT_POLL))
-        if monotonic() + wait >= deadline:
+        if time.monotonic() + wait >= deadline:
             raise DpsError("timeout", f"{where} did not assign {enrollment.registration_id} "
                            f"within {link.bounds.total:g} s (still assigning; it asks to wait "
                            f"{wait:g} s more); try again later")
         sleep(wait)
         path = _dps_path(enrollment, "/operations/" + urllib.parse.quote(operation, safe=""))
-        answer = _request(link, host, port, "GET", path + query, None,
+        answer = _request(link, host, port, "GET", path, None,
                           _dps_headers(enrollment, clock), deadline)
 
 
-def query(link: Link, enrollment, *, clock=time.time) -> Assignment:
+def query(link: Link, enrollment) -> Assignment:
     """The registration's current state (POST …/registrations/{id}): changes nothing."""
     where = f"DPS ({enrollment.endpoint})"
-    answer = _request(link, enrollment.host, enrollment.port, "POST",
-                      _dps_path(enrollment) + f"?api-version={API_VERSION}",
+    answer = _request(link, enrollment.host, enrollment.port, "POST", _dps_path(enrollment),
                       {"registrationId": enrollment.registration_id},
-                      _dps_headers(enrollment, clock), time.monotonic() + link.bounds.request)
+                      _dps_headers(enrollment, time.time), time.monotonic() + link.bounds.request)
     if answer.status != 200:
         raise _refused(answer, f"the status of {enrollment.registration_id}", enrollment, where)
     return _assignment(answer.body, str(answer.body.get("status") or "unknown"))

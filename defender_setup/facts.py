@@ -69,18 +69,14 @@ def _time(value) -> str | None:
     return value if isinstance(value, str) and _TIME.fullmatch(value) else None
 
 
-def _change(value) -> dict | None:
+def _record(value, origin: bool) -> dict | None:
+    """A lastChange (``origin``: it has one) or lastVerification record, or None."""
     if not isinstance(value, dict):
         return None
-    item = {"time": _time(value.get("time")), "origin": _word(value.get("origin"), ORIGINS),
-            "result": _word(value.get("result"), RESULTS)}
-    return item if item["time"] and item["result"] else None
-
-
-def _verification(value) -> dict | None:
-    if not isinstance(value, dict):
-        return None
-    item = {"time": _time(value.get("time")), "result": _word(value.get("result"), RESULTS)}
+    item = {"time": _time(value.get("time"))}
+    if origin:
+        item["origin"] = _word(value.get("origin"), ORIGINS)
+    item["result"] = _word(value.get("result"), RESULTS)
     return item if item["time"] and item["result"] else None
 
 
@@ -92,8 +88,8 @@ def parse(data: bytes) -> Facts:
         return Facts()
     if not isinstance(raw, dict):
         return Facts()
-    return Facts(_word(raw.get("origin"), ORIGINS), _change(raw.get("lastChange")),
-                 _verification(raw.get("lastVerification")))
+    return Facts(_word(raw.get("origin"), ORIGINS), _record(raw.get("lastChange"), True),
+                 _record(raw.get("lastVerification"), False))
 
 
 def read(root: Path = Path("/")) -> Facts:

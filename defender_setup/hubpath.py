@@ -8,10 +8,10 @@ Interface::
     handshake(host, port, proxy, ctx, timeout, addresses=None) -> ssl.SSLSocket  # verified
     http_date(host, port, proxy, ctx, timeout, clock, addresses=None)
         -> (sent, hub's Date, answered)
-    link(identity, settings) -> hubnet.Link                       # the agent's TLS context
     attempt(identity, settings, timeout, clock=time.time, addresses=None) -> hubnet.Result
         # one authenticated CONNECT as the agent makes it, closed again before returning;
         # kind "accepted" (CONNACK 0), "rejected" or "unreachable"
+    one_line(err) -> str; timed_out(where, seconds) -> str       # for messages (DPS's too)
 
 Every step has a deadline: the resolver runs in a daemon thread the caller stops waiting for
 (glibc's getaddrinfo has no timeout of its own and retries for up to 10 s per server), and
@@ -67,12 +67,10 @@ def resolve(host: str, port: int, timeout: float) -> list:
         err = box["error"]
         why = getattr(err, "strerror", None) or str(err)
         raise PathError("DNS", f"cannot resolve {host}: {why}")
-    seen, out = set(), []
+    unique: dict = {}  # each address once, in the resolver's order
     for family, _, _, _, sockaddr in box["infos"]:
-        if sockaddr[0] not in seen:
-            seen.add(sockaddr[0])
-            out.append((family, sockaddr))
-    return out
+        unique.setdefault(sockaddr[0], (family, sockaddr))
+    return list(unique.values())
 
 
 def addresses(infos) -> str:
@@ -110,7 +108,7 @@ def _connect_direct(host: str, port: int, timeout: float, addresses) -> socket.s
             error = err
     where = f"{host}:{port}"
     if error is None or isinstance(error, (socket.timeout, TimeoutError)):
-        raise PathError("TCP", f"no answer from {where} within {timeout:.3g} s (timed out)")
+        raise PathError("TCP", timed_out(where, timeout))
     if isinstance(error, ConnectionRefusedError):
         raise PathError("TCP", f"connection refused by {where}")
     raise PathError("TCP", f"{where}: {error.strerror or error}")
@@ -174,18 +172,14 @@ def handshake(host: str, port: int, proxy, ctx: ssl.SSLContext, timeout: float,
     """
     deadline = time.monotonic() + timeout
     sock = open_tcp(host, port, proxy, timeout, addresses)
-    try:
-        tls = ctx.wrap_socket(sock, server_hostname=host, do_handshake_on_connect=False)
+    try:  # on any failure the socket is closed: the TCP one, or the TLS one that took it over
+        sock = ctx.wrap_socket(sock, server_hostname=host, do_handshake_on_connect=False)
+        sock.settimeout(max(0.05, deadline - time.monotonic()))
+        sock.do_handshake()
     except BaseException:
         sock.close()
         raise
-    try:
-        tls.settimeout(max(0.05, deadline - time.monotonic()))
-        tls.do_handshake()
-    except BaseException:
-        tls.close()
-        raise
-    return tls
+    return sock
 
 
 def http_date(host: str, port: int, proxy, ctx: ssl.SSLContext, timeout: float,
@@ -216,27 +210,21 @@ def http_date(host: str, port: int, proxy, ctx: ssl.SSLContext, timeout: float,
     raise ValueError("its HTTPS answer has no Date header")
 
 
-def link(identity, settings) -> hubnet.Link:
-    """The agent's own connection parameters (trust, client certificate, proxy).
-
-    :raises defender_setup.errors.SetupError: CA file, client certificate or key, or python3-socks.
-    """
-    return hubnet.Link(identity, settings)
-
-
 def attempt(identity, settings, timeout: float, clock=time.time,
             connection: hubnet.Link | None = None, addresses=None) -> hubnet.Result:
     """One authenticated CONNECT within about ``timeout`` seconds, then disconnect.
 
     A SAS token is made as the agent makes it (``sas_lifetime`` from the settings).
-    ``addresses``: :func:`first_hop`'s answer, when the caller has it.
-    :raises defender_setup.errors.SetupError: as :func:`link`.
+    ``addresses``: :func:`first_hop`'s answer, when the caller has it; ``connection``: the
+    agent's own connection parameters (``hubnet.Link``: trust, client certificate, proxy).
+    :raises defender_setup.errors.SetupError: CA file, client certificate or key, or
+        python3-socks.
     """
     from .agent import sas
 
     deadline = time.monotonic() + timeout
     checked = deadline - timeout * 0.5
-    connection = connection or link(identity, settings)
+    connection = connection or hubnet.Link(identity, settings)
     host, port, proxy = identity.connect_host, settings.hub_port, settings.proxy
     try:
         # Ours are bounded; paho's own connect would wait 5 s, and its lookup of the name as
@@ -295,3 +283,15 @@ def _listen_first(identity, settings, ctx, timeout: float, clock, addresses
 def _refusal(identity, err: ssl.SSLError, clock) -> hubnet.Result | None:
     alert = hubnet.CERT_ALERTS.get(err.reason or "")
     return hubnet.certificate_refused(identity, alert, clock()) if alert else None
+
+
+def one_line(err) -> str:
+    """``err`` in a few words for a message: an SSL error's reason, else its text."""
+    if isinstance(err, ssl.SSLError) and err.reason:
+        return err.reason.replace("_", " ").lower()
+    text = getattr(err, "text", None) or getattr(err, "strerror", None) or str(err)
+    return " ".join((str(text) or type(err).__name__).split())
+
+
+def timed_out(where: str, seconds: float) -> str:
+    return f"no answer from {where} within {seconds:.3g} s (timed out)"

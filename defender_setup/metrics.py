@@ -32,6 +32,8 @@ import sys
 from pathlib import Path
 
 from . import __version__
+from . import facts as public
+from .credentials import METHODS
 from .errors import SetupError
 
 TEXTFILE_DIR = "var/lib/prometheus/node-exporter"  # Debian's prometheus-node-exporter
@@ -39,11 +41,9 @@ FILE_NAME = "defender_setup.prom"  # the collector reads *.prom only: the .tmp i
 MODE = 0o644                        # node_exporter runs as its own user
 PREFIX = "defender_setup_"
 
-METHODS = ("connection-string", "certificate")
-ORIGINS = ("debconf", "apply", "credential", "drop-folder", "dps", "rollback", "seal",
-           "unseal", "unconfigured")
+ORIGINS = (*public.ORIGINS, "seal", "unseal")
 # verify.settle's outcomes, as label values.
-VERIFICATIONS = ("healthy", "rolled_back", "unconfigured", "failed")
+VERIFICATIONS = tuple(outcome.replace(" ", "_") for outcome in public.OUTCOMES)
 # The last change, judged by the verification that followed it (none yet: unverified).
 CHANGES = ("verified", "rolled_back", "unconfigured", "failed", "unverified")
 CHECK_STATUSES = ("ok", "warning", "error", "skipped")
@@ -56,20 +56,13 @@ def textfile_dir(root: Path | str) -> Path | None:
     """node_exporter's textfile directory under ``root``, or None when it does not exist
     (node_exporter is not installed: nothing is written). Under a ``root`` other than ``/``
     a link on the way is refused (None): it could lead out of the tree."""
-    import os
-    import stat
-
     root = Path(root)
     path = root / TEXTFILE_DIR
-    if root.resolve() != Path("/"):
-        for i in range(1, len(Path(TEXTFILE_DIR).parts) + 1):
-            try:
-                st = os.lstat(root.joinpath(*Path(TEXTFILE_DIR).parts[:i]))
-            except OSError:
-                return None
-            if not stat.S_ISDIR(st.st_mode):
-                return None
-    return path if path.is_dir() else None
+    if not path.is_dir():
+        return None
+    if root.resolve() != Path("/") and path.resolve() != root.resolve() / TEXTFILE_DIR:
+        return None  # a component of TEXTFILE_DIR is a link
+    return path
 
 
 # -- collecting (read-only) ----------------------------------------------------------------
@@ -79,7 +72,6 @@ def collect(root: Path | str, lock_timeout: float = 5.0) -> dict:
     :raises BusyError: a writer kept the lock ``lock_timeout`` seconds (it refreshes the
         metrics itself when it ends).
     """
-    from . import facts as public
     from .agentdir import COUNTERS, AgentDir, when
     from .checks import run_checks
     from .errors import BusyError
@@ -123,7 +115,7 @@ def _verification(last: dict | None) -> dict | None:
     in verify.settle's words, which the metrics' labels use."""
     if not last:
         return None
-    words = {"verified": "healthy", "rolled-back": "rolled back"}
+    words = {word: outcome for outcome, word in public.OUTCOMES.items()}
     return {"time": last.get("time"), "result": words.get(last.get("result"), last.get("result"))}
 
 
@@ -165,7 +157,6 @@ class _Text:
                               f"{_number(value)}")
 
 
-
 def _last_change(origin: dict | None, verification: dict | None) -> str | None:
     """The last change judged by the verification after it: a roll-back (or unconfigure)
     written by a verification is part of it, so it counts as that verification's result."""
@@ -173,8 +164,14 @@ def _last_change(origin: dict | None, verification: dict | None) -> str | None:
         return None
     if verification is None or (verification.get("timestamp") or 0) < origin["timestamp"]:
         return "unverified"
-    result = _one_of(str(verification.get("result", "")).replace(" ", "_"), VERIFICATIONS)
-    return "verified" if result == "healthy" else _one_of(result, CHANGES, "failed")
+    result = _verdict(verification)
+    return "verified" if result == "healthy" else result
+
+
+def _verdict(verification: dict) -> str:
+    """The verification's result as a label value (one of :data:`VERIFICATIONS`)."""
+    return _one_of(str(verification.get("result", "")).replace(" ", "_"), VERIFICATIONS,
+                   "failed")
 
 
 def render(facts: dict) -> str:
@@ -216,14 +213,12 @@ def render(facts: dict) -> str:
                  _states("result", CHANGES, change))
     verification = facts.get("verification")
     if verification is not None and verification.get("timestamp") is not None:
-        result = _one_of(str(verification.get("result", "")).replace(" ", "_"),
-                         VERIFICATIONS, "failed")
         t.metric("last_verification_timestamp_seconds", "gauge", "When the service was last "
                  "verified after a restart, seconds since the epoch.",
                  [({}, verification["timestamp"])])
         t.metric("last_verification_result", "gauge", "The last verification's outcome (1 for "
                  "the current one): healthy, rolled_back, unconfigured or failed.",
-                 _states("result", VERIFICATIONS, result))
+                 _states("result", VERIFICATIONS, _verdict(verification)))
     t.metric("certificate_expiry_timestamp_seconds", "gauge", "The stored certificate's "
              "notAfter (certificate method only), seconds since the epoch.",
              [({}, facts.get("certificate_not_after"))])

@@ -5,6 +5,8 @@ Interface::
     NETWORK_IDS = ("hub-dns", "hub-tcp", "hub-tls", "hub-clock", "hub-auth")
     extend(root, results, service_state=None, *, offline=False, dont_run=(),
            budget=BUDGET, https_port=None, clock=time.time) -> list[CheckResult]
+    run_in_order(checks, shared, needs, descriptions, *, dont_run=(), blocked=None,
+                 budget, kind) -> list[CheckResult]   # this loop, for the DPS checks too
 
 ``extend`` takes the local checks' results (:func:`defender_setup.checks.run_checks`) and
 returns them followed by ``agent-settings`` (conf.json, local) and the network checks, each
@@ -32,6 +34,7 @@ certificate says is shown with its control characters escaped.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import socket
 import ssl
 import threading
@@ -39,6 +42,8 @@ import time
 from pathlib import Path
 
 from . import hubpath
+from .agent import hubnet
+from .agent import settings as settings_mod
 from .agentdir import AgentDir
 from .checks import ERROR, OK, SKIPPED, WARNING, CheckResult
 from .credentials import SEALED_NAMES
@@ -49,7 +54,7 @@ NETWORK_IDS = ("hub-dns", "hub-tcp", "hub-tls", "hub-clock", "hub-auth")
 PER_CHECK = 3.0   # seconds, each network check
 BUDGET = 8.0      # seconds, all of them: `check` stays under 10 s with the hub unreachable
 CLOCK_ERROR, CLOCK_WARNING = 300, 30   # seconds of skew
-CONF = "/etc/defender_iot_micro_agent/conf.json"
+CONF = f"/{settings_mod.CONF_PATH}"  # as messages name it
 
 DESCRIPTIONS = {
     "agent-settings": "conf.json is valid (transport, port, proxy, ca_file)",
@@ -72,11 +77,10 @@ class _Path:
     identity: object
     method: str
     service_state: dict | None
-    https_port: int | None
+    https_port: int  # the caller's (tests), else conf.json's: 443 unless a test hub's
     clock: object
     alt_open: bool | None = None   # hub-tcp: whether 443 answered when the port is 8883
     addresses: list | None = None  # hub-dns: the first hop's (hubpath.first_hop)
-    _link: object = None
 
     @property
     def host(self) -> str:
@@ -90,10 +94,9 @@ class _Path:
     def where(self) -> str:
         return f"{self.host}:{self.port}"
 
-    def link(self):
-        if self._link is None:
-            self._link = hubpath.link(self.identity, self.settings)
-        return self._link
+    @functools.cached_property
+    def link(self) -> hubnet.Link:  # made once, when a check first needs it
+        return hubnet.Link(self.identity, self.settings)
 
     def trust(self) -> str:
         ca = self.settings.ca_file
@@ -113,47 +116,56 @@ def extend(root: Path, results: list, service_state: dict | None = None, *,
         out.append(CheckResult(check_id, DESCRIPTIONS[check_id], status, message, code))
 
     settings = _settings(Path(root), add, "agent-settings" in skip)
-    if offline:
-        for check_id in NETWORK_IDS:
-            add(check_id, SKIPPED, "not run (--offline)")
-        return out
-    blocked = _blocker(results, settings)
-    path = None
+    path, needs = None, NEEDS
+    if offline:  # the reason wins over --dont-run here
+        blocked, skip = "not run (--offline)", ()
+    else:
+        blocked = _blocker(results, settings)
     if blocked is None:
         try:
             path = _path(Path(root), settings, service_state, https_port, clock, stored)
         except SetupError as err:
             blocked = f"stored credentials cannot be read: {err}"
-    deadline = time.monotonic() + budget
+    if path is not None and path.settings.transport == "websocket":
+        needs = {**NEEDS, "hub-clock": ("hub-dns", "hub-tls")}  # the same endpoint as hub-tls
+    return out + run_in_order(CHECKS, path, needs, DESCRIPTIONS, dont_run=skip,
+                              blocked=blocked, budget=budget, kind="network")
+
+
+def run_in_order(checks: dict, shared, needs: dict, descriptions: dict, *, dont_run=(),
+                 blocked: str | None = None, budget: float, kind: str) -> list[CheckResult]:
+    """Run ``checks`` (id -> check(shared, seconds) -> (status, message, exit code)) in
+    order, each within :data:`PER_CHECK` seconds and all of them within ``budget``.
+
+    A check in ``dont_run`` is skipped, else every check when ``blocked`` (the reason) is
+    given; a check whose prerequisites (``needs``: id -> ids) failed or were skipped is
+    skipped naming them, and counts as failed for what needs it in turn. The network and
+    the DPS checks (``kind``, for the message) run through here.
+    """
+    out: list[CheckResult] = []
     failed: set = set()
-    for check_id in NETWORK_IDS:
-        if check_id in skip:
-            add(check_id, SKIPPED, "not run (--dont-run)")
-            continue
-        if blocked is not None:
-            add(check_id, SKIPPED, blocked)
-            continue
-        needs = [n for n in NEEDS.get(check_id, ()) if n in failed]
-        if check_id == "hub-clock" and path.settings.transport == "websocket":
-            needs += [n for n in ("hub-tls",) if n in failed]  # the same endpoint
-        if needs:
-            failed.add(check_id)
-            add(check_id, SKIPPED, f"needs {', '.join(needs)}")
-            continue
+    deadline = time.monotonic() + budget
+    for check_id, check in checks.items():
+        waiting = [n for n in needs.get(check_id, ()) if n in failed]
         left = deadline - time.monotonic()
-        if left < 0.5:  # not a failure: what depends on it meets the same end
-            add(check_id, SKIPPED, f"not run: the network checks' {budget:g} s are used up")
-            continue
-        status, message, code = CHECKS[check_id](path, min(PER_CHECK, left))
-        if status in (ERROR, SKIPPED):
+        if check_id in dont_run:
+            result = SKIPPED, "not run (--dont-run)", EX_OK
+        elif blocked is not None:
+            result = SKIPPED, blocked, EX_OK
+        elif waiting:
             failed.add(check_id)
-        add(check_id, status, message, code)
+            result = SKIPPED, f"needs {', '.join(waiting)}", EX_OK
+        elif left < 0.5:  # not a failure: what depends on it meets the same end
+            result = SKIPPED, f"not run: the {kind} checks' {budget:g} s are used up", EX_OK
+        else:
+            result = check(shared, min(PER_CHECK, left))
+            if result[0] in (ERROR, SKIPPED):
+                failed.add(check_id)
+        out.append(CheckResult(check_id, descriptions[check_id], *result))
     return out
 
 
 def _settings(root: Path, add, not_run: bool):
-    from .agent import settings as settings_mod
-
     try:
         settings = settings_mod.load(root)
     except SetupError as err:
@@ -205,36 +217,33 @@ def _path(root: Path, settings, service_state, https_port, clock, stored=None) -
             sources[name] = memory_file(name, stored.plain[name])[1]  # open while we run
     validated = dataclasses.replace(validated, sources=sources)
     return _Path(settings, Identity.from_credentials(validated, root), validated.method,
-                 service_state, https_port, clock)
+                 service_state, https_port or settings.https_port, clock)
 
 
 # -- the checks: (path, seconds) -> (status, message, exit code) ----------------------------
 def _dns(p: _Path, limit: float):
     proxy = p.settings.proxy
     start = time.monotonic()
-    if proxy is not None:
-        try:
-            infos = hubpath.resolve(proxy.host, proxy.port, limit)
-        except hubpath.PathError as err:
-            return ERROR, f"the proxy's name: {err.text}; check \"proxy\" in {CONF}", \
-                EX_UNAVAILABLE
-        try:
-            hubpath.open_tcp(proxy.host, proxy.port, None,
-                             limit - (time.monotonic() - start), infos).close()
-        except hubpath.PathError as err:
-            return ERROR, f"the proxy {proxy.describe()} does not answer: {err.text}", \
-                EX_UNAVAILABLE
-        p.addresses = infos
-        return OK, (f"proxy {proxy.describe()} resolves to {hubpath.addresses(infos)} and "
-                    f"answers; the proxy resolves {p.host}"), EX_OK
     try:
-        infos = hubpath.resolve(p.host, p.port, limit)
+        infos = hubpath.first_hop(p.host, p.port, proxy, limit)
     except hubpath.PathError as err:
+        if proxy is not None:  # the text names the proxy's name
+            return ERROR, f"{err.text}; check \"proxy\" in {CONF}", EX_UNAVAILABLE
         which = "GatewayHostName" if p.identity.gateway_host_name else "HostName"
         return ERROR, (f"{err.text}: check {which} in the connection string, and the name "
                        "server in /etc/resolv.conf"), EX_UNAVAILABLE
+    if proxy is None:
+        p.addresses = infos
+        return OK, f"{p.host} resolves to {hubpath.addresses(infos)}", EX_OK
+    try:
+        hubpath.open_tcp(proxy.host, proxy.port, None, limit - (time.monotonic() - start),
+                         infos).close()
+    except hubpath.PathError as err:
+        return ERROR, f"the proxy {proxy.describe()} does not answer: {err.text}", \
+            EX_UNAVAILABLE
     p.addresses = infos
-    return OK, f"{p.host} resolves to {hubpath.addresses(infos)}", EX_OK
+    return OK, (f"proxy {proxy.describe()} resolves to {hubpath.addresses(infos)} and "
+                f"answers; the proxy resolves {p.host}"), EX_OK
 
 
 def _tcp(p: _Path, limit: float):
@@ -249,7 +258,7 @@ def _tcp(p: _Path, limit: float):
 
     start = time.monotonic()
     workers = [threading.Thread(target=reach, args=("main", p.port), daemon=True)]
-    alt = p.https_port or p.settings.https_port  # 443, or conf.json's (test hubs)
+    alt = p.https_port  # tried alongside the MQTT port
     if p.settings.transport == "mqtt" and p.port != alt:
         # tried alongside, not after: it says whether WebSocket would do, and is the clock's
         # source, at no extra wait
@@ -282,10 +291,8 @@ _NAME_MISMATCH, _EXPIRED, _NOT_YET_VALID = 62, 10, 9
 
 
 def _tls(p: _Path, limit: float):
-    from .agent.hubnet import CERT_ALERTS
-
     try:
-        tls = hubpath.handshake(p.host, p.port, p.settings.proxy, p.link().ctx, limit,
+        tls = hubpath.handshake(p.host, p.port, p.settings.proxy, p.link.ctx, limit,
                                 p.addresses)
     except hubpath.PathError as err:
         return ERROR, str(err), EX_UNAVAILABLE
@@ -294,17 +301,17 @@ def _tls(p: _Path, limit: float):
     except ssl.SSLCertVerificationError as err:
         return ERROR, _verify_failure(p, err), EX_UNAVAILABLE
     except ssl.SSLError as err:
-        if (err.reason or "") in CERT_ALERTS:  # the server was verified before it said this
+        if (err.reason or "") in hubnet.CERT_ALERTS:  # the server was verified before it said this
             return OK, (f"{p.where}'s certificate verified against {p.trust()}; the hub then "
-                        f"refused the client certificate ({CERT_ALERTS[err.reason]}): see "
+                        f"refused the client certificate ({hubnet.CERT_ALERTS[err.reason]}): see "
                         "hub-auth"), EX_OK
-        return ERROR, f"{p.where}: TLS handshake failed: {_one_line(err)}", EX_UNAVAILABLE
+        return ERROR, f"{p.where}: TLS handshake failed: {hubpath.one_line(err)}", EX_UNAVAILABLE
     except (socket.timeout, TimeoutError):
         return ERROR, f"no answer to the TLS handshake from {p.where} within {limit:g} s", \
             EX_UNAVAILABLE
     except OSError as err:
         return ERROR, (f"{p.where} closed the connection during the TLS handshake "
-                       f"({_one_line(err)}): not a TLS port, or a firewall"), EX_UNAVAILABLE
+                       f"({hubpath.one_line(err)}): not a TLS port, or a firewall"), EX_UNAVAILABLE
     with tls:
         cert, version = tls.getpeercert() or {}, tls.version()
     subject = _name(cert.get("subject")) or p.host
@@ -324,7 +331,7 @@ def _verify_failure(p: _Path, err: ssl.SSLCertVerificationError) -> str:
     if code == _NAME_MISMATCH:
         return (f"the certificate of {p.where} does not name {p.host} (name mismatch: {why}): "
                 "check HostName, or GatewayHostName for a gateway")
-    now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(p.clock()))
+    now = _iso(p.clock())
     if code in (_EXPIRED, _NOT_YET_VALID):
         state = "has expired" if code == _EXPIRED else "is not valid yet"
         return (f"the certificate of {p.where} {state} at the local time {now} ({why}): check "
@@ -333,17 +340,16 @@ def _verify_failure(p: _Path, err: ssl.SSLCertVerificationError) -> str:
 
 
 def _clock(p: _Path, limit: float):
-    port = p.port if p.settings.transport == "websocket" else \
-        (p.https_port or p.settings.https_port)
+    port = p.port if p.settings.transport == "websocket" else p.https_port
     where = f"{p.host}:{port}"
     if port != p.port and p.alt_open is False:
         return SKIPPED, (f"no time source: {where} does not answer (the clock is compared with "
                          "the Date of the hub's HTTPS answer)"), EX_OK
     try:
         before, date, after = hubpath.http_date(p.host, port, p.settings.proxy,
-                                                p.link().ctx, limit, p.clock, p.addresses)
+                                                p.link.ctx, limit, p.clock, p.addresses)
     except (hubpath.PathError, SetupError, OSError, ValueError) as err:
-        return SKIPPED, f"no time source: {where}: {_one_line(err)}", EX_OK
+        return SKIPPED, f"no time source: {where}: {hubpath.one_line(err)}", EX_OK
     skew = (before + after) / 2 - date
     if abs(skew) <= CLOCK_WARNING:
         return OK, (f"the local clock is within {max(1, round(abs(skew) + (after - before)))} s "
@@ -367,7 +373,7 @@ def _auth(p: _Path, limit: float):
                     "one would disconnect the agent"), EX_OK
     what = "certificate" if p.method == "certificate" else "key"
     try:
-        result = hubpath.attempt(p.identity, p.settings, limit, p.clock, p.link(),
+        result = hubpath.attempt(p.identity, p.settings, limit, p.clock, p.link,
                                  p.addresses)
     except SetupError as err:
         return ERROR, str(err), EX_CONFIG
@@ -380,6 +386,7 @@ def _auth(p: _Path, limit: float):
     return ERROR, f"no answer from the hub: {result.text}", EX_UNAVAILABLE
 
 
+# NETWORK_IDS' order: the order they run in and are shown
 CHECKS = {"hub-dns": _dns, "hub-tcp": _tcp, "hub-tls": _tls, "hub-clock": _clock,
           "hub-auth": _auth}
 
@@ -390,13 +397,6 @@ def _name(rdns) -> str:
             if key == "commonName":  # the peer's words: no escape sequence reaches a terminal
                 return f"CN={printable(value)}"
     return ""
-
-
-def _one_line(err) -> str:
-    if isinstance(err, ssl.SSLError) and err.reason:
-        return err.reason.replace("_", " ").lower()
-    text = getattr(err, "text", None) or getattr(err, "strerror", None) or str(err)
-    return " ".join(str(text).split())
 
 
 def _duration(seconds: float) -> str:

@@ -60,7 +60,7 @@ def probe(validated, root: Path = Path("/"), timeout: float = PROBE_TIMEOUT,
     try:
         if validated.method == "certificate":
             try:
-                identity, fds = _in_memory(identity, validated.files)
+                identity = _in_memory(identity, validated.files, fds)
             except OSError as err:
                 return Outcome(SKIPPED, f"probe: not tried: cannot hand the certificate to "
                                         f"TLS in memory ({err.strerror})")
@@ -84,18 +84,14 @@ def probe(validated, root: Path = Path("/"), timeout: float = PROBE_TIMEOUT,
                                 f"the {what} is accepted without the hub's answer")
 
 
-def _in_memory(identity, files: dict):
-    """The identity with its certificate and key in anonymous memory files (``/proc/self/fd``)."""
+def _in_memory(identity, files: dict, fds: list):
+    """The identity with its certificate and key in anonymous memory files (``/proc/self/fd``);
+    each descriptor goes to ``fds`` as soon as it is open, for the caller to close."""
     from .safefs import memory_file
 
-    fds, paths = [], []
-    try:
-        for name in (CERTIFICATE_FILE, PRIVATE_KEY_FILE):
-            fd, path = memory_file(name, files[name][0])
-            fds.append(fd)
-            paths.append(path)
-    except OSError:
-        for fd in fds:
-            os.close(fd)
-        raise
-    return dataclasses.replace(identity, cert_file=paths[0], key_file=paths[1]), fds
+    paths = []
+    for name in (CERTIFICATE_FILE, PRIVATE_KEY_FILE):
+        fd, path = memory_file(name, files[name][0])
+        fds.append(fd)
+        paths.append(path)
+    return dataclasses.replace(identity, cert_file=paths[0], key_file=paths[1])

@@ -24,7 +24,6 @@ INTERRUPTED = ("an interrupted credential update is pending (the files may mix t
                "run 'defender-setup repair', or restart the service, to complete it")
 
 
-
 def _certificate(info) -> dict:
     return {
         "subject": info.subject,
