@@ -118,7 +118,7 @@ def test_changes_are_rate_limited_and_coalesced(stand):
     assert code == 0
     times = [received for *_, received in hub.twin_patches]
     # the connect, one for the whole stream, one for the last change: never closer than 2 s
-    assert len(times) == 3 and changes > 10, (times, changes)
+    assert len(times) == 3 and changes > 5, (times, changes)
     assert all(b - a >= 1.9 for a, b in zip(times, times[1:])), times
 
 
