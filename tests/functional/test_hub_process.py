@@ -4,7 +4,7 @@ NOTIFY_SOCKET."""
 
 import base64
 import signal
-import time
+import socket
 
 import pytest
 
@@ -114,7 +114,14 @@ def test_process_unreachable_stays_up_and_says_why(hub_pki, tmp_path):
         msg = sock.recv(4096).decode()
         assert msg == (f"READY=1\nSTATUS=retrying: hub unreachable (TCP: connection refused by "
                        f"localhost:{port})")
-        time.sleep(1)
+        # Staying up shows as trying again: the hub's port now takes TCP, and the agent's
+        # next attempt arrives there (then fails at TLS: it goes on retrying).
+        with socket.create_server(("127.0.0.1", port)) as listener:
+            listener.settimeout(15)
+            try:
+                listener.accept()[0].close()
+            except socket.timeout:
+                pytest.fail(f"no second attempt within 15 s (exit code {proc.poll()})")
         assert proc.poll() is None
         proc.send_signal(signal.SIGTERM)
         _, err = proc.communicate(timeout=10)

@@ -1,5 +1,6 @@
 """The writers' lock across processes: forked holders (tests/holder.py) against this one."""
 
+import os
 import time
 
 import pytest
@@ -7,6 +8,7 @@ import pytest
 from defender_setup import lock
 from defender_setup.errors import BusyError
 from tests.holder import Holder
+from tests.waiting import wait_for
 
 
 @pytest.fixture
@@ -65,10 +67,21 @@ def test_a_waiting_writer_is_not_starved_by_new_readers(path):
     with Holder(path, "shared"):        # a reader inside
         thread = threading.Thread(target=writer)
         thread.start()
-        time.sleep(0.2)                 # the writer waits at the gate for that reader
+        # the writer holds the gate (the lock file's directory) while it waits for that reader
+        wait_for(lambda: exclusive_flock_on(path.parent), 5, "the writer never took the gate")
         assert not got.is_set()
         with pytest.raises(BusyError):  # a new reader queues behind the writer
             with lock.shared(path, timeout=0.2):
                 pass
     thread.join(5)                      # the first reader left: the writer got in
     assert got.is_set()
+
+
+def exclusive_flock_on(directory) -> bool:
+    """Whether an exclusive flock is held on ``directory``, read from /proc/locks: looking
+    does not take the lock, so it cannot disturb the writer it watches."""
+    st = os.stat(directory)
+    inode = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
+    with open("/proc/locks", encoding="ascii", errors="replace") as handle:
+        return any(parts[1:4] == ["FLOCK", "ADVISORY", "WRITE"] and parts[5] == inode
+                   for parts in (line.split() for line in handle) if len(parts) >= 6)

@@ -6,6 +6,7 @@ Interface::
     port = hub.start()          # 127.0.0.1 only
     hub.connections             # TCP connections accepted so far
     hub.sent                    # bytes written to the agent so far (all connections)
+    hub.stalled                 # times the agent got to the stalled step and now waits on us
     hub.wait_for(predicate, timeout) -> bool
     hub.stop()
 
@@ -30,7 +31,10 @@ Modes (each is one way a broken hub or a middlebox in front of it can behave):
 ``stall-after``     accepts (CONNACK 0), then never reads or answers again
 =================== ======================================================================
 
-Blocking sockets and one thread per connection: a stall is simply a thread that waits.
+Blocking sockets and one thread per connection: a stall is simply a thread that waits. A
+stall counts in ``stalled`` once the agent has sent what the step answers (its ClientHello, its
+upgrade request, its CONNECT, its first packet after CONNACK), so a test can act while the
+agent waits, not before it got there; for ``stall-accept``, once its SYN is outstanding.
 """
 
 from __future__ import annotations
@@ -79,7 +83,9 @@ class HostileHub:
         self.mode, self.tls = mode, tls
         self.connections = 0
         self.sent = 0
+        self._stalled = 0
         self.port = None
+        self._fillers: set[int] = set()  # local ports of our own connections (stall-accept)
         self._cond = threading.Condition()
         self._stop = threading.Event()
         self._socks: list[socket.socket] = []
@@ -104,6 +110,7 @@ class HostileHub:
                 except BlockingIOError:
                     pass
                 self._socks.append(sock)
+                self._fillers.add(sock.getsockname()[1])
         else:
             if self.mode == "flood":  # a small window: what the agent answers piles up soon
                 self._listener.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
@@ -121,6 +128,24 @@ class HostileHub:
 
     def wait_for(self, predicate, timeout: float = 10.0) -> bool:
         return wait_until(self._cond, predicate, timeout)
+
+    @property
+    def stalled(self) -> int:
+        if self.mode == "stall-accept":  # nothing is accepted: the kernel's view
+            return self._syns_waiting()
+        return self._stalled
+
+    def _syns_waiting(self) -> int:
+        """Connections to our port in SYN_SENT (state 02 in /proc/net/tcp) but our own."""
+        ours = f"0100007F:{self.port:04X}"
+        count = 0
+        with open("/proc/net/tcp", encoding="ascii") as handle:
+            for line in handle.readlines()[1:]:
+                local, remote, state = line.split()[1:4]
+                if remote == ours and state == "02" \
+                        and int(local.rpartition(":")[2], 16) not in self._fillers:
+                    count += 1
+        return count
 
     # -- server threads ---------------------------------------------------------------------
     def _accept(self) -> None:
@@ -154,13 +179,20 @@ class HostileHub:
             self.sent += len(data)
             self._cond.notify_all()
 
-    def _hold(self) -> None:
+    def _hold(self, sock=None) -> None:
+        """Never answer again; counted as stalled once ``sock`` (if given) has a byte from
+        the agent: what it sent that the step would answer."""
+        if sock is not None and not sock.recv(1):
+            return  # the agent hung up first
+        with self._cond:
+            self._stalled += 1
+            self._cond.notify_all()
         self._stop.wait()
 
     def _session(self, sock, number: int) -> None:
         mode = self.mode
         if mode in ("stall-tls", "stall-ws") or self._ctx is None:
-            return self._hold()
+            return self._hold(sock)  # the ClientHello, the upgrade request, a proxy's CONNECT
         self._read_packet(sock)  # CONNECT
         if mode == "stall-connack":
             return self._hold()
@@ -176,7 +208,7 @@ class HostileHub:
         if mode in AFTER_CONNACK:
             return self._send(sock, AFTER_CONNACK[mode](number))
         if mode == "stall-after":
-            return self._hold()
+            return self._hold(sock)  # the agent's first packet after CONNACK
         if mode == "qos2":
             for mid in range(1, 65536):
                 if self._stop.is_set():

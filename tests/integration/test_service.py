@@ -19,6 +19,8 @@ import time
 
 import pytest
 
+from tests.waiting import wait_for
+
 UNIT = "defender-iot-micro-agent.service"
 AGENT_DIR = "/var/defender_iot_micro_agent"
 DROPIN_DIR = f"/etc/systemd/system/{UNIT}.d"
@@ -95,6 +97,13 @@ def reconfigure(ct, preseed, device, strict=False):
 def state(ct):
     return ct.show(UNIT, "InvocationID", "MainPID", "NRestarts", "ActiveState", "SubState",
                    "StatusText", "ExecMainStatus", "Result", "ConditionResult")
+
+
+def settled(ct):
+    """The unit's state once systemd is done with it (not starting, stopping or waiting to
+    restart), else None."""
+    s = state(ct)
+    return s if s["ActiveState"] not in ("activating", "deactivating", "reloading") else None
 
 
 def cursor(ct):
@@ -247,14 +256,14 @@ def test_crash_loop_failure_verdict_is_fast(ct, preseed):
 
 def test_invalid_files_exit_78_once_without_restart_loop(ct, preseed):
     install(ct, preseed)
-    # a short RestartSec: were 78 restarted, NRestarts would grow within the wait below
+    # a short RestartSec: were 78 restarted, the unit would settle only at the start limit,
+    # with NRestarts > 0
     ct.copy_in("[Service]\nRestartSec=100ms\n", f"{DROPIN_DIR}/fast.conf", mode=0o644)
     ct.run(["systemctl", "daemon-reload"])
     ct.sh(f"printf 'HostName=hub;DeviceId=x\\n' > {AGENT_DIR}/connection_string.txt")
     r = ct.run(["systemctl", "restart", UNIT], check=False)
     assert r.returncode != 0
-    time.sleep(1.0)
-    s = state(ct)
+    s = wait_for(lambda: settled(ct), 30, "the unit never settled", lambda: state(ct), 0.2)
     assert (s["ActiveState"], s["ExecMainStatus"], s["NRestarts"]) == ("failed", "78", "0")
     log = ct.run(["journalctl", "-u", UNIT, "-o", "cat", "_SYSTEMD_INVOCATION_ID="
                   + s["InvocationID"]]).stdout
