@@ -35,7 +35,7 @@ from .agentdir import now
 from .errors import EX_OK, EX_UNAVAILABLE, Field, SetupError, ValidationError
 
 # importer.run imports this module only when it finds a DPS offer: no import cycle.
-from .importer import REFUSED
+from .importer import REFUSED, labelled
 from .offer import (
     DPS_ENDPOINT_FILE,
     DPS_GROUP_KEY_FILE,
@@ -46,9 +46,6 @@ from .offer import (
 )
 
 PROVISIONED = "import.dps"  # the digest of the offer this device was provisioned from
-FILE_OF = {Field.DPS_ID_SCOPE: DPS_ID_SCOPE_FILE,
-           Field.DPS_REGISTRATION_ID: DPS_REGISTRATION_ID_FILE,
-           Field.DPS_ENDPOINT: DPS_ENDPOINT_FILE}
 
 
 def _text(offer: Offer, name: str) -> str | None:
@@ -56,27 +53,11 @@ def _text(offer: Offer, name: str) -> str | None:
     return None if data is None else data.decode("utf-8", "replace").strip()
 
 
-def labelled(exc: SetupError, offer: Offer) -> SetupError:
-    """``exc`` shown with the offered input it is about, when that input was offered (an
-    unset machine id is about no offered file)."""
-    from .importer import labelled as labelled_set  # the set's files
-
-    name = FILE_OF.get(exc.field)
-    if exc.field == Field.DPS_KEY:
-        name = DPS_GROUP_KEY_FILE if DPS_GROUP_KEY_FILE in offer.files \
-            else DPS_SYMMETRIC_KEY_FILE
-    if name is None:
-        return labelled_set(exc, offer)  # the certificate and the private key
-    if name in offer.where:
-        # The credential's name says what it is ("DPS enrollment group key" would repeat it).
-        exc.part = offer.label(name)
-    return exc
-
-
 def enrollment_of(offer: Offer, root):
     """The offered enrollment, checked (:func:`defender_setup.dps.enrollment`).
 
-    :raises ValidationError: labelled with the credential or file it is about.
+    :raises ValidationError: labelled with the credential or file it is about
+        (:func:`defender_setup.importer.labelled`).
     """
     from . import dps
     from .credentials import CERTIFICATE_FILE, CONNECTION_STRING_FILE, PRIVATE_KEY_FILE

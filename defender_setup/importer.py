@@ -45,18 +45,12 @@ from .agentdir import (
     AgentDir,
     now,  # the same UTC format as the origin record: comparable
 )
-from .credentials import CERTIFICATE_FILE, CONNECTION_STRING_FILE, PRIVATE_KEY_FILE
-from .errors import (
-    CERTIFICATE,
-    CONNECTION_STRING,
-    EX_OK,
-    EX_UNAVAILABLE,
-    PRIVATE_KEY,
-    ServiceError,
-    SetupError,
-    ValidationError,
-)
+from .credentials import CERTIFICATE_FILE, CONNECTION_STRING_FILE, PLAIN_FILES, PRIVATE_KEY_FILE
+from .errors import EX_OK, EX_UNAVAILABLE, Field, ServiceError, SetupError, ValidationError
 from .offer import (
+    DPS_GROUP_KEY_FILE,
+    DPS_SYMMETRIC_KEY_FILE,
+    FIELD_OF,
     Offer,
     clear_folder,
     find_offer,
@@ -69,21 +63,14 @@ RECORD = IMPORT_RECORD
 PENDING = "import.pending"  # defender-setup-import-verify.service's ConditionPathExists=
 REFUSED = "import.refused"  # which offer the agent refused (a digest): not retried at boot
 VERIFY_UNIT = "defender-setup-import-verify.service"
-# An error's field -> the offered file it is about.
-FILE_OF = {CONNECTION_STRING: CONNECTION_STRING_FILE, CERTIFICATE: CERTIFICATE_FILE,
-           PRIVATE_KEY: PRIVATE_KEY_FILE}
+# An error's field -> the offered input it is about (two inputs hold a DPS key: see labelled).
+FILE_OF = {field: name for name, field in FIELD_OF.items() if field != Field.DPS_KEY}
 # Results after which an unchanged set need not be recorded again (no write at every boot).
 SETTLED = ("verified", "unchanged", "written")
 MODES = ("manual", "no-restart", "boot", "boot-verify")
 
 
 # -- the pure part -----------------------------------------------------------------------
-def request_of(offer: Offer) -> provision.Request:
-    files = offer.files
-    return provision.Request(files.get(CONNECTION_STRING_FILE), files.get(CERTIFICATE_FILE),
-                             files.get(PRIVATE_KEY_FILE), origin=offer.source)
-
-
 def check_offer(offer: Offer, stored=provision.NOTHING_STORED, now=None) -> provision.Plan:
     """Plan an offered set with the core's rules; errors name the offered input.
 
@@ -91,18 +78,32 @@ def check_offer(offer: Offer, stored=provision.NOTHING_STORED, now=None) -> prov
         string re-key a device configured for the certificate method.
     :raises ValidationError: its ``part`` names the credential or file (and the key).
     """
+    files = offer.files
+    request = provision.Request(files.get(CONNECTION_STRING_FILE), files.get(CERTIFICATE_FILE),
+                                files.get(PRIVATE_KEY_FILE), origin=offer.source)
     try:
-        return provision.plan(request_of(offer), stored, now=now)
+        return provision.plan(request, stored, now=now)
     except SetupError as exc:
         raise labelled(exc, offer) from None
 
 
 def labelled(exc: SetupError, offer: Offer) -> SetupError:
     """``exc`` shown with the offered input it is about (``credential defender-setup.
-    certificate: ...``, ``FOLDER/connection_string.txt: SharedAccessKey: ...``)."""
-    if exc.field in FILE_OF:
-        where = offer.label(FILE_OF[exc.field])
+    certificate: ...``, ``FOLDER/connection_string.txt: SharedAccessKey: ...``).
+
+    A file of the set is named even when it is missing (it is the file to offer); a DPS input
+    only when it was offered (an unset machine id is about no offered file), and by itself:
+    its credential's name says what it is ("DPS enrollment group key" would repeat it).
+    """
+    name = FILE_OF.get(exc.field)
+    if exc.field == Field.DPS_KEY:
+        name = DPS_GROUP_KEY_FILE if DPS_GROUP_KEY_FILE in offer.files \
+            else DPS_SYMMETRIC_KEY_FILE
+    if name in PLAIN_FILES:
+        where = offer.label(name)
         exc.part = f"{where}: {exc.part}" if exc.part else where
+    elif name in offer.where:
+        exc.part = offer.label(name)
     return exc
 
 
