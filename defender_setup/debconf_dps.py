@@ -4,7 +4,7 @@ Interface (called by :mod:`defender_setup.debconf_bridge` for ``auth-method`` ``
 
     enrollment_of(answers, read) -> dps.Enrollment | None   # None: no new secret, keep
     deferral(root, environ=None) -> str | None               # why not register here
-    check(answers, root, stored_origin, read, deferred) -> None   # raises; nothing written
+    check(answers, root, stored_origin, read, deferred) -> dps.Enrollment | None  # checked
     apply(answers, root, out, stored_origin, read, deferred, register, strict) -> int
 
 What each answer becomes: ``dps-id-scope``, ``dps-registration-id`` (empty: the machine id),
@@ -92,8 +92,13 @@ def _keep_or_refuse(answers, stored_origin: str | None) -> None:
                           "primary key (base64)")
 
 
-def checked(answers, root: Path | str, stored_origin, read, deferred: bool):
-    """The checked enrollment, or None (keep); :raises SetupError: routed by its field."""
+def check(answers, root: Path | str, stored_origin, read, deferred: bool):
+    """The config script's deep check, and the postinst's first step: the checked enrollment,
+    or None (keep). Validation only, never the network (registering creates a device; that is
+    the postinst's one step).
+
+    :raises SetupError: routed by its field; nothing is written.
+    """
     e = enrollment_of(answers, read)
     if e is None:
         _keep_or_refuse(answers, stored_origin)
@@ -106,12 +111,6 @@ def checked(answers, root: Path | str, stored_origin, read, deferred: bool):
     return e.checked(root)
 
 
-def check(answers, root: Path | str, stored_origin, read, deferred: bool) -> None:
-    """The config script's deep check: validation only, never the network (registering
-    creates a device; that is the postinst's one step)."""
-    checked(answers, root, stored_origin, read, deferred)
-
-
 def apply(answers, root: Path | str, out, *, stored_origin, read, deferred: str | None,
           register, strict: bool = False) -> int:
     """Register and store (postinst ``configure``), or only check in an image build.
@@ -121,7 +120,7 @@ def apply(answers, root: Path | str, out, *, stored_origin, read, deferred: str 
     :param strict: ``strict-verify``: DPS out of reach fails the run too.
     :returns: the exit code; the restart is the postinst trigger's, as for every method.
     """
-    e = checked(answers, root, stored_origin, read, bool(deferred))
+    e = check(answers, root, stored_origin, read, bool(deferred))
     if e is None:
         print("defender-setup: no new DPS key or certificate given; the configured "
               "identity is kept", file=out)
