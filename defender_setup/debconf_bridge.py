@@ -190,16 +190,14 @@ def resolve(answers: Answers, stored, read: Callable[[str, str], bytes] = read_i
         text = cs.from_parts(_identity_part(answers.hub_hostname, HUB_HOSTNAME),
                              _identity_part(answers.device_id, DEVICE_ID),
                              _identity_part(answers.module_id, MODULE_ID)).encode("ascii")
-    cert = key = None
-    if answers.certificate_file:
-        cert = read(answers.certificate_file, CERTIFICATE)
-    elif same:
-        cert = current.get(CERTIFICATE_FILE)
-    if answers.private_key_file:
-        key = read(answers.private_key_file, PRIVATE_KEY)
-    elif same:
-        key = current.get(PRIVATE_KEY_FILE)
-    return Request(text, cert, key, **kw)  # a missing file: the plan names it
+    def new_or_kept(path: str, field_name: Field, name: str) -> bytes | None:
+        if path:
+            return read(path, field_name)
+        return current.get(name) if same else None
+
+    return Request(text, new_or_kept(answers.certificate_file, CERTIFICATE, CERTIFICATE_FILE),
+                   new_or_kept(answers.private_key_file, PRIVATE_KEY, PRIVATE_KEY_FILE),
+                   **kw)  # a missing file: the plan names it
 
 
 def question_for(error: SetupError, answers: Answers) -> str:
