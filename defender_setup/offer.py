@@ -129,10 +129,6 @@ class Offer:
         return f"the drop folder {self.folder}"
 
 
-def _present(path: Path) -> bool:
-    return os.path.lexists(path)
-
-
 def _refuse_links(root: Path, path: Path) -> None:
     """UnsafeTargetError (77) for a link at ``path`` or, under a root tree, at any directory
     between the tree and it: it could lead out of the tree or the folder."""
@@ -195,7 +191,7 @@ def _find_credentials(root: Path, environ, decrypt) -> Offer | None:
     for name, file in CREDENTIALS.items():
         for directory in _credential_dirs(root, environ):
             path = directory / name
-            if _present(path):
+            if os.path.lexists(path):
                 where[file] = str(path)
                 partial = Offer(SOURCE_CREDENTIAL, {}, dict(where))
                 files[file] = _read(root, path, file, partial, follow=not tree)
@@ -203,7 +199,7 @@ def _find_credentials(root: Path, environ, decrypt) -> Offer | None:
         else:
             for directory in ENCRYPTED_CREDSTORES:
                 path = root / directory / name
-                if _present(path):
+                if os.path.lexists(path):
                     if decrypt is None:
                         raise InputError(f"credential {name}: {path} is encrypted and can only "
                                          "be decrypted on the running system (--root /)")
@@ -228,7 +224,7 @@ def _find_folder(root: Path) -> Offer | None:
         files, where = {}, {}
         for file in CREDENTIALS.values():
             path = folder / file
-            if _present(path):
+            if os.path.lexists(path):
                 where[file] = str(path)
                 partial = Offer(SOURCE_DROP_FOLDER, {}, dict(where), folder=folder)
                 files[file] = _read(root, path, file, partial, follow=False)
@@ -241,7 +237,7 @@ def waiting_folder(root: Path | str = "/") -> Path | None:
     """A drop folder holding credential files (not read: only whether they are there)."""
     for directory in DROP_FOLDERS:
         folder = Path(root) / directory
-        if folder.is_dir() and any(_present(folder / f) for f in CREDENTIALS.values()):
+        if folder.is_dir() and any(os.path.lexists(folder / f) for f in CREDENTIALS.values()):
             return folder
     return None
 
