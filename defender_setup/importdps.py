@@ -31,11 +31,10 @@ Guarantees kept from the import of a set:
 
 from __future__ import annotations
 
-from .agentdir import now
-from .errors import EX_OK, EX_UNAVAILABLE, Field, SetupError, ValidationError
+from .errors import EX_OK, Field, SetupError, ValidationError
 
 # importer.run imports this module only when it finds a DPS offer: no import cycle.
-from .importer import REFUSED, labelled
+from .importer import labelled
 from .offer import (
     DPS_ENDPOINT_FILE,
     DPS_GROUP_KEY_FILE,
@@ -152,20 +151,10 @@ def _keep(job, offer: Offer, record: dict, enrollment) -> int:
 
 
 def _verdict(job, code: int, record: dict, digest: str) -> int:
-    """``import`` by hand: zerotouch restarted and verified; record it as a set's import."""
-    folder = record.get("folder")
-    if code == EX_OK:
-        job.save(record, result="verified", message="provisioned through DPS and verified")
-        job.agent.save_record(PROVISIONED, {"digest": digest, "time": record["time"]})
-        job.agent.drop_record(REFUSED)
-        if folder:
-            from pathlib import Path
-
-            job.clear(Path(folder), "provisioned and verified", record)
-        return EX_OK
-    message = ("the provisioned module identity was not verified; not imported again at "
-               "boot while the offer stays the same (run 'defender-setup import' to try it "
-               "again)")
-    job.save(record, result="rejected", message=message, exit_code=code, time=now())
-    job.agent.save_record(REFUSED, {"digest": digest, "time": record["time"]})
-    return code if code else EX_UNAVAILABLE
+    """``import`` by hand: zerotouch restarted and verified; recorded as a set's import is."""
+    if code != EX_OK:
+        job.rejected(record, "the provisioned module identity was not verified", code, digest)
+        return code
+    job.agent.save_record(PROVISIONED, {"digest": digest, "time": record["time"]})
+    return job.verified(record, "provisioned through DPS and verified",
+                        "provisioned and verified")

@@ -184,7 +184,7 @@ class _Run:
             self.fail(record, exc, offer)
         return dict(record, identity=_identity(p)), p
 
-    def keep(self, offer: Offer, record: dict, p: provision.Plan) -> int:
+    def keep(self, offer: Offer, record: dict) -> int:
         ident = record["identity"]
         self.say(f"{offer.describe()} hold the configured {ident['method']} credentials for "
                  f"{ident['device']}/{ident['module']} on {ident['hub']}; nothing written, "
@@ -265,28 +265,36 @@ class _Run:
         names the offer, kept apart (REFUSED) when it is refused: status shows the record."""
         from .verify import SKIPPED
 
-        folder = Path(record["folder"]) if record.get("folder") else None
         self.agent.drop_record(PENDING)
         if result.outcome == SKIPPED:
             return result.code
         if result.ok:
-            self.save(record, result="verified", message=result.message)
-            self.agent.drop_record(REFUSED)
-            if folder is not None:
-                self.clear(folder, "imported and verified", record)
-            return EX_OK
-        message = (f"{result.message}; not imported again at boot while the offer stays the "
-                   "same (run 'defender-setup import' to try it again)")
+            return self.verified(record, result.message, "imported and verified")
+        message = self.rejected(record, result.message, EX_UNAVAILABLE, digest)
         self.say(f"VERIFICATION FAILED: {message}")
+        if record.get("folder"):
+            note_rejection(Path(record["folder"]), message)
+        return EX_UNAVAILABLE
+
+    def verified(self, record: dict, message: str, why: str) -> int:
+        """Record an offer the agent runs with; its drop folder is emptied (``why``)."""
+        self.save(record, result="verified", message=message)
+        self.agent.drop_record(REFUSED)
+        if record.get("folder"):
+            self.clear(Path(record["folder"]), why, record)
+        return EX_OK
+
+    def rejected(self, record: dict, why: str, code: int, digest: str | None) -> str:
+        """Record an offer the agent refused, kept apart by its digest (REFUSED); the
+        message, which says it is not imported again at boot."""
+        message = (f"{why}; not imported again at boot while the offer stays the same (run "
+                   "'defender-setup import' to try it again)")
         # Dated at the verdict: the roll-back (or unconfigure) just written is part of it,
         # not a later configuration that would supersede the refusal (check: last-import).
-        self.save(record, result="rejected", message=message, exit_code=EX_UNAVAILABLE,
-                  time=now())
+        self.save(record, result="rejected", message=message, exit_code=code, time=now())
         if digest:
             self.agent.save_record(REFUSED, {"digest": digest, "time": record["time"]})
-        if folder is not None:
-            note_rejection(folder, message)
-        return EX_UNAVAILABLE
+        return message
 
     def agent_missing(self) -> bool:
         """True (and said) when the agent's unit is masked or not installed: nothing to
@@ -339,7 +347,7 @@ def run(root: Path | str, mode: str, *, timeout: float, out, environ=None, decry
     # writes nothing at all.
     record, p = job.judge(offer, provision.read(job.agent, wait))
     if p.unchanged:
-        return job.keep(offer, record, p)
+        return job.keep(offer, record)
     with job.agent.lock(wait):
         if job.agent.repair():
             job.say("repaired: an interrupted credential update was completed")
@@ -354,7 +362,7 @@ def _import(job: _Run, mode: str, offer: Offer, record: dict, p: provision.Plan)
     except SetupError as exc:
         job.fail(record, exc, offer, "failed")  # whatever went wrong while writing
     if not written:
-        return job.keep(offer, record, p)
+        return job.keep(offer, record)
     record = job.save(record, result="written", message="verification pending",
                       folder=str(offer.folder) if offer.folder else None)
     digest = provision.digest(offer.files)
