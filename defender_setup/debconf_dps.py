@@ -3,7 +3,7 @@
 Interface (called by :mod:`defender_setup.debconf_bridge` for ``auth-method`` ``dps``)::
 
     enrollment_of(answers, read) -> dps.Enrollment | None   # None: no new secret, keep
-    deferral(root, environ=None) -> str | None               # why not register here
+    deferral(root) -> str | None                            # why not register here
     check(answers, root, stored_origin, read, deferred) -> dps.Enrollment | None  # checked
     apply(answers, root, out, stored_origin, read, deferred, register, strict) -> int
 
@@ -72,24 +72,11 @@ def enrollment_of(answers, read):
                           group_key=answers.dps_group_key, **common)
 
 
-def deferral(root: Path | str, environ=None) -> str | None:
+def deferral(root: Path | str) -> str | None:
     """Why this system must not register (an image build), or None on the device itself."""
     from .service import Service
 
-    return Service(root, environ=environ).skip_reason()
-
-
-def _keep_or_refuse(answers, stored_origin: str | None) -> None:
-    """No new secret: fine when the stored set came from DPS (kept as it is)."""
-    if stored_origin == ORIGIN:
-        return
-    from . import dps
-
-    if answers.dps_attestation == dps.X509:
-        raise ValidationError(CERTIFICATE, "is empty; give the path of the device "
-                              "certificate for DPS (its CN is the registration ID)")
-    raise ValidationError(Field.DPS_KEY, "is empty; preseed or enter the enrollment's "
-                          "primary key (base64)")
+    return Service(root).skip_reason()
 
 
 def check(answers, root: Path | str, stored_origin, read, deferred: bool):
@@ -99,12 +86,17 @@ def check(answers, root: Path | str, stored_origin, read, deferred: bool):
 
     :raises SetupError: routed by its field; nothing is written.
     """
-    e = enrollment_of(answers, read)
-    if e is None:
-        _keep_or_refuse(answers, stored_origin)
-        return None
     from . import dps
 
+    e = enrollment_of(answers, read)
+    if e is None:  # no new secret: fine when the stored set came from DPS (kept as it is)
+        if stored_origin == ORIGIN:
+            return None
+        if answers.dps_attestation == dps.X509:
+            raise ValidationError(CERTIFICATE, "is empty; give the path of the device "
+                                  "certificate for DPS (its CN is the registration ID)")
+        raise ValidationError(Field.DPS_KEY, "is empty; preseed or enter the enrollment's "
+                              "primary key (base64)")
     if deferred and e.attestation == dps.SYMMETRIC_KEY and not e.registration_id:
         # The machine id of an image is not final (often "uninitialized"): check the rest.
         return replace(e, registration_id=IMAGE_STAND_IN).checked(root)
