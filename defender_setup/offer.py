@@ -176,13 +176,9 @@ def _systemd_creds_decrypt(name: str, path: Path) -> bytes:
 
 
 def _credential_dirs(root: Path, environ) -> list[Path]:
-    dirs = []
     given = environ.get("CREDENTIALS_DIRECTORY")
-    if given:
-        dirs.append(Path(given))
-    dirs.append(root / SYSTEM_CREDENTIALS)
-    dirs += [root / d for d in CREDSTORES]
-    return dirs
+    stores = [root / d for d in (SYSTEM_CREDENTIALS, *CREDSTORES)]
+    return [Path(given), *stores] if given else stores
 
 
 def _find_credentials(root: Path, environ, decrypt) -> Offer | None:
