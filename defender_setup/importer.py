@@ -207,7 +207,8 @@ class _Run:
         ``digest`` names the offer (kept apart when it is refused)."""
         skip = "--no-restart" if mode == "no-restart" else self.svc.skip_reason()
         if skip:
-            self.say(f"{'verification' if mode == 'boot-verify' else 'restart'} skipped: {skip}")
+            what = "verification" if mode == "boot-verify" else "restart"
+            self.say(f"{what} skipped: {skip}")
             return EX_OK
         if self.agent_missing():
             return EX_OK
