@@ -185,26 +185,23 @@ def _find_credentials(root: Path, environ, decrypt) -> Offer | None:
     files, where = {}, {}
     tree = root.resolve() != Path("/")  # a --root tree: no link may lead out of it
     for name, file in CREDENTIALS.items():
-        for directory in _credential_dirs(root, environ):
-            path = directory / name
-            if os.path.lexists(path):
-                where[file] = str(path)
-                partial = Offer(SOURCE_CREDENTIAL, {}, dict(where))
-                files[file] = _read(root, path, file, partial, follow=not tree)
-                break
-        else:
-            for directory in ENCRYPTED_CREDSTORES:
-                path = root / directory / name
-                if os.path.lexists(path):
-                    if decrypt is None:
-                        raise InputError(f"credential {name}: {path} is encrypted and can only "
-                                         "be decrypted on the running system (--root /)")
-                    data = decrypt(name, path)
-                    if len(data) > LIMITS[FIELD_OF[file]]:
-                        raise InputError(f"credential {name}: {path} is larger than "
-                                         f"{LIMITS[FIELD_OF[file]]} bytes once decrypted")
-                    files[file], where[file] = data, str(path)
-                    break
+        plain = [directory / name for directory in _credential_dirs(root, environ)]
+        encrypted = [root / directory / name for directory in ENCRYPTED_CREDSTORES]
+        path = next((p for p in plain + encrypted if os.path.lexists(p)), None)
+        if path is None:
+            continue
+        where[file] = str(path)
+        if path in plain:
+            partial = Offer(SOURCE_CREDENTIAL, {}, dict(where))
+            files[file] = _read(root, path, file, partial, follow=not tree)
+            continue
+        if decrypt is None:
+            raise InputError(f"credential {name}: {path} is encrypted and can only be "
+                             "decrypted on the running system (--root /)")
+        files[file] = decrypt(name, path)
+        if len(files[file]) > LIMITS[FIELD_OF[file]]:
+            raise InputError(f"credential {name}: {path} is larger than "
+                             f"{LIMITS[FIELD_OF[file]]} bytes once decrypted")
     if not files:
         return None
     return Offer(SOURCE_CREDENTIAL, files, where)
