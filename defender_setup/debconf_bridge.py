@@ -370,6 +370,7 @@ def apply(db, root: Path, out) -> int:
 
 
 def _apply_set(db, answers: Answers, root: Path, out) -> int:
+    """A connection string or a certificate (or "later"): plan, probe, commit."""
     from . import provision
     from .agentdir import WRITE_WAIT, AgentDir
 
