@@ -63,7 +63,7 @@ from .sealing import FIELD as SEALING
 PREFIX = "defender-setup/"
 METHOD_LATER = "later"
 METHOD_DPS = "dps"
-SEAL_QUESTION = "seal-credentials"  # a boolean, acted on once (see _sealing_done)
+SEAL_QUESTION = "seal-credentials"  # a boolean, acted on once (see apply)
 # The question that holds each field's answer (errors carry their field: see errors.py).
 QUESTIONS = {
     AUTH_METHOD: "auth-method",
@@ -192,16 +192,14 @@ def resolve(answers: Answers, stored, read: Callable[[str, str], bytes] = read_i
         text = cs.from_parts(_identity_part(answers.hub_hostname, HUB_HOSTNAME),
                              _identity_part(answers.device_id, DEVICE_ID),
                              _identity_part(answers.module_id, MODULE_ID)).encode("ascii")
-    cert = key = None
-    if answers.certificate_file:
-        cert = read(answers.certificate_file, CERTIFICATE)
-    elif same:
-        cert = current.get(CERTIFICATE_FILE)
-    if answers.private_key_file:
-        key = read(answers.private_key_file, PRIVATE_KEY)
-    elif same:
-        key = current.get(PRIVATE_KEY_FILE)
-    return Request(text, cert, key, **kw)  # a missing file: the plan names it
+    def new_or_kept(path: str, field_name: Field, name: str) -> bytes | None:
+        if path:
+            return read(path, field_name)
+        return current.get(name) if same else None
+
+    return Request(text, new_or_kept(answers.certificate_file, CERTIFICATE, CERTIFICATE_FILE),
+                   new_or_kept(answers.private_key_file, PRIVATE_KEY, PRIVATE_KEY_FILE),
+                   **kw)  # a missing file: the plan names it
 
 
 def question_for(error: SetupError, answers: Answers) -> str:
@@ -249,12 +247,11 @@ def check(db, root: Path) -> tuple[int, str]:
 
     answers = Answers.read(db)
     try:
-        agent = AgentDir(root)
         if answers.method == METHOD_DPS:
-            debconf_dps.check(answers, root, _origin(agent), read_input,
+            debconf_dps.check(answers, root, _origin(root), read_input,
                               debconf_dps.deferral(root) is not None)
             return EX_OK, ""
-        stored = provision.read(agent)
+        stored = provision.read(AgentDir(root))
         request = resolve(answers, stored)
         if request is not None:
             _probe(db, provision.plan(request, stored), root)
@@ -348,60 +345,21 @@ def _write_note(note: Path, data: dict) -> None:
         pass
 
 
-def _clear_one_shot(db) -> None:
-    for name in ONE_SHOT:
-        db.set(PREFIX + name, "")
-
-
-def _sealing_done(db) -> None:
-    """The answer true is acted on once (sealed, or deferred to the first boot): left true,
-    it would seal the set again at the next configure after a "defender-setup unseal". The
-    config script shows true again while the set is sealed. Kept on failure, so that a retry
-    never writes the secrets plain."""
-    db.set(PREFIX + SEAL_QUESTION, "false")
-
-
 def apply(db, root: Path, out) -> int:
     """Validate and write the answers (``apply --no-restart``); always clear the secrets."""
-    from . import provision
-    from .agentdir import WRITE_WAIT, AgentDir
-
-    agent = AgentDir(root)
     answers = None
     try:
         answers = Answers.read(db)
         if answers.method == METHOD_DPS:
-            return _apply_dps(db, answers, agent, root, out)
-        stored = provision.read(agent, WRITE_WAIT)  # sealed files decrypted: "keep" needs them
-        request = resolve(answers, stored)
-        if request is None:  # later: the postinst says how to configure
-            _sealing_done(db)
-            return EX_OK
-        p = provision.plan(request, stored)
-        if not p.unchanged:
-            for line in p.validated.summary_lines():
-                print(f"  {line}", file=out)
-        for warning in p.validated.warnings:
-            print(f"defender-setup: warning: {warning}", file=out)
-        if p.seal and not p.unchanged:
-            from .sealing import require
-
-            require(root)  # one line naming the question, before anything is written
-        # before the lock (the hub may take seconds); a refusal raises: nothing is written
-        _probe(db, p, root, out)
-        with agent.lock():  # the writers' lock (exit 75 if another keeps it for 30 s)
-            lines = provision.commit(agent, p)
-        for line in lines or [f"credentials unchanged ({p.validated.method}, "
-                              f"{stored.sealing.describe()})"]:
-            print(f"defender-setup: {line}", file=out)
-        ident = p.validated.connection_string
-        # Keep debconf showing what is configured now (dpkg-reconfigure starts from it).
-        db.set(PREFIX + "auth-method", p.validated.method)
-        db.set(PREFIX + "hub-hostname", ident.host_name)
-        db.set(PREFIX + "device-id", ident.device_id)
-        db.set(PREFIX + "module-id", ident.module_id)
-        _sealing_done(db)
-        return EX_OK
+            code = _apply_dps(db, answers, root, out)
+        else:
+            code = _apply_set(db, answers, root, out)
+        # The answer true is acted on once (sealed, or deferred to the first boot): left
+        # true, it would seal the set again at the next configure after a "defender-setup
+        # unseal". The config script shows true again while the set is sealed. Kept on
+        # failure, so that a retry never writes the secrets plain.
+        db.set(PREFIX + SEAL_QUESTION, "false")
+        return code
     except SetupError as exc:
         field_name, reason = _reason(exc)
         question = question_for(exc, answers) if answers else "auth-method"
@@ -409,11 +367,50 @@ def apply(db, root: Path, out) -> int:
               f"{PREFIX}{question})", file=sys.stderr)
         return exc.exit_code
     finally:
-        _clear_one_shot(db)
+        for name in ONE_SHOT:
+            db.set(PREFIX + name, "")
 
 
-def _origin(agent) -> str | None:
-    return (agent.origin() or {}).get("source")
+def _apply_set(db, answers: Answers, root: Path, out) -> int:
+    """A connection string or a certificate (or "later"): plan, probe, commit."""
+    from . import provision
+    from .agentdir import WRITE_WAIT, AgentDir
+
+    agent = AgentDir(root)
+    stored = provision.read(agent, WRITE_WAIT)  # sealed files decrypted: "keep" needs them
+    request = resolve(answers, stored)
+    if request is None:  # later: the postinst says how to configure
+        return EX_OK
+    p = provision.plan(request, stored)
+    if not p.unchanged:
+        for line in p.validated.summary_lines():
+            print(f"  {line}", file=out)
+    for warning in p.validated.warnings:
+        print(f"defender-setup: warning: {warning}", file=out)
+    if p.seal and not p.unchanged:
+        from .sealing import require
+
+        require(root)  # one line naming the question, before anything is written
+    # before the lock (the hub may take seconds); a refusal raises: nothing is written
+    _probe(db, p, root, out)
+    with agent.lock():  # the writers' lock (exit 75 if another keeps it for 30 s)
+        lines = provision.commit(agent, p)
+    for line in lines or [f"credentials unchanged ({p.validated.method}, "
+                          f"{stored.sealing.describe()})"]:
+        print(f"defender-setup: {line}", file=out)
+    ident = p.validated.connection_string
+    # Keep debconf showing what is configured now (dpkg-reconfigure starts from it).
+    db.set(PREFIX + "auth-method", p.validated.method)
+    db.set(PREFIX + "hub-hostname", ident.host_name)
+    db.set(PREFIX + "device-id", ident.device_id)
+    db.set(PREFIX + "module-id", ident.module_id)
+    return EX_OK
+
+
+def _origin(root: Path) -> str | None:
+    from .agentdir import AgentDir
+
+    return (AgentDir(root).origin() or {}).get("source")
 
 
 def current(root: Path) -> dict[str, str]:
@@ -432,7 +429,7 @@ def current(root: Path) -> dict[str, str]:
     agent = AgentDir(root)
     with agent.read_lock(READ_WAIT):
         agent.check()
-        files, origin = agent.current(), _origin(agent)
+        files, origin = agent.current(), (agent.origin() or {}).get("source")
     method = method_of(files)
     if method is None:
         return {}
@@ -448,16 +445,14 @@ def current(root: Path) -> dict[str, str]:
             "ModuleId": ident.module_id}
 
 
-def _apply_dps(db, answers: Answers, agent, root: Path, out) -> int:
+def _apply_dps(db, answers: Answers, root: Path, out) -> int:
     """Register through DPS (or, in an image build, only check); the postinst's trigger
     restarts and verifies as for the other methods."""
     from .zerotouch import run
 
-    code = debconf_dps.apply(answers, root, out, stored_origin=_origin(agent),
-                             read=read_input, deferred=debconf_dps.deferral(root),
-                             register=run, strict=db.get(PREFIX + "strict-verify") == "true")
-    _sealing_done(db)
-    return code
+    return debconf_dps.apply(answers, root, out, stored_origin=_origin(root), read=read_input,
+                             deferred=debconf_dps.deferral(root), register=run,
+                             strict=db.get(PREFIX + "strict-verify") == "true")
 
 
 def main(argv: list[str] | None = None) -> int:

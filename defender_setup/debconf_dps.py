@@ -3,8 +3,8 @@
 Interface (called by :mod:`defender_setup.debconf_bridge` for ``auth-method`` ``dps``)::
 
     enrollment_of(answers, read) -> dps.Enrollment | None   # None: no new secret, keep
-    deferral(root, environ=None) -> str | None               # why not register here
-    check(answers, root, stored_origin, read, deferred) -> None   # raises; nothing written
+    deferral(root) -> str | None                            # why not register here
+    check(answers, root, stored_origin, read, deferred) -> dps.Enrollment | None  # checked
     apply(answers, root, out, stored_origin, read, deferred, register, strict) -> int
 
 What each answer becomes: ``dps-id-scope``, ``dps-registration-id`` (empty: the machine id),
@@ -72,44 +72,35 @@ def enrollment_of(answers, read):
                           group_key=answers.dps_group_key, **common)
 
 
-def deferral(root: Path | str, environ=None) -> str | None:
+def deferral(root: Path | str) -> str | None:
     """Why this system must not register (an image build), or None on the device itself."""
     from .service import Service
 
-    return Service(root, environ=environ).skip_reason()
+    return Service(root).skip_reason()
 
 
-def _keep_or_refuse(answers, stored_origin: str | None) -> None:
-    """No new secret: fine when the stored set came from DPS (kept as it is)."""
-    if stored_origin == ORIGIN:
-        return
+def check(answers, root: Path | str, stored_origin, read, deferred: bool):
+    """The config script's deep check, and the postinst's first step: the checked enrollment,
+    or None (keep). Validation only, never the network (registering creates a device; that is
+    the postinst's one step).
+
+    :raises SetupError: routed by its field; nothing is written.
+    """
     from . import dps
 
-    if answers.dps_attestation == dps.X509:
-        raise ValidationError(CERTIFICATE, "is empty; give the path of the device "
-                              "certificate for DPS (its CN is the registration ID)")
-    raise ValidationError(Field.DPS_KEY, "is empty; preseed or enter the enrollment's "
-                          "primary key (base64)")
-
-
-def checked(answers, root: Path | str, stored_origin, read, deferred: bool):
-    """The checked enrollment, or None (keep); :raises SetupError: routed by its field."""
     e = enrollment_of(answers, read)
-    if e is None:
-        _keep_or_refuse(answers, stored_origin)
-        return None
-    from . import dps
-
+    if e is None:  # no new secret: fine when the stored set came from DPS (kept as it is)
+        if stored_origin == ORIGIN:
+            return None
+        if answers.dps_attestation == dps.X509:
+            raise ValidationError(CERTIFICATE, "is empty; give the path of the device "
+                                  "certificate for DPS (its CN is the registration ID)")
+        raise ValidationError(Field.DPS_KEY, "is empty; preseed or enter the enrollment's "
+                              "primary key (base64)")
     if deferred and e.attestation == dps.SYMMETRIC_KEY and not e.registration_id:
         # The machine id of an image is not final (often "uninitialized"): check the rest.
         return replace(e, registration_id=IMAGE_STAND_IN).checked(root)
     return e.checked(root)
-
-
-def check(answers, root: Path | str, stored_origin, read, deferred: bool) -> None:
-    """The config script's deep check: validation only, never the network (registering
-    creates a device; that is the postinst's one step)."""
-    checked(answers, root, stored_origin, read, deferred)
 
 
 def apply(answers, root: Path | str, out, *, stored_origin, read, deferred: str | None,
@@ -121,7 +112,7 @@ def apply(answers, root: Path | str, out, *, stored_origin, read, deferred: str 
     :param strict: ``strict-verify``: DPS out of reach fails the run too.
     :returns: the exit code; the restart is the postinst trigger's, as for every method.
     """
-    e = checked(answers, root, stored_origin, read, bool(deferred))
+    e = check(answers, root, stored_origin, read, bool(deferred))
     if e is None:
         print("defender-setup: no new DPS key or certificate given; the configured "
               "identity is kept", file=out)

@@ -5,7 +5,7 @@ Interface (called by :func:`defender_setup.importer.run` when the offer holds a 
 ``dps-id-scope``, ``dps-group-key``...)::
 
     enrollment_of(offer, root) -> dps.Enrollment     # checked; errors name the offered input
-    run_dps(job, mode, offer, wait) -> exit code
+    run_dps(job, mode, offer) -> exit code
 
 What is offered (systemd credentials ``defender-setup.NAME`` or drop-folder files ``NAME``):
 ``dps-id-scope``, a key (``dps-symmetric-key``: the device's own; ``dps-group-key``: its
@@ -31,11 +31,10 @@ Guarantees kept from the import of a set:
 
 from __future__ import annotations
 
-from .agentdir import now
-from .errors import EX_OK, EX_UNAVAILABLE, Field, SetupError, ValidationError
+from .errors import EX_OK, Field, SetupError, ValidationError
 
 # importer.run imports this module only when it finds a DPS offer: no import cycle.
-from .importer import REFUSED
+from .importer import labelled
 from .offer import (
     DPS_ENDPOINT_FILE,
     DPS_GROUP_KEY_FILE,
@@ -46,9 +45,6 @@ from .offer import (
 )
 
 PROVISIONED = "import.dps"  # the digest of the offer this device was provisioned from
-FILE_OF = {Field.DPS_ID_SCOPE: DPS_ID_SCOPE_FILE,
-           Field.DPS_REGISTRATION_ID: DPS_REGISTRATION_ID_FILE,
-           Field.DPS_ENDPOINT: DPS_ENDPOINT_FILE}
 
 
 def _text(offer: Offer, name: str) -> str | None:
@@ -56,27 +52,11 @@ def _text(offer: Offer, name: str) -> str | None:
     return None if data is None else data.decode("utf-8", "replace").strip()
 
 
-def labelled(exc: SetupError, offer: Offer) -> SetupError:
-    """``exc`` shown with the offered input it is about, when that input was offered (an
-    unset machine id is about no offered file)."""
-    from .importer import labelled as labelled_set  # the set's files
-
-    name = FILE_OF.get(exc.field)
-    if exc.field == Field.DPS_KEY:
-        name = DPS_GROUP_KEY_FILE if DPS_GROUP_KEY_FILE in offer.files \
-            else DPS_SYMMETRIC_KEY_FILE
-    if name is None:
-        return labelled_set(exc, offer)  # the certificate and the private key
-    if name in offer.where:
-        # The credential's name says what it is ("DPS enrollment group key" would repeat it).
-        exc.part = offer.label(name)
-    return exc
-
-
 def enrollment_of(offer: Offer, root):
     """The offered enrollment, checked (:func:`defender_setup.dps.enrollment`).
 
-    :raises ValidationError: labelled with the credential or file it is about.
+    :raises ValidationError: labelled with the credential or file it is about
+        (:func:`defender_setup.importer.labelled`).
     """
     from . import dps
     from .credentials import CERTIFICATE_FILE, CONNECTION_STRING_FILE, PRIVATE_KEY_FILE
@@ -110,20 +90,16 @@ def _identity(agent) -> dict | None:
 
 
 def _provisioned_from(job, digest: str) -> bool:
-    """True when the stored set came from DPS through this very offer."""
-    from .credentials import CONNECTION_STRING_FILE
-
+    """True when a set is stored, and it came from DPS through this very offer."""
     seen = job.agent.record(PROVISIONED) or {}
     origin = (job.agent.origin() or {}).get("source")
-    stored = job.agent.current()
-    has_set = CONNECTION_STRING_FILE in stored or f"{CONNECTION_STRING_FILE}.cred" in stored
-    return origin == "dps" and seen.get("digest") == digest and has_set
+    return origin == "dps" and seen.get("digest") == digest and job.agent.method() is not None
 
 
-def run_dps(job, mode: str, offer: Offer, wait: float) -> int:
+def run_dps(job, mode: str, offer: Offer) -> int:
     """Register the offered enrollment (see the module docstring); the exit code.
 
-    :param job: the importer's run (its records, its service, its output).
+    :param job: the importer's run (its records, its service, its output, its lock wait).
     """
     from . import provision, zerotouch
 
@@ -132,49 +108,39 @@ def run_dps(job, mode: str, offer: Offer, wait: float) -> int:
         job.say(f"{offer.describe()} hold a DPS enrollment; not registered here "
                 f"({unavailable}): a device registers itself on its own first boot")
         return EX_OK
-    record = {"time": now(), "source": offer.source, "from": dict(offer.where),
-              "identity": None, "dps": True}
+    record = job.record_of(offer, dps=True)
     try:
         enrollment = enrollment_of(offer, job.root)
     except SetupError as exc:
-        job._fail(record, "invalid" if isinstance(exc, ValidationError) else "failed",
-                  exc, offer)
+        job.fail(record, exc, offer)
     digest = provision.digest(offer.files)
     if mode == "boot" and _provisioned_from(job, digest):
         return _keep(job, offer, record, enrollment)
-    before = provision.read(job.agent, wait).files
+    before = provision.read(job.agent, job.wait).files
     note = " (the group key is not stored)" if enrollment.group_key else ""
     job.say(f"{offer.describe()} hold a DPS enrollment: registering "
             f"{enrollment.registration_id}{note}")
     try:
         code = zerotouch.run(job.root, enrollment, origin="dps", restart=mode == "manual",
-                             timeout=job.timeout, lock_timeout=wait, out=job.out,
-                             service=job._service, strict=True,
+                             timeout=job.timeout, lock_timeout=job.wait, out=job.out,
+                             service=job.svc, strict=True,
                              held_back="" if mode == "manual" else
                              "the service starts (or is verified) next, by the import's units"
                              if mode.startswith("boot") else "restart skipped (--no-restart)")
     except SetupError as exc:  # DPS or the hub refused, unreachable, ...: nothing written
-        job._fail(record, "invalid" if isinstance(exc, ValidationError) else "failed",
-                  labelled(exc, offer), offer)
+        job.fail(record, labelled(exc, offer), offer)
     record = dict(record, identity=_identity(job.agent),
                   folder=str(offer.folder) if offer.folder else None)
-    changed = provision.read(job.agent, wait).files != before
+    changed = provision.read(job.agent, job.wait).files != before
     if mode == "manual":
         return _verdict(job, code, record, digest)
     if code != EX_OK:
-        job._fail(record, "failed", SetupError(f"provisioning ended with exit status {code}"),
-                  offer)
+        job.fail(record, SetupError(f"provisioning ended with exit status {code}"), offer)
     job.agent.save_record(PROVISIONED, {"digest": digest, "time": record["time"]})
     if not changed:
         return _keep(job, offer, record, enrollment)
     job.save(record, result="written", message="verification pending")
-    skip = "--no-restart" if mode == "no-restart" else job.svc.skip_reason()
-    if skip:
-        job.say(f"restart skipped: {skip}")
-        return EX_OK
-    if job.agent_missing():
-        return EX_OK
-    return job.queue_start(record, digest, lock_wait=wait)  # zerotouch released the lock
+    return job.start(mode, record, digest)  # zerotouch released the lock
 
 
 def _keep(job, offer: Offer, record: dict, enrollment) -> int:
@@ -185,20 +151,10 @@ def _keep(job, offer: Offer, record: dict, enrollment) -> int:
 
 
 def _verdict(job, code: int, record: dict, digest: str) -> int:
-    """``import`` by hand: zerotouch restarted and verified; record it as a set's import."""
-    folder = record.get("folder")
-    if code == EX_OK:
-        job.save(record, result="verified", message="provisioned through DPS and verified")
-        job.agent.save_record(PROVISIONED, {"digest": digest, "time": record["time"]})
-        job.agent.drop_record(REFUSED)
-        if folder:
-            from pathlib import Path
-
-            job.clear(Path(folder), "provisioned and verified", record)
-        return EX_OK
-    message = ("the provisioned module identity was not verified; not imported again at "
-               "boot while the offer stays the same (run 'defender-setup import' to try it "
-               "again)")
-    job.save(record, result="rejected", message=message, exit_code=code, time=now())
-    job.agent.save_record(REFUSED, {"digest": digest, "time": record["time"]})
-    return code if code else EX_UNAVAILABLE
+    """``import`` by hand: zerotouch restarted and verified; recorded as a set's import is."""
+    if code != EX_OK:
+        job.rejected(record, "the provisioned module identity was not verified", code, digest)
+        return code
+    job.agent.save_record(PROVISIONED, {"digest": digest, "time": record["time"]})
+    return job.verified(record, "provisioned through DPS and verified",
+                        "provisioned and verified")

@@ -45,18 +45,12 @@ from .agentdir import (
     AgentDir,
     now,  # the same UTC format as the origin record: comparable
 )
-from .credentials import CERTIFICATE_FILE, CONNECTION_STRING_FILE, PRIVATE_KEY_FILE
-from .errors import (
-    CERTIFICATE,
-    CONNECTION_STRING,
-    EX_OK,
-    EX_UNAVAILABLE,
-    PRIVATE_KEY,
-    ServiceError,
-    SetupError,
-    ValidationError,
-)
+from .credentials import CERTIFICATE_FILE, CONNECTION_STRING_FILE, PLAIN_FILES, PRIVATE_KEY_FILE
+from .errors import EX_OK, EX_UNAVAILABLE, Field, ServiceError, SetupError, ValidationError
 from .offer import (
+    DPS_GROUP_KEY_FILE,
+    DPS_SYMMETRIC_KEY_FILE,
+    FIELD_OF,
     Offer,
     clear_folder,
     find_offer,
@@ -69,21 +63,14 @@ RECORD = IMPORT_RECORD
 PENDING = "import.pending"  # defender-setup-import-verify.service's ConditionPathExists=
 REFUSED = "import.refused"  # which offer the agent refused (a digest): not retried at boot
 VERIFY_UNIT = "defender-setup-import-verify.service"
-# An error's field -> the offered file it is about.
-FILE_OF = {CONNECTION_STRING: CONNECTION_STRING_FILE, CERTIFICATE: CERTIFICATE_FILE,
-           PRIVATE_KEY: PRIVATE_KEY_FILE}
+# An error's field -> the offered input it is about (two inputs hold a DPS key: see labelled).
+FILE_OF = {field: name for name, field in FIELD_OF.items() if field != Field.DPS_KEY}
 # Results after which an unchanged set need not be recorded again (no write at every boot).
 SETTLED = ("verified", "unchanged", "written")
 MODES = ("manual", "no-restart", "boot", "boot-verify")
 
 
 # -- the pure part -----------------------------------------------------------------------
-def request_of(offer: Offer) -> provision.Request:
-    files = offer.files
-    return provision.Request(files.get(CONNECTION_STRING_FILE), files.get(CERTIFICATE_FILE),
-                             files.get(PRIVATE_KEY_FILE), origin=offer.source)
-
-
 def check_offer(offer: Offer, stored=provision.NOTHING_STORED, now=None) -> provision.Plan:
     """Plan an offered set with the core's rules; errors name the offered input.
 
@@ -91,18 +78,32 @@ def check_offer(offer: Offer, stored=provision.NOTHING_STORED, now=None) -> prov
         string re-key a device configured for the certificate method.
     :raises ValidationError: its ``part`` names the credential or file (and the key).
     """
+    files = offer.files
+    request = provision.Request(files.get(CONNECTION_STRING_FILE), files.get(CERTIFICATE_FILE),
+                                files.get(PRIVATE_KEY_FILE), origin=offer.source)
     try:
-        return provision.plan(request_of(offer), stored, now=now)
+        return provision.plan(request, stored, now=now)
     except SetupError as exc:
         raise labelled(exc, offer) from None
 
 
 def labelled(exc: SetupError, offer: Offer) -> SetupError:
     """``exc`` shown with the offered input it is about (``credential defender-setup.
-    certificate: ...``, ``FOLDER/connection_string.txt: SharedAccessKey: ...``)."""
-    if exc.field in FILE_OF:
-        where = offer.label(FILE_OF[exc.field])
+    certificate: ...``, ``FOLDER/connection_string.txt: SharedAccessKey: ...``).
+
+    A file of the set is named even when it is missing (it is the file to offer); a DPS input
+    only when it was offered (an unset machine id is about no offered file), and by itself:
+    its credential's name says what it is ("DPS enrollment group key" would repeat it).
+    """
+    name = FILE_OF.get(exc.field)
+    if exc.field == Field.DPS_KEY:
+        name = DPS_GROUP_KEY_FILE if DPS_GROUP_KEY_FILE in offer.files \
+            else DPS_SYMMETRIC_KEY_FILE
+    if name in PLAIN_FILES:
+        where = offer.label(name)
         exc.part = f"{where}: {exc.part}" if exc.part else where
+    elif name in offer.where:
+        exc.part = offer.label(name)
     return exc
 
 
@@ -121,8 +122,8 @@ def last_import(root: Path | str) -> dict | None:
 
 # -- the steps with side effects ----------------------------------------------------------
 class _Run:
-    def __init__(self, root: Path, out, service, timeout: float, clock, sleep):
-        self.root, self.out, self.timeout = root, out, timeout
+    def __init__(self, root: Path, out, service, timeout: float, wait: float, clock, sleep):
+        self.root, self.out, self.timeout, self.wait = root, out, timeout, wait
         self.clock, self.sleep = clock, sleep
         self.agent = AgentDir(root)
         self._service = service
@@ -138,6 +139,12 @@ class _Run:
     def say(self, line: str) -> None:
         print(f"defender-setup import: {line}", file=self.out)
 
+    @staticmethod
+    def record_of(offer: Offer | None, **more) -> dict:
+        """A new outcome record: where the offer came from (never its content)."""
+        return {"time": now(), "source": offer and offer.source,
+                "from": dict(offer.where) if offer else {}, "identity": None, **more}
+
     def save(self, record: dict, **changes) -> dict:
         record = dict(record, **changes)
         self.agent.save_record(RECORD, record)
@@ -148,10 +155,7 @@ class _Run:
             offer = find_offer(self.root, environ, decrypt)
         except SetupError as exc:  # unreadable, too large, a link, cannot be decrypted
             partial = getattr(exc, "offer", None)  # where it came from (no content)
-            self._fail({"time": now(), "source": partial and partial.source,
-                        "from": dict(partial.where) if partial else {}, "identity": None},
-                       "invalid" if isinstance(exc, ValidationError) else "failed", exc,
-                       partial)
+            self.fail(self.record_of(partial), exc, partial)
         if offer is None:
             self.say(f"nothing offered (looked for {searched(self.root)}); nothing to do")
             return None
@@ -173,16 +177,14 @@ class _Run:
         return True
 
     def judge(self, offer: Offer, stored) -> tuple[dict, provision.Plan]:
-        record = {"time": now(), "source": offer.source, "from": dict(offer.where),
-                  "identity": None}
+        record = self.record_of(offer)
         try:
             p = check_offer(offer, stored)
         except SetupError as exc:
-            self._fail(record, "invalid" if isinstance(exc, ValidationError) else "failed",
-                       exc, offer)
+            self.fail(record, exc, offer)
         return dict(record, identity=_identity(p)), p
 
-    def keep(self, offer: Offer, record: dict, p: provision.Plan) -> int:
+    def keep(self, offer: Offer, record: dict) -> int:
         ident = record["identity"]
         self.say(f"{offer.describe()} hold the configured {ident['method']} credentials for "
                  f"{ident['device']}/{ident['module']} on {ident['hub']}; nothing written, "
@@ -199,16 +201,33 @@ class _Run:
             self.clear(offer.folder, why, record)
         return EX_OK
 
-    def queue_start(self, record: dict, digest: str | None, lock_wait=None) -> int:
+    def start(self, mode: str, record: dict, digest: str | None) -> int:
+        """After a set was written (or at boot-verify): restart and verify it, queue the
+        agent's start at boot, or say why not (``--no-restart``, an image build, no agent).
+        ``digest`` names the offer (kept apart when it is refused)."""
+        skip = "--no-restart" if mode == "no-restart" else self.svc.skip_reason()
+        if skip:
+            what = "verification" if mode == "boot-verify" else "restart"
+            self.say(f"{what} skipped: {skip}")
+            return EX_OK
+        if self.agent_missing():
+            return EX_OK
+        if mode == "boot":
+            return self._queue_start(record, digest)
+        from .verify import settle
+
+        # boot-verify (no restart) runs at every boot: DPS re-provisioning once a boot
+        restart = mode != "boot-verify"
+        result = settle(self.root, timeout=self.timeout, strict=True, out=self.out,
+                        restart=restart, service=self.svc, clock=self.clock, sleep=self.sleep,
+                        boot=not restart)
+        return self._settled(result, record, digest)
+
+    def _queue_start(self, record: dict, digest: str | None) -> int:
         """At boot: mark the set for the verify unit and queue the agent's start (never wait
-        for it: the agent is ordered after this unit). ``lock_wait``: take the writers' lock
-        for the mark (the caller does not hold it)."""
-        mark = {"time": record["time"], "digest": digest}
-        if lock_wait is None:
-            self.agent.save_record(PENDING, mark)
-        else:
-            with self.agent.lock(lock_wait):
-                self.agent.save_record(PENDING, mark)
+        for it: the agent is ordered after this unit)."""
+        with self.agent.lock(self.wait):  # free when the caller holds it (not the DPS import)
+            self.agent.save_record(PENDING, {"time": record["time"], "digest": digest})
         self.svc.reset_failed()
         try:
             self.svc.queue_restart()
@@ -218,8 +237,11 @@ class _Run:
         self.say(f"{UNIT} (re)start queued; {VERIFY_UNIT} verifies it once it has started")
         return EX_OK
 
-    def _fail(self, record: dict, result: str, exc: SetupError, offer: Offer | None = None):
-        """Record the failure, leave a note in a drop folder, raise it as one line."""
+    def fail(self, record: dict, exc: SetupError, offer: Offer | None = None,
+             result: str | None = None):
+        """Record the failure (``result``: invalid input, else failed), leave a note in a
+        drop folder, raise it as one line."""
+        result = result or ("invalid" if isinstance(exc, ValidationError) else "failed")
         message = f"{exc}; nothing was changed"
         self.save(record, result=result, message=message, exit_code=exc.exit_code)
         if offer is not None and offer.folder is not None:
@@ -239,33 +261,41 @@ class _Run:
         if removed:
             self.say(f"removed {', '.join(removed)} from {folder} ({why})")
 
-    def settled(self, result, record: dict, digest: str | None) -> int:
+    def _settled(self, result, record: dict, digest: str | None) -> int:
         """Record the core's verdict on a set just written (``verify.Result``); ``digest``
         names the offer, kept apart (REFUSED) when it is refused: status shows the record."""
         from .verify import SKIPPED
 
-        folder = Path(record["folder"]) if record.get("folder") else None
         self.agent.drop_record(PENDING)
         if result.outcome == SKIPPED:
             return result.code
         if result.ok:
-            self.save(record, result="verified", message=result.message)
-            self.agent.drop_record(REFUSED)
-            if folder is not None:
-                self.clear(folder, "imported and verified", record)
-            return EX_OK
-        message = (f"{result.message}; not imported again at boot while the offer stays the "
-                   "same (run 'defender-setup import' to try it again)")
+            return self.verified(record, result.message, "imported and verified")
+        message = self.rejected(record, result.message, EX_UNAVAILABLE, digest)
         self.say(f"VERIFICATION FAILED: {message}")
+        if record.get("folder"):
+            note_rejection(Path(record["folder"]), message)
+        return EX_UNAVAILABLE
+
+    def verified(self, record: dict, message: str, why: str) -> int:
+        """Record an offer the agent runs with; its drop folder is emptied (``why``)."""
+        self.save(record, result="verified", message=message)
+        self.agent.drop_record(REFUSED)
+        if record.get("folder"):
+            self.clear(Path(record["folder"]), why, record)
+        return EX_OK
+
+    def rejected(self, record: dict, why: str, code: int, digest: str | None) -> str:
+        """Record an offer the agent refused, kept apart by its digest (REFUSED); the
+        message, which says it is not imported again at boot."""
+        message = (f"{why}; not imported again at boot while the offer stays the same (run "
+                   "'defender-setup import' to try it again)")
         # Dated at the verdict: the roll-back (or unconfigure) just written is part of it,
         # not a later configuration that would supersede the refusal (check: last-import).
-        self.save(record, result="rejected", message=message, exit_code=EX_UNAVAILABLE,
-                  time=now())
+        self.save(record, result="rejected", message=message, exit_code=code, time=now())
         if digest:
             self.agent.save_record(REFUSED, {"digest": digest, "time": record["time"]})
-        if folder is not None:
-            note_rejection(folder, message)
-        return EX_UNAVAILABLE
+        return message
 
     def agent_missing(self) -> bool:
         """True (and said) when the agent's unit is masked or not installed: nothing to
@@ -298,25 +328,27 @@ def run(root: Path | str, mode: str, *, timeout: float, out, environ=None, decry
     """
     if mode not in MODES:
         raise ValueError(mode)
-    job = _Run(Path(root), out, service, timeout, clock, sleep)
     wait = WRITE_WAIT if lock_timeout is None else lock_timeout
+    job = _Run(Path(root), out, service, timeout, wait, clock, sleep)
     if mode == "boot-verify":
         if job.agent.record(PENDING) is None:
             return EX_OK
         with job.agent.lock(wait):
-            return _boot_verify(job)
+            digest = (job.agent.record(PENDING) or {}).get("digest")
+            record = job.agent.record(RECORD) or {"time": now(), "source": None}
+            return job.start(mode, record, digest)
     offer = job.find(environ, decrypt)
     if offer is None or (mode == "boot" and job.refused_before(offer)):
         return EX_OK
     if offer.dps:
         from .importdps import run_dps
 
-        return run_dps(job, mode, offer, wait)
+        return run_dps(job, mode, offer)
     # Read-only first (no lock file created): an ordinary boot, offered the configured set,
     # writes nothing at all.
     record, p = job.judge(offer, provision.read(job.agent, wait))
     if p.unchanged:
-        return job.keep(offer, record, p)
+        return job.keep(offer, record)
     with job.agent.lock(wait):
         if job.agent.repair():
             job.say("repaired: an interrupted credential update was completed")
@@ -329,9 +361,9 @@ def _import(job: _Run, mode: str, offer: Offer, record: dict, p: provision.Plan)
     try:
         written = provision.commit(job.agent, p)
     except SetupError as exc:
-        job._fail(record, "failed", exc, offer)
+        job.fail(record, exc, offer, "failed")  # whatever went wrong while writing
     if not written:
-        return job.keep(offer, record, p)
+        return job.keep(offer, record)
     record = job.save(record, result="written", message="verification pending",
                       folder=str(offer.folder) if offer.folder else None)
     digest = provision.digest(offer.files)
@@ -340,32 +372,4 @@ def _import(job: _Run, mode: str, offer: Offer, record: dict, p: provision.Plan)
     job.say(f"imported {ident['method']} credentials for {ident['device']}/"
             f"{ident['module']} on {ident['hub']} from {offer.describe()} into "
             f"{job.agent.path}{kept}")
-    skip = None if mode == "no-restart" else job.svc.skip_reason()
-    if mode == "no-restart" or skip:
-        job.say(f"restart skipped: {skip or '--no-restart'}")
-        return EX_OK
-    if job.agent_missing():
-        return EX_OK
-    if mode == "boot":
-        return job.queue_start(record, digest)
-    return job.settled(_settle(job, restart=True), record, digest)
-
-
-def _settle(job: _Run, restart: bool):
-    from .verify import settle
-
-    # boot-verify (restart False) runs at every boot: DPS re-provisioning once a boot
-    return settle(job.root, timeout=job.timeout, strict=True, out=job.out, restart=restart,
-                  service=job.svc, clock=job.clock, sleep=job.sleep, boot=not restart)
-
-
-def _boot_verify(job: _Run) -> int:
-    digest = (job.agent.record(PENDING) or {}).get("digest")
-    record = job.agent.record(RECORD) or {"time": now(), "source": None}
-    skip = job.svc.skip_reason()
-    if skip:
-        job.say(f"verification skipped: {skip}")
-        return EX_OK
-    if job.agent_missing():
-        return EX_OK
-    return job.settled(_settle(job, restart=False), record, digest)
+    return job.start(mode, record, digest)

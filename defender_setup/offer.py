@@ -129,10 +129,6 @@ class Offer:
         return f"the drop folder {self.folder}"
 
 
-def _present(path: Path) -> bool:
-    return os.path.lexists(path)
-
-
 def _refuse_links(root: Path, path: Path) -> None:
     """UnsafeTargetError (77) for a link at ``path`` or, under a root tree, at any directory
     between the tree and it: it could lead out of the tree or the folder."""
@@ -180,39 +176,32 @@ def _systemd_creds_decrypt(name: str, path: Path) -> bytes:
 
 
 def _credential_dirs(root: Path, environ) -> list[Path]:
-    dirs = []
     given = environ.get("CREDENTIALS_DIRECTORY")
-    if given:
-        dirs.append(Path(given))
-    dirs.append(root / SYSTEM_CREDENTIALS)
-    dirs += [root / d for d in CREDSTORES]
-    return dirs
+    stores = [root / d for d in (SYSTEM_CREDENTIALS, *CREDSTORES)]
+    return [Path(given), *stores] if given else stores
 
 
 def _find_credentials(root: Path, environ, decrypt) -> Offer | None:
     files, where = {}, {}
     tree = root.resolve() != Path("/")  # a --root tree: no link may lead out of it
     for name, file in CREDENTIALS.items():
-        for directory in _credential_dirs(root, environ):
-            path = directory / name
-            if _present(path):
-                where[file] = str(path)
-                partial = Offer(SOURCE_CREDENTIAL, {}, dict(where))
-                files[file] = _read(root, path, file, partial, follow=not tree)
-                break
-        else:
-            for directory in ENCRYPTED_CREDSTORES:
-                path = root / directory / name
-                if _present(path):
-                    if decrypt is None:
-                        raise InputError(f"credential {name}: {path} is encrypted and can only "
-                                         "be decrypted on the running system (--root /)")
-                    data = decrypt(name, path)
-                    if len(data) > LIMITS[FIELD_OF[file]]:
-                        raise InputError(f"credential {name}: {path} is larger than "
-                                         f"{LIMITS[FIELD_OF[file]]} bytes once decrypted")
-                    files[file], where[file] = data, str(path)
-                    break
+        plain = [directory / name for directory in _credential_dirs(root, environ)]
+        encrypted = [root / directory / name for directory in ENCRYPTED_CREDSTORES]
+        path = next((p for p in plain + encrypted if os.path.lexists(p)), None)
+        if path is None:
+            continue
+        where[file] = str(path)
+        if path in plain:
+            partial = Offer(SOURCE_CREDENTIAL, {}, dict(where))
+            files[file] = _read(root, path, file, partial, follow=not tree)
+            continue
+        if decrypt is None:
+            raise InputError(f"credential {name}: {path} is encrypted and can only be "
+                             "decrypted on the running system (--root /)")
+        files[file] = decrypt(name, path)
+        if len(files[file]) > LIMITS[FIELD_OF[file]]:
+            raise InputError(f"credential {name}: {path} is larger than "
+                             f"{LIMITS[FIELD_OF[file]]} bytes once decrypted")
     if not files:
         return None
     return Offer(SOURCE_CREDENTIAL, files, where)
@@ -228,7 +217,7 @@ def _find_folder(root: Path) -> Offer | None:
         files, where = {}, {}
         for file in CREDENTIALS.values():
             path = folder / file
-            if _present(path):
+            if os.path.lexists(path):
                 where[file] = str(path)
                 partial = Offer(SOURCE_DROP_FOLDER, {}, dict(where), folder=folder)
                 files[file] = _read(root, path, file, partial, follow=False)
@@ -241,7 +230,7 @@ def waiting_folder(root: Path | str = "/") -> Path | None:
     """A drop folder holding credential files (not read: only whether they are there)."""
     for directory in DROP_FOLDERS:
         folder = Path(root) / directory
-        if folder.is_dir() and any(_present(folder / f) for f in CREDENTIALS.values()):
+        if folder.is_dir() and any(os.path.lexists(folder / f) for f in CREDENTIALS.values()):
             return folder
     return None
 
