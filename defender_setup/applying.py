@@ -25,19 +25,20 @@ from .errors import EX_OK
 class Writing:
     """``with Writing(root, out, lock_timeout) as agent``: the writers' lock around a whole
     command (write, restart, verify, roll-back), and the completion of an update left half
-    done before."""
+    done before. ``prefix`` starts the line that says so (``defender-setup import: ``)."""
 
-    def __init__(self, root, out, lock_timeout: float | None = None):
+    def __init__(self, root, out, lock_timeout: float | None = None, prefix: str = ""):
         from .agentdir import WRITE_WAIT, AgentDir
 
-        self.agent, self.out = AgentDir(root), out
+        self.agent, self.out, self.prefix = AgentDir(root), out, prefix
         self.timeout = WRITE_WAIT if lock_timeout is None else lock_timeout
 
     def __enter__(self):
         with ExitStack() as stack:  # the lock is released if the repair fails
             stack.enter_context(self.agent.lock(self.timeout))
             if self.agent.repair():
-                print("repaired: an interrupted credential update was completed", file=self.out)
+                print(f"{self.prefix}repaired: an interrupted credential update was "
+                      "completed", file=self.out)
             self._held = stack.pop_all()
         return self.agent
 
