@@ -70,6 +70,7 @@ from .errors import (
     WriteError,
 )
 from .inputs import LIMITS, read_file
+from .safefs import replace
 
 # Credential name (DESIGN: fixed) -> the agent directory file it becomes.
 CREDENTIALS = {
@@ -327,22 +328,11 @@ def note_rejection(folder: Path, reason: str, now: float | None = None) -> Path:
             f"{reason}\n"
             "Fix the files (or replace them) and boot again; the agent keeps its previous "
             "identity until then.\n")
-    path, tmp = folder / REJECTED_NOTE, REJECTED_NOTE + ".tmp"
+    path = folder / REJECTED_NOTE
     try:
         dir_fd = _open_folder(folder)
-        try:
-            try:  # a stale one, or a link planted at this name: unlink removes the link itself
-                os.unlink(tmp, dir_fd=dir_fd)
-            except FileNotFoundError:
-                pass
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
-                         | os.O_CLOEXEC, 0o644, dir_fd=dir_fd)
-            with os.fdopen(fd, "w", encoding="utf-8") as handle:
-                handle.write(text)
-                handle.flush()
-                os.fsync(handle.fileno())
-            # rename() replaces a link at the note's name; it never writes through it
-            os.replace(tmp, REJECTED_NOTE, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+        try:  # a new file renamed into place: a link at either name is replaced, never followed
+            replace(Path(REJECTED_NOTE), text.encode("utf-8"), 0o644, dir_fd=dir_fd)
             _fsync_dir(dir_fd)
         finally:
             os.close(dir_fd)
