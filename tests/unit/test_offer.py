@@ -247,3 +247,4 @@ def test_searched_names_every_place(root):
     for part in ("defender-setup.connection-string", "$CREDENTIALS_DIRECTORY",
                  "run/credentials/@system", "etc/credstore.encrypted", "boot/firmware"):
         assert part in text
+
