@@ -58,6 +58,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from . import sealing
 from .credentials import CERTIFICATE_FILE, CONNECTION_STRING_FILE, PRIVATE_KEY_FILE
 from .errors import (
     CERTIFICATE,
@@ -157,9 +158,8 @@ def _read(root: Path, path: Path, file: str, partial: Offer, follow: bool) -> by
 def _systemd_creds_decrypt(name: str, path: Path) -> bytes:
     """Decrypt a credstore.encrypted file; the plaintext comes back through a pipe."""
     try:
-        proc = subprocess.run(["systemd-creds", "decrypt", f"--name={name}", str(path), "-"],
-                              stdin=subprocess.DEVNULL, capture_output=True,
-                              timeout=DECRYPT_TIMEOUT, check=False)
+        proc = sealing.run([sealing.SYSTEMD_CREDS, "decrypt", f"--name={name}", str(path),
+                            "-"], b"", DECRYPT_TIMEOUT)
     except FileNotFoundError:
         raise InputError(f"credential {name}: {path} is encrypted but systemd-creds is not "
                          "installed (systemd 250 or later); store it unencrypted in "
@@ -169,10 +169,9 @@ def _systemd_creds_decrypt(name: str, path: Path) -> bytes:
         raise InputError(f"credential {name}: systemd-creds decrypt {path} did not finish "
                          f"within {DECRYPT_TIMEOUT} s") from None
     if proc.returncode != 0:
-        lines = proc.stderr.decode("utf-8", "replace").strip().splitlines()
-        detail = lines[-1] if lines else f"exit status {proc.returncode}"
-        raise InputError(f"credential {name}: cannot decrypt {path}: {detail}; encrypt it "
-                         "on this machine (systemd-creds encrypt --name=" f"{name})")
+        raise InputError(f"credential {name}: cannot decrypt {path}: "
+                         f"{sealing.failure(proc)}; encrypt it on this machine "
+                         f"(systemd-creds encrypt --name={name})")
     return proc.stdout
 
 
