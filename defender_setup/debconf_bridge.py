@@ -39,9 +39,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from . import DEFAULT_MODULE_ID, debconf_dps, debconf_probe
+from . import DEFAULT_MODULE_ID, debconf_dps, debconf_probe, provision
 from . import connection_string as cs
-from .credentials import CERTIFICATE_FILE, CONNECTION_STRING_FILE, PRIVATE_KEY_FILE
+from .agentdir import READ_WAIT, WRITE_WAIT, AgentDir
+from .credentials import (
+    CERTIFICATE_FILE,
+    CONNECTION_STRING_FILE,
+    PRIVATE_KEY_FILE,
+    SEALED_NAMES,
+    method_of,
+)
 from .errors import (
     AUTH_METHOD,
     CERTIFICATE,
@@ -58,7 +65,9 @@ from .errors import (
     printable,
 )
 from .inputs import read_file
+from .provision import Request
 from .sealing import FIELD as SEALING
+from .sealing import require
 
 PREFIX = "defender-setup/"
 METHOD_LATER = "later"
@@ -165,8 +174,6 @@ def resolve(answers: Answers, stored, read: Callable[[str, str], bytes] = read_i
     :raises ValidationError: an answer is missing or malformed.
     :raises InputError: a named file is missing or unreadable.
     """
-    from .provision import Request
-
     method = answers.method
     if method == METHOD_LATER:
         return None
@@ -242,9 +249,6 @@ def open_channel():
 
 def check(db, root: Path) -> tuple[int, str]:
     """Validate the answers; return ``(exit code, "QUESTION\tFIELD\tREASON" or "")``."""
-    from . import provision
-    from .agentdir import AgentDir
-
     answers = Answers.read(db)
     try:
         if answers.method == METHOD_DPS:
@@ -297,9 +301,6 @@ def apply(db, root: Path, out) -> int:
 
 def _apply_set(db, answers: Answers, root: Path, out) -> int:
     """A connection string or a certificate (or "later"): plan, probe, commit."""
-    from . import provision
-    from .agentdir import WRITE_WAIT, AgentDir
-
     agent = AgentDir(root)
     stored = provision.read(agent, WRITE_WAIT)  # sealed files decrypted: "keep" needs them
     request = resolve(answers, stored)
@@ -312,8 +313,6 @@ def _apply_set(db, answers: Answers, root: Path, out) -> int:
     for warning in p.validated.warnings:
         print(f"defender-setup: warning: {warning}", file=out)
     if p.seal and not p.unchanged:
-        from .sealing import require
-
         require(root)  # one line naming the question, before anything is written
     # before the lock (the hub may take seconds); a refusal raises: nothing is written
     if _probe_wanted(db, p):
@@ -333,8 +332,6 @@ def _apply_set(db, answers: Answers, root: Path, out) -> int:
 
 
 def _origin(root: Path) -> str | None:
-    from .agentdir import AgentDir
-
     return (AgentDir(root).origin() or {}).get("source")
 
 
@@ -348,9 +345,6 @@ def current(root: Path) -> dict[str, str]:
 
     :raises SetupError: the directory is unsafe, or a writer kept the lock.
     """
-    from .agentdir import READ_WAIT, AgentDir
-    from .credentials import SEALED_NAMES, method_of
-
     agent = AgentDir(root)
     with agent.read_lock(READ_WAIT):
         agent.check()
@@ -388,8 +382,6 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     root = Path(args.root)
     if args.command == "agent-dir":  # where the installed agent reads (target.detect decides)
-        from .agentdir import AgentDir
-
         print(AgentDir(root).path)
         return 0
     if args.command == "current":
