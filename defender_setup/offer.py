@@ -71,7 +71,7 @@ from .errors import (
     WriteError,
 )
 from .inputs import LIMITS, read_file
-from .safefs import replace
+from .safefs import lstat, replace
 
 # Credential name (DESIGN: fixed) -> the agent directory file it becomes.
 CREDENTIALS = {
@@ -302,9 +302,7 @@ def clear_folder(folder: Path) -> list[str]:
         raise WriteError(f"cannot open {folder}: {exc.strerror}") from None
     try:
         for name in (*CREDENTIALS.values(), REJECTED_NOTE):
-            try:
-                os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
-            except FileNotFoundError:
+            if lstat(name, dir_fd) is None:
                 continue
             try:
                 if name != REJECTED_NOTE:
