@@ -175,17 +175,14 @@ def _systemd_creds_decrypt(name: str, path: Path) -> bytes:
     return proc.stdout
 
 
-def _credential_dirs(root: Path, environ) -> list[Path]:
-    given = environ.get("CREDENTIALS_DIRECTORY")
-    stores = [root / d for d in (SYSTEM_CREDENTIALS, *CREDSTORES)]
-    return [Path(given), *stores] if given else stores
-
-
 def _find_credentials(root: Path, environ, decrypt) -> Offer | None:
     files, where = {}, {}
     tree = root.resolve() != Path("/")  # a --root tree: no link may lead out of it
+    dirs = [root / d for d in (SYSTEM_CREDENTIALS, *CREDSTORES)]
+    if environ.get("CREDENTIALS_DIRECTORY"):  # the unit's own copy first
+        dirs.insert(0, Path(environ["CREDENTIALS_DIRECTORY"]))
     for name, file in CREDENTIALS.items():
-        plain = [directory / name for directory in _credential_dirs(root, environ)]
+        plain = [directory / name for directory in dirs]
         encrypted = [root / directory / name for directory in ENCRYPTED_CREDSTORES]
         path = next((p for p in plain + encrypted if os.path.lexists(p)), None)
         if path is None:
