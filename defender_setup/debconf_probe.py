@@ -2,11 +2,11 @@
 
 Interface::
 
-    at_config(plan, root)              # the config script's: probe, note the outcome
-    at_postinst(plan, root) -> line    # the postinst's: the noted outcome, used once, or a
-                                       # probe of its own
-    both raise the hub's refusal (ProbeRefused: a ValidationError whose field routes the
-    re-ask to the connection string or the certificate question)
+    at_config(plan, root)              # the config script: probe, note the outcome
+    at_postinst(plan, root) -> line    # the postinst: the noted outcome (used once) or a probe
+
+Both raise the hub's refusal (ProbeRefused: a ValidationError whose field routes the re-ask
+to the connection string or the certificate question).
 
 The config script runs just before the postinst in every dpkg run that configures: its
 outcome is noted under a digest of the set and used once by the postinst, instead of a second
@@ -59,9 +59,16 @@ def at_postinst(p, root: Path) -> str:
 
 
 def _noted(p, root: Path) -> dict | None:
-    """The note, when it is about the plan's set and recent."""
-    seen = _read(Path(root) / NOTE)
-    if seen is not None and seen.get("digest") == digest(p.validated.files) \
+    """The note, when it is ours, about the plan's set and recent."""
+    note = Path(root) / NOTE
+    st = lstat(note)
+    if st is None or not_ours(st) or st.st_size > NOTE_MAX:  # bounded before it is read
+        return None
+    try:
+        seen = json.loads(read(note))
+    except (OSError, ValueError):
+        return None
+    if isinstance(seen, dict) and seen.get("digest") == digest(p.validated.files) \
             and 0 <= time.time() - (when(seen.get("time")) or 0) < REUSE:
         return seen
     return None
@@ -72,17 +79,6 @@ def _outcome(seen: dict) -> str:
     if seen.get("field"):
         raise ProbeRefused(Field[seen["field"]], seen.get("message", "refused"))
     return seen.get("line", "")
-
-
-def _read(note: Path) -> dict | None:
-    st = lstat(note)
-    if st is None or not_ours(st) or st.st_size > NOTE_MAX:  # bounded before it is read
-        return None
-    try:
-        data = json.loads(read(note))
-    except (OSError, ValueError):
-        return None
-    return data if isinstance(data, dict) else None
 
 
 def _write(note: Path, data: dict) -> None:
