@@ -249,7 +249,10 @@ class _Run:
                 note_rejection(offer.folder, message)
             except SetupError as note_error:
                 self.say(f"warning: {note_error}")
-        raise _Reported(exc, message)
+        # Already recorded: raised again as one line, with the original exit code.
+        reported = SetupError(message)
+        reported.exit_code = exc.exit_code
+        raise reported
 
     def clear(self, folder: Path, why: str, record: dict) -> None:
         try:
@@ -307,14 +310,6 @@ class _Run:
             self.agent.drop_record(PENDING)
             return True
         return False
-
-
-class _Reported(SetupError):
-    """An import failure already recorded; carries the original exit code and one line."""
-
-    def __init__(self, exc: SetupError, message: str):
-        super().__init__(message)
-        self.exit_code = exc.exit_code
 
 
 def run(root: Path | str, mode: str, *, timeout: float, out, environ=None, decrypt=None,
