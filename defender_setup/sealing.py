@@ -9,7 +9,7 @@ Interface::
     encrypt(name, data, runner=None) / decrypt(name, sealed, runner=None) -> bytes
                                                  # one secret kept elsewhere (DPS device key)
     open_set(current, runner=None) -> (plain {name: bytes}, Sealing)   # what readers use
-    decrypted(current, runner=None, context="") -> (plain, Sealing)   # ... or SealingError
+    decrypted(current, context="") -> (plain, Sealing)   # ... or SealingError
     key_kind(sealed: bytes) -> str | None        # "host key", "TPM2 + host key", ... (pure)
     store(agent, files, method, seal_it, *, environ=None, runner=None, defer=None)
         -> list[str]                             # the writer: plain or sealed, or deferred
@@ -233,11 +233,10 @@ def open_set(current: dict, runner: Runner | None = None) -> tuple[dict, Sealing
     return plain, Sealing(tuple(sorted(sealed)), keys, "; ".join(errors) or None)
 
 
-def decrypted(current: dict, runner: Runner | None = None, context: str = ""
-              ) -> tuple[dict, Sealing]:
+def decrypted(current: dict, context: str = "") -> tuple[dict, Sealing]:
     """:func:`open_set`, for those that need every file: a file that does not decrypt raises
     :class:`SealingError` (its message followed by ``context``)."""
-    plain, info = open_set(current, runner)
+    plain, info = open_set(current)
     if info.error:
         raise SealingError(info.error + context)
     return plain, info
