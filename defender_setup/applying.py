@@ -19,7 +19,10 @@ from __future__ import annotations
 
 from contextlib import ExitStack
 
+from . import provision
 from .errors import EX_OK
+from .probe import probe
+from .sealing import require
 
 
 class Writing:
@@ -67,14 +70,10 @@ def apply(root, request, *, out, restart: bool = True, timeout: float = 30.0,
           probe_asked: bool = False, on_commit=None,
           held_back: str = "restart skipped (--no-restart)") -> int:
     """See the module docstring; the exit code."""
-    from . import provision
-
     writing = Writing(root, out, lock_timeout)
     p = provision.plan(request, provision.read(writing.agent, writing.timeout))
     print_found(p.validated, out)
     if p.probe:  # before the lock and before anything is written: a refusal changes nothing
-        from .probe import probe
-
         outcome = probe(p.validated, root)
         if outcome.error is not None:
             raise outcome.error  # reported once, as the error
@@ -83,8 +82,6 @@ def apply(root, request, *, out, restart: bool = True, timeout: float = 30.0,
         print("probe: not tried: these are the credentials stored now (a second connection "
               "as the running identity would knock the agent off the hub)", file=out)
     if p.seal and not p.unchanged:  # before the lock, which creates the agent directory
-        from .sealing import require
-
         require(root)
     with writing as agent:
         lines = provision.commit(agent, p)
