@@ -19,25 +19,29 @@ from __future__ import annotations
 
 from contextlib import ExitStack
 
+from . import provision
 from .errors import EX_OK
+from .probe import probe
+from .sealing import require
 
 
 class Writing:
     """``with Writing(root, out, lock_timeout) as agent``: the writers' lock around a whole
     command (write, restart, verify, roll-back), and the completion of an update left half
-    done before."""
+    done before. ``prefix`` starts the line that says so (``defender-setup import: ``)."""
 
-    def __init__(self, root, out, lock_timeout: float | None = None):
+    def __init__(self, root, out, lock_timeout: float | None = None, prefix: str = ""):
         from .agentdir import WRITE_WAIT, AgentDir
 
-        self.agent, self.out = AgentDir(root), out
+        self.agent, self.out, self.prefix = AgentDir(root), out, prefix
         self.timeout = WRITE_WAIT if lock_timeout is None else lock_timeout
 
     def __enter__(self):
         with ExitStack() as stack:  # the lock is released if the repair fails
             stack.enter_context(self.agent.lock(self.timeout))
             if self.agent.repair():
-                print("repaired: an interrupted credential update was completed", file=self.out)
+                print(f"{self.prefix}repaired: an interrupted credential update was "
+                      "completed", file=self.out)
             self._held = stack.pop_all()
         return self.agent
 
@@ -66,14 +70,10 @@ def apply(root, request, *, out, restart: bool = True, timeout: float = 30.0,
           probe_asked: bool = False, on_commit=None,
           held_back: str = "restart skipped (--no-restart)") -> int:
     """See the module docstring; the exit code."""
-    from . import provision
-
     writing = Writing(root, out, lock_timeout)
     p = provision.plan(request, provision.read(writing.agent, writing.timeout))
     print_found(p.validated, out)
     if p.probe:  # before the lock and before anything is written: a refusal changes nothing
-        from .probe import probe
-
         outcome = probe(p.validated, root)
         if outcome.error is not None:
             raise outcome.error  # reported once, as the error
@@ -82,8 +82,6 @@ def apply(root, request, *, out, restart: bool = True, timeout: float = 30.0,
         print("probe: not tried: these are the credentials stored now (a second connection "
               "as the running identity would knock the agent off the hub)", file=out)
     if p.seal and not p.unchanged:  # before the lock, which creates the agent directory
-        from .sealing import require
-
         require(root)
     with writing as agent:
         lines = provision.commit(agent, p)

@@ -39,9 +39,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from . import DEFAULT_MODULE_ID, debconf_dps
+from . import DEFAULT_MODULE_ID, debconf_dps, debconf_probe, provision
 from . import connection_string as cs
-from .credentials import CERTIFICATE_FILE, CONNECTION_STRING_FILE, PRIVATE_KEY_FILE
+from .agentdir import READ_WAIT, WRITE_WAIT, AgentDir
+from .credentials import (
+    CERTIFICATE_FILE,
+    CONNECTION_STRING_FILE,
+    PRIVATE_KEY_FILE,
+    SEALED_NAMES,
+    method_of,
+)
 from .errors import (
     AUTH_METHOD,
     CERTIFICATE,
@@ -58,7 +65,9 @@ from .errors import (
     printable,
 )
 from .inputs import read_file
+from .provision import Request
 from .sealing import FIELD as SEALING
+from .sealing import require
 
 PREFIX = "defender-setup/"
 METHOD_LATER = "later"
@@ -165,8 +174,6 @@ def resolve(answers: Answers, stored, read: Callable[[str, str], bytes] = read_i
     :raises ValidationError: an answer is missing or malformed.
     :raises InputError: a named file is missing or unreadable.
     """
-    from .provision import Request
-
     method = answers.method
     if method == METHOD_LATER:
         return None
@@ -242,9 +249,6 @@ def open_channel():
 
 def check(db, root: Path) -> tuple[int, str]:
     """Validate the answers; return ``(exit code, "QUESTION\tFIELD\tREASON" or "")``."""
-    from . import provision
-    from .agentdir import AgentDir
-
     answers = Answers.read(db)
     try:
         if answers.method == METHOD_DPS:
@@ -254,95 +258,19 @@ def check(db, root: Path) -> tuple[int, str]:
         stored = provision.read(AgentDir(root))
         request = resolve(answers, stored)
         if request is not None:
-            _probe(db, provision.plan(request, stored), root)
+            p = provision.plan(request, stored)
+            if _probe_wanted(db, p):
+                debconf_probe.at_config(p, root)
     except SetupError as exc:
         field_name, reason = _reason(exc)
         return exc.exit_code, f"{question_for(exc, answers)}\t{field_name}\t{reason}"
     return EX_OK, ""
 
 
-# The config script's probe, for the postinst of the same run: on the tmpfs /run (gone at the
-# next boot) and outside the agent directory, which a refused answer must leave untouched.
-PROBE_NOTE = "run/defender-setup/probe.json"
-PROBE_REUSE = 600  # seconds: older, it is from another dpkg run (one that never configured)
-NOTE_MAX = 4096  # bytes; the note is a digest, a time and one line
-
-
-def _probe(db, p, root: Path, out=None) -> None:
-    """One connection to the hub with NEW credentials (the plan says whether they are new),
-    unless probe-hub is false; at most one per dpkg run.
-
-    The config script (``check``) runs just before the postinst's ``apply`` in every dpkg
-    run that configures: its outcome is noted under a digest of the set and used once by
-    ``apply``, instead of a second CONNECT as the same identity.
-
-    :raises defender_setup.probe.ProbeRefused: the hub refused them (a ValidationError whose
-        field routes the re-ask to the connection string or the certificate question).
-    """
-    if not p.probe or db.get(PREFIX + "probe-hub") == "false":
-        return
-    import time
-
-    from .agentdir import now, when
-    from .probe import ProbeRefused, probe
-    from .provision import digest
-
-    which = digest(p.validated.files)
-    note = Path(root) / PROBE_NOTE
-    seen = _read_note(note)
-    if seen is not None and seen.get("digest") == which \
-            and 0 <= time.time() - (when(seen.get("time")) or 0) < PROBE_REUSE:
-        if out is not None:  # apply: the outcome is used once
-            note.unlink(missing_ok=True)
-        if seen.get("field"):
-            raise ProbeRefused(Field[seen["field"]], seen.get("message", "refused"))
-        line = seen.get("line", "")
-    else:
-        outcome = probe(p.validated, root)
-        error = outcome.error
-        if out is None:
-            _write_note(note, {"digest": which, "line": outcome.line, "time": now(),
-                               "field": error.field.name if error else None,
-                               "message": error.message if error else None})
-        if error is not None:
-            raise error  # reported once, as the answer's error
-        line = outcome.line
-    if out is not None:
-        print(f"defender-setup: {line}", file=out)
-
-
-def _read_note(note: Path) -> dict | None:
-    import json
-
-    from .safefs import lstat, not_ours, read
-
-    st = lstat(note)
-    if st is None or not_ours(st) or st.st_size > NOTE_MAX:  # bounded before it is read
-        return None
-    try:
-        data = json.loads(read(note))
-    except (OSError, ValueError):
-        return None
-    return data if isinstance(data, dict) else None
-
-
-def _write_note(note: Path, data: dict) -> None:
-    """Best effort (root-only, O_EXCL, renamed into place): without it apply probes again."""
-    import json
-    import stat
-
-    from .safefs import lstat, replace
-
-    if not note.parent.parent.is_dir():  # no /run under root (an image build)
-        return
-    try:
-        note.parent.mkdir(mode=0o700, exist_ok=True)
-        st = lstat(note.parent)
-        if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid() or st.st_mode & 0o077:
-            return
-        replace(note, json.dumps(data).encode(), 0o600)
-    except OSError:
-        pass
+def _probe_wanted(db, p) -> bool:
+    """New credentials (the plan says whether they are) meet the hub once (at most one
+    connection per dpkg run: :mod:`defender_setup.debconf_probe`), unless probe-hub is false."""
+    return p.probe and db.get(PREFIX + "probe-hub") != "false"
 
 
 def apply(db, root: Path, out) -> int:
@@ -373,9 +301,6 @@ def apply(db, root: Path, out) -> int:
 
 def _apply_set(db, answers: Answers, root: Path, out) -> int:
     """A connection string or a certificate (or "later"): plan, probe, commit."""
-    from . import provision
-    from .agentdir import WRITE_WAIT, AgentDir
-
     agent = AgentDir(root)
     stored = provision.read(agent, WRITE_WAIT)  # sealed files decrypted: "keep" needs them
     request = resolve(answers, stored)
@@ -388,11 +313,10 @@ def _apply_set(db, answers: Answers, root: Path, out) -> int:
     for warning in p.validated.warnings:
         print(f"defender-setup: warning: {warning}", file=out)
     if p.seal and not p.unchanged:
-        from .sealing import require
-
         require(root)  # one line naming the question, before anything is written
     # before the lock (the hub may take seconds); a refusal raises: nothing is written
-    _probe(db, p, root, out)
+    if _probe_wanted(db, p):
+        print(f"defender-setup: {debconf_probe.at_postinst(p, root)}", file=out)
     with agent.lock():  # the writers' lock (exit 75 if another keeps it for 30 s)
         lines = provision.commit(agent, p)
     for line in lines or [f"credentials unchanged ({p.validated.method}, "
@@ -408,8 +332,6 @@ def _apply_set(db, answers: Answers, root: Path, out) -> int:
 
 
 def _origin(root: Path) -> str | None:
-    from .agentdir import AgentDir
-
     return (AgentDir(root).origin() or {}).get("source")
 
 
@@ -423,9 +345,6 @@ def current(root: Path) -> dict[str, str]:
 
     :raises SetupError: the directory is unsafe, or a writer kept the lock.
     """
-    from .agentdir import READ_WAIT, AgentDir
-    from .credentials import SEALED_NAMES, method_of
-
     agent = AgentDir(root)
     with agent.read_lock(READ_WAIT):
         agent.check()
@@ -463,8 +382,6 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     root = Path(args.root)
     if args.command == "agent-dir":  # where the installed agent reads (target.detect decides)
-        from .agentdir import AgentDir
-
         print(AgentDir(root).path)
         return 0
     if args.command == "current":

@@ -116,7 +116,8 @@ def run_dps(job, mode: str, offer: Offer) -> int:
     digest = provision.digest(offer.files)
     if mode == "boot" and _provisioned_from(job, digest):
         return _keep(job, offer, record, enrollment)
-    before = provision.read(job.agent, job.wait).files
+    # Every write records a new origin (dated to the microsecond); an unchanged set keeps it.
+    before = job.agent.origin()
     note = " (the group key is not stored)" if enrollment.group_key else ""
     job.say(f"{offer.describe()} hold a DPS enrollment: registering "
             f"{enrollment.registration_id}{note}")
@@ -131,7 +132,7 @@ def run_dps(job, mode: str, offer: Offer) -> int:
         job.fail(record, labelled(exc, offer), offer)
     record = dict(record, identity=_identity(job.agent),
                   folder=str(offer.folder) if offer.folder else None)
-    changed = provision.read(job.agent, job.wait).files != before
+    changed = job.agent.origin() != before
     if mode == "manual":
         return _verdict(job, code, record, digest)
     if code != EX_OK:

@@ -41,10 +41,10 @@ from pathlib import Path
 from . import UNIT, provision
 from .agentdir import (
     IMPORT_RECORD,
-    WRITE_WAIT,
     AgentDir,
     now,  # the same UTC format as the origin record: comparable
 )
+from .applying import Writing
 from .credentials import CERTIFICATE_FILE, CONNECTION_STRING_FILE, PLAIN_FILES, PRIVATE_KEY_FILE
 from .errors import EX_OK, EX_UNAVAILABLE, Field, ServiceError, SetupError, ValidationError
 from .offer import (
@@ -122,10 +122,10 @@ def last_import(root: Path | str) -> dict | None:
 
 # -- the steps with side effects ----------------------------------------------------------
 class _Run:
-    def __init__(self, root: Path, out, service, timeout: float, wait: float, clock, sleep):
-        self.root, self.out, self.timeout, self.wait = root, out, timeout, wait
-        self.clock, self.sleep = clock, sleep
-        self.agent = AgentDir(root)
+    def __init__(self, writing: Writing, service, timeout: float, clock, sleep):
+        self.writing, self.agent, self.out = writing, writing.agent, writing.out
+        self.root, self.wait = writing.agent.root, writing.timeout
+        self.timeout, self.clock, self.sleep = timeout, clock, sleep
         self._service = service
 
     @property
@@ -137,7 +137,7 @@ class _Run:
         return self._service
 
     def say(self, line: str) -> None:
-        print(f"defender-setup import: {line}", file=self.out)
+        print(f"{self.writing.prefix}{line}", file=self.out)
 
     @staticmethod
     def record_of(offer: Offer | None, **more) -> dict:
@@ -249,7 +249,10 @@ class _Run:
                 note_rejection(offer.folder, message)
             except SetupError as note_error:
                 self.say(f"warning: {note_error}")
-        raise _Reported(exc, message)
+        # Already recorded: raised again as one line, with the original exit code.
+        reported = SetupError(message)
+        reported.exit_code = exc.exit_code
+        raise reported
 
     def clear(self, folder: Path, why: str, record: dict) -> None:
         try:
@@ -309,14 +312,6 @@ class _Run:
         return False
 
 
-class _Reported(SetupError):
-    """An import failure already recorded; carries the original exit code and one line."""
-
-    def __init__(self, exc: SetupError, message: str):
-        super().__init__(message)
-        self.exit_code = exc.exit_code
-
-
 def run(root: Path | str, mode: str, *, timeout: float, out, environ=None, decrypt=None,
         service=None, clock=time.monotonic, sleep=time.sleep, lock_timeout=None) -> int:
     """One import in ``mode`` (see the module docstring); returns the exit code.
@@ -328,12 +323,12 @@ def run(root: Path | str, mode: str, *, timeout: float, out, environ=None, decry
     """
     if mode not in MODES:
         raise ValueError(mode)
-    wait = WRITE_WAIT if lock_timeout is None else lock_timeout
-    job = _Run(Path(root), out, service, timeout, wait, clock, sleep)
+    job = _Run(Writing(root, out, lock_timeout, prefix="defender-setup import: "),
+               service, timeout, clock, sleep)
     if mode == "boot-verify":
         if job.agent.record(PENDING) is None:
             return EX_OK
-        with job.agent.lock(wait):
+        with job.agent.lock(job.wait):
             digest = (job.agent.record(PENDING) or {}).get("digest")
             record = job.agent.record(RECORD) or {"time": now(), "source": None}
             return job.start(mode, record, digest)
@@ -346,12 +341,10 @@ def run(root: Path | str, mode: str, *, timeout: float, out, environ=None, decry
         return run_dps(job, mode, offer)
     # Read-only first (no lock file created): an ordinary boot, offered the configured set,
     # writes nothing at all.
-    record, p = job.judge(offer, provision.read(job.agent, wait))
+    record, p = job.judge(offer, provision.read(job.agent, job.wait))
     if p.unchanged:
         return job.keep(offer, record)
-    with job.agent.lock(wait):
-        if job.agent.repair():
-            job.say("repaired: an interrupted credential update was completed")
+    with job.writing:
         return _import(job, mode, offer, record, p)
 
 

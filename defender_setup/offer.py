@@ -58,6 +58,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from . import sealing
 from .credentials import CERTIFICATE_FILE, CONNECTION_STRING_FILE, PRIVATE_KEY_FILE
 from .errors import (
     CERTIFICATE,
@@ -70,6 +71,7 @@ from .errors import (
     WriteError,
 )
 from .inputs import LIMITS, read_file
+from .safefs import lstat, replace
 
 # Credential name (DESIGN: fixed) -> the agent directory file it becomes.
 CREDENTIALS = {
@@ -156,9 +158,8 @@ def _read(root: Path, path: Path, file: str, partial: Offer, follow: bool) -> by
 def _systemd_creds_decrypt(name: str, path: Path) -> bytes:
     """Decrypt a credstore.encrypted file; the plaintext comes back through a pipe."""
     try:
-        proc = subprocess.run(["systemd-creds", "decrypt", f"--name={name}", str(path), "-"],
-                              stdin=subprocess.DEVNULL, capture_output=True,
-                              timeout=DECRYPT_TIMEOUT, check=False)
+        proc = sealing.run([sealing.SYSTEMD_CREDS, "decrypt", f"--name={name}", str(path),
+                            "-"], b"", DECRYPT_TIMEOUT)
     except FileNotFoundError:
         raise InputError(f"credential {name}: {path} is encrypted but systemd-creds is not "
                          "installed (systemd 250 or later); store it unencrypted in "
@@ -168,24 +169,20 @@ def _systemd_creds_decrypt(name: str, path: Path) -> bytes:
         raise InputError(f"credential {name}: systemd-creds decrypt {path} did not finish "
                          f"within {DECRYPT_TIMEOUT} s") from None
     if proc.returncode != 0:
-        lines = proc.stderr.decode("utf-8", "replace").strip().splitlines()
-        detail = lines[-1] if lines else f"exit status {proc.returncode}"
-        raise InputError(f"credential {name}: cannot decrypt {path}: {detail}; encrypt it "
-                         "on this machine (systemd-creds encrypt --name=" f"{name})")
+        raise InputError(f"credential {name}: cannot decrypt {path}: "
+                         f"{sealing.failure(proc)}; encrypt it on this machine "
+                         f"(systemd-creds encrypt --name={name})")
     return proc.stdout
-
-
-def _credential_dirs(root: Path, environ) -> list[Path]:
-    given = environ.get("CREDENTIALS_DIRECTORY")
-    stores = [root / d for d in (SYSTEM_CREDENTIALS, *CREDSTORES)]
-    return [Path(given), *stores] if given else stores
 
 
 def _find_credentials(root: Path, environ, decrypt) -> Offer | None:
     files, where = {}, {}
     tree = root.resolve() != Path("/")  # a --root tree: no link may lead out of it
+    dirs = [root / d for d in (SYSTEM_CREDENTIALS, *CREDSTORES)]
+    if environ.get("CREDENTIALS_DIRECTORY"):  # the unit's own copy first
+        dirs.insert(0, Path(environ["CREDENTIALS_DIRECTORY"]))
     for name, file in CREDENTIALS.items():
-        plain = [directory / name for directory in _credential_dirs(root, environ)]
+        plain = [directory / name for directory in dirs]
         encrypted = [root / directory / name for directory in ENCRYPTED_CREDSTORES]
         path = next((p for p in plain + encrypted if os.path.lexists(p)), None)
         if path is None:
@@ -302,9 +299,7 @@ def clear_folder(folder: Path) -> list[str]:
         raise WriteError(f"cannot open {folder}: {exc.strerror}") from None
     try:
         for name in (*CREDENTIALS.values(), REJECTED_NOTE):
-            try:
-                os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
-            except FileNotFoundError:
+            if lstat(name, dir_fd) is None:
                 continue
             try:
                 if name != REJECTED_NOTE:
@@ -327,22 +322,11 @@ def note_rejection(folder: Path, reason: str, now: float | None = None) -> Path:
             f"{reason}\n"
             "Fix the files (or replace them) and boot again; the agent keeps its previous "
             "identity until then.\n")
-    path, tmp = folder / REJECTED_NOTE, REJECTED_NOTE + ".tmp"
+    path = folder / REJECTED_NOTE
     try:
         dir_fd = _open_folder(folder)
-        try:
-            try:  # a stale one, or a link planted at this name: unlink removes the link itself
-                os.unlink(tmp, dir_fd=dir_fd)
-            except FileNotFoundError:
-                pass
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
-                         | os.O_CLOEXEC, 0o644, dir_fd=dir_fd)
-            with os.fdopen(fd, "w", encoding="utf-8") as handle:
-                handle.write(text)
-                handle.flush()
-                os.fsync(handle.fileno())
-            # rename() replaces a link at the note's name; it never writes through it
-            os.replace(tmp, REJECTED_NOTE, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+        try:  # a new file renamed into place: a link at either name is replaced, never followed
+            replace(Path(REJECTED_NOTE), text.encode("utf-8"), 0o644, dir_fd=dir_fd)
             _fsync_dir(dir_fd)
         finally:
             os.close(dir_fd)

@@ -3,6 +3,8 @@
 Interface::
 
     create(path, data, mode)   # O_EXCL|O_NOFOLLOW with its final mode, written, fsync-ed
+    replace(path, data, mode)  # create()d as PATH.tmp, renamed over PATH
+        # both take dir_fd=: path is then a name in that open directory (the drop folder)
     read(path) -> bytes        # O_NOFOLLOW|O_NONBLOCK (a planted FIFO cannot hang a reader)
     lstat(path) -> stat | None
     fsync_dir(path); chmod_dir(path, mode)      # the latter through an O_NOFOLLOW descriptor
@@ -32,10 +34,10 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def create(path: Path, data: bytes, mode: int) -> None:
+def create(path: Path, data: bytes, mode: int, dir_fd: int | None = None) -> None:
     """Create ``path`` with ``mode`` before any byte lands, write and fsync it."""
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
-                 mode)
+                 mode, dir_fd=dir_fd)
     try:
         os.fchmod(fd, mode)  # the umask may have narrowed it; never widen it after writing
         _write_all(fd, data)
@@ -44,16 +46,18 @@ def create(path: Path, data: bytes, mode: int) -> None:
         os.close(fd)
 
 
-def replace(path: Path, data: bytes, mode: int) -> None:
+def replace(path: Path, data: bytes, mode: int, dir_fd: int | None = None) -> None:
     """Put ``data`` at ``path`` atomically: a fresh ``PATH.tmp`` (:func:`create`; a stale one,
     or a link planted at that name, is unlinked first), renamed over ``path`` (which replaces
-    a link there, never writes through it), then the directory fsync-ed."""
+    a link there, never writes through it), then the directory fsync-ed: by the caller when
+    it gave ``dir_fd`` (some FAT drivers refuse that fsync, which it may forgive)."""
     tmp = path.with_name(path.name + ".tmp")
-    if lstat(tmp) is not None:
-        tmp.unlink()
-    create(tmp, data, mode)
-    os.replace(tmp, path)
-    fsync_dir(path.parent)
+    if lstat(tmp, dir_fd) is not None:
+        os.unlink(tmp, dir_fd=dir_fd)
+    create(tmp, data, mode, dir_fd)
+    os.replace(tmp, path, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+    if dir_fd is None:
+        fsync_dir(path.parent)
 
 
 def _write_all(fd: int, data: bytes) -> None:
@@ -90,9 +94,9 @@ def read(path: Path) -> bytes:
         return handle.read()
 
 
-def lstat(path: Path) -> os.stat_result | None:
+def lstat(path: Path, dir_fd: int | None = None) -> os.stat_result | None:
     try:
-        return os.lstat(path)
+        return os.lstat(path, dir_fd=dir_fd)
     except FileNotFoundError:
         return None
 

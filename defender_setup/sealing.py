@@ -9,7 +9,7 @@ Interface::
     encrypt(name, data, runner=None) / decrypt(name, sealed, runner=None) -> bytes
                                                  # one secret kept elsewhere (DPS device key)
     open_set(current, runner=None) -> (plain {name: bytes}, Sealing)   # what readers use
-    decrypted(current, runner=None, context="") -> (plain, Sealing)   # ... or SealingError
+    decrypted(current, context="") -> (plain, Sealing)   # ... or SealingError
     key_kind(sealed: bytes) -> str | None        # "host key", "TPM2 + host key", ... (pure)
     store(agent, files, method, seal_it, *, environ=None, runner=None, defer=None)
         -> list[str]                             # the writer: plain or sealed, or deferred
@@ -105,12 +105,22 @@ class Sealing:
         return f"sealed ({self.keys})" if not self.error else f"sealed, {self.error}"
 
 
-def _run(argv: list, data: bytes) -> subprocess.CompletedProcess:
+def run(argv: list, data: bytes, timeout: float = TIMEOUT) -> subprocess.CompletedProcess:
+    """``systemd-creds``' way of running: ``data`` on its standard input, its output through
+    pipes (a secret is never on a command line or in a file); raises as ``subprocess.run``."""
     # A small fixed environment: nothing of the caller's reaches systemd-creds.
     env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "LC_ALL": "C.UTF-8",
            "SYSTEMD_COLORS": "0"}
-    return subprocess.run(argv, input=data, capture_output=True, timeout=TIMEOUT, env=env,
+    return subprocess.run(argv, input=data, capture_output=True, timeout=timeout, env=env,
                           check=False)
+
+
+def failure(proc: subprocess.CompletedProcess) -> str:
+    """Why ``systemd-creds`` failed, in its own words (its last line, e.g. "incorrect key?"),
+    which never hold the content."""
+    lines = [line for line in (proc.stderr or b"").decode("utf-8", "replace").splitlines()
+             if line.strip() and "encrypted media" not in line]
+    return lines[-1] if lines else f"exit status {proc.returncode}"
 
 
 def _creds(runner: Runner | None, verb: str, name: str, data: bytes) -> bytes:
@@ -118,16 +128,12 @@ def _creds(runner: Runner | None, verb: str, name: str, data: bytes) -> bytes:
     if verb == "encrypt":
         argv.append("--with-key=auto")
     try:
-        proc = (runner or _run)(argv + ["-", "-"], data)
+        proc = (runner or run)(argv + ["-", "-"], data)
     except (OSError, subprocess.SubprocessError) as exc:
         raise SealingError(f"{name}: cannot run {SYSTEMD_CREDS}: {exc}") from None
     if proc.returncode != 0:
-        # systemd-creds names the key problem ("incorrect key?"); never the content.
-        lines = [line for line in (proc.stderr or b"").decode("utf-8", "replace").splitlines()
-                 if line.strip() and "encrypted media" not in line]
-        reason = lines[-1] if lines else f"exit status {proc.returncode}"
         what = "does not decrypt on this machine" if verb == "decrypt" else "cannot be sealed"
-        raise SealingError(f"{name} {what}: {reason}")
+        raise SealingError(f"{name} {what}: {failure(proc)}")
     return proc.stdout or b""
 
 
@@ -227,11 +233,10 @@ def open_set(current: dict, runner: Runner | None = None) -> tuple[dict, Sealing
     return plain, Sealing(tuple(sorted(sealed)), keys, "; ".join(errors) or None)
 
 
-def decrypted(current: dict, runner: Runner | None = None, context: str = ""
-              ) -> tuple[dict, Sealing]:
+def decrypted(current: dict, context: str = "") -> tuple[dict, Sealing]:
     """:func:`open_set`, for those that need every file: a file that does not decrypt raises
     :class:`SealingError` (its message followed by ``context``)."""
-    plain, info = open_set(current, runner)
+    plain, info = open_set(current)
     if info.error:
         raise SealingError(info.error + context)
     return plain, info

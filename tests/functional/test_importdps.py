@@ -74,6 +74,17 @@ def test_the_group_key_provisions_the_device_at_boot_and_is_not_kept(device, sta
     assert code == 0 and "already provisioned" in out, out
     assert (len(stand.dps.operations), agent.current()) == before
     assert agent.record(PROVISIONED) is not None
+    # Registered again (the digest of the offer lost), DPS gives the same module: the set is
+    # unchanged, so nothing is written or restarted and no verification is pending.
+    offer(root, CRED, dps_group_key=GROUP)
+    agent.drop_record(PROVISIONED)
+    calls, origin = len(device.fake.calls()), agent.origin()
+    code, out = device("boot")
+    assert code == 0 and "already provisioned" in out and "registering" in out, out
+    assert agent.current() == before[1]
+    assert agent.origin() == origin and agent.record(PENDING) is None
+    assert "restart" not in " ".join(map(str, device.fake.calls()[calls:]))
+    assert agent.record(PROVISIONED) is not None
 
 
 def test_a_disabled_enrollment_is_reported_and_leaves_the_device_unconfigured(device, stand):

@@ -8,9 +8,9 @@ import os
 import pytest
 
 from defender_setup.agentdir import AgentDir
-from defender_setup.errors import SetupError
+from defender_setup.errors import InputError, SetupError
 from defender_setup.importer import PENDING, RECORD, check_offer, last_import, run
-from defender_setup.offer import REJECTED_NOTE
+from defender_setup.offer import REJECTED_NOTE, _systemd_creds_decrypt
 from defender_setup.service import Service
 from tests.conftest import DEVICE, HUB, MODULE, snapshot
 from tests.fakes import (
@@ -383,3 +383,32 @@ def test_a_drop_folder_that_cannot_be_emptied_is_a_recorded_failure(booted_root,
     last = last_import(booted_root)
     assert last["result"] == "failed" and "cannot remove" in last["message"], last
     assert last["source"] == "drop-folder"
+
+
+# -- offer: a credstore.encrypted credential decrypted by systemd-creds ------------------
+def fake_systemd_creds(tmp_path, monkeypatch, script: str):
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "systemd-creds").write_text(f"#!/bin/sh\n{script}\n")
+    (bin_dir / "systemd-creds").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+
+
+@pytest.mark.allow_subprocess("systemd-creds")
+def test_systemd_creds_decrypts_into_a_pipe(tmp_path, monkeypatch):
+    # the name and the path as arguments, the plaintext on its standard output
+    fake_systemd_creds(tmp_path, monkeypatch, f'echo "$*" > {tmp_path}/argv; printf plain')
+    assert _systemd_creds_decrypt("defender-setup.x", tmp_path / "x") == b"plain"
+    assert (tmp_path / "argv").read_text() == f"decrypt --name=defender-setup.x {tmp_path}/x -\n"
+
+
+@pytest.mark.allow_subprocess("systemd-creds")
+def test_a_credential_that_does_not_decrypt_is_named_with_systemd_creds_reason(
+        tmp_path, monkeypatch):
+    fake_systemd_creds(tmp_path, monkeypatch,
+                       'echo "Failed to decrypt: incorrect key?" >&2; echo >&2; exit 1')
+    with pytest.raises(InputError) as caught:
+        _systemd_creds_decrypt("defender-setup.x", tmp_path / "x")
+    assert str(caught.value) == (f"credential defender-setup.x: cannot decrypt {tmp_path / 'x'}"
+                                 ": Failed to decrypt: incorrect key?; encrypt it on this "
+                                 "machine (systemd-creds encrypt --name=defender-setup.x)")

@@ -71,6 +71,20 @@ def test_encrypted_credstore_goes_through_the_decrypter(root):
     assert calls == [("defender-setup.connection-string", path)]
 
 
+def test_a_decrypted_credential_over_its_limit_is_refused(root):
+    # The decrypter's output is bounded as a plain file is: the same limit, a message
+    # naming the credential and its path, never the content.
+    path = put(root / "etc/credstore.encrypted/defender-setup.connection-string", b"sealed")
+    limit = LIMITS[CONNECTION_STRING]
+    with pytest.raises(InputError) as caught:
+        find_offer(root, environ={}, decrypt=lambda name, where: b"x" * (limit + 1))
+    assert str(caught.value) == (f"credential defender-setup.connection-string: {path} is "
+                                 f"larger than {limit} bytes once decrypted")
+    # exactly at the limit is accepted
+    offer = find_offer(root, environ={}, decrypt=lambda name, where: b"x" * limit)
+    assert len(offer.files[CS]) == limit
+
+
 def test_encrypted_credstore_of_another_root_is_refused(root):
     put(root / "etc/credstore.encrypted/defender-setup.connection-string", b"sealed")
     with pytest.raises(InputError, match="only be decrypted on the running system"):
@@ -233,3 +247,4 @@ def test_searched_names_every_place(root):
     for part in ("defender-setup.connection-string", "$CREDENTIALS_DIRECTORY",
                  "run/credentials/@system", "etc/credstore.encrypted", "boot/firmware"):
         assert part in text
+
