@@ -91,6 +91,24 @@ def test_equal_set_writes_and_restarts_nothing(booted_root, importer):
     assert importer.fake.calls() == []
 
 
+def test_an_interrupted_update_is_completed_first_and_said_once(booted_root, importer):
+    """An update left half done (a crash while staging) is completed under the import's lock
+    before the new set is written, with one line in the import's own voice."""
+    offer_credential(booted_root, NAMES[CS], sas())
+    importer("no-restart")
+    agent = AgentDir(booted_root)
+    (agent.state / "staging").mkdir()
+    (agent.state / "staging" / CS).write_bytes(b"half")
+    offer_credential(booted_root, NAMES[CS], sas(seed=2))
+    code, out = importer("no-restart")
+    assert code == 0, out
+    assert out.count("defender-setup import: repaired: an interrupted credential update was "
+                     "completed\n") == 1, out
+    assert key_of(sas(seed=2)).encode() in agent.current()[CS]
+    assert key_of(sas()).encode() in agent.previous_files()[CS]
+    assert not agent.pending() and not (agent.state / "staging").exists()
+
+
 def test_invalid_credential_changes_nothing_and_is_recorded(booted_root, importer):
     offer_credential(booted_root, NAMES[CS], sas(1))
     importer("no-restart")
