@@ -150,8 +150,10 @@ def _check_credentials(stored, add) -> None:
     c = validated.connection_string
     add("credentials-valid", f"stored {method} credentials pass validation", OK,
         f"{c.device_id}/{c.module_id} on {c.host_name}")
-    warnings = validated.warnings
-    add("credentials-warnings", "nothing worth a warning (module id, expiry, CN)",
+    # the leaf's end is certificate-expiry's to report, not a second time here
+    cert = validated.certificate
+    warnings = [w for w in validated.warnings if cert is None or w != cert.expiry_warning]
+    add("credentials-warnings", "nothing worth a warning (module id, CN, chain)",
         WARNING if warnings else OK, "; ".join(warnings))
 
 
