@@ -166,14 +166,13 @@ def run_in_order(checks: dict, shared, needs: dict, descriptions: dict, *, dont_
 
 
 def _settings(root: Path, add, not_run: bool):
+    """conf.json's settings, or None when the agent could not use them; ``agent-settings``
+    says which (or that it was not run: listed all the same)."""
     try:
-        settings = settings_mod.load(root)
+        settings, problem = settings_mod.load(root), None
     except SetupError as err:
-        if not not_run:
-            add("agent-settings", ERROR, str(err), EX_CONFIG)
-        return None
-    problem = None
-    if settings.proxy is not None:
+        settings, problem = None, str(err)
+    if settings is not None and settings.proxy is not None:
         try:
             import socks  # noqa: F401  (the agent needs it for any proxy)
         except ImportError:
