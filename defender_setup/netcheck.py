@@ -170,14 +170,10 @@ def _settings(root: Path, add, not_run: bool):
     says which (or that it was not run: listed all the same)."""
     try:
         settings, problem = settings_mod.load(root), None
+        if settings.proxy is not None:
+            settings_mod.socks_for(settings.proxy)
     except SetupError as err:
         settings, problem = None, str(err)
-    if settings is not None and settings.proxy is not None:
-        try:
-            import socks  # noqa: F401  (the agent needs it for any proxy)
-        except ImportError:
-            problem = (f"{CONF}: proxy {settings.proxy.describe()} needs python3-socks "
-                       "(apt install python3-socks)")
     if not_run:
         add("agent-settings", SKIPPED, "not run (--dont-run)")
     elif problem:
@@ -188,7 +184,7 @@ def _settings(root: Path, add, not_run: bool):
             "trusting the system CA store"
         add("agent-settings", OK, f"{settings.transport} on port {settings.hub_port}{proxy}, "
                                   f"{trust}")
-    return None if problem else settings
+    return settings
 
 
 def _blocker(results: list, settings) -> str | None:

@@ -37,6 +37,7 @@ import ssl
 import time
 
 from defender_setup.agent.mqttclient import Aborter, TlsContext, client_class, load_paho
+from defender_setup.agent.settings import socks_for
 
 # Result and the refusal texts live in verdicts; named here too, where callers look for them.
 from defender_setup.agent.verdicts import (  # noqa: F401
@@ -87,13 +88,8 @@ class Link:
         self.mqtt = load_paho()
         self.host, self.port = identity.connect_host, settings.hub_port
         self.aborter = Aborter()
-        if settings.proxy is not None:
-            try:
-                import socks  # noqa: F401  (used by mqttclient.open_tcp)
-            except ImportError:
-                raise SetupError(
-                    f"conf.json: proxy {settings.proxy.describe()} needs python3-socks "
-                    "(apt install python3-socks)") from None
+        if settings.proxy is not None:  # mqttclient.open_tcp needs it: say so now
+            socks_for(settings.proxy)
         # One context for the link's life: loading the CA store once saves CPU and ~2 MB of
         # duplicate certificates; it also fails early, as a settings error, on a bad file.
         self.ctx = self.context()

@@ -4,6 +4,7 @@ Interface::
 
     load(root=Path("/")) -> Settings           # raises SettingsError (one line, exit 78)
     parse(text: bytes | str, source="conf.json") -> Settings
+    socks_for(proxy) -> module                 # python3-socks; SettingsError when missing
 
 The file is a JSON object; every key is optional and none is needed for the default case
 (MQTT over TLS on 8883, the system CA store)::
@@ -162,6 +163,20 @@ def _read_regular(path: Path, limit: int) -> bytes:
         shown = f"{limit // (1024 * 1024)} MiB" if limit >= 1024 * 1024 else f"{limit // 1024} KiB"
         raise _Refused(f"is larger than {shown} ({limit} bytes)")
     return data
+
+
+def socks_for(proxy: Proxy):
+    """python3-socks, which every proxy needs (the agent's connection, ``check``'s and
+    DPS's): the one place that decides it, with the one message.
+
+    :raises SettingsError: it is not installed.
+    """
+    try:
+        import socks
+    except ImportError:
+        raise SettingsError(f"/{CONF_PATH}: proxy {proxy.describe()} needs python3-socks "
+                            "(apt install python3-socks)") from None
+    return socks
 
 
 def load(root: Path = Path("/"), credentials_dir: Path | None = None) -> Settings:
