@@ -50,17 +50,15 @@ def extend(root, results: list, *, offline: bool = False, dont_run=(), budget: f
     """See the module docstring."""
     from .zerotouch import made_by_dps, registration
 
-    record, context = registration(Path(root)), None
+    record, context, blocked = registration(Path(root)), None, None
     if not made_by_dps(stored, record):
         blocked = "not provisioned through DPS (defender-setup provision)"
-    elif offline:
-        blocked = "not run (--offline)"
-    else:
+    elif not offline:
         try:
-            context, blocked = _Context(Path(root), record, stored), None
+            context = _Context(Path(root), record, stored)
         except SetupError as exc:  # the reason wins over --dont-run here
             blocked, dont_run = f"cannot be run: {exc}", ()
-    return list(results) + run_in_order(CHECKS, context, NEEDS, DESCRIPTIONS,
+    return list(results) + run_in_order(CHECKS, context, NEEDS, DESCRIPTIONS, offline=offline,
                                         dont_run=dont_run, blocked=blocked, budget=budget,
                                         kind="DPS")
 

@@ -5,8 +5,8 @@ Interface::
     NETWORK_IDS = ("hub-dns", "hub-tcp", "hub-tls", "hub-clock", "hub-auth")
     extend(root, results, service_state=None, *, offline=False, dont_run=(),
            budget=BUDGET, https_port=None, clock=time.time) -> list[CheckResult]
-    run_in_order(checks, shared, needs, descriptions, *, dont_run=(), blocked=None,
-                 budget, kind) -> list[CheckResult]   # this loop, for the DPS checks too
+    run_in_order(checks, shared, needs, descriptions, *, offline=False, dont_run=(),
+                 blocked=None, budget, kind) -> list[CheckResult]  # the DPS checks' loop too
 
 ``extend`` takes the local checks' results (:func:`defender_setup.checks.run_checks`) and
 returns them followed by ``agent-settings`` (conf.json, local) and the network checks, each
@@ -117,31 +117,32 @@ def extend(root: Path, results: list, service_state: dict | None = None, *,
 
     settings = _settings(Path(root), add, "agent-settings" in skip)
     path, needs = None, NEEDS
-    if offline:  # the reason wins over --dont-run here
-        blocked, skip = "not run (--offline)", ()
-    else:
-        blocked = _blocker(results, settings)
-    if blocked is None:
+    blocked = None if offline else _blocker(results, settings)
+    if blocked is None and not offline:
         try:
             path = _path(Path(root), settings, service_state, https_port, clock, stored)
         except SetupError as err:
             blocked = f"stored credentials cannot be read: {err}"
     if path is not None and path.settings.transport == "websocket":
         needs = {**NEEDS, "hub-clock": ("hub-dns", "hub-tls")}  # the same endpoint as hub-tls
-    return out + run_in_order(CHECKS, path, needs, DESCRIPTIONS, dont_run=skip,
-                              blocked=blocked, budget=budget, kind="network")
+    return out + run_in_order(CHECKS, path, needs, DESCRIPTIONS, offline=offline,
+                              dont_run=skip, blocked=blocked, budget=budget, kind="network")
 
 
-def run_in_order(checks: dict, shared, needs: dict, descriptions: dict, *, dont_run=(),
-                 blocked: str | None = None, budget: float, kind: str) -> list[CheckResult]:
+def run_in_order(checks: dict, shared, needs: dict, descriptions: dict, *, offline=False,
+                 dont_run=(), blocked: str | None = None, budget: float,
+                 kind: str) -> list[CheckResult]:
     """Run ``checks`` (id -> check(shared, seconds) -> (status, message, exit code)) in
     order, each within :data:`PER_CHECK` seconds and all of them within ``budget``.
 
-    A check in ``dont_run`` is skipped, else every check when ``blocked`` (the reason) is
-    given; a check whose prerequisites (``needs``: id -> ids) failed or were skipped is
+    With ``offline`` every check is skipped as not run (--offline), whatever else is given;
+    else a check in ``dont_run`` is skipped, else every check when ``blocked`` (the reason)
+    is given; a check whose prerequisites (``needs``: id -> ids) failed or were skipped is
     skipped naming them, and counts as failed for what needs it in turn. The network and
     the DPS checks (``kind``, for the message) run through here.
     """
+    if offline:  # the one rule for both kinds: it wins over --dont-run and every reason
+        blocked, dont_run = "not run (--offline)", ()
     out: list[CheckResult] = []
     failed: set = set()
     deadline = time.monotonic() + budget
