@@ -11,7 +11,8 @@ Interface::
     e.device_key -> bytes           # base64: the key itself, or derived from a group key
     e.registration_token(now, lifetime) -> sas.Token    # sr={idScope}/registrations/{id},
                                                         # skn=registration
-    e.host, e.port                  # the endpoint, split (HOST or HOST:PORT)
+    e.host, e.port                  # address(e.endpoint)
+    address(endpoint) -> (host, port)   # HOST or HOST:PORT (443 unless named), checked
     derive_device_key(group_key_b64, registration_id) -> bytes
     machine_id(root) -> str         # /etc/machine-id under root; ValidationError when unset
     check_id_scope / check_registration_id / check_key / check_endpoint(text) -> str
@@ -135,15 +136,22 @@ def looks_like_key(text: str) -> bool:
     return True
 
 
+def _split(endpoint: str) -> tuple[str, str | None]:
+    """``HOST`` or ``HOST:PORT`` at its last colon: the host and the port's text (None: none
+    named), as given."""
+    host, sep, port = endpoint.rpartition(":")
+    return (host, port) if sep else (endpoint, None)
+
+
 def check_endpoint(text: str) -> str:
     """``HOST`` or ``HOST:PORT`` (a private endpoint, a test stand-in), stripped."""
     value = text.strip()
-    host, sep, port = value.rpartition(":") if ":" in value else (value, "", "")
+    host, port = _split(value)
     problem = None
     if "://" in value or "/" in value:
         problem = "must be a bare host name such as global.azure-devices-provisioning.net " \
                   "(no https:// or path)"
-    elif sep and not (port.isdigit() and 1 <= int(port) <= 65535):
+    elif port is not None and not (port.isdigit() and 1 <= int(port) <= 65535):
         problem = "has a port that is not a number from 1 to 65535 (HOST or HOST:PORT)"
     elif len(host) > 253 or not all(_LABEL_RE.fullmatch(label)
                                     for label in host.rstrip(".").split(".")):
@@ -152,6 +160,13 @@ def check_endpoint(text: str) -> str:
     if problem:
         raise ValidationError(Field.DPS_ENDPOINT, problem)
     return value
+
+
+def address(endpoint: str) -> tuple[str, int]:
+    """The host and port of ``endpoint`` (443 unless it names one), for every connection to
+    DPS; :raises ValidationError: as :func:`check_endpoint`."""
+    host, port = _split(check_endpoint(endpoint))
+    return host, HTTPS_PORT if port is None else int(port)
 
 
 def derive_device_key(group_key_b64: bytes | str, registration_id: str) -> bytes:
@@ -279,11 +294,11 @@ class Enrollment:
 
     @property
     def host(self) -> str:
-        return self.endpoint.rpartition(":")[0] if ":" in self.endpoint else self.endpoint
+        return address(self.endpoint)[0]
 
     @property
     def port(self) -> int:
-        return int(self.endpoint.rpartition(":")[2]) if ":" in self.endpoint else HTTPS_PORT
+        return address(self.endpoint)[1]
 
 
 def enrollment(id_scope: str, registration_id: str | None = None, *,

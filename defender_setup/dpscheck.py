@@ -31,6 +31,7 @@ from pathlib import Path
 from . import hubpath
 from .agent import settings as settings_mod
 from .checks import ERROR, OK, SKIPPED, WARNING, CheckResult
+from .dps import SYMMETRIC_KEY, address
 from .errors import EX_CONFIG, EX_OK, EX_UNAVAILABLE, SetupError
 from .netcheck import run_in_order
 
@@ -67,14 +68,14 @@ class _Context:
     """What the DPS checks share: the registration, the settings, the addresses found."""
 
     def __init__(self, root: Path, record: dict | None, stored):
-        """:raises SetupError: no usable registration record, or conf.json is not valid."""
+        """:raises SetupError: no usable registration record (its endpoint included), or
+        conf.json is not valid."""
         if not record or not isinstance(record.get("endpoint"), str):
             raise SetupError("no DPS registration is recorded (dps.json)")
         self.record, self.stored, self.root = record, stored, root
         self.settings = settings_mod.load(root)
         self.addresses = None
-        self.host, _, port = record["endpoint"].partition(":")
-        self.port = int(port) if port else 443
+        self.host, self.port = address(record["endpoint"])
         self.where = record["endpoint"]
 
     def _link(self, limit: float):
@@ -112,7 +113,7 @@ class _Context:
             return OK, f"{self.where}'s certificate verified against {link.trust}", EX_OK
 
     def dps_auth(self, limit: float):
-        from .dps import SYMMETRIC_KEY, Enrollment
+        from .dps import Enrollment
         from .dpsclient import DpsError, query
         from .zerotouch import device_key
 
