@@ -113,21 +113,17 @@ class _Context:
             return OK, f"{self.where}'s certificate verified against {link.trust}", EX_OK
 
     def dps_auth(self, limit: float):
-        from .dps import Enrollment
         from .dpsclient import DpsError, query
-        from .zerotouch import device_key
+        from .zerotouch import kept_enrollment
 
         record = self.record
         if record.get("attestation") != SYMMETRIC_KEY:
             return SKIPPED, ("X.509 attestation: the device certificate is not kept; run "
                              "'defender-setup provision' with it to register again"), EX_OK
         try:
-            key = device_key(self.root)
-            if key is None:
+            enrollment = kept_enrollment(self.root, record)
+            if enrollment is None:
                 return ERROR, "no device key is kept (dps-device-key)", EX_CONFIG
-            enrollment = Enrollment(record["id_scope"], record["registration_id"],
-                                    SYMMETRIC_KEY, key=key, endpoint=record["endpoint"],
-                                    module_id=record.get("module_id") or "").checked(self.root)
             with self._link(limit) as link:
                 state = query(link, enrollment)
         except DpsError as err:

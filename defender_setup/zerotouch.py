@@ -13,6 +13,7 @@ Interface::
     registration(root) -> dict | None      # the DPS record (status, check): never a secret
     made_by_dps(stored, record) -> bool    # the stored set is the identity DPS gave
     device_key(root, runner=None) -> bytes | None   # the kept device key (root-only)
+    kept_enrollment(root, record) -> Enrollment | None  # dps.json + that key (None: X.509)
     key_like_set(agent, runner=None)       # the kept key sealed iff the set is (seal, unseal)
     RECORD = "dps.json", KEY_RECORD = "dps-device-key", MARKER (under /run)
 
@@ -114,6 +115,17 @@ def device_key(root, runner=None) -> bytes | None:
         return decrypt(KEY_RECORD, kept["sealed"].encode("ascii"), runner).strip()
     key = kept.get("key")
     return key.encode("ascii") if isinstance(key, str) else None
+
+
+def kept_enrollment(root, record: dict) -> Enrollment | None:
+    """The recorded enrollment with the kept device key, checked (re-provisioning and check's
+    dps-auth use it); None: no key is kept (X.509). :raises SetupError: the key does not
+    decrypt or the record does not validate; KeyError, TypeError: a field is missing."""
+    key = device_key(root)
+    if key is None:
+        return None
+    return Enrollment(record["id_scope"], record["registration_id"], SYMMETRIC_KEY, key=key,
+                      endpoint=record["endpoint"], module_id=record["module_id"]).checked(root)
 
 
 def key_like_set(agent, runner=None, key: bytes | None = None) -> None:
@@ -223,8 +235,8 @@ def reprovision(root, out, *, boot: bool = False, bounds=None, clock=time.time,
         print("re-provisioning: not tried again: tried once this boot already", file=out)
         return False
     try:
-        key = device_key(root)
-        if key is None:
+        enrollment = kept_enrollment(root, record)
+        if enrollment is None:
             print("re-provisioning: not possible: no device key is kept (X.509 attestation: "
                   "run 'defender-setup provision' again)", file=out)
             return False
@@ -232,9 +244,6 @@ def reprovision(root, out, *, boot: bool = False, bounds=None, clock=time.time,
             _mark(marker, record)
         print("the hub refused the module identity: registering with DPS again (once)",
               file=out)
-        enrollment = Enrollment(record["id_scope"], record["registration_id"], SYMMETRIC_KEY,
-                                key=key, endpoint=record["endpoint"],
-                                module_id=record["module_id"]).checked(root)
         text, assigned = _obtain(root, enrollment, stored, out, bounds, clock, sleep)
         p = provision.plan(provision.Request(connection_string=text, origin=ORIGIN), stored)
         lines = provision.commit(agent, p)
