@@ -5,6 +5,7 @@ Interface::
     run_checks(root: Path, service_state: dict | None = None, lock_timeout=5, stored=None,
                clock=time.time) -> list[CheckResult]
     render(results) -> list[str]
+    last_import(record) -> str; INTERRUPTED, UNCONFIGURED   # status says these alike
 
 Read-only like ``status``: one snapshot of the stored set under the readers' shared lock
 (``provision.read``: each sealed file decrypted once, the set validated once), which the
@@ -32,6 +33,10 @@ _SECRETS = (CONNECTION_STRING_FILE, PRIVATE_KEY_FILE, *SEALED_NAMES.values())
 # certificate-expiry: a warning under EXPIRY_WARNING_DAYS (certificates.EXPIRY_WARNING_DAYS,
 # where validate warns too), an error under EXPIRY_ERROR_DAYS (aziotctl warns at 7).
 EXPIRY_ERROR_DAYS = 7
+# status words these states as check does
+INTERRUPTED = ("an interrupted credential update is pending (the files may mix two sets); "
+               "run 'defender-setup repair', or restart the service, to complete it")
+UNCONFIGURED = "not configured: run 'dpkg-reconfigure defender-setup' or 'defender-setup apply'"
 
 
 @dataclass(frozen=True)
@@ -79,16 +84,14 @@ def run_checks(root: Path, service_state: dict | None = None, lock_timeout: floa
     if stored is not None:
         if stored.pending:
             safe = add("no-interrupted-update", "no credential update was left half done",
-                       ERROR, "an interrupted update is pending (the files may mix two sets); "
-                       "run 'defender-setup repair', or restart the service, to complete it",
-                       EX_CONFIG)
+                       ERROR, INTERRUPTED, EX_CONFIG)
         else:
             add("no-interrupted-update", "no credential update was left half done", OK)
     if not safe:
         add("credentials-present", "connection_string.txt exists", SKIPPED)
     elif stored.method is None:  # a connection string, plain or sealed
-        add("credentials-present", "connection_string.txt exists", ERROR,
-            "not configured: run 'dpkg-reconfigure defender-setup'", EX_CONFIG)
+        add("credentials-present", "connection_string.txt exists", ERROR, UNCONFIGURED,
+            EX_CONFIG)
     else:
         add("credentials-present", "connection_string.txt exists", OK)
         _check_modes(agent, stored.modes, add)
@@ -211,16 +214,20 @@ def _check_last_import(agent: AgentDir, add) -> None:
     if last is None:
         add("last-import", description, SKIPPED, "no credentials were offered at boot")
         return
-    origin = agent.origin() or {}
-    result, message = last.get("result"), f"{last.get('result')} at {last.get('time')} " \
-        f"from {last.get('source')}: {last.get('message')}"
-    if result in ("verified", "unchanged", "written"):
+    origin, message = agent.origin() or {}, last_import(last)
+    if last.get("result") in ("verified", "unchanged", "written"):
         add("last-import", description, OK, message)
     elif (when(origin.get("time")) or 0) > (when(last.get("time")) or 0):
         add("last-import", description, WARNING, f"{message} (since configured by "
             f"{origin.get('source')} at {origin.get('time')})")
     else:
         add("last-import", description, ERROR, message, last.get("exit_code", EX_CONFIG))
+
+
+def last_import(last: dict) -> str:
+    """The last boot-time import (its record) in one sentence, as check and status say it."""
+    return (f"{last.get('result')} at {last.get('time')} from {last.get('source')}: "
+            f"{last.get('message')}")
 
 
 def render(results: list[CheckResult]) -> list[str]:
