@@ -2,7 +2,6 @@
 
 Interface::
 
-    DPS_IDS = ("dps-dns", "dps-tcp", "dps-tls", "dps-auth")
     extend(root, results, *, offline=False, dont_run=(), budget=BUDGET, stored=None)
         -> list[CheckResult]
 
@@ -35,7 +34,6 @@ from .dps import SYMMETRIC_KEY, address
 from .errors import EX_CONFIG, EX_OK, EX_UNAVAILABLE, SetupError
 from .netcheck import run_in_order
 
-DPS_IDS = ("dps-dns", "dps-tcp", "dps-tls", "dps-auth")
 BUDGET = 6.0
 DESCRIPTIONS = {
     "dps-dns": "the DPS endpoint's name resolves (through the proxy when one is set)",
@@ -143,6 +141,6 @@ class _Context:
         return OK, f"{said}, as stored", EX_OK
 
 
-# DPS_IDS' order: the order they run in and are shown
+# the order they run in and are shown
 CHECKS = {"dps-dns": _Context.dps_dns, "dps-tcp": _Context.dps_tcp, "dps-tls": _Context.dps_tls,
           "dps-auth": _Context.dps_auth}
