@@ -50,16 +50,7 @@ from dataclasses import dataclass, field
 
 from . import __version__
 from .dps import API_VERSION, X509
-from .errors import (
-    CERTIFICATE,
-    EX_CONFIG,
-    EX_DATAERR,
-    EX_TEMPFAIL,
-    EX_UNAVAILABLE,
-    Field,
-    SetupError,
-    printable,
-)
+from .errors import EX_CONFIG, EX_DATAERR, EX_TEMPFAIL, EX_UNAVAILABLE, Field, SetupError, printable
 
 HUB_API_VERSION = "2021-04-12"
 MAX_BODY = 64 * 1024
@@ -130,7 +121,7 @@ class Link:
                 ctx.load_cert_chain(str(cert), str(key))
             except (OSError, ssl.SSLError) as exc:
                 link.__exit__()
-                raise SetupError(f"cannot hand the certificate to TLS: {exc}", CERTIFICATE) \
+                raise SetupError(f"cannot hand the certificate to TLS: {exc}", Field.CERTIFICATE) \
                     from None
         return link
 
@@ -219,7 +210,7 @@ def _certificate_refused(exc: ssl.SSLError, where: str) -> None:
     if alert:
         raise DpsError("unauthorized", f"unauthorized: {where} refused the device certificate "
                        f"(TLS alert: {alert}); check that DPS or the hub trusts its CA",
-                       EX_DATAERR, CERTIFICATE) from None
+                       EX_DATAERR, Field.CERTIFICATE) from None
 
 
 def _shut(sock, fired: threading.Event) -> None:
@@ -254,7 +245,7 @@ def _retry_after(answer: Answer, default: float) -> float:
 def _refused(answer: Answer, what: str, enrollment, where: str) -> DpsError:
     """A non-success answer as a named error."""
     said = _said(answer)
-    key_field = CERTIFICATE if enrollment.attestation == X509 else Field.DPS_KEY
+    key_field = Field.CERTIFICATE if enrollment.attestation == X509 else Field.DPS_KEY
     if answer.status in (401, 403):
         fix = ("check the device certificate and that its CA is verified in the enrollment"
                if enrollment.attestation == X509 else
