@@ -82,17 +82,9 @@ class _Path:
     alt_open: bool | None = None   # hub-tcp: whether 443 answered when the port is 8883
     addresses: list | None = None  # hub-dns: the first hop's (hubpath.first_hop)
 
-    @property
-    def host(self) -> str:
-        return self.identity.connect_host
-
-    @property
-    def port(self) -> int:
-        return self.settings.hub_port
-
-    @property
-    def where(self) -> str:
-        return f"{self.host}:{self.port}"
+    def __post_init__(self):
+        self.host, self.port = self.identity.connect_host, self.settings.hub_port
+        self.where = f"{self.host}:{self.port}"
 
     @functools.cached_property
     def link(self) -> hubnet.Link:  # made once, when a check first needs it
@@ -388,11 +380,9 @@ CHECKS = {"hub-dns": _dns, "hub-tcp": _tcp, "hub-tls": _tls, "hub-clock": _clock
 
 
 def _name(rdns) -> str:
-    for rdn in rdns or ():
-        for key, value in rdn:
-            if key == "commonName":  # the peer's words: no escape sequence reaches a terminal
-                return f"CN={printable(value)}"
-    return ""
+    # the peer's words: no escape sequence reaches a terminal
+    return next((f"CN={printable(value)}" for rdn in rdns or () for key, value in rdn
+                 if key == "commonName"), "")
 
 
 def _duration(seconds: float) -> str:
