@@ -87,13 +87,13 @@ def run_checks(root: Path, service_state: dict | None = None, lock_timeout: floa
                        ERROR, INTERRUPTED, EX_CONFIG)
         else:
             add("no-interrupted-update", "no credential update was left half done", OK)
+    present = "connection_string.txt exists"
     if not safe:
-        add("credentials-present", "connection_string.txt exists", SKIPPED)
+        add("credentials-present", present, SKIPPED)
     elif stored.method is None:  # a connection string, plain or sealed
-        add("credentials-present", "connection_string.txt exists", ERROR, UNCONFIGURED,
-            EX_CONFIG)
+        add("credentials-present", present, ERROR, UNCONFIGURED, EX_CONFIG)
     else:
-        add("credentials-present", "connection_string.txt exists", OK)
+        add("credentials-present", present, OK)
         _check_modes(agent, stored.modes, add)
         if _check_sealed(stored, add):
             _check_credentials(stored, add)
@@ -110,13 +110,10 @@ def run_checks(root: Path, service_state: dict | None = None, lock_timeout: floa
 
 
 def _check_modes(agent: AgentDir, modes: dict, add) -> None:
-    loose = [name for name in _SECRETS
-             if modes.get(str(agent.path / name), 0) & 0o077]
-    if loose:
-        add("secret-file-modes", "secret files are readable by root only", ERROR,
-            f"{', '.join(loose)} readable by others: chmod 0600 them", EX_NOPERM)
-    else:
-        add("secret-file-modes", "secret files are readable by root only", OK)
+    loose = [name for name in _SECRETS if modes.get(str(agent.path / name), 0) & 0o077]
+    add("secret-file-modes", "secret files are readable by root only", ERROR if loose else OK,
+        f"{', '.join(loose)} readable by others: chmod 0600 them" if loose else "",
+        EX_NOPERM if loose else EX_OK)
 
 
 def _check_sealed(stored, add) -> bool:
@@ -143,16 +140,14 @@ def _check_sealed(stored, add) -> bool:
 
 
 def _check_credentials(stored, add) -> None:
-    method = stored.method
+    description = f"stored {stored.method} credentials pass validation"
     try:
         validated = stored.loaded
     except SetupError as exc:
-        add("credentials-valid", f"stored {method} credentials pass validation", ERROR,
-            str(exc), exc.exit_code)
+        add("credentials-valid", description, ERROR, str(exc), exc.exit_code)
         return
     c = validated.connection_string
-    add("credentials-valid", f"stored {method} credentials pass validation", OK,
-        f"{c.device_id}/{c.module_id} on {c.host_name}")
+    add("credentials-valid", description, OK, f"{c.device_id}/{c.module_id} on {c.host_name}")
     # the leaf's end is certificate-expiry's to report, not a second time here
     cert = validated.certificate
     warnings = [w for w in validated.warnings if cert is None or w != cert.expiry_warning]
@@ -164,7 +159,7 @@ def _check_expiry(stored, add, clock) -> None:
     """The leaf certificate's notAfter against the clock: an expiring certificate is a
     warning a month ahead and an error a week ahead, an expired one an error. It reads the
     dates alone, so a certificate that has expired (which validation refuses) is named too."""
-    from .certificates import EXPIRY_WARNING_DAYS
+    from .certificates import EXPIRY_WARNING_DAYS, validity
 
     description = (f"the certificate does not expire within {EXPIRY_WARNING_DAYS} days "
                    f"(an error within {EXPIRY_ERROR_DAYS})")
@@ -178,8 +173,6 @@ def _check_expiry(stored, add, clock) -> None:
     if CERTIFICATE_FILE not in stored.plain:
         add("certificate-expiry", description, SKIPPED, f"no {CERTIFICATE_FILE}")
         return
-    from .certificates import validity
-
     try:
         not_after = validity(stored.plain[CERTIFICATE_FILE])[1]
     except SetupError:
