@@ -40,12 +40,7 @@ from defender_setup.agent.mqttclient import Aborter, TlsContext, client_class, l
 from defender_setup.agent.settings import socks_for
 
 # Result and the refusal texts live in verdicts; named here too, where callers look for them.
-from defender_setup.agent.verdicts import (  # noqa: F401
-    CERT_ALERTS,
-    Result,
-    certificate_refused,
-    connack_verdict,
-)
+from defender_setup.agent.verdicts import CERT_ALERTS, Result, certificate_refused, connack_verdict
 from defender_setup.errors import SetupError, printable
 
 # paho 2.x reports MQTT 3.1.1 return codes converted to MQTT 5 reason codes.
@@ -282,10 +277,9 @@ class Session:
             # a reset is how a peer closes with our ClientHello still unread: same as an EOF
             return Result("unreachable",
                           f"TLS: {where} closed the connection during the TLS handshake")
-        if isinstance(err, OSError) and phase != "tcp":
-            return Result("unreachable", f"TLS: {where}: {_reason(err)}")
         if isinstance(err, OSError):
-            return Result("unreachable", f"TCP: {where}: {_reason(err)}")
+            return Result("unreachable", f"{'TCP' if phase == 'tcp' else 'TLS'}: {where}: "
+                                         f"{_reason(err)}")
         return Result("unreachable", f"TCP: {where}: {type(err).__name__}")
 
     def _tls_failure(self, err: ssl.SSLError, where: str) -> Result:
@@ -382,8 +376,7 @@ class Session:
         if sock is not None:
             sock.close()
         # Break the client <-> callback cycle so the sockets are freed at once.
-        client.on_connect = client.on_publish = client.on_disconnect = None
-        client.on_message = None
+        client.on_connect = client.on_publish = client.on_disconnect = client.on_message = None
         self.client = None
 
     def requeue(self, queue) -> None:
