@@ -82,9 +82,9 @@ SAME_SETTING = {"proxy": MS_PROXY, "transport": MS_TRANSPORT}  # ours -> Microso
 MS_PROXY_SHAPE = '"<proxy_ipv4>,<port>" or "<proxy_ipv4>,<port>,<username>,<password>"'
 KNOWN = ("transport", "proxy", "ca_file", "heartbeat_interval", "sas_lifetime", "port",
          "https_port", "twin_interval", MS_PROXY, MS_TRANSPORT)
-_KINDS = ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO (named pipe)"),
-          (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
-          (stat.S_ISSOCK, "a socket"))
+# what a file is when it is not a regular file (a directory is an IsADirectoryError)
+_KINDS = ((stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISCHR, "a character device"),
+          (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"))
 _SPACE = re.compile(r"[ \t\n\r]*")
 _HOST = re.compile(r"[A-Za-z0-9]([A-Za-z0-9.-]*[A-Za-z0-9])?|[0-9A-Fa-f:.]*:[0-9A-Fa-f:.]*")
 
@@ -341,13 +341,8 @@ def _proxy(value, err) -> Proxy:
     if not _HOST.fullmatch(host):
         raise err("proxy", "the host must be a DNS name or an IP address")
     default = 1080 if url.scheme.startswith("socks") else 3128
-    return Proxy(
-        url.scheme,
-        host,
-        port or default,
-        urllib.parse.unquote(url.username) if url.username else None,
-        urllib.parse.unquote(url.password) if url.password else None,
-    )
+    user, password = (urllib.parse.unquote(v) if v else None for v in (url.username, url.password))
+    return Proxy(url.scheme, host, port or default, user, password)
 
 
 def _given(obj: dict, key: str) -> bool:
