@@ -318,6 +318,5 @@ def enrollment(id_scope: str, registration_id: str | None = None, *,
     return Enrollment(id_scope=id_scope, registration_id=registration_id,
                       attestation=X509 if x509 and key is None else SYMMETRIC_KEY,
                       key=key, group_key=group_key is not None,
-                      certificate=certificate, private_key=private_key,
-                      endpoint=endpoint or GLOBAL_ENDPOINT,
-                      module_id=module_id or DEFAULT_MODULE).checked(root, now)
+                      certificate=certificate, private_key=private_key, endpoint=endpoint,
+                      module_id=module_id).checked(root, now)  # checked() fills in defaults
