@@ -49,6 +49,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from . import applying, dpsclient, provision
+from .agent.settings import load as load_settings
 from .agentdir import DPS_RECORD, AgentDir, now
 from .credentials import SEALED_NAMES
 from .dps import SYMMETRIC_KEY, Enrollment
@@ -159,9 +160,7 @@ def _stored_key(stored, assigned, module: str) -> str | None:
 
 def _obtain(root, enrollment: Enrollment, stored, out, bounds, clock, sleep) -> tuple:
     """Register and create the module; (connection string, assignment). Nothing written."""
-    from .agent import settings as settings_mod
-
-    settings = settings_mod.load(Path(root))
+    settings = load_settings(Path(root))
     how = "an enrollment group key" if enrollment.group_key else \
         "a symmetric key" if enrollment.attestation == SYMMETRIC_KEY else "an X.509 certificate"
     print(f"registering {enrollment.registration_id} with DPS {enrollment.endpoint} "
