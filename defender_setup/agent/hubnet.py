@@ -348,13 +348,11 @@ class Session:
         rc = self._loop(seconds)
         if rc == 0 and not self.disconnected:
             return None
-        broken = self._protocol_error()
-        if broken is not None:
-            return broken
         err = self.ctx.last_error
         why = _reason(err) if err is not None else self.link.mqtt.error_string(rc).rstrip(".")
-        return Result("lost", f"MQTT: connection to {self.link.host}:{self.link.port} lost: "
-                              f"{why.lower()}")
+        # the hub that broke MQTT says so first
+        return self._protocol_error() or Result("lost", f"MQTT: connection to {self.where} "
+                                                        f"lost: {why.lower()}")
 
     def close(self, drain: float = 0.0) -> None:
         client = self.client
