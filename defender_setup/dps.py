@@ -42,6 +42,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from . import DEFAULT_MODULE_ID
+from .connection_string import MODULE_ID, check_id
 from .errors import CERTIFICATE, PRIVATE_KEY, Field, ValidationError, printable
 
 GLOBAL_ENDPOINT = "global.azure-devices-provisioning.net"
@@ -227,8 +228,6 @@ class Enrollment:
         :param now: the time the certificate is checked against (tests).
         :raises ValidationError: one line naming the field and the fix.
         """
-        from .connection_string import MODULE_ID, check_id
-
         scope = check_id_scope(self.id_scope)
         endpoint = check_endpoint(self.endpoint or GLOBAL_ENDPOINT)
         module = (self.module_id or DEFAULT_MODULE).strip()
