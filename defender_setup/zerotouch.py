@@ -185,17 +185,17 @@ def _keeper(enrollment: Enrollment, assigned):
     """``applying.apply``'s ``on_commit``: keep the registration and the device key beside the
     set, under the same lock (the key sealed when the set is)."""
     def keep(agent, plan, _lines):
+        key = enrollment.device_key
         record = {"id_scope": enrollment.id_scope, "registration_id": enrollment.registration_id,
                   "endpoint": enrollment.endpoint, "attestation": enrollment.attestation,
                   "group_key": enrollment.group_key, "module_id": enrollment.module_id,
                   "assigned_hub": assigned.hub, "device_id": assigned.device_id,
-                  "substatus": assigned.substatus, "registered": now()}
-        key = enrollment.device_key
+                  "substatus": assigned.substatus, "registered": now(),
+                  "device_key_kept": key is not None}
         if key is None:
             agent.drop_record(KEY_RECORD)
         else:
             key_like_set(agent, key=key)
-        record["device_key_kept"] = key is not None
         agent.save_record(RECORD, record)
     return keep
 
