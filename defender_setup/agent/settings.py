@@ -241,15 +241,9 @@ def parse(text, source: str = "conf.json", root: Path = Path("/")) -> Settings:
         if transport not in TRANSPORTS:
             raise err("transport", f'must be "mqtt" or "websocket", got {_show(transport)}')
 
-    proxy = None
-    if _given(obj, MS_PROXY):
-        proxy = _ms_proxy(obj[MS_PROXY], err)
-    elif _given(obj, "proxy"):
-        proxy = _proxy(obj["proxy"], err)
-
-    ca_file = None
-    if obj.get("ca_file") not in (None, ""):
-        ca_file = _ca_file(obj["ca_file"], root, err)
+    proxy = _ms_proxy(obj[MS_PROXY], err) if _given(obj, MS_PROXY) else \
+        _proxy(obj["proxy"], err) if _given(obj, "proxy") else None
+    ca_file = _ca_file(obj["ca_file"], root, err) if _given(obj, "ca_file") else None
 
     heartbeat = _int(obj, "heartbeat_interval", 300, HEARTBEAT_RANGE, err, zero_ok=True)
     lifetime = _int(obj, "sas_lifetime", 3600, SAS_LIFETIME_RANGE, err)
