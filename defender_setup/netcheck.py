@@ -235,30 +235,29 @@ def _dns(p: _Path, limit: float):
 
 
 def _tcp(p: _Path, limit: float):
-    outcome: dict = {}
+    outcome: dict = {}  # port -> None (it connected) or the PathError
 
-    def reach(key, port):
+    def reach(port):
         try:
             hubpath.open_tcp(p.host, port, p.settings.proxy, limit, p.addresses).close()
-            outcome[key] = None
+            outcome[port] = None
         except hubpath.PathError as err:
-            outcome[key] = err
+            outcome[port] = err
 
     start = time.monotonic()
-    workers = [threading.Thread(target=reach, args=("main", p.port), daemon=True)]
-    alt = p.https_port  # tried alongside the MQTT port
-    if p.settings.transport == "mqtt" and p.port != alt:
-        # tried alongside, not after: it says whether WebSocket would do, and is the clock's
-        # source, at no extra wait
-        workers.append(threading.Thread(target=reach, args=("alt", alt), daemon=True))
+    alt = p.https_port
+    # 443 is tried alongside the MQTT port, not after: it says whether WebSocket would do,
+    # and is the clock's source, at no extra wait
+    ports = [p.port, alt] if p.settings.transport == "mqtt" and p.port != alt else [p.port]
+    workers = [threading.Thread(target=reach, args=(port,), daemon=True) for port in ports]
     for worker in workers:
         worker.start()
     for worker in workers:
         worker.join(max(0.0, limit + 0.5 - (time.monotonic() - start)))
-    if "alt" in outcome:
-        p.alt_open = outcome["alt"] is None
+    if alt != p.port and alt in outcome:
+        p.alt_open = outcome[alt] is None
     via = f" through the proxy {p.settings.proxy.describe()}" if p.settings.proxy else ""
-    error = outcome.get("main", hubpath.PathError("TCP", f"no answer from {p.where}"))
+    error = outcome.get(p.port, hubpath.PathError("TCP", f"no answer from {p.where}"))
     if error is None:
         took = (time.monotonic() - start) * 1000
         return OK, f"connected to {p.where}{via} in {took:.0f} ms", EX_OK
