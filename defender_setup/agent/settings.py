@@ -278,11 +278,9 @@ def _members(text: str, source: str, err) -> dict:
     given twice. Decoding stops at the first list or object: its key's check refuses it.
     """
     pos = _SPACE.match(text).end()
-    if text[pos:pos + 1] != "{":
-        if text[pos:pos + 1] in ("[", ""):
-            kind = "a list" if text[pos:pos + 1] == "[" else "nothing"
-        else:
-            kind = _kind(_SCALARS.raw_decode(text, pos)[0])
+    if text[pos:pos + 1] != "{":  # a list is named unseen, like a member's
+        kind = {"[": "a list", "": "nothing"}.get(text[pos:pos + 1]) or \
+            _kind(_SCALARS.raw_decode(text, pos)[0])
         raise SettingsError(f"{source}: expected a JSON object {{...}}, got {kind}")
     members: dict = {}
     pos = _SPACE.match(text, pos + 1).end()
