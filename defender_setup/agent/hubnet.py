@@ -247,40 +247,39 @@ class Session:
             self.result = self._refused(self.connack)
 
     def _connect_error(self, err, where, timeout) -> Result:
-        host = self.link.host
+        if isinstance(err, ssl.SSLError) and not isinstance(err, ssl.SSLCertVerificationError):
+            return self._tls_failure(err, where)  # it may be a refusal of our certificate
+        return Result("unreachable", self._unreachable(err, where, timeout))
+
+    def _unreachable(self, err, where, timeout) -> str:
+        """Why connecting failed, as ``KIND: reason``."""
+        host, phase = self.link.host, self.ctx.phase
         if type(err).__module__.startswith("socks"):
-            return Result("unreachable", f"proxy: {_reason(err)}")
+            return f"proxy: {_reason(err)}"
         if isinstance(err, socket.gaierror):
-            return Result("unreachable", f"DNS: cannot resolve {host}: {err.strerror}")
-        if isinstance(err, ssl.SSLCertVerificationError):
-            return Result("unreachable", f"TLS: {host} is not trusted: {err.verify_message}")
-        if isinstance(err, ssl.CertificateError):
-            return Result("unreachable", f"TLS: {host}: {_reason(err)}")
-        if isinstance(err, ssl.SSLError):
-            return self._tls_failure(err, where)
-        phase = self.ctx.phase
+            return f"DNS: cannot resolve {host}: {err.strerror}"
+        if isinstance(err, ssl.SSLCertVerificationError):  # ssl.CertificateError too
+            return f"TLS: {host} is not trusted: {err.verify_message}"
         upgrade = phase == "upgrade" and self.link.settings.transport == "websocket"
+        timeout_error = isinstance(err, (socket.timeout, TimeoutError))
         if type(err).__name__ == "WebsocketConnectionError" or (
                 upgrade and isinstance(err, OSError)):
-            if isinstance(err, (socket.timeout, TimeoutError)):
-                return Result("unreachable", f"WebSocket: no answer to the upgrade from "
-                                             f"{where}{WS_PATH} within {timeout:g} s")
-            return Result("unreachable", f"WebSocket: {where}{WS_PATH}: {_reason(err)}")
-        if isinstance(err, (socket.timeout, TimeoutError)):
-            if phase != "tcp":
-                return Result("unreachable", f"TLS: no answer to the TLS handshake from "
-                                             f"{where} within {timeout:g} s")
-            return Result("unreachable", f"TCP: timed out connecting to {where}")
+            if timeout_error:
+                return f"WebSocket: no answer to the upgrade from {where}{WS_PATH} within " \
+                       f"{timeout:g} s"
+            return f"WebSocket: {where}{WS_PATH}: {_reason(err)}"
+        if timeout_error and phase != "tcp":
+            return f"TLS: no answer to the TLS handshake from {where} within {timeout:g} s"
+        if timeout_error:
+            return f"TCP: timed out connecting to {where}"
         if isinstance(err, ConnectionRefusedError):
-            return Result("unreachable", f"TCP: connection refused by {where}")
+            return f"TCP: connection refused by {where}"
         if isinstance(err, ConnectionError) and phase != "tcp":
             # a reset is how a peer closes with our ClientHello still unread: same as an EOF
-            return Result("unreachable",
-                          f"TLS: {where} closed the connection during the TLS handshake")
+            return f"TLS: {where} closed the connection during the TLS handshake"
         if isinstance(err, OSError):
-            return Result("unreachable", f"{'TCP' if phase == 'tcp' else 'TLS'}: {where}: "
-                                         f"{_reason(err)}")
-        return Result("unreachable", f"TCP: {where}: {type(err).__name__}")
+            return f"{'TCP' if phase == 'tcp' else 'TLS'}: {where}: {_reason(err)}"
+        return f"TCP: {where}: {type(err).__name__}"
 
     def _tls_failure(self, err: ssl.SSLError, where: str) -> Result:
         alert = CERT_ALERTS.get(err.reason or "")
