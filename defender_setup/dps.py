@@ -11,7 +11,6 @@ Interface::
     e.device_key -> bytes           # base64: the key itself, or derived from a group key
     e.registration_token(now, lifetime) -> sas.Token    # sr={idScope}/registrations/{id},
                                                         # skn=registration
-    e.host, e.port                  # address(e.endpoint)
     address(endpoint) -> (host, port)   # HOST or HOST:PORT (443 unless named), checked
     derive_device_key(group_key_b64, registration_id) -> bytes
     machine_id(root) -> str         # /etc/machine-id under root; ValidationError when unset
@@ -137,17 +136,18 @@ def looks_like_key(text: str) -> bool:
     return True
 
 
-def _split(endpoint: str) -> tuple[str, str | None]:
-    """``HOST`` or ``HOST:PORT`` at its last colon: the host and the port's text (None: none
-    named), as given."""
-    host, sep, port = endpoint.rpartition(":")
-    return (host, port) if sep else (endpoint, None)
-
-
 def check_endpoint(text: str) -> str:
     """``HOST`` or ``HOST:PORT`` (a private endpoint, a test stand-in), stripped."""
-    value = text.strip()
-    host, port = _split(value)
+    address(text)
+    return text.strip()
+
+
+def address(endpoint: str) -> tuple[str, int]:
+    """The host and port of ``HOST`` or ``HOST:PORT`` (443 unless named): the one place an
+    endpoint is split. :raises ValidationError: (DPS_ENDPOINT) not such an endpoint."""
+    value = endpoint.strip()
+    host, sep, port = value.rpartition(":")
+    host, port = (host, port) if sep else (value, None)
     problem = None
     if "://" in value or "/" in value:
         problem = "must be a bare host name such as global.azure-devices-provisioning.net " \
@@ -160,13 +160,6 @@ def check_endpoint(text: str) -> str:
                   f"{GLOBAL_ENDPOINT}"
     if problem:
         raise ValidationError(Field.DPS_ENDPOINT, problem)
-    return value
-
-
-def address(endpoint: str) -> tuple[str, int]:
-    """The host and port of ``endpoint`` (443 unless it names one), for every connection to
-    DPS; :raises ValidationError: as :func:`check_endpoint`."""
-    host, port = _split(check_endpoint(endpoint))
     return host, HTTPS_PORT if port is None else int(port)
 
 
@@ -290,14 +283,6 @@ class Enrollment:
         resource = f"{self.id_scope}/registrations/{self.registration_id}"
         return new_token(resource, self.device_key.decode("ascii"), lifetime, now,
                          key_name="registration")
-
-    @property
-    def host(self) -> str:
-        return address(self.endpoint)[0]
-
-    @property
-    def port(self) -> int:
-        return address(self.endpoint)[1]
 
 
 def enrollment(id_scope: str, registration_id: str | None = None, *,

@@ -49,7 +49,7 @@ import urllib.parse
 from dataclasses import dataclass, field
 
 from . import __version__
-from .dps import API_VERSION, X509
+from .dps import API_VERSION, X509, address
 from .errors import EX_CONFIG, EX_DATAERR, EX_TEMPFAIL, EX_UNAVAILABLE, Field, SetupError, printable
 
 HUB_API_VERSION = "2021-04-12"
@@ -317,7 +317,7 @@ def register(link: Link, enrollment, *, clock=time.time, sleep=time.sleep,
     """
     deadline = deadline if deadline is not None else time.monotonic() + link.bounds.total
     where = f"DPS ({enrollment.endpoint})"
-    host, port = enrollment.host, enrollment.port
+    host, port = address(enrollment.endpoint)
     answer = _request(link, host, port, "PUT", _dps_path(enrollment, "/register"),
                       {"registrationId": enrollment.registration_id},
                       _dps_headers(enrollment, clock), deadline)
@@ -345,7 +345,7 @@ def register(link: Link, enrollment, *, clock=time.time, sleep=time.sleep,
 def query(link: Link, enrollment) -> Assignment:
     """The registration's current state (POST …/registrations/{id}): changes nothing."""
     where = f"DPS ({enrollment.endpoint})"
-    answer = _request(link, enrollment.host, enrollment.port, "POST", _dps_path(enrollment),
+    answer = _request(link, *address(enrollment.endpoint), "POST", _dps_path(enrollment),
                       {"registrationId": enrollment.registration_id},
                       _dps_headers(enrollment, time.time), time.monotonic() + link.bounds.request)
     if answer.status != 200:
