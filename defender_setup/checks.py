@@ -111,9 +111,11 @@ def run_checks(root: Path, service_state: dict | None = None, lock_timeout: floa
 
 def _check_modes(agent: AgentDir, modes: dict, add) -> None:
     loose = [name for name in _SECRETS if modes.get(str(agent.path / name), 0) & 0o077]
-    add("secret-file-modes", "secret files are readable by root only", ERROR if loose else OK,
-        f"{', '.join(loose)} readable by others: chmod 0600 them" if loose else "",
-        EX_NOPERM if loose else EX_OK)
+    if loose:
+        add("secret-file-modes", "secret files are readable by root only", ERROR,
+            f"{', '.join(loose)} readable by others: chmod 0600 them", EX_NOPERM)
+    else:
+        add("secret-file-modes", "secret files are readable by root only", OK)
 
 
 def _check_sealed(stored, add) -> bool:
