@@ -115,8 +115,7 @@ def render(report: dict) -> list[str]:
                   f"key:             {cert['key']}"]
     if report["sealing"]:
         lines.append(f"secrets:         {report['sealing']['summary']}")
-    for path, mode in report["files"].items():
-        lines.append(f"file:            {mode} {path}")
+    lines += [f"file:            {mode} {path}" for path, mode in report["files"].items()]
     origin = report["origin"]
     if origin:
         lines.append(f"origin:          {origin.get('source', 'unknown')}, "
@@ -136,8 +135,7 @@ def render(report: dict) -> list[str]:
     last = report.get("last_import")
     if last:
         lines.append(f"last import:     {last_import(last)}")
-    for warning in report["warnings"]:
-        lines.append(f"warning: {warning}")
+    lines += [f"warning: {warning}" for warning in report["warnings"]]
     if report["problem"]:
         lines.append(f"problem: {report['problem']}")
     return lines
