@@ -96,14 +96,17 @@ def made_by_dps(stored, record: dict | None) -> bool:
     registration: stored by ``provision``, or that same set rolled back to."""
     if not record or stored is None:
         return False
-    if (stored.origin or {}).get("source") == ORIGIN:
-        return True
+    named = (record.get("assigned_hub"), record.get("device_id"), record.get("module_id"))
+    return (stored.origin or {}).get("source") == ORIGIN or _stored_as(stored, *named) is not None
+
+
+def _stored_as(stored, hub, device, module):
+    """The stored set's connection string when it is this module identity, else None."""
     try:
         c = stored.loaded.connection_string
     except SetupError:
-        return False
-    return (c.host_name, c.device_id, c.module_id) == (
-        record.get("assigned_hub"), record.get("device_id"), record.get("module_id"))
+        return None
+    return c if (c.host_name, c.device_id, c.module_id) == (hub, device, module) else None
 
 
 def device_key(root, runner=None) -> bytes | None:
@@ -150,12 +153,8 @@ def _stored_key(stored, assigned, module: str) -> str | None:
     """The module key of the stored set when it is the same DPS identity (run again: keep)."""
     if (stored.origin or {}).get("source") != ORIGIN:
         return None
-    try:
-        c = stored.loaded.connection_string
-    except SetupError:
-        return None
-    same = (c.host_name, c.device_id, c.module_id) == (assigned.hub, assigned.device_id, module)
-    return c.shared_access_key if same else None
+    c = _stored_as(stored, assigned.hub, assigned.device_id, module)
+    return c.shared_access_key if c else None
 
 
 def _obtain(root, enrollment: Enrollment, stored, out, bounds, clock, sleep) -> tuple:
