@@ -66,6 +66,8 @@ class CertificateInfo:
     chain_length: int
     warnings: tuple[str, ...] = ()
     self_signed: bool = False
+    # the one of ``warnings`` about the leaf's end (check reports it as certificate-expiry)
+    expiry_warning: str | None = None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -330,6 +332,7 @@ def _analyse(blocks, certs, device_id, module_id, now):
             warnings.append(f"certificate {n + 1} ({_name(certs[n].subject)}) did not issue "
                             f"certificate {n}; order the chain leaf first, then each issuer")
     not_before, not_after = _validity(leaf)
+    expiring = None
     if now < not_before:
         errors.append(f"the certificate is not valid yet: it starts {_fmt(not_before)}, but "
                       f"the device clock says {_fmt(now)}; check the clock (timedatectl) "
@@ -339,8 +342,9 @@ def _analyse(blocks, certs, device_id, module_id, now):
                       f"{_fmt(now)}); issue a new certificate")
     elif not_after - now <= _dt.timedelta(days=EXPIRY_WARNING_DAYS):
         days = (not_after - now).days
-        warnings.append(f"the certificate expires in {days} day{'s' * (days != 1)} "
-                        f"({_fmt(not_after)}); renew it soon")
+        expiring = (f"the certificate expires in {days} day{'s' * (days != 1)} "
+                    f"({_fmt(not_after)}); renew it soon")
+        warnings.append(expiring)
     for n, other in enumerate(certs[1:], 2):
         if now > _validity(other)[1]:
             warnings.append(f"certificate {n} of the chain ({_name(other.subject)}) expired "
@@ -372,6 +376,7 @@ def _analyse(blocks, certs, device_id, module_id, now):
         chain_length=len(certs),
         warnings=tuple(warnings),
         self_signed=leaf.issuer == leaf.subject,
+        expiry_warning=expiring,
     )
     return info, errors
 

@@ -5,6 +5,7 @@ Interface::
     run_checks(root: Path, service_state: dict | None = None, lock_timeout=5, stored=None,
                clock=time.time) -> list[CheckResult]
     render(results) -> list[str]
+    last_import(record) -> str; INTERRUPTED, UNCONFIGURED   # status says these alike
 
 Read-only like ``status``: one snapshot of the stored set under the readers' shared lock
 (``provision.read``: each sealed file decrypted once, the set validated once), which the
@@ -32,6 +33,10 @@ _SECRETS = (CONNECTION_STRING_FILE, PRIVATE_KEY_FILE, *SEALED_NAMES.values())
 # certificate-expiry: a warning under EXPIRY_WARNING_DAYS (certificates.EXPIRY_WARNING_DAYS,
 # where validate warns too), an error under EXPIRY_ERROR_DAYS (aziotctl warns at 7).
 EXPIRY_ERROR_DAYS = 7
+# status words these states as check does
+INTERRUPTED = ("an interrupted credential update is pending (the files may mix two sets); "
+               "run 'defender-setup repair', or restart the service, to complete it")
+UNCONFIGURED = "not configured: run 'dpkg-reconfigure defender-setup' or 'defender-setup apply'"
 
 
 @dataclass(frozen=True)
@@ -79,18 +84,16 @@ def run_checks(root: Path, service_state: dict | None = None, lock_timeout: floa
     if stored is not None:
         if stored.pending:
             safe = add("no-interrupted-update", "no credential update was left half done",
-                       ERROR, "an interrupted update is pending (the files may mix two sets); "
-                       "run 'defender-setup repair', or restart the service, to complete it",
-                       EX_CONFIG)
+                       ERROR, INTERRUPTED, EX_CONFIG)
         else:
             add("no-interrupted-update", "no credential update was left half done", OK)
+    present = "connection_string.txt exists"
     if not safe:
-        add("credentials-present", "connection_string.txt exists", SKIPPED)
+        add("credentials-present", present, SKIPPED)
     elif stored.method is None:  # a connection string, plain or sealed
-        add("credentials-present", "connection_string.txt exists", ERROR,
-            "not configured: run 'dpkg-reconfigure defender-setup'", EX_CONFIG)
+        add("credentials-present", present, ERROR, UNCONFIGURED, EX_CONFIG)
     else:
-        add("credentials-present", "connection_string.txt exists", OK)
+        add("credentials-present", present, OK)
         _check_modes(agent, stored.modes, add)
         if _check_sealed(stored, add):
             _check_credentials(stored, add)
@@ -107,8 +110,7 @@ def run_checks(root: Path, service_state: dict | None = None, lock_timeout: floa
 
 
 def _check_modes(agent: AgentDir, modes: dict, add) -> None:
-    loose = [name for name in _SECRETS
-             if modes.get(str(agent.path / name), 0) & 0o077]
+    loose = [name for name in _SECRETS if modes.get(str(agent.path / name), 0) & 0o077]
     if loose:
         add("secret-file-modes", "secret files are readable by root only", ERROR,
             f"{', '.join(loose)} readable by others: chmod 0600 them", EX_NOPERM)
@@ -140,18 +142,18 @@ def _check_sealed(stored, add) -> bool:
 
 
 def _check_credentials(stored, add) -> None:
-    method = stored.method
+    description = f"stored {stored.method} credentials pass validation"
     try:
         validated = stored.loaded
     except SetupError as exc:
-        add("credentials-valid", f"stored {method} credentials pass validation", ERROR,
-            str(exc), exc.exit_code)
+        add("credentials-valid", description, ERROR, str(exc), exc.exit_code)
         return
     c = validated.connection_string
-    add("credentials-valid", f"stored {method} credentials pass validation", OK,
-        f"{c.device_id}/{c.module_id} on {c.host_name}")
-    warnings = validated.warnings
-    add("credentials-warnings", "nothing worth a warning (module id, expiry, CN)",
+    add("credentials-valid", description, OK, f"{c.device_id}/{c.module_id} on {c.host_name}")
+    # the leaf's end is certificate-expiry's to report, not a second time here
+    cert = validated.certificate
+    warnings = [w for w in validated.warnings if cert is None or w != cert.expiry_warning]
+    add("credentials-warnings", "nothing worth a warning (module id, CN, chain)",
         WARNING if warnings else OK, "; ".join(warnings))
 
 
@@ -159,7 +161,7 @@ def _check_expiry(stored, add, clock) -> None:
     """The leaf certificate's notAfter against the clock: an expiring certificate is a
     warning a month ahead and an error a week ahead, an expired one an error. It reads the
     dates alone, so a certificate that has expired (which validation refuses) is named too."""
-    from .certificates import EXPIRY_WARNING_DAYS
+    from .certificates import EXPIRY_WARNING_DAYS, validity
 
     description = (f"the certificate does not expire within {EXPIRY_WARNING_DAYS} days "
                    f"(an error within {EXPIRY_ERROR_DAYS})")
@@ -173,8 +175,6 @@ def _check_expiry(stored, add, clock) -> None:
     if CERTIFICATE_FILE not in stored.plain:
         add("certificate-expiry", description, SKIPPED, f"no {CERTIFICATE_FILE}")
         return
-    from .certificates import validity
-
     try:
         not_after = validity(stored.plain[CERTIFICATE_FILE])[1]
     except SetupError:
@@ -209,16 +209,20 @@ def _check_last_import(agent: AgentDir, add) -> None:
     if last is None:
         add("last-import", description, SKIPPED, "no credentials were offered at boot")
         return
-    origin = agent.origin() or {}
-    result, message = last.get("result"), f"{last.get('result')} at {last.get('time')} " \
-        f"from {last.get('source')}: {last.get('message')}"
-    if result in ("verified", "unchanged", "written"):
+    origin, message = agent.origin() or {}, last_import(last)
+    if last.get("result") in ("verified", "unchanged", "written"):
         add("last-import", description, OK, message)
     elif (when(origin.get("time")) or 0) > (when(last.get("time")) or 0):
         add("last-import", description, WARNING, f"{message} (since configured by "
             f"{origin.get('source')} at {origin.get('time')})")
     else:
         add("last-import", description, ERROR, message, last.get("exit_code", EX_CONFIG))
+
+
+def last_import(last: dict) -> str:
+    """The last boot-time import (its record) in one sentence, as check and status say it."""
+    return (f"{last.get('result')} at {last.get('time')} from {last.get('source')}: "
+            f"{last.get('message')}")
 
 
 def render(results: list[CheckResult]) -> list[str]:

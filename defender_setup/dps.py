@@ -11,7 +11,7 @@ Interface::
     e.device_key -> bytes           # base64: the key itself, or derived from a group key
     e.registration_token(now, lifetime) -> sas.Token    # sr={idScope}/registrations/{id},
                                                         # skn=registration
-    e.host, e.port                  # the endpoint, split (HOST or HOST:PORT)
+    address(endpoint) -> (host, port)   # HOST or HOST:PORT (443 unless named), checked
     derive_device_key(group_key_b64, registration_id) -> bytes
     machine_id(root) -> str         # /etc/machine-id under root; ValidationError when unset
     check_id_scope / check_registration_id / check_key / check_endpoint(text) -> str
@@ -41,6 +41,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from . import DEFAULT_MODULE_ID
+from .connection_string import MODULE_ID, check_id
 from .errors import CERTIFICATE, PRIVATE_KEY, Field, ValidationError, printable
 
 GLOBAL_ENDPOINT = "global.azure-devices-provisioning.net"
@@ -137,13 +138,21 @@ def looks_like_key(text: str) -> bool:
 
 def check_endpoint(text: str) -> str:
     """``HOST`` or ``HOST:PORT`` (a private endpoint, a test stand-in), stripped."""
-    value = text.strip()
-    host, sep, port = value.rpartition(":") if ":" in value else (value, "", "")
+    address(text)
+    return text.strip()
+
+
+def address(endpoint: str) -> tuple[str, int]:
+    """The host and port of ``HOST`` or ``HOST:PORT`` (443 unless named): the one place an
+    endpoint is split. :raises ValidationError: (DPS_ENDPOINT) not such an endpoint."""
+    value = endpoint.strip()
+    host, sep, port = value.rpartition(":")
+    host, port = (host, port) if sep else (value, None)
     problem = None
     if "://" in value or "/" in value:
         problem = "must be a bare host name such as global.azure-devices-provisioning.net " \
                   "(no https:// or path)"
-    elif sep and not (port.isdigit() and 1 <= int(port) <= 65535):
+    elif port is not None and not (port.isdigit() and 1 <= int(port) <= 65535):
         problem = "has a port that is not a number from 1 to 65535 (HOST or HOST:PORT)"
     elif len(host) > 253 or not all(_LABEL_RE.fullmatch(label)
                                     for label in host.rstrip(".").split(".")):
@@ -151,7 +160,7 @@ def check_endpoint(text: str) -> str:
                   f"{GLOBAL_ENDPOINT}"
     if problem:
         raise ValidationError(Field.DPS_ENDPOINT, problem)
-    return value
+    return host, HTTPS_PORT if port is None else int(port)
 
 
 def derive_device_key(group_key_b64: bytes | str, registration_id: str) -> bytes:
@@ -212,8 +221,6 @@ class Enrollment:
         :param now: the time the certificate is checked against (tests).
         :raises ValidationError: one line naming the field and the fix.
         """
-        from .connection_string import MODULE_ID, check_id
-
         scope = check_id_scope(self.id_scope)
         endpoint = check_endpoint(self.endpoint or GLOBAL_ENDPOINT)
         module = (self.module_id or DEFAULT_MODULE).strip()
@@ -277,14 +284,6 @@ class Enrollment:
         return new_token(resource, self.device_key.decode("ascii"), lifetime, now,
                          key_name="registration")
 
-    @property
-    def host(self) -> str:
-        return self.endpoint.rpartition(":")[0] if ":" in self.endpoint else self.endpoint
-
-    @property
-    def port(self) -> int:
-        return int(self.endpoint.rpartition(":")[2]) if ":" in self.endpoint else HTTPS_PORT
-
 
 def enrollment(id_scope: str, registration_id: str | None = None, *,
                symmetric_key: bytes | None = None, group_key: bytes | None = None,
@@ -303,6 +302,5 @@ def enrollment(id_scope: str, registration_id: str | None = None, *,
     return Enrollment(id_scope=id_scope, registration_id=registration_id,
                       attestation=X509 if x509 and key is None else SYMMETRIC_KEY,
                       key=key, group_key=group_key is not None,
-                      certificate=certificate, private_key=private_key,
-                      endpoint=endpoint or GLOBAL_ENDPOINT,
-                      module_id=module_id or DEFAULT_MODULE).checked(root, now)
+                      certificate=certificate, private_key=private_key, endpoint=endpoint,
+                      module_id=module_id).checked(root, now)  # checked() fills in defaults

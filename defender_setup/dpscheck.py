@@ -2,7 +2,6 @@
 
 Interface::
 
-    DPS_IDS = ("dps-dns", "dps-tcp", "dps-tls", "dps-auth")
     extend(root, results, *, offline=False, dont_run=(), budget=BUDGET, stored=None)
         -> list[CheckResult]
 
@@ -31,10 +30,10 @@ from pathlib import Path
 from . import hubpath
 from .agent import settings as settings_mod
 from .checks import ERROR, OK, SKIPPED, WARNING, CheckResult
+from .dps import SYMMETRIC_KEY, address
 from .errors import EX_CONFIG, EX_OK, EX_UNAVAILABLE, SetupError
 from .netcheck import run_in_order
 
-DPS_IDS = ("dps-dns", "dps-tcp", "dps-tls", "dps-auth")
 BUDGET = 6.0
 DESCRIPTIONS = {
     "dps-dns": "the DPS endpoint's name resolves (through the proxy when one is set)",
@@ -50,17 +49,15 @@ def extend(root, results: list, *, offline: bool = False, dont_run=(), budget: f
     """See the module docstring."""
     from .zerotouch import made_by_dps, registration
 
-    record, context = registration(Path(root)), None
+    record, context, blocked = registration(Path(root)), None, None
     if not made_by_dps(stored, record):
         blocked = "not provisioned through DPS (defender-setup provision)"
-    elif offline:
-        blocked = "not run (--offline)"
-    else:
+    elif not offline:
         try:
-            context, blocked = _Context(Path(root), record, stored), None
+            context = _Context(Path(root), record, stored)
         except SetupError as exc:  # the reason wins over --dont-run here
             blocked, dont_run = f"cannot be run: {exc}", ()
-    return list(results) + run_in_order(CHECKS, context, NEEDS, DESCRIPTIONS,
+    return list(results) + run_in_order(CHECKS, context, NEEDS, DESCRIPTIONS, offline=offline,
                                         dont_run=dont_run, blocked=blocked, budget=budget,
                                         kind="DPS")
 
@@ -69,14 +66,14 @@ class _Context:
     """What the DPS checks share: the registration, the settings, the addresses found."""
 
     def __init__(self, root: Path, record: dict | None, stored):
-        """:raises SetupError: no usable registration record, or conf.json is not valid."""
+        """:raises SetupError: no usable registration record (its endpoint included), or
+        conf.json is not valid."""
         if not record or not isinstance(record.get("endpoint"), str):
             raise SetupError("no DPS registration is recorded (dps.json)")
         self.record, self.stored, self.root = record, stored, root
         self.settings = settings_mod.load(root)
         self.addresses = None
-        self.host, _, port = record["endpoint"].partition(":")
-        self.port = int(port) if port else 443
+        self.host, self.port = address(record["endpoint"])
         self.where = record["endpoint"]
 
     def _link(self, limit: float):
@@ -114,21 +111,17 @@ class _Context:
             return OK, f"{self.where}'s certificate verified against {link.trust}", EX_OK
 
     def dps_auth(self, limit: float):
-        from .dps import SYMMETRIC_KEY, Enrollment
         from .dpsclient import DpsError, query
-        from .zerotouch import device_key
+        from .zerotouch import kept_enrollment
 
         record = self.record
         if record.get("attestation") != SYMMETRIC_KEY:
             return SKIPPED, ("X.509 attestation: the device certificate is not kept; run "
                              "'defender-setup provision' with it to register again"), EX_OK
         try:
-            key = device_key(self.root)
-            if key is None:
+            enrollment = kept_enrollment(self.root, record)
+            if enrollment is None:
                 return ERROR, "no device key is kept (dps-device-key)", EX_CONFIG
-            enrollment = Enrollment(record["id_scope"], record["registration_id"],
-                                    SYMMETRIC_KEY, key=key, endpoint=record["endpoint"],
-                                    module_id=record.get("module_id") or "").checked(self.root)
             with self._link(limit) as link:
                 state = query(link, enrollment)
         except DpsError as err:
@@ -148,6 +141,6 @@ class _Context:
         return OK, f"{said}, as stored", EX_OK
 
 
-# DPS_IDS' order: the order they run in and are shown
+# the order they run in and are shown
 CHECKS = {"dps-dns": _Context.dps_dns, "dps-tcp": _Context.dps_tcp, "dps-tls": _Context.dps_tls,
           "dps-auth": _Context.dps_auth}

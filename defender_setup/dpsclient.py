@@ -49,17 +49,8 @@ import urllib.parse
 from dataclasses import dataclass, field
 
 from . import __version__
-from .dps import API_VERSION, X509
-from .errors import (
-    CERTIFICATE,
-    EX_CONFIG,
-    EX_DATAERR,
-    EX_TEMPFAIL,
-    EX_UNAVAILABLE,
-    Field,
-    SetupError,
-    printable,
-)
+from .dps import API_VERSION, X509, address
+from .errors import EX_CONFIG, EX_DATAERR, EX_TEMPFAIL, EX_UNAVAILABLE, Field, SetupError, printable
 
 HUB_API_VERSION = "2021-04-12"
 MAX_BODY = 64 * 1024
@@ -130,7 +121,7 @@ class Link:
                 ctx.load_cert_chain(str(cert), str(key))
             except (OSError, ssl.SSLError) as exc:
                 link.__exit__()
-                raise SetupError(f"cannot hand the certificate to TLS: {exc}", CERTIFICATE) \
+                raise SetupError(f"cannot hand the certificate to TLS: {exc}", Field.CERTIFICATE) \
                     from None
         return link
 
@@ -219,7 +210,7 @@ def _certificate_refused(exc: ssl.SSLError, where: str) -> None:
     if alert:
         raise DpsError("unauthorized", f"unauthorized: {where} refused the device certificate "
                        f"(TLS alert: {alert}); check that DPS or the hub trusts its CA",
-                       EX_DATAERR, CERTIFICATE) from None
+                       EX_DATAERR, Field.CERTIFICATE) from None
 
 
 def _shut(sock, fired: threading.Event) -> None:
@@ -254,7 +245,7 @@ def _retry_after(answer: Answer, default: float) -> float:
 def _refused(answer: Answer, what: str, enrollment, where: str) -> DpsError:
     """A non-success answer as a named error."""
     said = _said(answer)
-    key_field = CERTIFICATE if enrollment.attestation == X509 else Field.DPS_KEY
+    key_field = Field.CERTIFICATE if enrollment.attestation == X509 else Field.DPS_KEY
     if answer.status in (401, 403):
         fix = ("check the device certificate and that its CA is verified in the enrollment"
                if enrollment.attestation == X509 else
@@ -326,7 +317,7 @@ def register(link: Link, enrollment, *, clock=time.time, sleep=time.sleep,
     """
     deadline = deadline if deadline is not None else time.monotonic() + link.bounds.total
     where = f"DPS ({enrollment.endpoint})"
-    host, port = enrollment.host, enrollment.port
+    host, port = address(enrollment.endpoint)
     answer = _request(link, host, port, "PUT", _dps_path(enrollment, "/register"),
                       {"registrationId": enrollment.registration_id},
                       _dps_headers(enrollment, clock), deadline)
@@ -354,7 +345,7 @@ def register(link: Link, enrollment, *, clock=time.time, sleep=time.sleep,
 def query(link: Link, enrollment) -> Assignment:
     """The registration's current state (POST …/registrations/{id}): changes nothing."""
     where = f"DPS ({enrollment.endpoint})"
-    answer = _request(link, enrollment.host, enrollment.port, "POST", _dps_path(enrollment),
+    answer = _request(link, *address(enrollment.endpoint), "POST", _dps_path(enrollment),
                       {"registrationId": enrollment.registration_id},
                       _dps_headers(enrollment, time.time), time.monotonic() + link.bounds.request)
     if answer.status != 200:

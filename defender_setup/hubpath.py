@@ -33,6 +33,7 @@ from email.utils import parsedate_to_datetime
 
 from .agent import hubnet
 from .agent.mqttclient import at_port
+from .agent.settings import SettingsError, socks_for
 from .errors import printable
 
 MAX_HEAD = 16 * 1024  # an HTTP answer's head; a peer may flood, no more is read
@@ -129,10 +130,9 @@ def open_tcp(host: str, port: int, proxy, timeout: float, addresses=None) -> soc
 def _through_proxy(host: str, port: int, proxy, timeout: float, addresses) -> socket.socket:
     deadline = time.monotonic() + timeout
     try:
-        import socks
-    except ImportError:
-        raise PathError("proxy", f"{proxy.describe()} needs python3-socks "
-                                 "(apt install python3-socks)") from None
+        socks = socks_for(proxy)
+    except SettingsError as err:
+        raise PathError("proxy", str(err)) from None
     infos = addresses or first_hop(host, port, proxy, timeout)
     kinds = {"http": socks.HTTP, "socks5": socks.SOCKS5, "socks4": socks.SOCKS4}
     family, sockaddr = infos[0]
@@ -145,12 +145,10 @@ def _through_proxy(host: str, port: int, proxy, timeout: float, addresses) -> so
         return sock
     except (socks.ProxyError, OSError) as err:
         sock.close()
-        raise PathError("proxy", _proxy_reason(err, proxy, host, port)) from None
+        raise PathError("proxy", _proxy_reason(socks, err, proxy, host, port)) from None
 
 
-def _proxy_reason(err, proxy, host: str, port: int) -> str:
-    import socks
-
+def _proxy_reason(socks, err, proxy, host: str, port: int) -> str:
     inner = getattr(err, "socket_err", None)
     if isinstance(err, socks.ProxyConnectionError) or not isinstance(err, socks.ProxyError):
         why = getattr(inner, "strerror", None) or str(inner or err)

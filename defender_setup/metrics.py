@@ -129,10 +129,8 @@ def _one_of(value, allowed, other: str = "other") -> str:
 
 
 def _number(value) -> str:
-    if isinstance(value, bool):
-        return "1" if value else "0"
-    if isinstance(value, int):
-        return str(value)
+    if isinstance(value, int):  # a bool too: 1 or 0
+        return str(int(value))
     return repr(float(value))
 
 

@@ -5,8 +5,8 @@ Interface::
     NETWORK_IDS = ("hub-dns", "hub-tcp", "hub-tls", "hub-clock", "hub-auth")
     extend(root, results, service_state=None, *, offline=False, dont_run=(),
            budget=BUDGET, https_port=None, clock=time.time) -> list[CheckResult]
-    run_in_order(checks, shared, needs, descriptions, *, dont_run=(), blocked=None,
-                 budget, kind) -> list[CheckResult]   # this loop, for the DPS checks too
+    run_in_order(checks, shared, needs, descriptions, *, offline=False, dont_run=(),
+                 blocked=None, budget, kind) -> list[CheckResult]  # the DPS checks' loop too
 
 ``extend`` takes the local checks' results (:func:`defender_setup.checks.run_checks`) and
 returns them followed by ``agent-settings`` (conf.json, local) and the network checks, each
@@ -82,17 +82,9 @@ class _Path:
     alt_open: bool | None = None   # hub-tcp: whether 443 answered when the port is 8883
     addresses: list | None = None  # hub-dns: the first hop's (hubpath.first_hop)
 
-    @property
-    def host(self) -> str:
-        return self.identity.connect_host
-
-    @property
-    def port(self) -> int:
-        return self.settings.hub_port
-
-    @property
-    def where(self) -> str:
-        return f"{self.host}:{self.port}"
+    def __post_init__(self):
+        self.host, self.port = self.identity.connect_host, self.settings.hub_port
+        self.where = f"{self.host}:{self.port}"
 
     @functools.cached_property
     def link(self) -> hubnet.Link:  # made once, when a check first needs it
@@ -117,31 +109,32 @@ def extend(root: Path, results: list, service_state: dict | None = None, *,
 
     settings = _settings(Path(root), add, "agent-settings" in skip)
     path, needs = None, NEEDS
-    if offline:  # the reason wins over --dont-run here
-        blocked, skip = "not run (--offline)", ()
-    else:
-        blocked = _blocker(results, settings)
-    if blocked is None:
+    blocked = None if offline else _blocker(results, settings)
+    if blocked is None and not offline:
         try:
             path = _path(Path(root), settings, service_state, https_port, clock, stored)
         except SetupError as err:
             blocked = f"stored credentials cannot be read: {err}"
     if path is not None and path.settings.transport == "websocket":
         needs = {**NEEDS, "hub-clock": ("hub-dns", "hub-tls")}  # the same endpoint as hub-tls
-    return out + run_in_order(CHECKS, path, needs, DESCRIPTIONS, dont_run=skip,
-                              blocked=blocked, budget=budget, kind="network")
+    return out + run_in_order(CHECKS, path, needs, DESCRIPTIONS, offline=offline,
+                              dont_run=skip, blocked=blocked, budget=budget, kind="network")
 
 
-def run_in_order(checks: dict, shared, needs: dict, descriptions: dict, *, dont_run=(),
-                 blocked: str | None = None, budget: float, kind: str) -> list[CheckResult]:
+def run_in_order(checks: dict, shared, needs: dict, descriptions: dict, *, offline=False,
+                 dont_run=(), blocked: str | None = None, budget: float,
+                 kind: str) -> list[CheckResult]:
     """Run ``checks`` (id -> check(shared, seconds) -> (status, message, exit code)) in
     order, each within :data:`PER_CHECK` seconds and all of them within ``budget``.
 
-    A check in ``dont_run`` is skipped, else every check when ``blocked`` (the reason) is
-    given; a check whose prerequisites (``needs``: id -> ids) failed or were skipped is
+    With ``offline`` every check is skipped as not run (--offline), whatever else is given;
+    else a check in ``dont_run`` is skipped, else every check when ``blocked`` (the reason)
+    is given; a check whose prerequisites (``needs``: id -> ids) failed or were skipped is
     skipped naming them, and counts as failed for what needs it in turn. The network and
     the DPS checks (``kind``, for the message) run through here.
     """
+    if offline:  # the one rule for both kinds: it wins over --dont-run and every reason
+        blocked, dont_run = "not run (--offline)", ()
     out: list[CheckResult] = []
     failed: set = set()
     deadline = time.monotonic() + budget
@@ -166,19 +159,14 @@ def run_in_order(checks: dict, shared, needs: dict, descriptions: dict, *, dont_
 
 
 def _settings(root: Path, add, not_run: bool):
+    """conf.json's settings, or None when the agent could not use them; ``agent-settings``
+    says which (or that it was not run: listed all the same)."""
     try:
-        settings = settings_mod.load(root)
+        settings, problem = settings_mod.load(root), None
+        if settings.proxy is not None:
+            settings_mod.socks_for(settings.proxy)
     except SetupError as err:
-        if not not_run:
-            add("agent-settings", ERROR, str(err), EX_CONFIG)
-        return None
-    problem = None
-    if settings.proxy is not None:
-        try:
-            import socks  # noqa: F401  (the agent needs it for any proxy)
-        except ImportError:
-            problem = (f"{CONF}: proxy {settings.proxy.describe()} needs python3-socks "
-                       "(apt install python3-socks)")
+        settings, problem = None, str(err)
     if not_run:
         add("agent-settings", SKIPPED, "not run (--dont-run)")
     elif problem:
@@ -189,7 +177,7 @@ def _settings(root: Path, add, not_run: bool):
             "trusting the system CA store"
         add("agent-settings", OK, f"{settings.transport} on port {settings.hub_port}{proxy}, "
                                   f"{trust}")
-    return None if problem else settings
+    return settings
 
 
 def _blocker(results: list, settings) -> str | None:
@@ -247,30 +235,29 @@ def _dns(p: _Path, limit: float):
 
 
 def _tcp(p: _Path, limit: float):
-    outcome: dict = {}
+    outcome: dict = {}  # port -> None (it connected) or the PathError
 
-    def reach(key, port):
+    def reach(port):
         try:
             hubpath.open_tcp(p.host, port, p.settings.proxy, limit, p.addresses).close()
-            outcome[key] = None
+            outcome[port] = None
         except hubpath.PathError as err:
-            outcome[key] = err
+            outcome[port] = err
 
     start = time.monotonic()
-    workers = [threading.Thread(target=reach, args=("main", p.port), daemon=True)]
-    alt = p.https_port  # tried alongside the MQTT port
-    if p.settings.transport == "mqtt" and p.port != alt:
-        # tried alongside, not after: it says whether WebSocket would do, and is the clock's
-        # source, at no extra wait
-        workers.append(threading.Thread(target=reach, args=("alt", alt), daemon=True))
+    alt = p.https_port
+    # 443 is tried alongside the MQTT port, not after: it says whether WebSocket would do,
+    # and is the clock's source, at no extra wait
+    ports = [p.port, alt] if p.settings.transport == "mqtt" and p.port != alt else [p.port]
+    workers = [threading.Thread(target=reach, args=(port,), daemon=True) for port in ports]
     for worker in workers:
         worker.start()
     for worker in workers:
         worker.join(max(0.0, limit + 0.5 - (time.monotonic() - start)))
-    if "alt" in outcome:
-        p.alt_open = outcome["alt"] is None
+    if alt != p.port and alt in outcome:
+        p.alt_open = outcome[alt] is None
     via = f" through the proxy {p.settings.proxy.describe()}" if p.settings.proxy else ""
-    error = outcome.get("main", hubpath.PathError("TCP", f"no answer from {p.where}"))
+    error = outcome.get(p.port, hubpath.PathError("TCP", f"no answer from {p.where}"))
     if error is None:
         took = (time.monotonic() - start) * 1000
         return OK, f"connected to {p.where}{via} in {took:.0f} ms", EX_OK
@@ -392,11 +379,9 @@ CHECKS = {"hub-dns": _dns, "hub-tcp": _tcp, "hub-tls": _tls, "hub-clock": _clock
 
 
 def _name(rdns) -> str:
-    for rdn in rdns or ():
-        for key, value in rdn:
-            if key == "commonName":  # the peer's words: no escape sequence reaches a terminal
-                return f"CN={printable(value)}"
-    return ""
+    # the peer's words: no escape sequence reaches a terminal
+    return next((f"CN={printable(value)}" for rdn in rdns or () for key, value in rdn
+                 if key == "commonName"), "")
 
 
 def _duration(seconds: float) -> str:

@@ -16,12 +16,10 @@ from pathlib import Path
 
 from . import UNIT
 from .agentdir import DPS_RECORD, IMPORT_RECORD, AgentDir
+from .checks import INTERRUPTED, UNCONFIGURED, last_import
 from .errors import BusyError, SetupError
 from .provision import read
 from .sealing import PLAIN_LEFT
-
-INTERRUPTED = ("an interrupted credential update is pending (the files may mix two sets); "
-               "run 'defender-setup repair', or restart the service, to complete it")
 
 
 def _certificate(info) -> dict:
@@ -69,8 +67,7 @@ def collect(root: Path, service_state: dict | None = None, lock_timeout: float =
         report["problem"] = INTERRUPTED
         return report
     if stored.method is None:
-        report["problem"] = ("not configured: run 'dpkg-reconfigure defender-setup' or "
-                             "'defender-setup apply'")
+        report["problem"] = UNCONFIGURED
         return report
     report["method"] = stored.method
     how = stored.sealing
@@ -118,8 +115,7 @@ def render(report: dict) -> list[str]:
                   f"key:             {cert['key']}"]
     if report["sealing"]:
         lines.append(f"secrets:         {report['sealing']['summary']}")
-    for path, mode in report["files"].items():
-        lines.append(f"file:            {mode} {path}")
+    lines += [f"file:            {mode} {path}" for path, mode in report["files"].items()]
     origin = report["origin"]
     if origin:
         lines.append(f"origin:          {origin.get('source', 'unknown')}, "
@@ -138,10 +134,8 @@ def render(report: dict) -> list[str]:
                   f"{dps.get('device_id')}, last registered {dps.get('registered')}"]
     last = report.get("last_import")
     if last:
-        lines.append(f"last import:     {last.get('result')} at {last.get('time')} from "
-                     f"{last.get('source')}: {last.get('message')}")
-    for warning in report["warnings"]:
-        lines.append(f"warning: {warning}")
+        lines.append(f"last import:     {last_import(last)}")
+    lines += [f"warning: {warning}" for warning in report["warnings"]]
     if report["problem"]:
         lines.append(f"problem: {report['problem']}")
     return lines

@@ -13,6 +13,7 @@ Interface::
     registration(root) -> dict | None      # the DPS record (status, check): never a secret
     made_by_dps(stored, record) -> bool    # the stored set is the identity DPS gave
     device_key(root, runner=None) -> bytes | None   # the kept device key (root-only)
+    kept_enrollment(root, record) -> Enrollment | None  # dps.json + that key (None: X.509)
     key_like_set(agent, runner=None)       # the kept key sealed iff the set is (seal, unseal)
     RECORD = "dps.json", KEY_RECORD = "dps-device-key", MARKER (under /run)
 
@@ -48,6 +49,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from . import applying, dpsclient, provision
+from .agent.settings import load as load_settings
 from .agentdir import DPS_RECORD, AgentDir, now
 from .credentials import SEALED_NAMES
 from .dps import SYMMETRIC_KEY, Enrollment
@@ -94,14 +96,17 @@ def made_by_dps(stored, record: dict | None) -> bool:
     registration: stored by ``provision``, or that same set rolled back to."""
     if not record or stored is None:
         return False
-    if (stored.origin or {}).get("source") == ORIGIN:
-        return True
+    named = (record.get("assigned_hub"), record.get("device_id"), record.get("module_id"))
+    return (stored.origin or {}).get("source") == ORIGIN or _stored_as(stored, *named) is not None
+
+
+def _stored_as(stored, hub, device, module):
+    """The stored set's connection string when it is this module identity, else None."""
     try:
         c = stored.loaded.connection_string
     except SetupError:
-        return False
-    return (c.host_name, c.device_id, c.module_id) == (
-        record.get("assigned_hub"), record.get("device_id"), record.get("module_id"))
+        return None
+    return c if (c.host_name, c.device_id, c.module_id) == (hub, device, module) else None
 
 
 def device_key(root, runner=None) -> bytes | None:
@@ -114,6 +119,17 @@ def device_key(root, runner=None) -> bytes | None:
         return decrypt(KEY_RECORD, kept["sealed"].encode("ascii"), runner).strip()
     key = kept.get("key")
     return key.encode("ascii") if isinstance(key, str) else None
+
+
+def kept_enrollment(root, record: dict) -> Enrollment | None:
+    """The recorded enrollment with the kept device key, checked (re-provisioning and check's
+    dps-auth use it); None: no key is kept (X.509). :raises SetupError: the key does not
+    decrypt or the record does not validate; KeyError, TypeError: a field is missing."""
+    key = device_key(root)
+    if key is None:
+        return None
+    return Enrollment(record["id_scope"], record["registration_id"], SYMMETRIC_KEY, key=key,
+                      endpoint=record["endpoint"], module_id=record["module_id"]).checked(root)
 
 
 def key_like_set(agent, runner=None, key: bytes | None = None) -> None:
@@ -137,19 +153,13 @@ def _stored_key(stored, assigned, module: str) -> str | None:
     """The module key of the stored set when it is the same DPS identity (run again: keep)."""
     if (stored.origin or {}).get("source") != ORIGIN:
         return None
-    try:
-        c = stored.loaded.connection_string
-    except SetupError:
-        return None
-    same = (c.host_name, c.device_id, c.module_id) == (assigned.hub, assigned.device_id, module)
-    return c.shared_access_key if same else None
+    c = _stored_as(stored, assigned.hub, assigned.device_id, module)
+    return c.shared_access_key if c else None
 
 
 def _obtain(root, enrollment: Enrollment, stored, out, bounds, clock, sleep) -> tuple:
     """Register and create the module; (connection string, assignment). Nothing written."""
-    from .agent import settings as settings_mod
-
-    settings = settings_mod.load(Path(root))
+    settings = load_settings(Path(root))
     how = "an enrollment group key" if enrollment.group_key else \
         "a symmetric key" if enrollment.attestation == SYMMETRIC_KEY else "an X.509 certificate"
     print(f"registering {enrollment.registration_id} with DPS {enrollment.endpoint} "
@@ -174,17 +184,17 @@ def _keeper(enrollment: Enrollment, assigned):
     """``applying.apply``'s ``on_commit``: keep the registration and the device key beside the
     set, under the same lock (the key sealed when the set is)."""
     def keep(agent, plan, _lines):
+        key = enrollment.device_key
         record = {"id_scope": enrollment.id_scope, "registration_id": enrollment.registration_id,
                   "endpoint": enrollment.endpoint, "attestation": enrollment.attestation,
                   "group_key": enrollment.group_key, "module_id": enrollment.module_id,
                   "assigned_hub": assigned.hub, "device_id": assigned.device_id,
-                  "substatus": assigned.substatus, "registered": now()}
-        key = enrollment.device_key
+                  "substatus": assigned.substatus, "registered": now(),
+                  "device_key_kept": key is not None}
         if key is None:
             agent.drop_record(KEY_RECORD)
         else:
             key_like_set(agent, key=key)
-        record["device_key_kept"] = key is not None
         agent.save_record(RECORD, record)
     return keep
 
@@ -223,8 +233,8 @@ def reprovision(root, out, *, boot: bool = False, bounds=None, clock=time.time,
         print("re-provisioning: not tried again: tried once this boot already", file=out)
         return False
     try:
-        key = device_key(root)
-        if key is None:
+        enrollment = kept_enrollment(root, record)
+        if enrollment is None:
             print("re-provisioning: not possible: no device key is kept (X.509 attestation: "
                   "run 'defender-setup provision' again)", file=out)
             return False
@@ -232,9 +242,6 @@ def reprovision(root, out, *, boot: bool = False, bounds=None, clock=time.time,
             _mark(marker, record)
         print("the hub refused the module identity: registering with DPS again (once)",
               file=out)
-        enrollment = Enrollment(record["id_scope"], record["registration_id"], SYMMETRIC_KEY,
-                                key=key, endpoint=record["endpoint"],
-                                module_id=record["module_id"]).checked(root)
         text, assigned = _obtain(root, enrollment, stored, out, bounds, clock, sleep)
         p = provision.plan(provision.Request(connection_string=text, origin=ORIGIN), stored)
         lines = provision.commit(agent, p)

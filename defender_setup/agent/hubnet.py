@@ -37,14 +37,10 @@ import ssl
 import time
 
 from defender_setup.agent.mqttclient import Aborter, TlsContext, client_class, load_paho
+from defender_setup.agent.settings import socks_for
 
 # Result and the refusal texts live in verdicts; named here too, where callers look for them.
-from defender_setup.agent.verdicts import (  # noqa: F401
-    CERT_ALERTS,
-    Result,
-    certificate_refused,
-    connack_verdict,
-)
+from defender_setup.agent.verdicts import CERT_ALERTS, Result, certificate_refused, connack_verdict
 from defender_setup.errors import SetupError, printable
 
 # paho 2.x reports MQTT 3.1.1 return codes converted to MQTT 5 reason codes.
@@ -87,13 +83,8 @@ class Link:
         self.mqtt = load_paho()
         self.host, self.port = identity.connect_host, settings.hub_port
         self.aborter = Aborter()
-        if settings.proxy is not None:
-            try:
-                import socks  # noqa: F401  (used by mqttclient.open_tcp)
-            except ImportError:
-                raise SetupError(
-                    f"conf.json: proxy {settings.proxy.describe()} needs python3-socks "
-                    "(apt install python3-socks)") from None
+        if settings.proxy is not None:  # mqttclient.open_tcp needs it: say so now
+            socks_for(settings.proxy)
         # One context for the link's life: loading the CA store once saves CPU and ~2 MB of
         # duplicate certificates; it also fails early, as a settings error, on a bad file.
         self.ctx = self.context()
@@ -256,41 +247,39 @@ class Session:
             self.result = self._refused(self.connack)
 
     def _connect_error(self, err, where, timeout) -> Result:
-        host = self.link.host
+        if isinstance(err, ssl.SSLError) and not isinstance(err, ssl.SSLCertVerificationError):
+            return self._tls_failure(err, where)  # it may be a refusal of our certificate
+        return Result("unreachable", self._unreachable(err, where, timeout))
+
+    def _unreachable(self, err, where, timeout) -> str:
+        """Why connecting failed, as ``KIND: reason``."""
+        host, phase = self.link.host, self.ctx.phase
         if type(err).__module__.startswith("socks"):
-            return Result("unreachable", f"proxy: {_reason(err)}")
+            return f"proxy: {_reason(err)}"
         if isinstance(err, socket.gaierror):
-            return Result("unreachable", f"DNS: cannot resolve {host}: {err.strerror}")
-        if isinstance(err, ssl.SSLCertVerificationError):
-            return Result("unreachable", f"TLS: {host} is not trusted: {err.verify_message}")
-        if isinstance(err, ssl.CertificateError):
-            return Result("unreachable", f"TLS: {host}: {_reason(err)}")
-        if isinstance(err, ssl.SSLError):
-            return self._tls_failure(err, where)
-        phase = self.ctx.phase
+            return f"DNS: cannot resolve {host}: {err.strerror}"
+        if isinstance(err, ssl.SSLCertVerificationError):  # ssl.CertificateError too
+            return f"TLS: {host} is not trusted: {err.verify_message}"
         upgrade = phase == "upgrade" and self.link.settings.transport == "websocket"
+        timeout_error = isinstance(err, (socket.timeout, TimeoutError))
         if type(err).__name__ == "WebsocketConnectionError" or (
                 upgrade and isinstance(err, OSError)):
-            if isinstance(err, (socket.timeout, TimeoutError)):
-                return Result("unreachable", f"WebSocket: no answer to the upgrade from "
-                                             f"{where}{WS_PATH} within {timeout:g} s")
-            return Result("unreachable", f"WebSocket: {where}{WS_PATH}: {_reason(err)}")
-        if isinstance(err, (socket.timeout, TimeoutError)):
-            if phase != "tcp":
-                return Result("unreachable", f"TLS: no answer to the TLS handshake from "
-                                             f"{where} within {timeout:g} s")
-            return Result("unreachable", f"TCP: timed out connecting to {where}")
+            if timeout_error:
+                return f"WebSocket: no answer to the upgrade from {where}{WS_PATH} within " \
+                       f"{timeout:g} s"
+            return f"WebSocket: {where}{WS_PATH}: {_reason(err)}"
+        if timeout_error and phase != "tcp":
+            return f"TLS: no answer to the TLS handshake from {where} within {timeout:g} s"
+        if timeout_error:
+            return f"TCP: timed out connecting to {where}"
         if isinstance(err, ConnectionRefusedError):
-            return Result("unreachable", f"TCP: connection refused by {where}")
+            return f"TCP: connection refused by {where}"
         if isinstance(err, ConnectionError) and phase != "tcp":
             # a reset is how a peer closes with our ClientHello still unread: same as an EOF
-            return Result("unreachable",
-                          f"TLS: {where} closed the connection during the TLS handshake")
-        if isinstance(err, OSError) and phase != "tcp":
-            return Result("unreachable", f"TLS: {where}: {_reason(err)}")
+            return f"TLS: {where} closed the connection during the TLS handshake"
         if isinstance(err, OSError):
-            return Result("unreachable", f"TCP: {where}: {_reason(err)}")
-        return Result("unreachable", f"TCP: {where}: {type(err).__name__}")
+            return f"{'TCP' if phase == 'tcp' else 'TLS'}: {where}: {_reason(err)}"
+        return f"TCP: {where}: {type(err).__name__}"
 
     def _tls_failure(self, err: ssl.SSLError, where: str) -> Result:
         alert = CERT_ALERTS.get(err.reason or "")
@@ -358,13 +347,11 @@ class Session:
         rc = self._loop(seconds)
         if rc == 0 and not self.disconnected:
             return None
-        broken = self._protocol_error()
-        if broken is not None:
-            return broken
         err = self.ctx.last_error
         why = _reason(err) if err is not None else self.link.mqtt.error_string(rc).rstrip(".")
-        return Result("lost", f"MQTT: connection to {self.link.host}:{self.link.port} lost: "
-                              f"{why.lower()}")
+        # the hub that broke MQTT says so first
+        return self._protocol_error() or Result("lost", f"MQTT: connection to {self.where} "
+                                                        f"lost: {why.lower()}")
 
     def close(self, drain: float = 0.0) -> None:
         client = self.client
@@ -386,8 +373,7 @@ class Session:
         if sock is not None:
             sock.close()
         # Break the client <-> callback cycle so the sockets are freed at once.
-        client.on_connect = client.on_publish = client.on_disconnect = None
-        client.on_message = None
+        client.on_connect = client.on_publish = client.on_disconnect = client.on_message = None
         self.client = None
 
     def requeue(self, queue) -> None:

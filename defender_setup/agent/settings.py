@@ -4,6 +4,7 @@ Interface::
 
     load(root=Path("/")) -> Settings           # raises SettingsError (one line, exit 78)
     parse(text: bytes | str, source="conf.json") -> Settings
+    socks_for(proxy) -> module                 # python3-socks; SettingsError when missing
 
 The file is a JSON object; every key is optional and none is needed for the default case
 (MQTT over TLS on 8883, the system CA store)::
@@ -81,9 +82,9 @@ SAME_SETTING = {"proxy": MS_PROXY, "transport": MS_TRANSPORT}  # ours -> Microso
 MS_PROXY_SHAPE = '"<proxy_ipv4>,<port>" or "<proxy_ipv4>,<port>,<username>,<password>"'
 KNOWN = ("transport", "proxy", "ca_file", "heartbeat_interval", "sas_lifetime", "port",
          "https_port", "twin_interval", MS_PROXY, MS_TRANSPORT)
-_KINDS = ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO (named pipe)"),
-          (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
-          (stat.S_ISSOCK, "a socket"))
+# what a file is when it is not a regular file (a directory is an IsADirectoryError)
+_KINDS = ((stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISCHR, "a character device"),
+          (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"))
 _SPACE = re.compile(r"[ \t\n\r]*")
 _HOST = re.compile(r"[A-Za-z0-9]([A-Za-z0-9.-]*[A-Za-z0-9])?|[0-9A-Fa-f:.]*:[0-9A-Fa-f:.]*")
 
@@ -164,6 +165,20 @@ def _read_regular(path: Path, limit: int) -> bytes:
     return data
 
 
+def socks_for(proxy: Proxy):
+    """python3-socks, which every proxy needs (the agent's connection, ``check``'s and
+    DPS's): the one place that decides it, with the one message.
+
+    :raises SettingsError: it is not installed.
+    """
+    try:
+        import socks
+    except ImportError:
+        raise SettingsError(f"/{CONF_PATH}: proxy {proxy.describe()} needs python3-socks "
+                            "(apt install python3-socks)") from None
+    return socks
+
+
 def load(root: Path = Path("/"), credentials_dir: Path | None = None) -> Settings:
     """Read ``conf.json`` under ``root``; a missing file means the defaults.
 
@@ -226,15 +241,9 @@ def parse(text, source: str = "conf.json", root: Path = Path("/")) -> Settings:
         if transport not in TRANSPORTS:
             raise err("transport", f'must be "mqtt" or "websocket", got {_show(transport)}')
 
-    proxy = None
-    if _given(obj, MS_PROXY):
-        proxy = _ms_proxy(obj[MS_PROXY], err)
-    elif _given(obj, "proxy"):
-        proxy = _proxy(obj["proxy"], err)
-
-    ca_file = None
-    if obj.get("ca_file") not in (None, ""):
-        ca_file = _ca_file(obj["ca_file"], root, err)
+    proxy = _ms_proxy(obj[MS_PROXY], err) if _given(obj, MS_PROXY) else \
+        _proxy(obj["proxy"], err) if _given(obj, "proxy") else None
+    ca_file = _ca_file(obj["ca_file"], root, err) if _given(obj, "ca_file") else None
 
     heartbeat = _int(obj, "heartbeat_interval", 300, HEARTBEAT_RANGE, err, zero_ok=True)
     lifetime = _int(obj, "sas_lifetime", 3600, SAS_LIFETIME_RANGE, err)
@@ -269,11 +278,9 @@ def _members(text: str, source: str, err) -> dict:
     given twice. Decoding stops at the first list or object: its key's check refuses it.
     """
     pos = _SPACE.match(text).end()
-    if text[pos:pos + 1] != "{":
-        if text[pos:pos + 1] in ("[", ""):
-            kind = "a list" if text[pos:pos + 1] == "[" else "nothing"
-        else:
-            kind = _kind(_SCALARS.raw_decode(text, pos)[0])
+    if text[pos:pos + 1] != "{":  # a list is named unseen, like a member's
+        kind = {"[": "a list", "": "nothing"}.get(text[pos:pos + 1]) or \
+            _kind(_SCALARS.raw_decode(text, pos)[0])
         raise SettingsError(f"{source}: expected a JSON object {{...}}, got {kind}")
     members: dict = {}
     pos = _SPACE.match(text, pos + 1).end()
@@ -326,13 +333,8 @@ def _proxy(value, err) -> Proxy:
     if not _HOST.fullmatch(host):
         raise err("proxy", "the host must be a DNS name or an IP address")
     default = 1080 if url.scheme.startswith("socks") else 3128
-    return Proxy(
-        url.scheme,
-        host,
-        port or default,
-        urllib.parse.unquote(url.username) if url.username else None,
-        urllib.parse.unquote(url.password) if url.password else None,
-    )
+    user, password = (urllib.parse.unquote(v) if v else None for v in (url.username, url.password))
+    return Proxy(url.scheme, host, port or default, user, password)
 
 
 def _given(obj: dict, key: str) -> bool:

@@ -318,6 +318,13 @@ def test_invalid_conf_json_is_its_own_check_and_blocks_the_network_ones(root, hu
                for i in netcheck.NETWORK_IDS)
 
 
+def test_dont_run_lists_agent_settings_as_skipped_even_when_conf_json_is_invalid(root, hub_pki):
+    sas_root(root, hub_pki, 8883, transport="tcp")
+    r = check(root, dont_run=("agent-settings",))
+    assert r["agent-settings"].status == "skipped"
+    assert r["agent-settings"].message == "not run (--dont-run)"
+
+
 def test_unconfigured_skips_the_network_checks(root):
     r = check(root)
     assert all(r[i].message == "needs valid stored credentials (credentials-valid)"

@@ -494,6 +494,10 @@ def test_check_asks_dps_where_the_device_is_without_changing_anything(run, stand
     checks = json.loads(out)["checks"]
     assert {c["id"]: c["status"] for c in checks if c["id"].startswith("dps-")} == \
         dict.fromkeys(("dps-dns", "dps-tcp", "dps-tls", "dps-auth"), "skipped")
+    # --offline wins over --dont-run, for the DPS checks as for the hub's
+    code, out, _ = run("check", "--json", "--offline", "--dont-run", "dps-auth,hub-auth")
+    messages = {c["id"]: c["message"] for c in json.loads(out)["checks"]}
+    assert messages["dps-auth"] == messages["hub-auth"] == "not run (--offline)"
 
 
 def test_check_skips_the_dps_checks_for_a_set_not_from_dps(run, sas_inputs):

@@ -74,3 +74,18 @@ def test_certificate_expiry_is_skipped_for_the_connection_string_method(root, sa
 def test_certificate_expiry_is_skipped_when_not_configured(root):
     result = expiry(root)
     assert (result.status, result.message) == ("skipped", "needs credentials-present")
+
+
+def test_an_expiring_certificate_is_reported_once_by_certificate_expiry(root):
+    """credentials-warnings keeps the other warnings (here the CN), not the expiry."""
+    ident = certfactory.make_identity(cn="someone-else", key="p256", days=10)
+    text = f"HostName={HUB};DeviceId={DEVICE};ModuleId={MODULE};x509=true\n".encode()
+    AgentDir(root).write({CONNECTION_STRING_FILE: (text, 0o600),
+                          CERTIFICATE_FILE: (ident.cert_pem, 0o644),
+                          PRIVATE_KEY_FILE: (ident.key_pem, 0o600)})
+    results = {r.id: r for r in checks.run_checks(root)}
+    assert results["certificate-expiry"].status == "warning"
+    assert "expires in 9 days" in results["certificate-expiry"].message
+    warnings = results["credentials-warnings"]
+    assert warnings.status == "warning" and "CN is 'someone-else'" in warnings.message
+    assert "expires" not in warnings.message, warnings

@@ -53,7 +53,7 @@ def test_the_registration_id_defaults_to_the_machine_id(machine):
     assert e.registration_id == "3d1219c7c4c5404aaa1f6d2a48adfda4"
     assert (e.endpoint, e.module_id, e.attestation) == (dps.GLOBAL_ENDPOINT, dps.DEFAULT_MODULE,
                                                         dps.SYMMETRIC_KEY)
-    assert (e.host, e.port) == (dps.GLOBAL_ENDPOINT, 443)
+    assert dps.address(e.endpoint) == (dps.GLOBAL_ENDPOINT, 443)
 
 
 @pytest.mark.parametrize("content", ["", "uninitialized\n", None])
@@ -128,7 +128,7 @@ def test_endpoint_rules(endpoint, hint):
 
 def test_an_endpoint_may_carry_a_port():
     e = dps.enrollment(SCOPE, "d", symmetric_key=KEY, endpoint="localhost:8443")
-    assert (e.host, e.port) == ("localhost", 8443)
+    assert dps.address(e.endpoint) == ("localhost", 8443)
 
 
 def test_one_key_or_one_certificate():

@@ -59,7 +59,7 @@ def test_the_drop_folder_offers_an_enrollment_and_is_cleared_after(device):
     offer = find_offer(device, environ={})
     assert offer.source == "drop-folder" and offer.dps
     e = enrollment_of(offer, device)
-    assert (e.registration_id, e.group_key, e.host, e.port) == \
+    assert (e.registration_id, e.group_key, *dps.address(e.endpoint)) == \
         ("sensor-17", False, "dps.example.net", 8443)
     assert sorted(clear_folder(folder)) == ["dps-endpoint", "dps-id-scope",
                                              "dps-registration-id", "dps-symmetric-key"]

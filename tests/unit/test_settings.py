@@ -276,3 +276,31 @@ def test_https_port_for_test_hubs():
     assert parse('{"https_port": 8443}').https_port == 8443
     with pytest.raises(SettingsError, match="https_port: must be between 1 and 65535"):
         parse('{"https_port": 0}')
+
+
+def test_a_proxy_without_python3_socks_is_one_settings_error_everywhere(monkeypatch, tmp_path):
+    """The agent's link, check's agent-settings and the path steps (DPS's too) say the same."""
+    import sys
+    from types import SimpleNamespace
+
+    from defender_setup import hubpath, netcheck
+    from defender_setup.agent.hubnet import Link
+
+    proxy = parse('{"proxy": "http://proxy.example:3128"}').proxy
+    expected = (f"/{settings.CONF_PATH}: proxy http://proxy.example:3128 needs python3-socks "
+                "(apt install python3-socks)")
+    monkeypatch.setitem(sys.modules, "socks", None)  # "import socks" raises ImportError
+    with pytest.raises(SettingsError) as err:
+        settings.socks_for(proxy)
+    assert str(err.value) == expected and err.value.exit_code == EX_CONFIG
+    with pytest.raises(hubpath.PathError) as path_err:
+        hubpath.open_tcp("hub.example", 443, proxy, 1.0, [(2, ("127.0.0.1", 3128))])
+    assert path_err.value.text == expected
+    with pytest.raises(SettingsError, match="needs python3-socks"):
+        Link(SimpleNamespace(connect_host="hub.example"), parse('{"proxy": "http://p:3128"}'))
+    conf = tmp_path / settings.CONF_PATH
+    conf.parent.mkdir(parents=True)
+    conf.write_text('{"proxy": "http://proxy.example:3128"}')
+    added = []
+    assert netcheck._settings(tmp_path, lambda *a: added.append(a), False) is None
+    assert added == [("agent-settings", "error", expected, EX_CONFIG)]
