@@ -294,7 +294,7 @@ def cmd_check(args, out) -> int:
     root, state, wait = Path(args.root), _service_state(args.root), _read_wait(args)
     try:  # one snapshot for the local and the network checks: the same set for both
         stored = read(agent, wait)
-    except BusyError:
+    except BusyError:  # a writer kept the lock: exit 75, not a failed check
         raise
     except SetupError:
         stored = None  # agent-dir-safe reports it
