@@ -74,11 +74,14 @@ def _too_large(field: str, what: str) -> ValidationError:
                            f"{describe_limit(LIMITS[field])} ({_FIXES[field]})")
 
 
-def check_size(data: bytes, field: str) -> None:
-    """Refuse content over ``LIMITS[field]``, as :func:`read_file` would have.
+def check_size(data: bytes | str, field: str) -> None:
+    """Refuse content over ``LIMITS[field]``, as :func:`read_file` would have (text counts
+    as its UTF-8 bytes).
 
     :raises ValidationError: larger than the limit.
     """
+    if isinstance(data, str):
+        data = data.encode("utf-8")
     if len(data) > LIMITS[field]:
         raise _too_large(field, f"the file is {len(data)} bytes")
 
