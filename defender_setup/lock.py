@@ -42,11 +42,7 @@ from .errors import BusyError, UnsafeTargetError
 from .safefs import not_ours
 
 POLL = 0.02
-_held: dict[str, list] = {}   # path -> [fd, depth, exclusive]
-
-
-def _key(path: Path) -> str:
-    return os.path.abspath(path)
+_held: dict[str, list] = {}   # absolute path -> [fd, depth, exclusive]
 
 
 def _safe(fd: int, path: Path) -> None:
@@ -152,7 +148,7 @@ def _through_gate(fd: int, path: Path, operation: int, timeout: float) -> None:
 
 def holds(path: Path | str) -> bool:
     """True while this process holds the lock at ``path`` (a nested ``with`` is free)."""
-    return _key(Path(path)) in _held
+    return os.path.abspath(path) in _held
 
 
 def exclusive(path: Path | str, timeout: float = 30.0):
@@ -167,7 +163,7 @@ def shared(path: Path | str, timeout: float = 5.0):
 
 @contextmanager
 def _locked(path: Path, timeout: float, exclusive: bool):
-    key = _key(path)
+    key = os.path.abspath(path)
     entry = _held.get(key)
     if entry is not None:  # inside our own lock: free (a reader inside a writer reads freely)
         if exclusive and not entry[2]:
