@@ -92,14 +92,13 @@ class UnitState:
 
 
 def _subprocess_runner(argv: list[str], timeout: float) -> subprocess.CompletedProcess:
-    env = dict(os.environ, **_QUIET_ENV)
     return subprocess.run(
         argv,
         stdin=subprocess.DEVNULL,
         capture_output=True,
         text=True,
         timeout=timeout,
-        env=env,
+        env=dict(os.environ, **_QUIET_ENV),
         check=False,
     )
 
