@@ -168,21 +168,21 @@ def normalize_private_key(key_pem) -> bytes:
 
 def _check_roles(cert_blocks: list[Block], key_blocks: list[Block]) -> None:
     """Catch swapped files, a combined file, encrypted keys and unexpected blocks."""
-    certs = [b for b in cert_blocks if b.label in _CERT_LABELS]
-    cert_keys = [b for b in cert_blocks if _is_private_key(b)]
+    certs = any(b.label in _CERT_LABELS for b in cert_blocks)
+    cert_keys = any(_is_private_key(b) for b in cert_blocks)
+    key_certs = any(b.label in _CERT_LABELS for b in key_blocks)
     if cert_keys and certs:
         raise ValidationError(CERT, "the file holds both the certificate and a private key; "
                               + _SPLIT_HINT)
     if cert_keys:
-        swapped = any(b.label in _CERT_LABELS for b in key_blocks)
         raise ValidationError(CERT, "the file holds a private key, not a certificate; "
                               + ("the certificate and private key files are swapped; exchange them"
-                                 if swapped else "give the certificate file here"))
+                                 if key_certs else "give the certificate file here"))
     for b in cert_blocks:
         if b.label not in _CERT_LABELS:
             raise ValidationError(CERT, _unexpected(b.label, CERT))
     keys = [b for b in key_blocks if _is_private_key(b)]
-    if any(b.label in _CERT_LABELS for b in key_blocks):
+    if key_certs:
         raise ValidationError(KEY, ("the file holds both a certificate and the private key; "
                                     + _SPLIT_HINT) if keys else
                               "the file holds a certificate, not a private key; give the "
