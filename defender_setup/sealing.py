@@ -13,7 +13,7 @@ Interface::
     key_kind(sealed: bytes) -> str | None        # "host key", "TPM2 + host key", ... (pure)
     store(agent, files, method, seal_it, *, environ=None, runner=None, defer=None)
         -> list[str]                             # the writer: plain or sealed, or deferred
-    plain_left(agent, current) -> list[str]      # plain secrets in a sealed set's previous
+    plain_left(agent, current=None) -> list[str] # plain secrets in a sealed set's previous
     seal_previous(agent, runner=None) -> lines   # seal those where they are
     PLAIN_LEFT.format(names)                     # what status and check say about them
     PENDING                                      # AgentDir record: sealing waits for 1st boot
@@ -301,10 +301,10 @@ def _with_modes(agent, files: dict, on_disk: bool = True) -> dict:
             for name, data in files.items()}
 
 
-def plain_left(agent, current: dict) -> list[str]:
-    """The plain secret files in the previous generation of a sealed set (``current``: its
-    current files, which the caller has just read); ``[]`` if none."""
-    if not any(name in _PLAIN for name in current):
+def plain_left(agent, current: dict | None = None) -> list[str]:
+    """The plain secret files in the previous generation of a sealed set; ``[]`` if none.
+    ``current``: the current files, when the caller has just read them."""
+    if not any(name in _PLAIN for name in (agent.current() if current is None else current)):
         return []
     try:
         previous = agent.previous_files()
