@@ -215,8 +215,8 @@ def der_items(data: bytes, start: int = 0, end: int | None = None):
         pos += length
 
 
-def der_first(data: bytes, start: int = 0, end: int | None = None) -> tuple:
-    for item in der_items(data, start, end):
+def der_first(data: bytes) -> tuple:
+    for item in der_items(data):
         return item
     raise ValueError("no DER element")
 
