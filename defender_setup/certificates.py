@@ -119,9 +119,9 @@ def check(cert_pem, key_pem, *, device_id=None, module_id=None, now=None) -> Cer
             "the key does not belong to the certificate (its public key differs from the "
             "leaf certificate's); use the key that was generated with this certificate",
         )
-    info, errors = _analyse(cert_blocks, certs, device_id, module_id, _utcnow(now))
-    if errors:
-        raise ValidationError(CERT, errors[0])
+    info, error = _analyse(cert_blocks, certs, device_id, module_id, _utcnow(now))
+    if error:
+        raise ValidationError(CERT, error)
     return info
 
 
@@ -320,9 +320,9 @@ def _order_error(certs) -> str | None:
 
 
 def _analyse(blocks, certs, device_id, module_id, now):
-    """Build the info; return it with the list of validity errors (first is fatal). The
-    order was judged before (:func:`check` raises it)."""
-    errors: list[str] = []
+    """Build the info; return it with the fatal validity error, or None. The order was
+    judged before (:func:`check` raises it)."""
+    error = None
     warnings: list[str] = []
     leaf = certs[0]
     for n in range(1, len(certs)):
@@ -332,12 +332,12 @@ def _analyse(blocks, certs, device_id, module_id, now):
     not_before, not_after = _validity(leaf)
     expiring = None
     if now < not_before:
-        errors.append(f"the certificate is not valid yet: it starts {_fmt(not_before)}, but "
-                      f"the device clock says {_fmt(now)}; check the clock (timedatectl) "
-                      "or the certificate's dates")
+        error = (f"the certificate is not valid yet: it starts {_fmt(not_before)}, but the "
+                 f"device clock says {_fmt(now)}; check the clock (timedatectl) or the "
+                 "certificate's dates")
     elif now > not_after:
-        errors.append(f"the certificate expired {_fmt(not_after)} (the device clock says "
-                      f"{_fmt(now)}); issue a new certificate")
+        error = (f"the certificate expired {_fmt(not_after)} (the device clock says "
+                 f"{_fmt(now)}); issue a new certificate")
     elif not_after - now <= _dt.timedelta(days=EXPIRY_WARNING_DAYS):
         days = (not_after - now).days
         expiring = (f"the certificate expires in {days} day{'s' * (days != 1)} "
@@ -376,7 +376,7 @@ def _analyse(blocks, certs, device_id, module_id, now):
         self_signed=leaf.issuer == leaf.subject,
         expiry_warning=expiring,
     )
-    return info, errors
+    return info, error
 
 
 def _validity(cert):
