@@ -30,6 +30,7 @@ from .inputs import check_size
 from .pem import (
     CERT,
     KEY,
+    UNPARSABLE_KEY,
     Block,
     classify,
     first_copy,
@@ -40,7 +41,8 @@ from .pem import (
 
 EXPIRY_WARNING_DAYS = 30
 
-_DECRYPT_HINT = "Decrypt it with: openssl pkey -in key.pem -out key-plain.pem"
+_ENCRYPTED = ("the key is encrypted with a passphrase; the agent cannot prompt for it. "
+              "Decrypt it with: openssl pkey -in key.pem -out key-plain.pem")
 _SPLIT_HINT = (
     "split it: keep the CERTIFICATE blocks in the certificate file and put the PRIVATE KEY "
     "block in its own key file"
@@ -84,7 +86,7 @@ def check(cert_pem, key_pem, *, device_id=None, module_id=None, now=None) -> Cer
     :raises ValidationError: field ``certificate`` or ``private key``.
     """
     for data, field in ((cert_pem, CERT), (key_pem, KEY)):  # first: it bounds the work below
-        check_size(data.encode("utf-8") if isinstance(data, str) else data, field)
+        check_size(data, field)
     cert_blocks = classify(cert_pem, CERT)
     key_blocks = classify(key_pem, KEY)
     _check_roles(cert_blocks, key_blocks)
@@ -117,9 +119,9 @@ def check(cert_pem, key_pem, *, device_id=None, module_id=None, now=None) -> Cer
             "the key does not belong to the certificate (its public key differs from the "
             "leaf certificate's); use the key that was generated with this certificate",
         )
-    info, errors = _analyse(cert_blocks, certs, device_id, module_id, _utcnow(now))
-    if errors:
-        raise ValidationError(CERT, errors[0])
+    info, error = _analyse(cert_blocks, certs, device_id, module_id, _utcnow(now))
+    if error:
+        raise ValidationError(CERT, error)
     return info
 
 
@@ -130,9 +132,8 @@ def validity(cert_pem) -> tuple[_dt.datetime, _dt.datetime]:
 
     :raises ValidationError: field ``certificate``: too large, or not a PEM certificate.
     """
-    data = cert_pem.encode("utf-8") if isinstance(cert_pem, str) else cert_pem
-    check_size(data, CERT)
-    blocks = [b for b in classify(data, CERT) if b.label in _CERT_LABELS]
+    check_size(cert_pem, CERT)
+    blocks = [b for b in classify(cert_pem, CERT) if b.label in _CERT_LABELS]
     if not blocks:
         raise ValidationError(CERT, "holds no CERTIFICATE block")
     return _validity(_load_certificates(blocks[:1])[0])
@@ -167,21 +168,21 @@ def normalize_private_key(key_pem) -> bytes:
 
 def _check_roles(cert_blocks: list[Block], key_blocks: list[Block]) -> None:
     """Catch swapped files, a combined file, encrypted keys and unexpected blocks."""
-    certs = [b for b in cert_blocks if b.label in _CERT_LABELS]
-    cert_keys = [b for b in cert_blocks if _is_private_key(b)]
+    certs = any(b.label in _CERT_LABELS for b in cert_blocks)
+    cert_keys = any(_is_private_key(b) for b in cert_blocks)
+    key_certs = any(b.label in _CERT_LABELS for b in key_blocks)
     if cert_keys and certs:
         raise ValidationError(CERT, "the file holds both the certificate and a private key; "
                               + _SPLIT_HINT)
     if cert_keys:
-        swapped = any(b.label in _CERT_LABELS for b in key_blocks)
         raise ValidationError(CERT, "the file holds a private key, not a certificate; "
                               + ("the certificate and private key files are swapped; exchange them"
-                                 if swapped else "give the certificate file here"))
+                                 if key_certs else "give the certificate file here"))
     for b in cert_blocks:
         if b.label not in _CERT_LABELS:
             raise ValidationError(CERT, _unexpected(b.label, CERT))
     keys = [b for b in key_blocks if _is_private_key(b)]
-    if any(b.label in _CERT_LABELS for b in key_blocks):
+    if key_certs:
         raise ValidationError(KEY, ("the file holds both a certificate and the private key; "
                                     + _SPLIT_HINT) if keys else
                               "the file holds a certificate, not a private key; give the "
@@ -190,8 +191,7 @@ def _check_roles(cert_blocks: list[Block], key_blocks: list[Block]) -> None:
         if b.label == "ENCRYPTED PRIVATE KEY" or any(
             h.replace(" ", "").upper().startswith("PROC-TYPE:4,ENCRYPTED") for h in b.headers
         ):
-            raise ValidationError(KEY, "the key is encrypted with a passphrase; the agent "
-                                  "cannot prompt for it. " + _DECRYPT_HINT)
+            raise ValidationError(KEY, _ENCRYPTED)
         if b.label not in _KEY_LABELS and b.label != "EC PARAMETERS":  # ecparam -genkey adds it
             raise ValidationError(KEY, _unexpected(b.label, KEY))
     if len(keys) != 1:
@@ -205,11 +205,11 @@ def _is_private_key(block: Block) -> bool:
 
 
 def _unexpected(label: str, field: str) -> str:
+    csr = ("a certificate signing request is not a certificate; have it signed and use the "
+           "certificate you get back")
     hints = {
-        "CERTIFICATE REQUEST": "a certificate signing request is not a certificate; "
-        "have it signed and use the certificate you get back",
-        "NEW CERTIFICATE REQUEST": "a certificate signing request is not a certificate; "
-        "have it signed and use the certificate you get back",
+        "CERTIFICATE REQUEST": csr,
+        "NEW CERTIFICATE REQUEST": csr,
         "PUBLIC KEY": "a public key is not enough; give the private key",
         "OPENSSH PRIVATE KEY": "OpenSSH keys are not supported; give a PEM key, "
         "e.g. convert it with: ssh-keygen -p -m PEM -f KEYFILE",
@@ -245,13 +245,11 @@ def _load_private_key(block: Block):
     try:
         return load_pem_private_key(block.pem(), password=None)
     except TypeError:  # encrypted in a way the headers did not show
-        raise ValidationError(KEY, "the key is encrypted with a passphrase; the agent cannot "
-                              "prompt for it. " + _DECRYPT_HINT) from None
+        raise ValidationError(KEY, _ENCRYPTED) from None
     except UnsupportedAlgorithm:
         raise ValidationError(KEY, f"the key type is not supported; {_KEY_ADVICE}") from None
     except ValueError:
-        raise ValidationError(KEY, "the private key cannot be parsed; the file is corrupted "
-                              "or incomplete, copy it again") from None
+        raise ValidationError(KEY, UNPARSABLE_KEY) from None
 
 
 def _key_problem(kind: str, size) -> str | None:
@@ -322,9 +320,9 @@ def _order_error(certs) -> str | None:
 
 
 def _analyse(blocks, certs, device_id, module_id, now):
-    """Build the info; return it with the list of validity/order errors (first is fatal)."""
-    order = _order_error(certs)
-    errors: list[str] = [order] if order else []
+    """Build the info; return it with the fatal validity error, or None. The order was
+    judged before (:func:`check` raises it)."""
+    error = None
     warnings: list[str] = []
     leaf = certs[0]
     for n in range(1, len(certs)):
@@ -334,12 +332,12 @@ def _analyse(blocks, certs, device_id, module_id, now):
     not_before, not_after = _validity(leaf)
     expiring = None
     if now < not_before:
-        errors.append(f"the certificate is not valid yet: it starts {_fmt(not_before)}, but "
-                      f"the device clock says {_fmt(now)}; check the clock (timedatectl) "
-                      "or the certificate's dates")
+        error = (f"the certificate is not valid yet: it starts {_fmt(not_before)}, but the "
+                 f"device clock says {_fmt(now)}; check the clock (timedatectl) or the "
+                 "certificate's dates")
     elif now > not_after:
-        errors.append(f"the certificate expired {_fmt(not_after)} (the device clock says "
-                      f"{_fmt(now)}); issue a new certificate")
+        error = (f"the certificate expired {_fmt(not_after)} (the device clock says "
+                 f"{_fmt(now)}); issue a new certificate")
     elif not_after - now <= _dt.timedelta(days=EXPIRY_WARNING_DAYS):
         days = (not_after - now).days
         expiring = (f"the certificate expires in {days} day{'s' * (days != 1)} "
@@ -353,7 +351,7 @@ def _analyse(blocks, certs, device_id, module_id, now):
     if algorithm in ("sha1", "md5"):
         warnings.append(f"the certificate is signed with {algorithm.upper()}, which TLS "
                         "libraries increasingly refuse; reissue it with SHA-256")
-    cn = _common_name(leaf)
+    cn = _common_name(leaf.subject)
     if device_id:
         expected = [device_id] + ([f"{device_id}/{module_id}"] if module_id else [])
         if cn not in expected:
@@ -378,7 +376,7 @@ def _analyse(blocks, certs, device_id, module_id, now):
         self_signed=leaf.issuer == leaf.subject,
         expiry_warning=expiring,
     )
-    return info, errors
+    return info, error
 
 
 def _validity(cert):
@@ -399,19 +397,16 @@ def _hash_name(cert) -> str | None:
     return algorithm.name if algorithm is not None else None
 
 
-def _common_name(cert) -> str | None:
+def _common_name(name) -> str | None:
     from cryptography.x509.oid import NameOID
 
-    values = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+    values = name.get_attributes_for_oid(NameOID.COMMON_NAME)
     return str(values[0].value) if values else None
 
 
 def _name(name) -> str:
-    from cryptography.x509.oid import NameOID
-
-    values = name.get_attributes_for_oid(NameOID.COMMON_NAME)
-    return printable(f"CN={values[0].value}" if values else
-                     (name.rfc4514_string() or "empty name"))
+    cn = _common_name(name)
+    return printable(f"CN={cn}" if cn is not None else (name.rfc4514_string() or "empty name"))
 
 
 def _utcnow(now) -> _dt.datetime:

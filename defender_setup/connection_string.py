@@ -22,10 +22,9 @@ import re
 from dataclasses import dataclass, field
 
 from . import DEFAULT_MODULE_ID
-from .errors import CONNECTION_STRING, ValidationError
+from .errors import CONNECTION_STRING as FIELD
+from .errors import ValidationError
 from .inputs import CONNECTION_STRING_MAX as MAX_BYTES
-
-FIELD = CONNECTION_STRING
 
 
 def _key_error(key: str, message: str) -> ValidationError:

@@ -98,16 +98,12 @@ def read(root: Path = Path("/")) -> Facts:
     try:
         fd = os.open(Path(root) / FACTS, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC
                      | os.O_NONBLOCK)
+        with open(fd, "rb") as handle:  # closes fd
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                return Facts()
+            data = handle.read(MAX_BYTES + 1)
     except OSError:
         return Facts()
-    try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            return Facts()
-        data = os.read(fd, MAX_BYTES + 1)
-    except OSError:
-        return Facts()
-    finally:
-        os.close(fd)
     return Facts() if len(data) > MAX_BYTES else parse(data)
 
 

@@ -74,11 +74,14 @@ def _too_large(field: str, what: str) -> ValidationError:
                            f"{describe_limit(LIMITS[field])} ({_FIXES[field]})")
 
 
-def check_size(data: bytes, field: str) -> None:
-    """Refuse content over ``LIMITS[field]``, as :func:`read_file` would have.
+def check_size(data: bytes | str, field: str) -> None:
+    """Refuse content over ``LIMITS[field]``, as :func:`read_file` would have (text counts
+    as its UTF-8 bytes).
 
     :raises ValidationError: larger than the limit.
     """
+    if isinstance(data, str):
+        data = data.encode("utf-8")
     if len(data) > LIMITS[field]:
         raise _too_large(field, f"the file is {len(data)} bytes")
 
@@ -117,24 +120,18 @@ def read_file(path: str, field: str, follow: bool = True) -> bytes:
     except OSError as exc:
         raise InputError(f"cannot read {shown}: {exc.strerror}", field) from None
     try:
-        st = os.fstat(fd)
-        _refuse_kind(st, field, shown)
-        if st.st_size > limit:
-            raise _too_large(field, f"{shown} is {st.st_size} bytes")
-        chunks, size = [], 0
-        while size <= limit:  # the file may grow after fstat(): stop one byte past the limit
-            chunk = os.read(fd, limit + 1 - size)
-            if not chunk:
-                break
-            chunks.append(chunk)
-            size += len(chunk)
+        with open(fd, "rb") as handle:  # closes fd
+            st = os.fstat(fd)
+            _refuse_kind(st, field, shown)
+            if st.st_size > limit:
+                raise _too_large(field, f"{shown} is {st.st_size} bytes")
+            # The file may grow after fstat(): read (as often as it takes) one byte past the limit.
+            data = handle.read(limit + 1)
     except OSError as exc:
         raise InputError(f"cannot read {shown}: {exc.strerror}", field) from None
-    finally:
-        os.close(fd)
-    if size > limit:
+    if len(data) > limit:
         raise _too_large(field, f"{shown} is over {limit} bytes")
-    return b"".join(chunks)
+    return data
 
 
 def read_stream(stream, field: str) -> bytes:

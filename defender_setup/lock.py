@@ -42,11 +42,7 @@ from .errors import BusyError, UnsafeTargetError
 from .safefs import not_ours
 
 POLL = 0.02
-_held: dict[str, list] = {}   # path -> [fd, depth, exclusive]
-
-
-def _key(path: Path) -> str:
-    return os.path.abspath(path)
+_held: dict[str, list] = {}   # absolute path -> [fd, depth, exclusive]
 
 
 def _safe(fd: int, path: Path) -> None:
@@ -118,11 +114,11 @@ def _holder_of(fd: int) -> str:
     return ", ".join(_describe(pid) for pid in sorted(set(pids)))
 
 
-def _busy(fd: int, path: Path, what: str, timeout: float) -> BusyError:
+def _busy(fd: int, path: Path, timeout: float) -> BusyError:
     who = _holder_of(fd)
     return BusyError(f"another command is changing the credentials ({path} is held"
-                     f"{' by ' + who if who else ''}); {what} waited {timeout:g} s. Wait for it "
-                     "to finish and run the command again (--lock-timeout S waits longer)")
+                     f"{' by ' + who if who else ''}); this command waited {timeout:g} s. Wait "
+                     "for it to finish and run the command again (--lock-timeout S waits longer)")
 
 
 def _acquire(fd: int, operation: int, deadline: float) -> bool:
@@ -138,36 +134,36 @@ def _acquire(fd: int, operation: int, deadline: float) -> bool:
             time.sleep(min(POLL, remaining))
 
 
-def _through_gate(fd: int, path: Path, operation: int, timeout: float, what: str) -> None:
+def _through_gate(fd: int, path: Path, operation: int, timeout: float) -> None:
     """Take ``operation`` on ``fd`` after passing the gate (see the module docstring)."""
     deadline = time.monotonic() + max(0.0, timeout)
     gate = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
     try:
         gate_op = fcntl.LOCK_EX if operation == fcntl.LOCK_EX else fcntl.LOCK_SH
         if not (_acquire(gate, gate_op, deadline) and _acquire(fd, operation, deadline)):
-            raise _busy(fd, path, what, timeout)  # names the lock's holder, not the gate's
+            raise _busy(fd, path, timeout)  # names the lock's holder, not the gate's
     finally:
         os.close(gate)  # the gate is only for the way in
 
 
 def holds(path: Path | str) -> bool:
     """True while this process holds the lock at ``path`` (a nested ``with`` is free)."""
-    return _key(Path(path)) in _held
+    return os.path.abspath(path) in _held
 
 
-def exclusive(path: Path | str, timeout: float = 30.0, what: str = "this command"):
+def exclusive(path: Path | str, timeout: float = 30.0):
     """Hold the lock at ``path`` exclusively (creating the file); re-entrant per process."""
-    return _locked(Path(path), timeout, what, exclusive=True)
+    return _locked(Path(path), timeout, exclusive=True)
 
 
-def shared(path: Path | str, timeout: float = 5.0, what: str = "this command"):
+def shared(path: Path | str, timeout: float = 5.0):
     """Hold the lock at ``path`` shared, if the file exists; never creates or writes it."""
-    return _locked(Path(path), timeout, what, exclusive=False)
+    return _locked(Path(path), timeout, exclusive=False)
 
 
 @contextmanager
-def _locked(path: Path, timeout: float, what: str, exclusive: bool):
-    key = _key(path)
+def _locked(path: Path, timeout: float, exclusive: bool):
+    key = os.path.abspath(path)
     entry = _held.get(key)
     if entry is not None:  # inside our own lock: free (a reader inside a writer reads freely)
         if exclusive and not entry[2]:
@@ -183,7 +179,7 @@ def _locked(path: Path, timeout: float, what: str, exclusive: bool):
         yield
         return
     try:
-        _through_gate(fd, path, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH, timeout, what)
+        _through_gate(fd, path, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH, timeout)
         if exclusive:  # the holder's pid, for the message of whoever waits in vain
             os.ftruncate(fd, 0)
             os.pwrite(fd, f"{os.getpid()}\n".encode("ascii"), 0)

@@ -32,6 +32,9 @@ KNOWN_LABELS = frozenset((
     "PRIVATE KEY", "RSA PRIVATE KEY", "EC PRIVATE KEY", "DSA PRIVATE KEY",
     "ENCRYPTED PRIVATE KEY", "OPENSSH PRIVATE KEY", "EC PARAMETERS", "DH PARAMETERS",
     "PGP PRIVATE KEY BLOCK", "PGP PUBLIC KEY BLOCK"))
+# One message for a key that does not parse, here or through cryptography (certificates).
+UNPARSABLE_KEY = ("the private key cannot be parsed; the file is corrupted or incomplete, "
+                  "copy it again")
 
 
 def shown_label(label: str) -> str:
@@ -212,8 +215,8 @@ def der_items(data: bytes, start: int = 0, end: int | None = None):
         pos += length
 
 
-def der_first(data: bytes, start: int = 0, end: int | None = None) -> tuple:
-    for item in der_items(data, start, end):
+def der_first(data: bytes) -> tuple:
+    for item in der_items(data):
         return item
     raise ValueError("no DER element")
 
@@ -259,8 +262,7 @@ def rsa_private_numbers(block: Block):
             return None
         version, n, e, d, p, q, dp, dq, qinv = der_ints(der, fields)
     except (ValueError, IndexError):
-        raise ValidationError(KEY, "the private key cannot be parsed; the file is corrupted "
-                              "or incomplete, copy it again") from None
+        raise ValidationError(KEY, UNPARSABLE_KEY) from None
     consistent = (version == 0 and p > 1 and q > 1 and p * q == n
                   and (e * d - 1) % (p - 1) == 0 and (e * d - 1) % (q - 1) == 0
                   and dp == d % (p - 1) and dq == d % (q - 1) and (qinv * q) % p == 1)

@@ -131,7 +131,6 @@ def not_ours(st: os.stat_result) -> str | None:
 def check_restorable(path: Path) -> None:
     """A file of ``previous/`` must be one we wrote: regular, ours, linked nowhere else."""
     problem = not_ours(os.lstat(path))
-    if problem is None:
-        return
-    raise UnsafeTargetError(f"{path} {problem}; refusing to restore it. Remove the previous "
-                            "set or apply the credentials again")
+    if problem is not None:
+        raise UnsafeTargetError(f"{path} {problem}; refusing to restore it. Remove the "
+                                "previous set or apply the credentials again")

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import os
 import subprocess
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Callable
 
@@ -39,19 +39,10 @@ SYSTEMCTL = "systemctl"
 POLICY_RC_D = "usr/sbin/policy-rc.d"  # relative to root
 SYSTEMD_RUNNING = "run/systemd/system"  # relative to root; sd_booted()'s test
 POLICY_FORBIDDEN = 101  # policy-rc.d: action forbidden (mmdebstrap, piuparts, image builds)
-SHOW_PROPERTIES = (
-    "InvocationID",
-    "MainPID",
-    "NRestarts",
-    "ActiveState",
-    "SubState",
-    "StatusText",
-    "ExecMainStatus",
-    "Result",
-    "ConditionResult",
-    "UnitFileState",
-    "LoadState",
-)
+# What UnitState holds: one property per field, in the order of its fields.
+SHOW_PROPERTIES = ("InvocationID", "MainPID", "NRestarts", "ActiveState", "SubState",
+                   "StatusText", "ExecMainStatus", "Result", "ConditionResult",
+                   "UnitFileState", "LoadState")
 # Environment for systemctl: no pager, no colours, no interactive password agent.
 _QUIET_ENV = {"SYSTEMD_PAGER": "", "SYSTEMD_COLORS": "0", "LC_ALL": "C.UTF-8"}
 
@@ -75,26 +66,16 @@ class UnitState:
     @classmethod
     def parse(cls, text: str) -> UnitState:
         props = dict(line.split("=", 1) for line in text.splitlines() if "=" in line)
-
-        def num(name):
-            try:
-                return int(props.get(name) or 0)
-            except ValueError:  # "[not set]" on old systemd
-                return 0
-
-        return cls(
-            invocation_id=props.get("InvocationID", ""),
-            main_pid=num("MainPID"),
-            n_restarts=num("NRestarts"),
-            active_state=props.get("ActiveState", ""),
-            sub_state=props.get("SubState", ""),
-            status_text=props.get("StatusText", ""),
-            exec_main_status=num("ExecMainStatus"),
-            result=props.get("Result", ""),
-            condition_result=props.get("ConditionResult", ""),
-            unit_file_state=props.get("UnitFileState", ""),
-            load_state=props.get("LoadState", ""),
-        )
+        values = {}
+        for prop, item in zip(SHOW_PROPERTIES, fields(cls)):
+            value = props.get(prop, "")
+            if isinstance(item.default, int):  # a number: its default is 0
+                try:
+                    value = int(value or 0)
+                except ValueError:  # "[not set]" on old systemd
+                    value = 0
+            values[item.name] = value
+        return cls(**values)
 
     @property
     def running(self) -> bool:
@@ -111,14 +92,13 @@ class UnitState:
 
 
 def _subprocess_runner(argv: list[str], timeout: float) -> subprocess.CompletedProcess:
-    env = dict(os.environ, **_QUIET_ENV)
     return subprocess.run(
         argv,
         stdin=subprocess.DEVNULL,
         capture_output=True,
         text=True,
         timeout=timeout,
-        env=env,
+        env=dict(os.environ, **_QUIET_ENV),
         check=False,
     )
 
@@ -130,7 +110,6 @@ class Service:
         self,
         root: Path | str = "/",
         *,
-        unit: str = UNIT,
         runner: Callable[[list[str], float], subprocess.CompletedProcess] | None = None,
         journal: Callable | None = None,
         environ: dict | None = None,
@@ -140,7 +119,7 @@ class Service:
         # Whether the systemd that systemctl reaches manages the tree under root.
         self.manages_root = (self.root.resolve() == Path("/") if manages_root is None
                              else manages_root)
-        self.unit = unit
+        self.unit = UNIT
         self._run = runner or _subprocess_runner
         self._journal = journal
         self._environ = os.environ if environ is None else environ

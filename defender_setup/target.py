@@ -35,6 +35,7 @@ MICROSOFT_ETC_DIR = "etc/defender_iot_micro_agent"  # relative to a root
 MICROSOFT_CACHE = "var/lib/defender_iot_micro_agent/cache.json"  # relative to a root
 DPKG_STATUS = "var/lib/dpkg/status"  # relative to a root
 STATUS_LIMIT = 64 * 1024 * 1024    # a real status file is a few MB
+_FIELD = re.compile(r"(?m)^(Package|Status|Version):(.*)$")  # the fields read, in a stanza
 # dpkg states in which a package's files are on disk (not "not-installed", "config-files").
 _UNPACKED = ("installed", "half-configured", "unpacked", "half-installed",
              "triggers-awaited", "triggers-pending")
@@ -83,7 +84,7 @@ def detect(root: Path | str = "/") -> Target:
         return OURS
     ours = OURS
     for stanza in text.split("\n\n"):
-        fields = _fields(stanza)
+        fields = {m.group(1): m.group(2).strip() for m in _FIELD.finditer(stanza)}
         state = fields.get("Status", "").split()
         if not state or state[-1] not in _UNPACKED:
             continue
@@ -92,11 +93,6 @@ def detect(root: Path | str = "/") -> Target:
         if fields.get("Package") == OUR_PACKAGE:
             ours = Target(OUR_PACKAGE, fields.get("Version"))
     return ours
-
-
-def _fields(stanza: str) -> dict[str, str]:
-    return {m.group(1): m.group(2).strip()
-            for m in re.finditer(r"(?m)^(Package|Status|Version):(.*)$", stanza)}
 
 
 # -- Debian version comparison (deb-version(7)), so no python3-apt is needed -----------------

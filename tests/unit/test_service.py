@@ -21,6 +21,13 @@ def test_parse_and_describe():
     assert UnitState.parse("MainPID=[not set]\n").main_pid == 0
 
 
+def test_parse_reads_every_property_into_its_field():
+    s = UnitState.parse("InvocationID=i\nMainPID=1\nNRestarts=2\nActiveState=a\nSubState=s\n"
+                        "StatusText=t\nExecMainStatus=3\nResult=r\nConditionResult=c\n"
+                        "UnitFileState=u\nLoadState=l\n")
+    assert s == UnitState("i", 1, 2, "a", "s", "t", 3, "r", "c", "u", "l")
+
+
 def test_injected_runner_and_timeout(tmp_path):
     import subprocess
 
