@@ -3,7 +3,6 @@
 Interface (the runtime's connector seam, see :mod:`defender_setup.agent.runtime`)::
 
     HubConnector(root=Path("/"), settings=None, *, ready_timeout=10.0, backoff=(1.0, 60.0),
-                 heartbeat_interval=None, sas_lifetime=None, twin_interval=None,
                  clock=time.time)
     .start(creds, notify)   # returns at once; notify.ready() once the first attempt has an
                             # outcome (the runtime sends READY=1 then, or after ready_timeout)
@@ -153,15 +152,11 @@ class HubConnector:
     """See the module docstring."""
 
     def __init__(self, root: Path = Path("/"), settings=None, *, ready_timeout: float = 10.0,
-                 backoff=(1.0, 60.0), heartbeat_interval=None, sas_lifetime=None,
-                 twin_interval=None, clock=time.time):
+                 backoff=(1.0, 60.0), clock=time.time):
         self.root = Path(root)
         self._settings = settings
         self.ready_timeout = ready_timeout
         self._backoff = Backoff(*backoff)
-        self._heartbeat_override = heartbeat_interval
-        self._lifetime_override = sas_lifetime
-        self._twin_override = twin_interval
         self.twin: twin.Twin | None = None
         self._clock = clock
         self._queue: collections.deque = collections.deque(maxlen=QUEUE_MAX)
@@ -186,16 +181,11 @@ class HubConnector:
             self.state = "rejected"
             notify.fail(EX_CONFIG, f"not starting: {err}")
             return
-        self.heartbeat_interval = (self._heartbeat_override if self._heartbeat_override
-                                   is not None else self.settings.heartbeat_interval)
-        self.sas_lifetime = self._lifetime_override or self.settings.sas_lifetime
-        interval = (self._twin_override if self._twin_override is not None
-                    else self.settings.twin_interval)
         self.twin = None
-        if interval:
+        if self.settings.twin_interval:
             try:
                 report = twin.Report(creds, self.root)
-                self.twin = twin.Twin(report.body, interval, log=notify.log)
+                self.twin = twin.Twin(report.body, self.settings.twin_interval, log=notify.log)
             except Exception as err:  # a report is never worth the connection: see _twin
                 self._twin_off(err)
         self.state = "connecting"
@@ -276,9 +266,9 @@ class HubConnector:
             stop.wait(self._backoff.next())
 
     def _session(self, stop: threading.Event, link) -> hubnet.Result:
-        token = None
+        token, lifetime = None, self.settings.sas_lifetime
         if self.identity.key is not None:
-            token = sas.new_token(self.identity.resource, self.identity.key, self.sas_lifetime,
+            token = sas.new_token(self.identity.resource, self.identity.key, lifetime,
                                   now=self._clock())
         session = link.open(token, self._clock, timeout=self.ready_timeout)
         if session.result is not None:
@@ -297,17 +287,16 @@ class HubConnector:
         if token is not None:
             # from the token's own expiry (whole seconds, so up to 1 s shorter than asked)
             left = token.expiry - self._clock()
-            renew_at = time.monotonic() + max(1.0, left - self.sas_lifetime + sas.renewal_delay(
-                self.sas_lifetime))
+            renew_at = time.monotonic() + max(1.0, left - lifetime + sas.renewal_delay(lifetime))
         if self.twin is not None:
             session.subscribe(twin.RESPONSES)
             self.twin.connected()
         try:
             while True:
                 now = time.monotonic()
-                if self.heartbeat_interval and now >= self._next_beat:
+                if self.settings.heartbeat_interval and now >= self._next_beat:
                     self.send(self._heartbeat())
-                    self._next_beat = now + self.heartbeat_interval
+                    self._next_beat = now + self.settings.heartbeat_interval
                 session.publish_from(self._queue, self.identity.topic)
                 if self.twin is not None:
                     self._twin(session)
@@ -316,7 +305,7 @@ class HubConnector:
                     return hubnet.Result("stopped")
                 if renew_at is not None and now >= renew_at:
                     # wait for outstanding acks, but well before the old token expires
-                    session.close(drain=min(3.0, self.sas_lifetime * 0.05))
+                    session.close(drain=min(3.0, lifetime * 0.05))
                     return hubnet.Result("renew")
                 lost = session.pump(0.5)
                 if lost is not None:
