@@ -196,8 +196,8 @@ class HubConnector:
         # What READY=1 carries if the first attempt has no outcome within ready_timeout (the
         # runtime sends the last status given; any outcome replaces this one).
         where = f"{self.identity.connect_host}:{self.settings.hub_port}"
-        self._status(f"retrying: hub unreachable (timeout: no answer from {where} "
-                     f"within {self.ready_timeout:g} s)")
+        self._notify.status(f"retrying: hub unreachable (timeout: no answer from {where} "
+                            f"within {self.ready_timeout:g} s)")
         self._thread = threading.Thread(target=self._run, args=(self._stop, self._link),
                                         name="hub", daemon=True)
         self._thread.start()
@@ -218,9 +218,6 @@ class HubConnector:
         self._queue.append(bytes(payload))
 
     # -- connector thread ------------------------------------------------------------------
-    def _status(self, text: str) -> None:
-        self._notify.status(text)
-
     def _outcome(self) -> None:
         """The first attempt has an outcome: the runtime may send READY=1 now."""
         if not self._ready_sent:
@@ -258,7 +255,7 @@ class HubConnector:
             if self._up_since is not None and time.monotonic() - self._up_since >= STABLE_AFTER:
                 self._backoff.reset()
             self.state = "retrying"
-            self._status(f"retrying: hub unreachable ({result.text})")
+            self._notify.status(f"retrying: hub unreachable ({result.text})")
             self._outcome()
             if result.text != self._last_reason:  # one line per distinct reason, not per try
                 self._notify.log(f"hub unreachable ({result.text}); retrying", WARNING)
@@ -277,7 +274,7 @@ class HubConnector:
         self._up_since = time.monotonic()
         self._last_reason = None
         previous, self.state = self.state, "connected"
-        self._status(f"connected to {self.identity.name}")
+        self._notify.status(f"connected to {self.identity.name}")
         self._outcome()
         if previous != "connected":  # not after a token renewal: that is routine
             self._notify.log(f"connected to {self.identity.name} via "
