@@ -181,9 +181,7 @@ def _from_credentials_directory(directory: Path):
 
     files, sources = {}, {}
     for name in PLAIN_FILES:
-        for candidate in (name, SEALED_NAMES.get(name)):  # plain, else sealed
-            if candidate is None:
-                continue
+        for candidate in filter(None, (name, SEALED_NAMES.get(name))):  # plain, else sealed
             try:
                 data = credsdir.read(directory, candidate)
             except (OSError, ValueError) as err:
