@@ -4,7 +4,7 @@ Interface (used by :mod:`defender_setup.agent.hub`, on the hub connection's thre
 
     report = Report(creds, root)          # the static facts, gathered once (at the 1st body)
     report.body() -> bytes                # the PATCH body now: {"defenderSetup": {...}}
-    twin = Twin(report.body, interval=60, log=None, clock=time.monotonic)
+    twin = Twin(report.body, interval=60, log=notify.log, clock=time.monotonic)
     twin.connected()                      # a new connection: report again, old answers void
     twin.due() -> (topic, body) | None    # a PATCH to publish now (QoS 0), if any
     twin.answer(topic)                    # a message on $iothub/twin/res/#
@@ -191,7 +191,7 @@ class Twin:
     """When to PATCH, and what the answers mean; see the module docstring. Not thread-safe:
     the hub connection's thread is its only user."""
 
-    def __init__(self, build, interval: float = 60.0, *, log=None, clock=time.monotonic,
+    def __init__(self, build, interval: float = 60.0, *, log, clock=time.monotonic,
                  answer_within: float = ANSWER_WITHIN, max_backoff: float = MAX_BACKOFF,
                  check_every: float = CHECK_EVERY):
         self._build, self.interval, self._log, self._clock = build, interval, log, clock
@@ -256,7 +256,7 @@ class Twin:
             self._inflight, self._acked, self._failures = None, body, 0
             self.acked += 1
             if self._said is not None or self.acked == 1:
-                self._log_line(f"twin: reported properties updated ({len(body)} bytes)", INFO)
+                self._log(f"twin: reported properties updated ({len(body)} bytes)", INFO)
             self._said = None
             return
         self._failed(self._clock(), f"the hub answered {status}")
@@ -272,9 +272,5 @@ class Twin:
 
     def _say(self, reason: str) -> None:
         if reason.split(";")[0] != (self._said or "").split(";")[0]:
-            self._log_line(f"twin: {reason}", WARNING)
+            self._log(f"twin: {reason}", WARNING)
         self._said = reason
-
-    def _log_line(self, line: str, level: int) -> None:
-        if self._log is not None:
-            self._log(line, level)
