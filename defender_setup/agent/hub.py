@@ -337,11 +337,6 @@ class HubConnector:
             "type": "heartbeat",
             "agentVersion": __version__,
             "uptimeSeconds": int(time.monotonic() - self._started),
-            "osRelease": os_release(self.root),
+            # PRETTY_NAME, read where the twin report reads it
+            "osRelease": twin.os_release(self.root)["prettyName"] or "unknown",
         }, separators=(",", ":")).encode()
-
-
-def os_release(root: Path = Path("/")) -> str:
-    """PRETTY_NAME from /etc/os-release (or /usr/lib/os-release), else "unknown" (read where
-    the twin report reads it: :func:`.twin.os_release`)."""
-    return twin.os_release(root)["prettyName"] or "unknown"
