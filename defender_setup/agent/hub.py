@@ -113,22 +113,15 @@ class Identity:
             return creds
         cs = creds.connection_string
         agent_dir = Path(root) / AGENT_DIR
-        sources = creds.sources
         x509 = creds.method == "certificate"
 
         def where(name):
-            return sources.get(name, agent_dir / name) if x509 else None
+            return creds.sources.get(name, agent_dir / name) if x509 else None
 
-        return cls(
-            cs.host_name,
-            cs.device_id,
-            cs.module_id,
-            cs.gateway_host_name,
-            None if x509 else cs.shared_access_key,
-            where(CERTIFICATE_FILE),
-            where(PRIVATE_KEY_FILE),
-            creds.certificate.sha1_thumbprint if x509 else None,
-        )
+        return cls(cs.host_name, cs.device_id, cs.module_id, cs.gateway_host_name,
+                   None if x509 else cs.shared_access_key,
+                   where(CERTIFICATE_FILE), where(PRIVATE_KEY_FILE),
+                   creds.certificate.sha1_thumbprint if x509 else None)
 
 
 class Backoff:
