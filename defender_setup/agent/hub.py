@@ -188,9 +188,8 @@ class HubConnector:
         self._ready_sent = False
         # What READY=1 carries if the first attempt has no outcome within ready_timeout (the
         # runtime sends the last status given; any outcome replaces this one).
-        where = f"{self.identity.connect_host}:{self.settings.hub_port}"
-        self._notify.status(f"retrying: hub unreachable (timeout: no answer from {where} "
-                            f"within {self.ready_timeout:g} s)")
+        self._notify.status(f"retrying: hub unreachable (timeout: no answer from "
+                            f"{self._link.where} within {self.ready_timeout:g} s)")
         self._thread = threading.Thread(target=self._run, args=(self._stop, self._link),
                                         name="hub", daemon=True)
         self._thread.start()
@@ -270,8 +269,7 @@ class HubConnector:
         self._notify.status(f"connected to {self.identity.name}")
         self._outcome()
         if previous != "connected":  # not after a token renewal: that is routine
-            self._notify.log(f"connected to {self.identity.name} via "
-                             f"{self.identity.connect_host}:{self.settings.hub_port} "
+            self._notify.log(f"connected to {self.identity.name} via {link.where} "
                              f"({self.settings.transport})", INFO)
         renew_at = None
         if token is not None:
