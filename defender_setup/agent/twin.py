@@ -192,10 +192,8 @@ class Twin:
     the hub connection's thread is its only user."""
 
     def __init__(self, build, interval: float = 60.0, *, log, clock=time.monotonic,
-                 answer_within: float = ANSWER_WITHIN, max_backoff: float = MAX_BACKOFF,
                  check_every: float = CHECK_EVERY):
         self._build, self.interval, self._log, self._clock = build, interval, log, clock
-        self._answer_within, self._max_backoff = answer_within, max_backoff
         self._check_every = min(check_every, interval)
         self._body: bytes | None = None
         self._checked = None
@@ -227,9 +225,9 @@ class Twin:
         now = self._clock()
         body = self._current(now)
         if self._inflight is not None:
-            if now - self._inflight[2] < self._answer_within:
+            if now - self._inflight[2] < ANSWER_WITHIN:
                 return None
-            self._failed(now, f"no answer within {self._answer_within:g} s")
+            self._failed(now, f"no answer within {ANSWER_WITHIN:g} s")
         if body is None or now < self._not_before:
             return None
         if not self._fresh and body == self._acked:
@@ -265,7 +263,7 @@ class Twin:
         sent_at = self._inflight[2] if self._inflight else now
         self._inflight = None
         self._failures += 1
-        delay = min(self._max_backoff, self.interval * 2 ** min(self._failures, 20))
+        delay = min(MAX_BACKOFF, self.interval * 2 ** min(self._failures, 20))
         self._not_before = max(self._not_before, sent_at + delay)
         self._say(f"{reason} to the reported properties; trying again in {delay:g} s "
                   "(the connection is not affected)")
