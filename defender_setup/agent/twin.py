@@ -35,6 +35,7 @@ import time
 from pathlib import Path
 
 from defender_setup import __version__, facts
+from defender_setup.agent.verdicts import iso
 
 KEY = "defenderSetup"
 SCHEMA_VERSION = 1
@@ -130,10 +131,6 @@ def os_release(root: Path = Path("/")) -> dict:
             "prettyName": fields["PRETTY_NAME"]}
 
 
-def _iso(moment) -> str | None:
-    return moment.strftime("%Y-%m-%dT%H:%M:%SZ") if moment is not None else None
-
-
 def sealed(creds) -> bool:
     """Whether systemd handed the secrets over from their sealed (``.cred``) files."""
     from defender_setup.credentials import SEALED_NAMES
@@ -157,12 +154,12 @@ class Report:
         creds = self._creds
         # a credentials.Validated; (tests hand the connector a bare hub.Identity instead)
         method = getattr(creds, "method", None)
-        cert = getattr(creds, "certificate", None) if method == "certificate" else None
+        cert = creds.certificate if method == "certificate" else None
         return {
             "packageVersion": package_version(self.root),
             "agentVersion": __version__,
             "method": method,
-            "certificate": {"notAfter": _iso(cert.not_after)} if cert is not None else None,
+            "certificate": {"notAfter": iso(cert.not_after.timestamp())} if cert else None,
             "sealed": sealed(creds),
             "osRelease": os_release(self.root),
         }
