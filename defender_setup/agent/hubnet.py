@@ -318,9 +318,8 @@ class Session:
             try:
                 info = self.client.publish(topic, payload, qos=1)
             except OSError:  # the next pump() reports the lost connection
-                queue.appendleft(payload)
-                return
-            if info.rc != 0:
+                info = None
+            if info is None or info.rc != 0:  # kept, in its place, for the next try
                 queue.appendleft(payload)
                 return
             self.inflight[info.mid] = payload
