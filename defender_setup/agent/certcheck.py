@@ -80,7 +80,7 @@ def _answer(cert_pem, key_pem, **kw) -> tuple:
 
 
 def _read(fd: int, pid: int) -> bytes:
-    chunks, size, deadline = [], 0, time.monotonic() + TIMEOUT
+    data, deadline = bytearray(), time.monotonic() + TIMEOUT
     while True:
         left = deadline - time.monotonic()
         if left <= 0 or not select.select([fd], [], [], left)[0]:
@@ -88,12 +88,11 @@ def _read(fd: int, pid: int) -> bytes:
             raise SetupError(f"the certificate checks did not finish within {TIMEOUT:g} s")
         chunk = os.read(fd, 65536)
         if not chunk:
-            return b"".join(chunks)
-        size += len(chunk)
-        if size > MAX_ANSWER:
+            return bytes(data)
+        data += chunk
+        if len(data) > MAX_ANSWER:
             os.kill(pid, signal.SIGKILL)
             raise SetupError("the certificate checks answered too much")
-        chunks.append(chunk)
 
 
 def _result(answer: tuple):

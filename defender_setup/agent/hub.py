@@ -3,7 +3,6 @@
 Interface (the runtime's connector seam, see :mod:`defender_setup.agent.runtime`)::
 
     HubConnector(root=Path("/"), settings=None, *, ready_timeout=10.0, backoff=(1.0, 60.0),
-                 heartbeat_interval=None, sas_lifetime=None, twin_interval=None,
                  clock=time.time)
     .start(creds, notify)   # returns at once; notify.ready() once the first attempt has an
                             # outcome (the runtime sends READY=1 then, or after ready_timeout)
@@ -114,22 +113,15 @@ class Identity:
             return creds
         cs = creds.connection_string
         agent_dir = Path(root) / AGENT_DIR
-        sources = creds.sources
         x509 = creds.method == "certificate"
 
         def where(name):
-            return sources.get(name, agent_dir / name) if x509 else None
+            return creds.sources.get(name, agent_dir / name) if x509 else None
 
-        return cls(
-            cs.host_name,
-            cs.device_id,
-            cs.module_id,
-            cs.gateway_host_name,
-            None if x509 else cs.shared_access_key,
-            where(CERTIFICATE_FILE),
-            where(PRIVATE_KEY_FILE),
-            creds.certificate.sha1_thumbprint if x509 else None,
-        )
+        return cls(cs.host_name, cs.device_id, cs.module_id, cs.gateway_host_name,
+                   None if x509 else cs.shared_access_key,
+                   where(CERTIFICATE_FILE), where(PRIVATE_KEY_FILE),
+                   creds.certificate.sha1_thumbprint if x509 else None)
 
 
 class Backoff:
@@ -153,15 +145,11 @@ class HubConnector:
     """See the module docstring."""
 
     def __init__(self, root: Path = Path("/"), settings=None, *, ready_timeout: float = 10.0,
-                 backoff=(1.0, 60.0), heartbeat_interval=None, sas_lifetime=None,
-                 twin_interval=None, clock=time.time):
+                 backoff=(1.0, 60.0), clock=time.time):
         self.root = Path(root)
         self._settings = settings
         self.ready_timeout = ready_timeout
         self._backoff = Backoff(*backoff)
-        self._heartbeat_override = heartbeat_interval
-        self._lifetime_override = sas_lifetime
-        self._twin_override = twin_interval
         self.twin: twin.Twin | None = None
         self._clock = clock
         self._queue: collections.deque = collections.deque(maxlen=QUEUE_MAX)
@@ -186,16 +174,11 @@ class HubConnector:
             self.state = "rejected"
             notify.fail(EX_CONFIG, f"not starting: {err}")
             return
-        self.heartbeat_interval = (self._heartbeat_override if self._heartbeat_override
-                                   is not None else self.settings.heartbeat_interval)
-        self.sas_lifetime = self._lifetime_override or self.settings.sas_lifetime
-        interval = (self._twin_override if self._twin_override is not None
-                    else self.settings.twin_interval)
         self.twin = None
-        if interval:
+        if self.settings.twin_interval:
             try:
                 report = twin.Report(creds, self.root)
-                self.twin = twin.Twin(report.body, interval, log=notify.log)
+                self.twin = twin.Twin(report.body, self.settings.twin_interval, log=notify.log)
             except Exception as err:  # a report is never worth the connection: see _twin
                 self._twin_off(err)
         self.state = "connecting"
@@ -205,9 +188,8 @@ class HubConnector:
         self._ready_sent = False
         # What READY=1 carries if the first attempt has no outcome within ready_timeout (the
         # runtime sends the last status given; any outcome replaces this one).
-        where = f"{self.identity.connect_host}:{self.settings.hub_port}"
-        self._status(f"retrying: hub unreachable (timeout: no answer from {where} "
-                     f"within {self.ready_timeout:g} s)")
+        self._notify.status(f"retrying: hub unreachable (timeout: no answer from "
+                            f"{self._link.where} within {self.ready_timeout:g} s)")
         self._thread = threading.Thread(target=self._run, args=(self._stop, self._link),
                                         name="hub", daemon=True)
         self._thread.start()
@@ -228,9 +210,6 @@ class HubConnector:
         self._queue.append(bytes(payload))
 
     # -- connector thread ------------------------------------------------------------------
-    def _status(self, text: str) -> None:
-        self._notify.status(text)
-
     def _outcome(self) -> None:
         """The first attempt has an outcome: the runtime may send READY=1 now."""
         if not self._ready_sent:
@@ -268,7 +247,7 @@ class HubConnector:
             if self._up_since is not None and time.monotonic() - self._up_since >= STABLE_AFTER:
                 self._backoff.reset()
             self.state = "retrying"
-            self._status(f"retrying: hub unreachable ({result.text})")
+            self._notify.status(f"retrying: hub unreachable ({result.text})")
             self._outcome()
             if result.text != self._last_reason:  # one line per distinct reason, not per try
                 self._notify.log(f"hub unreachable ({result.text}); retrying", WARNING)
@@ -276,9 +255,9 @@ class HubConnector:
             stop.wait(self._backoff.next())
 
     def _session(self, stop: threading.Event, link) -> hubnet.Result:
-        token = None
+        token, lifetime = None, self.settings.sas_lifetime
         if self.identity.key is not None:
-            token = sas.new_token(self.identity.resource, self.identity.key, self.sas_lifetime,
+            token = sas.new_token(self.identity.resource, self.identity.key, lifetime,
                                   now=self._clock())
         session = link.open(token, self._clock, timeout=self.ready_timeout)
         if session.result is not None:
@@ -287,27 +266,25 @@ class HubConnector:
         self._up_since = time.monotonic()
         self._last_reason = None
         previous, self.state = self.state, "connected"
-        self._status(f"connected to {self.identity.name}")
+        self._notify.status(f"connected to {self.identity.name}")
         self._outcome()
         if previous != "connected":  # not after a token renewal: that is routine
-            self._notify.log(f"connected to {self.identity.name} via "
-                             f"{self.identity.connect_host}:{self.settings.hub_port} "
+            self._notify.log(f"connected to {self.identity.name} via {link.where} "
                              f"({self.settings.transport})", INFO)
         renew_at = None
         if token is not None:
             # from the token's own expiry (whole seconds, so up to 1 s shorter than asked)
             left = token.expiry - self._clock()
-            renew_at = time.monotonic() + max(1.0, left - self.sas_lifetime + sas.renewal_delay(
-                self.sas_lifetime))
+            renew_at = time.monotonic() + max(1.0, left - lifetime + sas.renewal_delay(lifetime))
         if self.twin is not None:
             session.subscribe(twin.RESPONSES)
             self.twin.connected()
         try:
             while True:
                 now = time.monotonic()
-                if self.heartbeat_interval and now >= self._next_beat:
+                if self.settings.heartbeat_interval and now >= self._next_beat:
                     self.send(self._heartbeat())
-                    self._next_beat = now + self.heartbeat_interval
+                    self._next_beat = now + self.settings.heartbeat_interval
                 session.publish_from(self._queue, self.identity.topic)
                 if self.twin is not None:
                     self._twin(session)
@@ -316,7 +293,7 @@ class HubConnector:
                     return hubnet.Result("stopped")
                 if renew_at is not None and now >= renew_at:
                     # wait for outstanding acks, but well before the old token expires
-                    session.close(drain=min(3.0, self.sas_lifetime * 0.05))
+                    session.close(drain=min(3.0, lifetime * 0.05))
                     return hubnet.Result("renew")
                 lost = session.pump(0.5)
                 if lost is not None:
@@ -351,11 +328,6 @@ class HubConnector:
             "type": "heartbeat",
             "agentVersion": __version__,
             "uptimeSeconds": int(time.monotonic() - self._started),
-            "osRelease": os_release(self.root),
+            # PRETTY_NAME, read where the twin report reads it
+            "osRelease": twin.os_release(self.root)["prettyName"] or "unknown",
         }, separators=(",", ":")).encode()
-
-
-def os_release(root: Path = Path("/")) -> str:
-    """PRETTY_NAME from /etc/os-release (or /usr/lib/os-release), else "unknown" (read where
-    the twin report reads it: :func:`.twin.os_release`)."""
-    return twin.os_release(root)["prettyName"] or "unknown"

@@ -82,6 +82,7 @@ class Link:
         self.identity, self.settings = identity, settings
         self.mqtt = load_paho()
         self.host, self.port = identity.connect_host, settings.hub_port
+        self.where = f"{self.host}:{self.port}"  # how every line names the hub (or gateway)
         self.aborter = Aborter()
         if settings.proxy is not None:  # mqttclient.open_tcp needs it: say so now
             socks_for(settings.proxy)
@@ -165,10 +166,6 @@ class Session:
         client.on_publish = self._on_publish
         client.on_disconnect = self._on_disconnect
 
-    @property
-    def where(self) -> str:
-        return f"{self.link.host}:{self.link.port}"
-
     def _loop(self, seconds: float) -> int:
         """paho's loop(); paho lets a TLS error (e.g. an alert) escape from it: keep it."""
         try:
@@ -220,7 +217,7 @@ class Session:
             self.close()
 
     def _connect(self, timeout: float) -> None:
-        where = self.where
+        where = self.link.where
         try:
             self.client.connect(self.link.host, self.link.port, keepalive=KEEPALIVE)
         except Exception as err:  # every failure becomes one classified line, never a traceback
@@ -297,7 +294,7 @@ class Session:
         if error is None:
             return None
         reason, detail = error
-        return Result("unreachable", f"MQTT: {reason} from {self.where}"
+        return Result("unreachable", f"MQTT: {reason} from {self.link.where}"
                                      + (f" ({detail})" if detail else ""))
 
     def _closed_before_connack(self, where: str) -> Result:
@@ -311,7 +308,7 @@ class Session:
                       f"MQTT: {where} closed the connection before answering CONNECT")
 
     def _refused(self, code: int) -> Result:
-        return connack_verdict(code, self.link.identity, self.link.host, self.where,
+        return connack_verdict(code, self.link.identity, self.link.host, self.link.where,
                                self.token, self.clock())
 
     # -- connected -------------------------------------------------------------------------
@@ -321,9 +318,8 @@ class Session:
             try:
                 info = self.client.publish(topic, payload, qos=1)
             except OSError:  # the next pump() reports the lost connection
-                queue.appendleft(payload)
-                return
-            if info.rc != 0:
+                info = None
+            if info is None or info.rc != 0:  # kept, in its place, for the next try
                 queue.appendleft(payload)
                 return
             self.inflight[info.mid] = payload
@@ -350,7 +346,7 @@ class Session:
         err = self.ctx.last_error
         why = _reason(err) if err is not None else self.link.mqtt.error_string(rc).rstrip(".")
         # the hub that broke MQTT says so first
-        return self._protocol_error() or Result("lost", f"MQTT: connection to {self.where} "
+        return self._protocol_error() or Result("lost", f"MQTT: connection to {self.link.where} "
                                                         f"lost: {why.lower()}")
 
     def close(self, drain: float = 0.0) -> None:

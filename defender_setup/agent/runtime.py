@@ -80,8 +80,6 @@ _WAKE_READY = 255
 # attempt is bounded by that same timeout gets to report its own, more precise outcome.
 READY_GRACE = 0.5
 
-AGENT_DIR_PATH = "/" + AGENT_DIR
-
 
 def journal_log(line: str, level: int = INFO) -> None:
     """Write one log line; journald turns the ``<N>`` prefix into the entry's priority."""
@@ -164,7 +162,7 @@ def load_credentials(root: Path, credentials_dir: Path | None = None, *, isolate
     directory = credentials_dir or credsdir.directory()
     if directory is not None:
         files, sources = _from_credentials_directory(Path(directory))
-        where = f"the service's credentials (loaded from {AGENT_DIR_PATH})"
+        where = f"the service's credentials (loaded from /{AGENT_DIR})"
     else:
         files, sources, where = _from_agent_dir(root)
     check = None
@@ -181,9 +179,7 @@ def _from_credentials_directory(directory: Path):
 
     files, sources = {}, {}
     for name in PLAIN_FILES:
-        for candidate in (name, SEALED_NAMES.get(name)):  # plain, else sealed
-            if candidate is None:
-                continue
+        for candidate in filter(None, (name, SEALED_NAMES.get(name))):  # plain, else sealed
             try:
                 data = credsdir.read(directory, candidate)
             except (OSError, ValueError) as err:

@@ -59,14 +59,6 @@ def _decode_key(key_b64: str) -> bytes:
     return key
 
 
-def sign(resource: str, key_b64: str, expiry: int) -> str:
-    """The url-encoded signature of ``resource`` (not yet encoded) valid until ``expiry``."""
-    encoded = urllib.parse.quote(resource, safe="")
-    message = f"{encoded}\n{int(expiry)}".encode()
-    digest = hmac.new(_decode_key(key_b64), message, hashlib.sha256).digest()
-    return urllib.parse.quote(base64.b64encode(digest).decode("ascii"), safe="")
-
-
 def make_token(resource: str, key_b64: str, expiry: int, key_name: str | None = None) -> Token:
     """Sign ``resource`` with the base64 ``key_b64`` until the POSIX time ``expiry``;
     ``key_name`` adds ``skn`` (a policy's name; DPS: ``registration``).
@@ -74,8 +66,10 @@ def make_token(resource: str, key_b64: str, expiry: int, key_name: str | None = 
     :raises ValueError: the key is not base64 (message never contains the key).
     """
     expiry = int(expiry)
-    encoded = urllib.parse.quote(resource, safe="")
-    sig = sign(resource, key_b64, expiry)
+    encoded = urllib.parse.quote(resource, safe="")  # IoT Hub signs the encoded form
+    message = f"{encoded}\n{expiry}".encode()
+    digest = hmac.new(_decode_key(key_b64), message, hashlib.sha256).digest()
+    sig = urllib.parse.quote(base64.b64encode(digest).decode("ascii"), safe="")
     skn = f"&skn={urllib.parse.quote(key_name, safe='')}" if key_name else ""
     return Token(f"SharedAccessSignature sr={encoded}&sig={sig}&se={expiry}{skn}", resource,
                  expiry)

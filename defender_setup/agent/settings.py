@@ -66,10 +66,11 @@ CONF_PATH = "etc/defender_iot_micro_agent/conf.json"  # relative to a root
 TRANSPORTS = ("mqtt", "websocket")
 DEFAULT_PORTS = {"mqtt": 8883, "websocket": 443}
 PROXY_SCHEMES = ("http", "socks5", "socks4")
-# Bounds keep a typo (ms instead of s) from flooding the hub or making tokens live for years.
-HEARTBEAT_RANGE = (5, 86400)
-SAS_LIFETIME_RANGE = (5, 7 * 86400)
-TWIN_INTERVAL_RANGE = (1, 86400)
+# Bounds keep a typo (ms instead of s) from flooding the hub or making tokens live for years:
+# (lowest, highest, whether 0 turns it off), checked in this order; defaults are Settings'.
+NUMBERS = {"heartbeat_interval": (5, 86400, True), "sas_lifetime": (5, 7 * 86400, False),
+           "port": (1, 65535, False), "https_port": (1, 65535, False),
+           "twin_interval": (1, 86400, True)}
 MAX_CONF_BYTES = 64 * 1024  # the largest sensible file is under 1 KiB
 MAX_CA_BYTES = 1024 * 1024  # a bundle of all of Debian's ~140 roots is about 220 KiB
 MAX_DIGITS = 18  # every accepted number has at most 6 digits
@@ -245,14 +246,11 @@ def parse(text, source: str = "conf.json", root: Path = Path("/")) -> Settings:
         _proxy(obj["proxy"], err) if _given(obj, "proxy") else None
     ca_file = _ca_file(obj["ca_file"], root, err) if _given(obj, "ca_file") else None
 
-    heartbeat = _int(obj, "heartbeat_interval", 300, HEARTBEAT_RANGE, err, zero_ok=True)
-    lifetime = _int(obj, "sas_lifetime", 3600, SAS_LIFETIME_RANGE, err)
-    port = _int(obj, "port", None, (1, 65535), err)
-    https_port = _int(obj, "https_port", 443, (1, 65535), err)
-    twin = _int(obj, "twin_interval", 60, TWIN_INTERVAL_RANGE, err, zero_ok=True)
-    return Settings(transport, proxy, ca_file, heartbeat, lifetime, port, https_port, twin,
-                    MS_TRANSPORT if _given(obj, MS_TRANSPORT) else "transport",
-                    MS_PROXY if _given(obj, MS_PROXY) else "proxy")
+    numbers = {key: _int(obj[key], key, bounds, err) for key, bounds in NUMBERS.items()
+               if obj.get(key) is not None}
+    return Settings(transport, proxy, ca_file, **numbers,
+                    transport_key=MS_TRANSPORT if _given(obj, MS_TRANSPORT) else "transport",
+                    proxy_key=MS_PROXY if _given(obj, MS_PROXY) else "proxy")
 
 
 class _Opaque:
@@ -399,11 +397,8 @@ def _ca_file(value, root: Path, err) -> Path:
     return path
 
 
-def _int(obj, key, default, bounds, err, zero_ok=False):
-    if key not in obj or obj[key] is None:
-        return default
-    value = obj[key]
-    low, high = bounds
+def _int(value, key, bounds, err):
+    low, high, zero_ok = bounds
     extra = " (or 0 to turn it off)" if zero_ok else ""
     if isinstance(value, _Opaque) and value.number:
         raise err(key, f"must be between {low} and {high}{extra}, got {value.kind}")

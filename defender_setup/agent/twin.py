@@ -4,7 +4,7 @@ Interface (used by :mod:`defender_setup.agent.hub`, on the hub connection's thre
 
     report = Report(creds, root)          # the static facts, gathered once (at the 1st body)
     report.body() -> bytes                # the PATCH body now: {"defenderSetup": {...}}
-    twin = Twin(report.body, interval=60, log=None, clock=time.monotonic)
+    twin = Twin(report.body, interval=60, log=notify.log, clock=time.monotonic)
     twin.connected()                      # a new connection: report again, old answers void
     twin.due() -> (topic, body) | None    # a PATCH to publish now (QoS 0), if any
     twin.answer(topic)                    # a message on $iothub/twin/res/#
@@ -35,6 +35,7 @@ import time
 from pathlib import Path
 
 from defender_setup import __version__, facts
+from defender_setup.agent.verdicts import iso
 
 KEY = "defenderSetup"
 SCHEMA_VERSION = 1
@@ -130,10 +131,6 @@ def os_release(root: Path = Path("/")) -> dict:
             "prettyName": fields["PRETTY_NAME"]}
 
 
-def _iso(moment) -> str | None:
-    return moment.strftime("%Y-%m-%dT%H:%M:%SZ") if moment is not None else None
-
-
 def sealed(creds) -> bool:
     """Whether systemd handed the secrets over from their sealed (``.cred``) files."""
     from defender_setup.credentials import SEALED_NAMES
@@ -157,12 +154,12 @@ class Report:
         creds = self._creds
         # a credentials.Validated; (tests hand the connector a bare hub.Identity instead)
         method = getattr(creds, "method", None)
-        cert = getattr(creds, "certificate", None) if method == "certificate" else None
+        cert = creds.certificate if method == "certificate" else None
         return {
             "packageVersion": package_version(self.root),
             "agentVersion": __version__,
             "method": method,
-            "certificate": {"notAfter": _iso(cert.not_after)} if cert is not None else None,
+            "certificate": {"notAfter": iso(cert.not_after.timestamp())} if cert else None,
             "sealed": sealed(creds),
             "osRelease": os_release(self.root),
         }
@@ -191,11 +188,9 @@ class Twin:
     """When to PATCH, and what the answers mean; see the module docstring. Not thread-safe:
     the hub connection's thread is its only user."""
 
-    def __init__(self, build, interval: float = 60.0, *, log=None, clock=time.monotonic,
-                 answer_within: float = ANSWER_WITHIN, max_backoff: float = MAX_BACKOFF,
+    def __init__(self, build, interval: float = 60.0, *, log, clock=time.monotonic,
                  check_every: float = CHECK_EVERY):
         self._build, self.interval, self._log, self._clock = build, interval, log, clock
-        self._answer_within, self._max_backoff = answer_within, max_backoff
         self._check_every = min(check_every, interval)
         self._body: bytes | None = None
         self._checked = None
@@ -227,9 +222,9 @@ class Twin:
         now = self._clock()
         body = self._current(now)
         if self._inflight is not None:
-            if now - self._inflight[2] < self._answer_within:
+            if now - self._inflight[2] < ANSWER_WITHIN:
                 return None
-            self._failed(now, f"no answer within {self._answer_within:g} s")
+            self._failed(now, f"no answer within {ANSWER_WITHIN:g} s")
         if body is None or now < self._not_before:
             return None
         if not self._fresh and body == self._acked:
@@ -256,7 +251,7 @@ class Twin:
             self._inflight, self._acked, self._failures = None, body, 0
             self.acked += 1
             if self._said is not None or self.acked == 1:
-                self._log_line(f"twin: reported properties updated ({len(body)} bytes)", INFO)
+                self._log(f"twin: reported properties updated ({len(body)} bytes)", INFO)
             self._said = None
             return
         self._failed(self._clock(), f"the hub answered {status}")
@@ -265,16 +260,12 @@ class Twin:
         sent_at = self._inflight[2] if self._inflight else now
         self._inflight = None
         self._failures += 1
-        delay = min(self._max_backoff, self.interval * 2 ** min(self._failures, 20))
+        delay = min(MAX_BACKOFF, self.interval * 2 ** min(self._failures, 20))
         self._not_before = max(self._not_before, sent_at + delay)
         self._say(f"{reason} to the reported properties; trying again in {delay:g} s "
                   "(the connection is not affected)")
 
     def _say(self, reason: str) -> None:
         if reason.split(";")[0] != (self._said or "").split(";")[0]:
-            self._log_line(f"twin: {reason}", WARNING)
+            self._log(f"twin: {reason}", WARNING)
         self._said = reason
-
-    def _log_line(self, line: str, level: int) -> None:
-        if self._log is not None:
-            self._log(line, level)

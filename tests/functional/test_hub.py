@@ -126,8 +126,8 @@ def test_impossible_clock_is_named_as_most_likely_cause(hub_pki, run):
 def test_token_renewed_during_long_connection_without_losing_messages(hub_pki, run):
     # The hub drops a connection when its token expires (expire=True), as IoT Hub does.
     broker, auth = sas_hub(hub_pki, expire=True)
-    c, n = run(identity(), conf(hub_pki, port=broker.port), broker, sas_lifetime=5,
-               heartbeat_interval=0)
+    c, n = run(identity(), conf(hub_pki, port=broker.port, sas_lifetime=5,
+                                heartbeat_interval=0), broker)
     sent = []
 
     def produce(count):  # a steady stream, as the agent's own messages come

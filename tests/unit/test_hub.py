@@ -1,5 +1,7 @@
 """defender_setup.agent.hub without a network: back-off, the identity, os-release, settings."""
 
+import json
+
 import pytest
 
 from defender_setup.agent import hub, settings
@@ -34,8 +36,11 @@ def test_identity_from_validated_credentials(tmp_path, cert_inputs):
     assert ident.thumbprint == x509.certificate.sha1_thumbprint
 
 
-def test_os_release(tmp_path):
+def test_the_heartbeat_names_the_os_release(tmp_path):
+    def os_release(root):
+        return json.loads(hub.HubConnector(root)._heartbeat())["osRelease"]
+
     (tmp_path / "etc").mkdir()
     (tmp_path / "etc/os-release").write_text('ID=debian\nPRETTY_NAME="Debian GNU/Linux 12"\n')
-    assert hub.os_release(tmp_path) == "Debian GNU/Linux 12"
-    assert hub.os_release(tmp_path / "nothing") == "unknown"
+    assert os_release(tmp_path) == "Debian GNU/Linux 12"
+    assert os_release(tmp_path / "nothing") == "unknown"

@@ -67,7 +67,7 @@ def test_every_new_connection_reports_again_within_the_rate_limit():
 
 
 def test_an_error_or_no_answer_backs_off_and_says_so_once():
-    t, clock, lines = make([b"{}"], answer_within=30.0)
+    t, clock, lines = make([b"{}"])  # an answer is awaited ANSWER_WITHIN (30) seconds
     t.connected()
     topic, _ = t.due()
     t.answer(f"$iothub/twin/res/500/?$rid={rid(topic)}")
