@@ -54,6 +54,7 @@ from .agentdir import DPS_RECORD, AgentDir, now
 from .credentials import SEALED_NAMES
 from .dps import SYMMETRIC_KEY, Enrollment
 from .errors import EX_TERMINATED, SetupError
+from .safefs import replace
 from .sealing import decrypt, encrypt
 
 RECORD = DPS_RECORD
@@ -260,9 +261,11 @@ def reprovision(root, out, *, boot: bool = False, bounds=None, clock=time.time,
 
 
 def _mark(marker: Path, record: dict) -> None:
+    # Root's, as the re-provisioning unit's RuntimeDirectoryMode= makes it: the debconf probe
+    # note shares the directory and refuses one that others can read. Replaced atomically.
+    data = json.dumps({"registration_id": record.get("registration_id"), "time": now()})
     try:
-        marker.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
-        marker.write_text(json.dumps({"registration_id": record.get("registration_id"),
-                                      "time": now()}) + "\n")
+        marker.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        replace(marker, (data + "\n").encode(), 0o600)
     except OSError:  # no /run (a chroot): the command's own "once" still holds
         pass

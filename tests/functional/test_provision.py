@@ -403,7 +403,9 @@ def test_at_boot_re_provisioning_is_tried_once_a_boot(provisioned, stand, tmp_pa
     fake = FakeSystemd(tmp_path, [running("inv-0")], [{"states": [failed("inv-1", 76)]}])
     _, out = settle_here(provisioned, fake, monkeypatch, boot=True)
     assert "re-provisioning failed: DPS enrollment: disabled" in out
-    assert (provisioned / zerotouch.MARKER).exists()
+    marker = provisioned / zerotouch.MARKER
+    # root's, like the probe note beside it (which refuses a directory others can read)
+    assert (marker.stat().st_mode & 0o777, marker.parent.stat().st_mode & 0o777) == (0o600, 0o700)
     AgentDir(provisioned).rollback()  # the refused set back (origin "rollback"): still DPS's
     before = registrations(stand)
     _, out = settle_here(provisioned, fake, monkeypatch, boot=True)
