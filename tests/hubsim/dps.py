@@ -38,7 +38,7 @@ import itertools
 import threading
 import time
 
-from tests.hubsim.https import JsonServer
+from tests.hubsim.https import JsonServer, Served
 from tests.hubsim.hubrest import check_sas
 
 API_VERSION = "2021-06-01"
@@ -53,7 +53,7 @@ def _stamp() -> str:
     return dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
-class DpsSim:
+class DpsSim(Served):
     def __init__(self, pki, id_scope: str, hubs: dict, client_ca=None, polls: int = 1,
                  retry_after: float = 0, host: str = "127.0.0.1", clock=time.time):
         self.id_scope, self.hubs, self.polls, self.retry_after = id_scope, hubs, polls, \
@@ -73,12 +73,6 @@ class DpsSim:
                                  client_ca=client_ca, host=host)
 
     # -- control ----------------------------------------------------------------------------
-    def start(self, port: int = 0) -> int:
-        return self.server.start(port)
-
-    def stop(self) -> None:
-        self.server.stop()
-
     def individual(self, registration_id: str, key: str, hub: str, disabled=False) -> None:
         self.enrollments[registration_id] = {"key": key, "hub": hub, "disabled": disabled}
 

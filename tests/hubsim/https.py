@@ -153,3 +153,16 @@ class SilentPort:
 
     def __exit__(self, *exc) -> None:
         self.sock.close()
+
+
+class Served:
+    """A stand-in answered by its :class:`JsonServer` (``self.server``): started and stopped
+    through it."""
+
+    server: JsonServer
+
+    def start(self, port: int = 0) -> int:
+        return self.server.start(port)
+
+    def stop(self) -> None:
+        self.server.stop()

@@ -30,7 +30,7 @@ import threading
 import time
 from urllib.parse import quote, unquote
 
-from tests.hubsim.https import JsonServer
+from tests.hubsim.https import JsonServer, Served
 
 
 def check_sas(header: str | None, resource: str, key_b64: str, now: float,
@@ -60,7 +60,7 @@ def check_sas(header: str | None, resource: str, key_b64: str, now: float,
     return None
 
 
-class HubRest:
+class HubRest(Served):
     def __init__(self, name: str, auth, pki, client_ca=None, host: str = "127.0.0.1",
                  clock=time.time):
         self.name, self.auth, self.clock = name, auth, clock
@@ -71,12 +71,6 @@ class HubRest:
         self._lock = threading.Lock()
         self.server = JsonServer(self._handle, (pki.server_cert, pki.server_key),
                                  client_ca=client_ca, host=host)
-
-    def start(self, port: int = 0) -> int:
-        return self.server.start(port)
-
-    def stop(self) -> None:
-        self.server.stop()
 
     def add_device(self, device_id: str, key: str | None = None, x509: bool = False) -> None:
         with self._lock:

@@ -55,9 +55,13 @@ class Hub:
     rest: HubRest
 
 
-def _same_port(starts) -> int:
-    """Start each ``start(port)`` on one port: the first picks it, the rest follow; a port
-    taken on another address makes all of them try again."""
+def _same_port(starts, port: int = 0) -> int:
+    """Start each ``start(port)`` on one port: the one given, or else the first picks it and
+    the rest follow (a port taken on another address makes all of them try again)."""
+    if port:
+        for start in starts:
+            start(port)
+        return port
     for _ in range(20):
         port, started = starts[0](0), 1
         try:
@@ -94,18 +98,8 @@ class Stand:
     def __enter__(self) -> Stand:
         mqtt, https, dps = self._want
         hubs = list(self.hubs.values())
-        if mqtt:
-            for hub in hubs:
-                hub.broker.start(mqtt)
-            self.mqtt_port = mqtt
-        else:
-            self.mqtt_port = _same_port([hub.broker.start for hub in hubs])
-        if https:
-            for hub in hubs:
-                hub.rest.start(https)
-            self.https_port = https
-        else:
-            self.https_port = _same_port([hub.rest.start for hub in hubs])
+        self.mqtt_port = _same_port([hub.broker.start for hub in hubs], mqtt)
+        self.https_port = _same_port([hub.rest.start for hub in hubs], https)
         self.dps_port = self.dps.start(dps)
         self.endpoint = f"localhost:{self.dps_port}"
         return self

@@ -49,15 +49,20 @@ def test_certificate_expiry_warns_under_30_days_and_fails_under_7(root, cert_inp
         assert "defender-setup apply --certificate" in result.message
 
 
+def store_certificate(root, ident) -> None:
+    """The certificate method's set for ``ident``, written as it is, valid or not."""
+    text = f"HostName={HUB};DeviceId={DEVICE};ModuleId={MODULE};x509=true\n".encode()
+    AgentDir(root).write({CONNECTION_STRING_FILE: (text, 0o600),
+                          CERTIFICATE_FILE: (ident.cert_pem, 0o644),
+                          PRIVATE_KEY_FILE: (ident.key_pem, 0o600)})
+
+
 def test_certificate_expiry_names_a_stored_certificate_that_has_expired(root):
     # validation refuses it (credentials-valid), and the expiry check still says when it ended
     now = dt.datetime.now(dt.timezone.utc)
     ident = certfactory.make_identity(cn=DEVICE, key="p256", not_before=now - dt.timedelta(10),
                                       not_after=now - dt.timedelta(days=2))
-    text = f"HostName={HUB};DeviceId={DEVICE};ModuleId={MODULE};x509=true\n".encode()
-    AgentDir(root).write({CONNECTION_STRING_FILE: (text, 0o600),
-                          CERTIFICATE_FILE: (ident.cert_pem, 0o644),
-                          PRIVATE_KEY_FILE: (ident.key_pem, 0o600)})
+    store_certificate(root, ident)
     results = {r.id: r for r in checks.run_checks(root)}
     assert results["credentials-valid"].status == "error"
     assert results["certificate-expiry"].status == "error"
@@ -79,10 +84,7 @@ def test_certificate_expiry_is_skipped_when_not_configured(root):
 def test_an_expiring_certificate_is_reported_once_by_certificate_expiry(root):
     """credentials-warnings keeps the other warnings (here the CN), not the expiry."""
     ident = certfactory.make_identity(cn="someone-else", key="p256", days=10)
-    text = f"HostName={HUB};DeviceId={DEVICE};ModuleId={MODULE};x509=true\n".encode()
-    AgentDir(root).write({CONNECTION_STRING_FILE: (text, 0o600),
-                          CERTIFICATE_FILE: (ident.cert_pem, 0o644),
-                          PRIVATE_KEY_FILE: (ident.key_pem, 0o600)})
+    store_certificate(root, ident)
     results = {r.id: r for r in checks.run_checks(root)}
     assert results["certificate-expiry"].status == "warning"
     assert "expires in 9 days" in results["certificate-expiry"].message
